@@ -1,0 +1,1 @@
+"""Pallas kernels for masked kernel-regression retrieval (installed as ``mmjax.kernels``)."""

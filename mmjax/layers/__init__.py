@@ -1,0 +1,1 @@
+"""Flax linen modules: thin shells that own parameters and call :mod:`mmjax.ops`."""

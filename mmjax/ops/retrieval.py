@@ -1,0 +1,483 @@
+"""Kernel-regression retrieval: the one core operation of Memory Mosaics.
+
+    y_t = sum_{i in M(t)} softmax_i(beta_t * <q_t, k_i>) v_i
+
+Gaussian kernel regression with unit-norm keys reduces to this softmax form (the
+``-beta |k|^2`` terms are constant along a row). ``M(t)`` is the set of visible key/value
+pairs of a query at absolute position ``t``::
+
+    t - window <= i <= t - 1 - skip,   0 <= i < k_time
+
+``window=None`` means no lower bound; ``skip=0, window=None`` is the v1 strict-causal mask
+(the diagonal is excluded because the value ``v_i`` peeks at token ``i + 1``). A row with no
+visible pair returns exactly 0 with finite gradients.
+
+Implementations (``impl``):
+
+* ``"reference"``: dense scores, O(T^2) memory. The specification.
+* ``"xla"``: blocked online softmax in pure JAX. Queries and keys are cut into tiles, the
+  running max and sum are kept in fp32, and a ``jax.custom_vjp`` backward recomputes the
+  scores tile by tile, so forward and backward use O(T) memory. Key tiles that the mask hides
+  from a whole query tile are never visited: with a window or a skip the cost is
+  O(T * window), not O(T^2).
+* ``"pallas_tpu"``, ``"pallas_gpu"``: the Pallas kernels of :mod:`mmjax.kernels`.
+* ``"auto"``: the Pallas kernel of the current platform where one exists, else ``"xla"``.
+
+``window``, ``skip`` and ``query_offset`` may be traced integer scalars (v2 draws the
+long-term skip per training step without recompiling).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+# Stands for "no lower bound" once a window is turned into an int32 scalar.
+NO_WINDOW = 1 << 30
+
+IMPLS = ("auto", "reference", "xla", "pallas_tpu", "pallas_gpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskSpec:
+    """Which key positions a query at absolute position ``t`` may see.
+
+    Visible ``i``: ``t - window <= i <= t - 1 - skip``.
+
+    Attributes:
+      window: ``None`` (no lower bound) or an integer ``>= 1`` (Python int or traced scalar).
+      skip: integer ``>= 0``: the most recent ``skip`` pairs before the diagonal are hidden.
+    """
+
+    window: Any = None
+    skip: Any = 0
+
+    def __post_init__(self):
+        _check_scalar_range("mask.window", self.window, minimum=1, allow_none=True)
+        _check_scalar_range("mask.skip", self.skip, minimum=0, allow_none=False)
+
+    def window_scalar(self) -> Array:
+        """The window as an int32 scalar (``NO_WINDOW`` when unbounded)."""
+        if self.window is None:
+            return jnp.asarray(NO_WINDOW, jnp.int32)
+        return jnp.asarray(self.window, jnp.int32)
+
+    def skip_scalar(self) -> Array:
+        return jnp.asarray(self.skip, jnp.int32)
+
+
+# MaskSpec may hold traced scalars: make it a pytree so it can cross jit boundaries.
+jax.tree_util.register_dataclass(MaskSpec, data_fields=["window", "skip"], meta_fields=[])
+
+
+def _check_scalar_range(name, value, *, minimum, allow_none):
+    if value is None:
+        if allow_none:
+            return
+        raise ValueError(f"{name} must be an integer >= {minimum}, got None")
+    if isinstance(value, jax.core.Tracer):
+        if jnp.ndim(value) != 0:
+            raise ValueError(f"{name} must be a scalar, got shape {jnp.shape(value)}")
+        return
+    try:
+        arr = np.asarray(value)
+    except Exception:  # pragma: no cover - exotic objects
+        return
+    if arr.dtype == object:  # e.g. a placeholder during pytree unflattening
+        return
+    if arr.ndim != 0:
+        raise ValueError(f"{name} must be a scalar, got shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"{name} must be an integer, got {value!r} ({arr.dtype})")
+    if int(arr) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {int(arr)}")
+
+
+def visible_count(t: Array, window=None, skip=0) -> Array:
+    """Number of pairs visible at absolute query position ``t`` (assuming keys ``0..t-1``).
+
+    ``n_t = max(0, min(t - skip, window if window else t - skip))`` i.e. the size of
+    ``{i : max(0, t - window) <= i <= t - 1 - skip}``.
+
+    Args:
+      t: integer array of absolute query positions (any shape).
+      window: ``None`` or an integer ``>= 1``; skip: integer ``>= 0`` (traced allowed).
+    Returns:
+      int32 array shaped like ``t``.
+    """
+    spec = MaskSpec(window=window, skip=skip)
+    t = jnp.asarray(t, jnp.int32)
+    hi = t - 1 - spec.skip_scalar()
+    lo = jnp.maximum(t - spec.window_scalar(), 0)
+    return jnp.maximum(hi - lo + 1, 0).astype(jnp.int32)
+
+
+def visible_mask(q_pos: Array, k_pos: Array, mask: MaskSpec) -> Array:
+    """Boolean ``[q, k]`` visibility of keys at ``k_pos`` for queries at ``q_pos``."""
+    q = q_pos[:, None]
+    k = k_pos[None, :]
+    return (k <= q - 1 - mask.skip_scalar()) & (k >= q - mask.window_scalar())
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _validate(queries, keys, values, bandwidth, impl):
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    for name, arr in (("keys", keys), ("values", values), ("queries", queries)):
+        if jnp.ndim(arr) != 4:
+            raise ValueError(
+                f"{name} must have rank 4 [batch, time, heads, dim], got shape {jnp.shape(arr)}"
+            )
+    b, tk, h, dk = keys.shape
+    if values.shape[:3] != (b, tk, h):
+        raise ValueError(
+            f"values must be [batch, k_time, heads, dv] = [{b}, {tk}, {h}, dv] to match keys, "
+            f"got shape {values.shape}"
+        )
+    if queries.shape[0] != b or queries.shape[2:] != (h, dk):
+        raise ValueError(
+            f"queries must be [batch, q_time, heads, dk] = [{b}, q_time, {h}, {dk}] to match "
+            f"keys, got shape {queries.shape}"
+        )
+    tq = queries.shape[1]
+    if bandwidth is not None:
+        bshape = jnp.shape(bandwidth)
+        if bshape not in ((h,), (tq, h)):
+            raise ValueError(
+                f"bandwidth must be None, [heads] = ({h},) or [q_time, heads] = ({tq}, {h}), "
+                f"got shape {bshape}"
+            )
+    for name, arr in (("keys", keys), ("values", values), ("queries", queries)):
+        if not jnp.issubdtype(arr.dtype, jnp.floating):
+            raise ValueError(f"{name} must be a floating array, got dtype {arr.dtype}")
+
+
+def _bandwidth_rows(bandwidth, tq, h) -> Array:
+    """``None | [H] | [Tq, H]`` -> fp32 ``[Tq, H]``."""
+    if bandwidth is None:
+        return jnp.ones((tq, h), jnp.float32)
+    return jnp.broadcast_to(jnp.asarray(bandwidth, jnp.float32), (tq, h))
+
+
+def default_impl() -> str:
+    """The implementation ``impl="auto"`` resolves to on the default backend."""
+    platform = jax.default_backend()
+    if platform == "tpu":
+        return "pallas_tpu"
+    if platform in ("gpu", "cuda", "rocm"):
+        return "pallas_gpu"
+    return "xla"
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def retrieve(
+    keys: Array,
+    values: Array,
+    *,
+    bandwidth: Array | None = None,
+    mask: MaskSpec = MaskSpec(),
+    queries: Array | None = None,
+    query_offset: Any = 0,
+    impl: str = "auto",
+) -> Array:
+    """Masked kernel-regression retrieval.
+
+    Args:
+      keys: ``[batch, k_time, heads, dk]``; key ``i`` sits at absolute position ``i``.
+      values: ``[batch, k_time, heads, dv]``.
+      bandwidth: ``None`` (= 1), ``[heads]`` or ``[q_time, heads]``; multiplies the scores
+        of a row. Differentiable.
+      mask: a :class:`MaskSpec` (default: strict causal).
+      queries: ``[batch, q_time, heads, dk]``; default: ``keys`` (Memory Mosaics).
+      query_offset: absolute position of the first query (int, possibly traced).
+      impl: ``"auto" | "reference" | "xla" | "pallas_tpu" | "pallas_gpu"``.
+
+    Returns:
+      ``[batch, q_time, heads, dv]`` in the dtype of ``values``; rows with no visible pair
+      are 0. Scores and softmax statistics are computed in fp32.
+    """
+    if queries is None:
+        queries = keys
+    if not isinstance(mask, MaskSpec):
+        raise TypeError(f"mask must be a MaskSpec, got {type(mask).__name__}")
+    _validate(queries, keys, values, bandwidth, impl)
+    _check_scalar_range("query_offset", query_offset, minimum=0, allow_none=False)
+    if impl == "auto":
+        impl = default_impl()
+    beta = _bandwidth_rows(bandwidth, queries.shape[1], queries.shape[2])
+    offset = jnp.asarray(query_offset, jnp.int32)
+    if impl == "reference":
+        return retrieve_reference(queries, keys, values, beta, mask, offset)
+    if impl == "xla":
+        return retrieve_blocked(queries, keys, values, beta, mask, offset)
+    from mmjax import kernels  # Pallas kernels are imported only when asked for.
+
+    return kernels.retrieve_pallas(
+        queries, keys, values, beta, mask, offset, platform=impl.removeprefix("pallas_")
+    )
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def retrieve_reference(
+    q_BxQxHxK: Array,
+    k_BxTxHxK: Array,
+    v_BxTxHxV: Array,
+    beta_QxH: Array,
+    mask: MaskSpec,
+    query_offset: Array,
+) -> Array:
+    """Dense retrieval, O(Q*T) memory: the specification the other paths are tested against."""
+    tq, tk = q_BxQxHxK.shape[1], k_BxTxHxK.shape[1]
+    s_BxHxQxT = jnp.einsum(
+        "bqhk,bthk->bhqt", q_BxQxHxK, k_BxTxHxK, preferred_element_type=jnp.float32
+    )
+    s_BxHxQxT = s_BxHxQxT * beta_QxH.T[None, :, :, None]
+    q_pos = query_offset + jnp.arange(tq, dtype=jnp.int32)
+    visible_QxT = visible_mask(q_pos, jnp.arange(tk, dtype=jnp.int32), mask)
+    s_BxHxQxT = jnp.where(visible_QxT, s_BxHxQxT, -jnp.inf)
+    m_BxHxQ = jax.lax.stop_gradient(jnp.max(s_BxHxQxT, axis=-1))
+    m_BxHxQ = jnp.where(jnp.isfinite(m_BxHxQ), m_BxHxQ, 0.0)
+    p_BxHxQxT = jnp.exp(s_BxHxQxT - m_BxHxQ[..., None])
+    l_BxHxQ = jnp.sum(p_BxHxQxT, axis=-1)
+    p_BxHxQxT = p_BxHxQxT / jnp.where(l_BxHxQ > 0, l_BxHxQ, 1.0)[..., None]
+    y_BxQxHxV = jnp.einsum(
+        "bhqt,bthv->bqhv",
+        p_BxHxQxT.astype(v_BxTxHxV.dtype),
+        v_BxTxHxV,
+        preferred_element_type=jnp.float32,
+    )
+    return y_BxQxHxV.astype(v_BxTxHxV.dtype)
+
+
+# ----------------------------------------------------------------------------- blocked XLA
+
+DEFAULT_BLOCK_Q = 256
+DEFAULT_BLOCK_K = 256
+
+
+def kv_tile_range(q_start, q_stop, k_time, block_k, mask: MaskSpec, query_offset):
+    """Key tiles ``[lo, hi]`` (inclusive) that queries ``[q_start, q_stop)`` may see.
+
+    ``hi < lo`` when every key is hidden from the whole query tile. Shared by the XLA path
+    and the kernels so that the tile arithmetic lives in one place.
+    """
+    t_first = query_offset + q_start
+    t_last = query_offset + q_stop - 1
+    first_key = jnp.maximum(t_first - mask.window_scalar(), 0)
+    last_key = jnp.minimum(t_last - 1 - mask.skip_scalar(), k_time - 1)
+    lo = first_key // block_k
+    hi = jnp.where(last_key < first_key, lo - 1, last_key // block_k)
+    return lo, hi
+
+
+def q_tile_range(k_start, k_stop, q_time, block_q, mask: MaskSpec, query_offset):
+    """Query tiles ``[lo, hi]`` (inclusive) that see some key in ``[k_start, k_stop)``."""
+    # key i is visible from t in [i + 1 + skip, i + window]
+    t_first = k_start + 1 + mask.skip_scalar()
+    t_last = (k_stop - 1) + jnp.minimum(mask.window_scalar(), NO_WINDOW)
+    first_q = jnp.maximum(t_first - query_offset, 0)
+    last_q = jnp.minimum(t_last - query_offset, q_time - 1)
+    lo = first_q // block_q
+    hi = jnp.where(last_q < first_q, lo - 1, last_q // block_q)
+    return lo, hi
+
+
+def _pad_time(x, multiple):
+    t = x.shape[1]
+    pad = (-t) % multiple
+    if pad == 0:
+        return x
+    return jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))
+
+
+def _tile_scores(q_BxQxHxK, k_BxCxHxK, beta_QxH, q_pos_Q, k_pos_C, k_time, mask):
+    """fp32 scores of one tile pair with hidden entries at -inf, and the visibility mask."""
+    s_BxHxQxC = jnp.einsum(
+        "bqhk,bchk->bhqc", q_BxQxHxK, k_BxCxHxK, preferred_element_type=jnp.float32
+    )
+    s_BxHxQxC = s_BxHxQxC * beta_QxH.T[None, :, :, None]
+    visible_QxC = visible_mask(q_pos_Q, k_pos_C, mask) & (k_pos_C < k_time)[None, :]
+    return jnp.where(visible_QxC, s_BxHxQxC, -jnp.inf), visible_QxC
+
+
+def retrieve_blocked(
+    q_BxQxHxK: Array,
+    k_BxTxHxK: Array,
+    v_BxTxHxV: Array,
+    beta_QxH: Array,
+    mask: MaskSpec,
+    query_offset: Array,
+    *,
+    block_q: int = DEFAULT_BLOCK_Q,
+    block_k: int = DEFAULT_BLOCK_K,
+) -> Array:
+    """Blocked online-softmax retrieval with O(T) memory in forward and backward.
+
+    Same arguments as :func:`retrieve_reference`; ``block_q``/``block_k`` are the tile sizes
+    (clipped to the sequence lengths).
+    """
+    tq, tk = q_BxQxHxK.shape[1], k_BxTxHxK.shape[1]
+    block_q = int(max(1, min(block_q, tq)))
+    block_k = int(max(1, min(block_k, tk)))
+    limits = (mask.window_scalar(), mask.skip_scalar(), jnp.asarray(query_offset, jnp.int32))
+    return _blocked(q_BxQxHxK, k_BxTxHxK, v_BxTxHxV, beta_QxH, limits, block_q, block_k)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _blocked(q, k, v, beta, limits, block_q, block_k):
+    return _blocked_fwd(q, k, v, beta, limits, block_q, block_k)[0]
+
+
+def _blocked_fwd(q, k, v, beta, limits, block_q, block_k):
+    window, skip, offset = limits
+    mask = MaskSpec(window=window, skip=skip)
+    b, tq, h, _ = q.shape
+    tk, dv = k.shape[1], v.shape[3]
+    qp, betap = _pad_time(q, block_q), jnp.pad(beta, ((0, (-tq) % block_q), (0, 0)))
+    kp, vp = _pad_time(k, block_k), _pad_time(v, block_k)
+    num_q_tiles = qp.shape[1] // block_q
+
+    def q_tile(qi):
+        q_start = qi * block_q
+        q_BxQxHxK = jax.lax.dynamic_slice_in_dim(qp, q_start, block_q, axis=1)
+        beta_QxH = jax.lax.dynamic_slice_in_dim(betap, q_start, block_q, axis=0)
+        q_pos = offset + q_start + jnp.arange(block_q, dtype=jnp.int32)
+        lo, hi = kv_tile_range(q_start, jnp.minimum(q_start + block_q, tq), tk, block_k,
+                               mask, offset)
+
+        def kv_step(kj, carry):
+            m_BxHxQ, l_BxHxQ, acc_BxHxQxV = carry
+            k_start = kj * block_k
+            k_BxCxHxK = jax.lax.dynamic_slice_in_dim(kp, k_start, block_k, axis=1)
+            v_BxCxHxV = jax.lax.dynamic_slice_in_dim(vp, k_start, block_k, axis=1)
+            k_pos = k_start + jnp.arange(block_k, dtype=jnp.int32)
+            s_BxHxQxC, _ = _tile_scores(q_BxQxHxK, k_BxCxHxK, beta_QxH, q_pos, k_pos, tk, mask)
+            m_new = jnp.maximum(m_BxHxQ, jnp.max(s_BxHxQxC, axis=-1))
+            m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+            alpha = jnp.exp(m_BxHxQ - m_safe)
+            p_BxHxQxC = jnp.exp(s_BxHxQxC - m_safe[..., None])
+            l_new = alpha * l_BxHxQ + jnp.sum(p_BxHxQxC, axis=-1)
+            pv = jnp.einsum("bhqc,bchv->bhqv", p_BxHxQxC.astype(v.dtype), v_BxCxHxV,
+                            preferred_element_type=jnp.float32)
+            return m_new, l_new, alpha[..., None] * acc_BxHxQxV + pv
+
+        init = (
+            jnp.full((b, h, block_q), -jnp.inf, jnp.float32),
+            jnp.zeros((b, h, block_q), jnp.float32),
+            jnp.zeros((b, h, block_q, dv), jnp.float32),
+        )
+        m_BxHxQ, l_BxHxQ, acc_BxHxQxV = jax.lax.fori_loop(lo, hi + 1, kv_step, init)
+        nonempty = l_BxHxQ > 0
+        y_BxHxQxV = acc_BxHxQxV / jnp.where(nonempty, l_BxHxQ, 1.0)[..., None]
+        # log-sum-exp per row; +inf for empty rows so that exp(s - lse) = 0 in the backward.
+        lse_BxHxQ = jnp.where(nonempty, m_BxHxQ + jnp.log(jnp.where(nonempty, l_BxHxQ, 1.0)),
+                              jnp.inf)
+        return y_BxHxQxV, lse_BxHxQ
+
+    y_NxBxHxQxV, lse_NxBxHxQ = jax.lax.map(q_tile, jnp.arange(num_q_tiles))
+    y = jnp.transpose(y_NxBxHxQxV, (1, 0, 3, 2, 4)).reshape(b, -1, h, dv)[:, :tq]
+    lse_BxHxQ = jnp.transpose(lse_NxBxHxQ, (1, 2, 0, 3)).reshape(b, h, -1)[..., :tq]
+    y = y.astype(v.dtype)
+    return y, (q, k, v, beta, limits, y, lse_BxHxQ)
+
+
+def _blocked_bwd(block_q, block_k, residuals, dy):
+    q, k, v, beta, limits, y, lse = residuals
+    window, skip, offset = limits
+    mask = MaskSpec(window=window, skip=skip)
+    tq, tk = q.shape[1], k.shape[1]
+    qp, kp, vp = _pad_time(q, block_q), _pad_time(k, block_k), _pad_time(v, block_k)
+    betap = jnp.pad(beta, ((0, (-tq) % block_q), (0, 0)))
+    dyp = _pad_time(dy, block_q)
+    # D_t = <dy_t, y_t>: the softmax Jacobian's row term.
+    delta_BxHxQ = jnp.einsum("bqhv,bqhv->bhq", dy.astype(jnp.float32), y.astype(jnp.float32))
+    pad_q = qp.shape[1] - tq
+    delta_BxHxQ = jnp.pad(delta_BxHxQ, ((0, 0), (0, 0), (0, pad_q)))
+    lse_BxHxQ = jnp.pad(lse, ((0, 0), (0, 0), (0, pad_q)), constant_values=jnp.inf)
+    num_q_tiles = qp.shape[1] // block_q
+
+    def q_tile(qi, carry):
+        dq_acc, dk_acc, dv_acc, dbeta_acc = carry
+        q_start = qi * block_q
+        sl = functools.partial(jax.lax.dynamic_slice_in_dim, start_index=q_start,
+                               slice_size=block_q)
+        q_BxQxHxK, dy_BxQxHxV = sl(qp, axis=1), sl(dyp, axis=1)
+        beta_QxH = sl(betap, axis=0)
+        lse_t, delta_t = sl(lse_BxHxQ, axis=2), sl(delta_BxHxQ, axis=2)
+        q_pos = offset + q_start + jnp.arange(block_q, dtype=jnp.int32)
+        lo, hi = kv_tile_range(q_start, jnp.minimum(q_start + block_q, tq), tk, block_k,
+                               mask, offset)
+
+        def kv_step(kj, inner):
+            dq_BxHxQxK, dbeta_BxHxQ, dk_acc, dv_acc = inner
+            k_start = kj * block_k
+            k_BxCxHxK = jax.lax.dynamic_slice_in_dim(kp, k_start, block_k, axis=1)
+            v_BxCxHxV = jax.lax.dynamic_slice_in_dim(vp, k_start, block_k, axis=1)
+            k_pos = k_start + jnp.arange(block_k, dtype=jnp.int32)
+            s_BxHxQxC, _ = _tile_scores(q_BxQxHxK, k_BxCxHxK, beta_QxH, q_pos, k_pos, tk, mask)
+            p_BxHxQxC = jnp.exp(s_BxHxQxC - lse_t[..., None])
+            dv_tile = jnp.einsum("bhqc,bqhv->bchv", p_BxHxQxC, dy_BxQxHxV.astype(jnp.float32))
+            dp_BxHxQxC = jnp.einsum("bqhv,bchv->bhqc", dy_BxQxHxV, v_BxCxHxV,
+                                    preferred_element_type=jnp.float32)
+            # dS: gradient w.r.t. the scaled scores beta_t <q_t, k_i>.
+            ds_BxHxQxC = p_BxHxQxC * (dp_BxHxQxC - delta_t[..., None])
+            raw_BxHxQxC = jnp.einsum("bqhk,bchk->bhqc", q_BxQxHxK, k_BxCxHxK,
+                                     preferred_element_type=jnp.float32)
+            dbeta_BxHxQ = dbeta_BxHxQ + jnp.sum(ds_BxHxQxC * raw_BxHxQxC, axis=-1)
+            ds_BxHxQxC = ds_BxHxQxC * beta_QxH.T[None, :, :, None]
+            dq_BxHxQxK = dq_BxHxQxK + jnp.einsum("bhqc,bchk->bhqk", ds_BxHxQxC,
+                                                 k_BxCxHxK.astype(jnp.float32))
+            dk_tile = jnp.einsum("bhqc,bqhk->bchk", ds_BxHxQxC, q_BxQxHxK.astype(jnp.float32))
+            dk_acc = _add_slice(dk_acc, dk_tile, k_start)
+            dv_acc = _add_slice(dv_acc, dv_tile, k_start)
+            return dq_BxHxQxK, dbeta_BxHxQ, dk_acc, dv_acc
+
+        b, _, h, dk = q.shape
+        init = (jnp.zeros((b, h, block_q, dk), jnp.float32),
+                jnp.zeros((b, h, block_q), jnp.float32), dk_acc, dv_acc)
+        dq_BxHxQxK, dbeta_BxHxQ, dk_acc, dv_acc = jax.lax.fori_loop(lo, hi + 1, kv_step, init)
+        dq_acc = jax.lax.dynamic_update_slice_in_dim(
+            dq_acc, jnp.transpose(dq_BxHxQxK, (0, 2, 1, 3)), q_start, axis=1)
+        dbeta_acc = jax.lax.dynamic_update_slice_in_dim(
+            dbeta_acc, jnp.sum(dbeta_BxHxQ, axis=0).T, q_start, axis=0)
+        return dq_acc, dk_acc, dv_acc, dbeta_acc
+
+    init = (
+        jnp.zeros(qp.shape, jnp.float32),
+        jnp.zeros(kp.shape, jnp.float32),
+        jnp.zeros(vp.shape, jnp.float32),
+        jnp.zeros(betap.shape, jnp.float32),
+    )
+    dq, dk, dv, dbeta = jax.lax.fori_loop(0, num_q_tiles, q_tile, init)
+    return (
+        dq[:, :tq].astype(q.dtype),
+        dk[:, :tk].astype(k.dtype),
+        dv[:, :tk].astype(v.dtype),
+        dbeta[:tq].astype(beta.dtype),
+        jax.tree_util.tree_map(_zero_cotangent, limits),
+    )
+
+
+def _add_slice(acc, tile, start):
+    current = jax.lax.dynamic_slice_in_dim(acc, start, tile.shape[1], axis=1)
+    return jax.lax.dynamic_update_slice_in_dim(acc, current + tile, start, axis=1)
+
+
+def _zero_cotangent(x):
+    return np.zeros(np.shape(x), jax.dtypes.float0)
+
+
+_blocked.defvjp(_blocked_fwd, _blocked_bwd)

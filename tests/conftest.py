@@ -1,0 +1,20 @@
+"""Test-wide JAX settings: 8 fake CPU devices, a persistent compilation cache, fast compiles.
+
+These must be set before jax is imported anywhere.
+"""
+
+import os
+import pathlib
+
+os.environ.setdefault("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
+if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+jax.config.update("jax_compilation_cache_dir", str(REPO_ROOT / ".jax_cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
