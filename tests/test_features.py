@@ -1,0 +1,86 @@
+"""mmjax.ops.features: leaky averages against their explicit sums, values, normalisation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmjax.ops import l2_normalize, leaky_average, linear_recurrence, peek_ahead_values
+from mmjax.ops.features import gated_leaky_average
+
+
+def explicit_leaky(x, decay):
+    """kbar_t = sum_{s<=t} decay^(t-s) (1-decay) x_s: the official T x T matrix form."""
+    t = x.shape[1]
+    i, j = np.meshgrid(np.arange(t), np.arange(t), indexing="ij")
+    out = np.zeros(x.shape)
+    for h, d in enumerate(decay):
+        m = np.where(j <= i, d ** np.maximum(i - j, 0) * (1 - d), 0.0)
+        out[:, :, h] = np.einsum("ts,bsk->btk", m, x[:, :, h])
+    return out
+
+
+def test_leaky_average_matches_explicit_sum():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 50, 3, 4))
+    lam = 10 * np.abs(np.linspace(0.5, 5, 3) / 10)
+    decay = np.exp(-lam)
+    got = leaky_average(jnp.asarray(x, jnp.float32), jnp.asarray(decay, jnp.float32))
+    np.testing.assert_allclose(got, explicit_leaky(x, decay), atol=1e-5)
+
+
+def test_gated_leaky_average_matches_loop():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(2, 30, 2, 3))
+    gate = np.exp(rng.normal(size=(2, 30, 2)) * 0.3)
+    decay = np.exp(-np.abs(rng.normal(size=(2, 30, 2))))
+    want = np.zeros_like(x)
+    h = np.zeros((2, 2, 3))
+    for t in range(30):
+        h = gate[:, t, :, None] * x[:, t] + decay[:, t, :, None] * h
+        want[:, t] = h
+    got = gated_leaky_average(*(jnp.asarray(a, jnp.float32) for a in (x, gate, decay)))
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_linear_recurrence_is_causal_and_o_t():
+    """The scan never builds a T x T array: compiled temporaries stay linear in T."""
+    t = 8192
+    spec = jax.ShapeDtypeStruct((1, t, 4, 16), jnp.float32)
+    decay = jax.ShapeDtypeStruct((1, 1, 4, 1), jnp.float32)
+    temp = jax.jit(linear_recurrence).lower(decay, spec).compile().memory_analysis()
+    assert temp.temp_size_in_bytes < 64 * t * 4 * 16 * 4
+    x = jnp.zeros((1, 10, 1, 1)).at[0, 5].set(1.0)
+    y = linear_recurrence(jnp.full((1, 1, 1, 1), 0.5), x)
+    np.testing.assert_allclose(y[0, :, 0, 0], [0] * 5 + [0.5**k for k in range(5)], atol=1e-7)
+
+
+def test_leaky_average_bf16_input_runs_in_fp32():
+    x = jnp.ones((1, 300, 1, 2), jnp.bfloat16)
+    y = leaky_average(x, jnp.array([0.99]))
+    assert y.dtype == jnp.float32
+    np.testing.assert_allclose(y[0, -1, 0, 0], 1 - 0.99**300, rtol=1e-4)
+
+
+def test_peek_ahead_values():
+    u = jnp.arange(12.0).reshape(1, 4, 1, 3)
+    c = jnp.array([0.25])
+    v = peek_ahead_values(u, c)
+    want = 0.75 * np.concatenate([np.asarray(u[:, 1:]), np.zeros((1, 1, 1, 3))], 1) \
+        + 0.25 * np.asarray(u)
+    np.testing.assert_allclose(v, want)
+
+
+def test_l2_normalize_exact_and_zero_safe():
+    x = jnp.array([[3.0, 4.0], [0.0, 0.0], [1e-20, 0.0]])
+    y = l2_normalize(x)
+    np.testing.assert_array_equal(y[0], jnp.array([3.0, 4.0]) / 5.0)
+    np.testing.assert_array_equal(y[1], [0.0, 0.0])
+    g = jax.grad(lambda x: jnp.sum(l2_normalize(x) * jnp.array([1.0, 2.0])))(x)
+    assert np.all(np.isfinite(g))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_l2_normalize_keeps_dtype(dtype):
+    x = jnp.ones((2, 3, 4), dtype)
+    assert l2_normalize(x).dtype == dtype
