@@ -1,0 +1,25 @@
+"""``python -m mmjax.train [--config FILE.py[:preset]] [--config.key=value ...] [--workdir DIR]``.
+
+Without ``--config`` it trains the embedded default (:mod:`mmjax.train.defaults`).
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from mmjax.train import defaults
+from mmjax.train.loop import train_and_evaluate
+
+config_flags.DEFINE_config_file(
+    "config", defaults.__file__, "Config file (Python, get_config(arg)); preset after ':'.",
+    lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for metrics (and checkpoints).")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)

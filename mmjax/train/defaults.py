@@ -1,0 +1,58 @@
+"""The embedded default: a tiny v1 Memory Mosaic on the synthetic random-automaton corpus.
+
+    python -m mmjax.train --workdir /tmp/mmjax_default
+
+runs in about a minute on 2 CPU cores and prints the loss going down from log(64) = 4.16
+towards log(3) = 1.10 (the automata have 3 edges per state: a model that has learnt to read
+its context predicts the next symbol among 3). Any key can be overridden on the command
+line, e.g. ``--config.train.num_steps=500``. This file is also the base of
+``configs/mm_v1_small.py:tiny``.
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    del arg
+    config = ml_collections.ConfigDict()
+    config.model = ml_collections.ConfigDict(dict(
+        name="memory_mosaic",
+        vocab_size=64,
+        num_layers=2,
+        num_heads=4,
+        embed_dim=64,
+        pmem_size=224,  # 3.5 x embed: the GPT2-MLP parameter budget
+        pmem_count=1,
+        ic_dropout=0.0,
+        hd_dropout=0.0,
+    ))
+    config.data = ml_collections.ConfigDict(dict(
+        corpus="pfa",
+        corpus_options=ml_collections.ConfigDict(dict(num_states=6, edges_per_state=3)),
+        vocab_size=64,
+        context_length=128,
+        batch_size=16,
+    ))
+    config.optimizer = ml_collections.ConfigDict(dict(
+        learning_rate=5e-3,
+        weight_decay=0.1,
+        b1=0.9,
+        b2=0.95,
+        eps=1e-8,
+        grad_clip=1.0,
+        warmup_steps=20,
+        total_steps=300,
+        min_lr=1e-4,
+    ))
+    config.train = ml_collections.ConfigDict(dict(
+        num_steps=300,
+        log_every=25,
+        eval_every=100,
+        eval_batches=4,
+        seed=0,
+    ))
+    config.sharding = ml_collections.ConfigDict(dict(
+        mesh=(-1, 1, 1),  # (data, fsdp, tensor); -1 = the remaining devices
+        rules=None,  # None: mmjax.train.sharding.DEFAULT_RULES
+    ))
+    return config
