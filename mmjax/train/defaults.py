@@ -51,6 +51,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         eval_batches=4,
         seed=0,
     ))
+    config.checkpoint = ml_collections.ConfigDict(dict(
+        save_every=100,  # only when --workdir is given; resume is automatic
+        max_to_keep=2,
+    ))
     config.sharding = ml_collections.ConfigDict(dict(
         mesh=(-1, 1, 1),  # (data, fsdp, tensor); -1 = the remaining devices
         rules=None,  # None: mmjax.train.sharding.DEFAULT_RULES

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from mmjax.data import make_corpus
 from mmjax.models import build_model
 from mmjax.train import sharding as sharding_lib
+from mmjax.train.checkpoint import Checkpointer
 from mmjax.train.metrics import MetricWriter
 from mmjax.train.optimizer import make_optimizer
 from mmjax.train.state import create_train_state, init_variables
@@ -115,21 +116,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
     """Train ``config.train.num_steps`` steps; returns the final train and eval metrics."""
     trainer = Trainer(config)
     state = trainer.init_state()
+    tcfg = config.train
+    checkpointer = _make_checkpointer(config, workdir)
+    if checkpointer is not None and checkpointer.latest_step() is not None:
+        state = checkpointer.restore(state)
+        _log(f"resumed from {checkpointer.directory} at step {int(state.step)}")
     writer = MetricWriter(workdir)
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
-    tcfg = config.train
     _log(f"model {config.model.name}: {num_params:,} parameters; mesh {dict(trainer.mesh.shape)}")
     history, pending, tokens_seen = [], None, 0
     tokens_per_step = config.data.batch_size * config.data.context_length
+    start_step = int(state.step)
     start = time.perf_counter()
-    bar = tqdm(range(tcfg.num_steps), disable=not progress or jax.process_index() != 0,
-               desc="train", dynamic_ncols=True)
+    bar = tqdm(range(start_step, tcfg.num_steps), initial=start_step, total=tcfg.num_steps,
+               disable=not progress or jax.process_index() != 0, desc="train",
+               dynamic_ncols=True)
     for step in bar:
         state, metrics = trainer.train_step(state, trainer.batch(step))
         if pending is not None:  # read the previous step's metrics: no host sync per step
             _report(pending, bar, history, writer, tcfg.log_every, tokens_seen, start)
         tokens_seen += tokens_per_step
         pending = (step + 1, metrics)
+        if checkpointer is not None:
+            checkpointer.save(step + 1, state, force=checkpointer.preempted)
+            if checkpointer.preempted:
+                _log(f"SIGTERM: saved step {step + 1} and stopping")
+                break
         if tcfg.eval_every and (step + 1) % tcfg.eval_every == 0 and step + 1 < tcfg.num_steps:
             ev = trainer.evaluate(state.params)
             writer.write(step + 1, {"eval_loss": ev["eval_loss"]})
@@ -137,10 +149,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
     if pending is not None:
         _report(pending, bar, history, writer, 1, tokens_seen, start)
     final = trainer.evaluate(state.params)
-    writer.write(tcfg.num_steps, {"eval_loss": final["eval_loss"]})
+    writer.write(int(state.step), {"eval_loss": final["eval_loss"]})
     writer.close()
-    _log(f"final: train_loss {history[-1]['loss']:.4f} eval_loss {final['eval_loss']:.4f}")
+    if checkpointer is not None:
+        if not checkpointer.preempted:
+            checkpointer.save(int(state.step), state, force=True)
+        checkpointer.close()
+    last = f"train_loss {history[-1]['loss']:.4f} " if history else ""
+    _log(f"final (step {int(state.step)}): {last}eval_loss {final['eval_loss']:.4f}")
     return {"history": history, "state": state, **final}
+
+
+def _make_checkpointer(config, workdir):
+    ckpt = config.get("checkpoint")
+    if workdir is None or ckpt is None or not ckpt.get("save_every"):
+        return None
+    checkpointer = Checkpointer(workdir, save_every=ckpt.save_every,
+                                max_to_keep=ckpt.get("max_to_keep", 3), config=config)
+    checkpointer.install_sigterm_handler()
+    return checkpointer
 
 
 def _report(pending, bar, history, writer, every, tokens_seen, start):
