@@ -10,6 +10,11 @@ contiguous output slice ``[h*K, (h+1)*K)``; mmjax keeps ``[in, heads, head_dim]`
 projections and ``[heads, head_dim, out]`` for ``c_proj``. Persistent slots ``M_k{i}``
 ``[1, H, S, K]`` stack into ``memory_keys [banks, S, H, K]``. The tied ``emb.weight`` /
 ``head.weight`` become one ``embedding`` matrix.
+
+Behaviour: identical in evaluation (tested to 1e-4 on logits and gradients against the
+official code, tests/test_convert.py). In training, ``ic_dropout`` acts on the persistent
+memory's probabilities only; mmjax's contextual memory never applies it (as the official EFT
+variant), see :mod:`mmjax.layers.memory`.
 """
 
 from __future__ import annotations

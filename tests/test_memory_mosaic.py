@@ -205,12 +205,15 @@ def test_schedule_is_the_official_warmup_cosine():
 
 def test_optimizer_clips_and_decays_matrices_only():
     params = {"kernel": jnp.ones((2, 2)), "scale": jnp.ones((2,))}
-    grads = {"kernel": jnp.full((2, 2), 100.0), "scale": jnp.zeros((2,))}
-    clipped = make_optimizer(0.1, weight_decay=0.5, b1=0.9, b2=0.95, eps=1e-8, grad_clip=1.0)
-    updates, _ = clipped.update(grads, clipped.init(params), params)
-    # step 1 of Adam is lr * sign(g) (clipping rescales g but not its sign); decay lr*wd*p
-    np.testing.assert_allclose(updates["kernel"], -0.1 - 0.1 * 0.5, rtol=1e-5)
-    np.testing.assert_allclose(updates["scale"], 0.0, atol=1e-7)
+    grads = {"kernel": jnp.full((2, 2), 50.0), "scale": jnp.zeros((2,))}  # global norm 100
+    # eps = 1 makes Adam's first step lr * g / (|g| + 1): it sees the gradient's magnitude.
+    kwargs = dict(weight_decay=0.5, b1=0.9, b2=0.95, eps=1.0)
+    for grad_clip, g in ((1.0, 0.5), (None, 50.0)):  # clipped: 50 * 1/100 = 0.5
+        opt = make_optimizer(0.1, grad_clip=grad_clip, **kwargs)
+        updates, _ = opt.update(grads, opt.init(params), params)
+        np.testing.assert_allclose(updates["kernel"], -0.1 * g / (g + 1.0) - 0.1 * 0.5,
+                                   rtol=1e-5)
+        np.testing.assert_allclose(updates["scale"], 0.0, atol=1e-7)  # no decay on vectors
     with pytest.raises(ValueError, match="grad_clip"):
         make_optimizer(0.1, weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-8, grad_clip=-1.0)
 
