@@ -15,8 +15,9 @@ Presets (the text after ``:``):
   (none)  the full run on BabiStories-like data (GPT-2 vocabulary 50304). Expected: the v1
           paper's BabiStories curves (validation loss about 1.5 at 80k steps in the official
           README's comparison); not yet reproduced with mmjax.
-  tiny    2 layers, width 64, 4 heads, context 64, vocab 256, a few hundred steps on a
-          synthetic corpus on CPU; the loss must fall well below log(256) = 5.55.
+  tiny    2 layers, width 64, 4 heads, context 64, vocab 256, 300 steps of batch 16 on a
+          synthetic corpus on CPU (about 30 s). Measured on a copy task (a random 16-token
+          segment repeated 4 times; ideal loss 1.39): loss 5.54 -> 3.45 at step 300.
 """
 
 import ml_collections
