@@ -9,6 +9,7 @@ from mmjax.ops.features import (
 from mmjax.ops.retrieval import (
     MaskSpec,
     default_impl,
+    retrieval_weights,
     retrieve,
     retrieve_blocked,
     retrieve_reference,
@@ -22,6 +23,7 @@ __all__ = [
     "leaky_average",
     "linear_recurrence",
     "peek_ahead_values",
+    "retrieval_weights",
     "retrieve",
     "retrieve_blocked",
     "retrieve_reference",

@@ -231,15 +231,19 @@ def retrieve(
 # ----------------------------------------------------------------------------- reference
 
 
-def retrieve_reference(
+def retrieval_weights(
     q_BxQxHxK: Array,
     k_BxTxHxK: Array,
-    v_BxTxHxV: Array,
     beta_QxH: Array,
     mask: MaskSpec,
     query_offset: Array,
 ) -> Array:
-    """Dense retrieval, O(Q*T) memory: the specification the other paths are tested against."""
+    """Dense fp32 softmax weights ``[batch, heads, q_time, k_time]``; hidden entries are 0.
+
+    The weights of :func:`retrieve_reference`, exposed for the rare caller that must act on
+    them before they meet the values (dropout on the probabilities, attention maps). Rows
+    with no visible pair are all 0.
+    """
     tq, tk = q_BxQxHxK.shape[1], k_BxTxHxK.shape[1]
     s_BxHxQxT = jnp.einsum(
         "bqhk,bthk->bhqt", q_BxQxHxK, k_BxTxHxK, preferred_element_type=jnp.float32
@@ -252,7 +256,19 @@ def retrieve_reference(
     m_BxHxQ = jnp.where(jnp.isfinite(m_BxHxQ), m_BxHxQ, 0.0)
     p_BxHxQxT = jnp.exp(s_BxHxQxT - m_BxHxQ[..., None])
     l_BxHxQ = jnp.sum(p_BxHxQxT, axis=-1)
-    p_BxHxQxT = p_BxHxQxT / jnp.where(l_BxHxQ > 0, l_BxHxQ, 1.0)[..., None]
+    return p_BxHxQxT / jnp.where(l_BxHxQ > 0, l_BxHxQ, 1.0)[..., None]
+
+
+def retrieve_reference(
+    q_BxQxHxK: Array,
+    k_BxTxHxK: Array,
+    v_BxTxHxV: Array,
+    beta_QxH: Array,
+    mask: MaskSpec,
+    query_offset: Array,
+) -> Array:
+    """Dense retrieval, O(Q*T) memory: the specification the other paths are tested against."""
+    p_BxHxQxT = retrieval_weights(q_BxQxHxK, k_BxTxHxK, beta_QxH, mask, query_offset)
     y_BxQxHxV = jnp.einsum(
         "bhqt,bthv->bqhv",
         p_BxHxQxT.astype(v_BxTxHxV.dtype),

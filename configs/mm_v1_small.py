@@ -1,0 +1,81 @@
+"""v1 Memory Mosaic, GPT2-small-like (official Library defaults and training hyper-parameters).
+
+Model: 12 layers, width 768, 12 heads, persistent memory 2688 slots per head (one bank),
+context 512, no biases, tied embedding, ic/hd dropout 0.05 (the official ``StackAssoMem``
+defaults). Optimiser and schedule: the official ``Library/train_memory_mosaics.py`` defaults
+(AdamW lr 5e-3, weight decay 0.1 on matrices, betas (0.9, 0.95), eps 1e-8, clip 1.0, linear
+warm-up 2000 steps, cosine to 1e-4 at step 80k, global batch 512 sequences of 512 tokens).
+
+Command::
+
+    python -m mmjax.train --config configs/mm_v1_small.py --workdir /tmp/mm_v1_small
+    python -m mmjax.train --config configs/mm_v1_small.py:tiny --workdir /tmp/mm_v1_tiny
+
+Presets (the text after ``:``):
+  (none)  the full run on BabiStories-like data (GPT-2 vocabulary 50304). Expected: the v1
+          paper's BabiStories curves (validation loss about 1.5 at 80k steps in the official
+          README's comparison); not yet reproduced with mmjax.
+  tiny    2 layers, width 64, 4 heads, context 64, vocab 256, 300 steps of batch 16 on a
+          synthetic corpus on CPU (about 30 s). Measured on a copy task (a random 16-token
+          segment repeated 4 times; ideal loss 1.39): loss 5.54 -> 3.45 at step 300.
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    preset = arg or "small"
+    if preset not in ("small", "tiny"):
+        raise ValueError(f"unknown preset {preset!r} for mm_v1_small; valid: 'small', 'tiny'")
+    config = ml_collections.ConfigDict()
+
+    config.model = ml_collections.ConfigDict(dict(
+        name="memory_mosaic",
+        vocab_size=50304,
+        num_layers=12,
+        num_heads=12,
+        embed_dim=768,
+        pmem_size=2688,
+        pmem_count=1,
+        use_bias=False,
+        ic_dropout=0.05,
+        hd_dropout=0.05,
+        context_length=512,
+        dtype="bfloat16",
+        param_dtype="float32",
+        retrieval_impl="auto",
+    ))
+    config.optimizer = ml_collections.ConfigDict(dict(
+        learning_rate=5e-3,
+        weight_decay=0.1,
+        b1=0.9,
+        b2=0.95,
+        eps=1e-8,
+        grad_clip=1.0,
+        warmup_steps=2000,
+        total_steps=80_000,
+        min_lr=1e-4,
+    ))
+    config.data = ml_collections.ConfigDict(dict(
+        corpus="babistories",
+        vocab_size=config.model.vocab_size,
+        context_length=config.model.context_length,
+        batch_size=512,
+    ))
+    config.train = ml_collections.ConfigDict(dict(
+        num_steps=80_000,
+        log_every=100,
+        seed=1337,
+    ))
+
+    if preset == "tiny":
+        config.model.update(dict(
+            vocab_size=256, num_layers=2, num_heads=4, embed_dim=64, pmem_size=224,
+            context_length=64, dtype="float32", ic_dropout=0.0, hd_dropout=0.0,
+        ))
+        config.optimizer.update(dict(learning_rate=3e-3, warmup_steps=20, total_steps=300,
+                                     min_lr=1e-4))
+        config.data.update(dict(corpus="synthetic", vocab_size=256, context_length=64,
+                                batch_size=16))
+        config.train.update(dict(num_steps=300, log_every=20, seed=0))
+    return config
