@@ -3,7 +3,7 @@
 Without ``--config`` it trains the embedded default (:mod:`mmjax.train.defaults`).
 """
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from mmjax.train import defaults
@@ -18,6 +18,7 @@ flags.DEFINE_string("workdir", None, "Directory for metrics (and checkpoints).")
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
 
 

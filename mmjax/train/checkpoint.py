@@ -65,6 +65,9 @@ class Checkpointer:
         return restored["state"]
 
     def save(self, step: int, state, *, force: bool = False) -> bool:
+        """Save if the interval says so (or ``force``); a step already on disk is skipped."""
+        if self.manager.latest_step() == step:
+            return False
         items = {"state": ocp.args.StandardSave(state)}
         if self.config_json is not None:
             items["config"] = ocp.args.JsonSave(json.loads(self.config_json))
