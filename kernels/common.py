@@ -41,9 +41,9 @@ class BlockSizes:
         (one query tile per program, looping over key tiles).
       num_warps, num_stages: Triton launch parameters (GPU only; ignored on TPU).
 
-    Every block is a power of two >= 8. The TPU kernel also needs multiples of 128 (the
+    Every block is a positive multiple of 8. The TPU kernel also needs multiples of 128 (the
     lane width: per-row statistics are stored lane-dense) and the GPU kernel powers of two
-    >= 16 (the smallest Triton dot); :meth:`check_platform` enforces those at trace time.
+    >= 16 (Triton tensors, smallest dot); :meth:`check_platform` enforces those at trace time.
     A sequence shorter than a block uses one tile of its own (padded) length instead.
     """
 
@@ -61,8 +61,9 @@ class BlockSizes:
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
                 raise ValueError(f"BlockSizes.{name} must be an int, got {value!r}")
-            if value < 8 or value & (value - 1):
-                raise ValueError(f"BlockSizes.{name} must be a power of two >= 8, got {value}")
+            if value < 8 or value % 8:
+                raise ValueError(f"BlockSizes.{name} must be a positive multiple of 8, got "
+                                 f"{value}")
         if self.num_warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"BlockSizes.num_warps must be 1, 2, 4, 8 or 16, got "
                              f"{self.num_warps!r}")
@@ -79,7 +80,7 @@ class BlockSizes:
                     f"BlockSizes.{name}={value} breaks the TPU tiling rule: blocks must be "
                     f"multiples of {TPU_LANES} (per-row statistics are stored {TPU_LANES} "
                     "lanes wide)")
-            if platform == "gpu" and value < 16:
+            if platform == "gpu" and (value < 16 or value & (value - 1)):
                 raise ValueError(f"BlockSizes.{name}={value} breaks the Triton rule: blocks "
                                  "must be powers of two >= 16")
 
