@@ -12,8 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-
 from mmjax.kernels.common import DEFAULT_BLOCK_SIZES, BlockSizes, tpu_generation
+
 from mmjax.ops.retrieval import MaskSpec
 
 __all__ = ["BlockSizes", "DEFAULT_BLOCK_SIZES", "retrieve_pallas", "tpu_generation"]

@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-
 from mmjax.kernels import common
+
 from mmjax.ops.retrieval import MaskSpec, kv_tile_range, q_tile_range
 
 Array = jax.Array
