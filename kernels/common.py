@@ -24,7 +24,6 @@ from mmjax.ops.retrieval import NO_WINDOW, MaskSpec
 # Largest position the int32 tile arithmetic handles without overflow (window + time).
 MAX_POSITION = 1 << 29
 TPU_LANES = 128
-TPU_SUBLANES = 8
 _BLOCK_FIELDS = ("block_q", "block_k", "block_q_dkv", "block_k_dkv", "block_q_dq", "block_k_dq")
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
@@ -126,7 +125,7 @@ def fit_block(block: int, length: int, platform: str) -> int:
         return block
     if platform == "gpu":
         return max(16, 1 << (length - 1).bit_length())
-    return -(-length // TPU_SUBLANES) * TPU_SUBLANES
+    return -(-length // TPU_LANES) * TPU_LANES  # keep TPU tiles lane-aligned
 
 
 def check_inputs(q, k, v, platform: str) -> None:

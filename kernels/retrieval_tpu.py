@@ -2,8 +2,11 @@
 
 Three kernels under one ``jax.custom_vjp`` (forward, dkv, dq; see kernels/README.md). Inside,
 the layout is ``[batch, heads, time, dim]`` (the wrapper transposes from the API layout) so
-that every block's last two dims are ``(tile, head_dim)``, and per-row statistics (bandwidth,
-log-sum-exp, ``D_t = <dy_t, y_t>``, dbeta) are stored lane-dense as ``[.., 8, time]``.
+that every block's last two dims are ``(tile, head_dim)``. Per-row inputs (bandwidth,
+log-sum-exp, ``D_t = <dy_t, y_t>``) are lane-dense rows ``[.., 1, time]``, read as columns
+with ``expand_dims`` where a kernel needs them so; per-row outputs (log-sum-exp, dbeta) leave
+the kernels as columns broadcast over 128 lanes, ``[.., time, 128]``, and XLA keeps lane 0.
+No in-kernel transposes.
 
 ``window``, ``skip`` and ``query_offset`` are scalar-prefetch operands: the index maps read
 them to place each grid step on a visible tile, so changing them does not recompile. The
@@ -30,7 +33,7 @@ from mmjax.ops.retrieval import MaskSpec, kv_tile_range, q_tile_range
 Array = jax.Array
 NEG = -1e30  # finite "minus infinity": hidden scores never turn into NaN
 NT_DIMS = (((1,), (1,)), ((), ()))  # a @ b.T
-LANES, SUBLANES = common.TPU_LANES, common.TPU_SUBLANES
+LANES = common.TPU_LANES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,20 +113,13 @@ def _to_bhtd(x, multiple):
 
 
 def _rows(x_BxHxT, multiple):
-    """Per-row statistic ``[.., T]`` -> lane-dense ``[.., 8, T_pad]``."""
-    x = common.pad_time(x_BxHxT[..., None, :], x_BxHxT.ndim, multiple)
-    return jnp.broadcast_to(x, (*x.shape[:-2], SUBLANES, x.shape[-1]))
+    """Per-row statistic ``[.., T]`` -> lane-dense row ``[.., 1, T_pad]``."""
+    return common.pad_time(x_BxHxT[..., None, :], x_BxHxT.ndim, multiple)
 
 
-def _row_to_col(x_8xQ):
-    """A lane-dense row ``[8, Q]`` (8 equal sublanes) -> a column ``[Q, 1]``."""
-    return jnp.transpose(x_8xQ)[:, :1]
-
-
-def _col_to_row(x_QxL):
-    """A column ``[Q, L]`` (L equal lanes) -> a lane-dense row ``[8, Q]``."""
-    x_QxL = jnp.broadcast_to(x_QxL[:, :1], (x_QxL.shape[0], LANES))
-    return jnp.transpose(x_QxL)[:SUBLANES]
+def _column(row_ref):
+    """A ``[1, Q]`` row block -> a ``[Q, 1]`` column value."""
+    return jnp.expand_dims(row_ref[0], -1)
 
 
 def _visible_tile(i, block_rows, j, num_tiles, tile_range, scalars_ref):
@@ -193,7 +189,7 @@ def _fwd_kernel(scalars_ref, q_ref, k_ref, v_ref, beta_ref, y_ref, lse_ref, m_sc
                                           cfg.k_time)
         raw_QxC = jax.lax.dot_general(q_ref[...], k_ref[...], NT_DIMS,
                                       preferred_element_type=jnp.float32)
-        s_QxC = jnp.where(visible_QxC, raw_QxC * _row_to_col(beta_ref[...]), NEG)
+        s_QxC = jnp.where(visible_QxC, raw_QxC * _column(beta_ref), NEG)
         m_prev_QxL = m_sc[...]
         m_new_QxL = jnp.maximum(m_prev_QxL, jnp.max(s_QxC, axis=1, keepdims=True))
         alpha_QxL = jnp.exp(m_prev_QxL - m_new_QxL)
@@ -211,7 +207,7 @@ def _fwd_kernel(scalars_ref, q_ref, k_ref, v_ref, beta_ref, y_ref, lse_ref, m_sc
         l_safe_QxL = jnp.where(nonempty_QxL, l_QxL, 1.0)
         y_ref[...] = (acc_sc[...] / l_safe_QxL[:, :1]).astype(y_ref.dtype)
         lse_QxL = jnp.where(nonempty_QxL, m_sc[...] + jnp.log(l_safe_QxL), 0.0)
-        lse_ref[...] = _col_to_row(lse_QxL)
+        lse_ref[...] = lse_QxL
 
 
 def _retrieve_fwd(q, k, v, beta, scalars, cfg):
@@ -219,29 +215,29 @@ def _retrieve_fwd(q, k, v, beta, scalars, cfg):
     dv = v.shape[-1]
     bq, bk = cfg.blocks.block_q, cfg.blocks.block_k
     qp, kp, vp = _to_bhtd(q, cfg.q_pad), _to_bhtd(k, cfg.k_pad), _to_bhtd(v, cfg.k_pad)
-    beta_Hx8xQ = _rows(beta.T, cfg.q_pad)
+    beta_Hx1xQ = _rows(beta.T, cfg.q_pad)
     row, col, _ = _specs(bq, bk, cfg.k_pad // bk, _kv_range(cfg, bq, bk))
-    stat = pl.BlockSpec((None, None, SUBLANES, bq), lambda b_, h_, i, j, s: (b_, h_, 0, i))
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=1,
         grid=(b, h, cfg.q_pad // bq, cfg.steps_fwd),
         in_specs=[row(dk), col(dk), col(dv),
-                  pl.BlockSpec((None, SUBLANES, bq), lambda b_, h_, i, j, s: (h_, 0, i))],
-        out_specs=[row(dv), stat],
+                  pl.BlockSpec((None, 1, bq), lambda b_, h_, i, j, s: (h_, 0, i))],
+        out_specs=[row(dv), row(LANES)],
         scratch_shapes=[pltpu.VMEM((bq, LANES), jnp.float32), pltpu.VMEM((bq, LANES), jnp.float32),
                         pltpu.VMEM((bq, dv), jnp.float32)],
     )
-    y_BxHxQxV, lse_BxHx8xQ = pl.pallas_call(
+    y_BxHxQxV, lse_BxHxQxL = pl.pallas_call(
         functools.partial(_fwd_kernel, cfg=cfg),
         grid_spec=grid_spec,
         out_shape=[jax.ShapeDtypeStruct((b, h, cfg.q_pad, dv), v.dtype),
-                   jax.ShapeDtypeStruct((b, h, SUBLANES, cfg.q_pad), jnp.float32)],
+                   jax.ShapeDtypeStruct((b, h, cfg.q_pad, LANES), jnp.float32)],
         compiler_params=_params(),
         interpret=cfg.interpret,
         name="mmjax_retrieve_fwd_tpu",
-    )(scalars, qp, kp, vp, beta_Hx8xQ)
+    )(scalars, qp, kp, vp, beta_Hx1xQ)
     y = jnp.transpose(y_BxHxQxV, (0, 2, 1, 3))[:, :cfg.q_time]
-    return y, (q, k, v, beta, scalars, y, lse_BxHx8xQ)
+    lse_BxHx1xQ = lse_BxHxQxL[:, :, None, :, 0]
+    return y, (q, k, v, beta, scalars, y, lse_BxHx1xQ)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -264,7 +260,7 @@ def _dkv_kernel(scalars_ref, q_ref, k_ref, v_ref, dy_ref, beta_ref, lse_ref, del
     @pl.when(active)
     def _step():
         q_QxK, k_CxK, v_CxV, dy_QxV = q_ref[...], k_ref[...], v_ref[...], dy_ref[...]
-        beta_1xQ, lse_1xQ, delta_1xQ = beta_ref[:1, :], lse_ref[:1, :], delta_ref[:1, :]
+        beta_1xQ, lse_1xQ, delta_1xQ = beta_ref[...], lse_ref[...], delta_ref[...]
         q_pos_1xQ = offset + qi * bq + jax.lax.broadcasted_iota(jnp.int32, (1, bq), 1)
         k_pos_Cx1 = kj * bk + jax.lax.broadcasted_iota(jnp.int32, (bk, 1), 0)
         visible_CxQ = common.tile_visible(q_pos_1xQ, k_pos_Cx1, mask, offset + cfg.q_time,
@@ -301,8 +297,7 @@ def _dq_kernel(scalars_ref, q_ref, k_ref, v_ref, dy_ref, beta_ref, lse_ref, delt
     @pl.when(active)
     def _step():
         q_QxK, k_CxK, v_CxV, dy_QxV = q_ref[...], k_ref[...], v_ref[...], dy_ref[...]
-        beta_Qx1 = _row_to_col(beta_ref[...])
-        lse_Qx1, delta_Qx1 = _row_to_col(lse_ref[...]), _row_to_col(delta_ref[...])
+        beta_Qx1, lse_Qx1, delta_Qx1 = _column(beta_ref), _column(lse_ref), _column(delta_ref)
         q_pos_Qx1 = offset + i * bq + jax.lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
         k_pos_1xC = kv * bk + jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1)
         visible_QxC = common.tile_visible(q_pos_Qx1, k_pos_1xC, mask, offset + cfg.q_time,
@@ -318,28 +313,28 @@ def _dq_kernel(scalars_ref, q_ref, k_ref, v_ref, dy_ref, beta_ref, lse_ref, delt
     @pl.when(j == cfg.steps_dq - 1)
     def _finish():
         dq_ref[...] = dq_sc[...].astype(dq_ref.dtype)
-        dbeta_ref[...] = _col_to_row(dbeta_sc[...])
+        dbeta_ref[...] = dbeta_sc[...]
 
 
 def _retrieve_bwd(cfg, residuals, dy):
-    q, k, v, beta, scalars, y, lse_BxHx8xQ = residuals
+    q, k, v, beta, scalars, y, lse_BxHx1xQ = residuals
     b, _, h, dk = q.shape
     dv = v.shape[-1]
     qp, kp, vp = _to_bhtd(q, cfg.q_pad), _to_bhtd(k, cfg.k_pad), _to_bhtd(v, cfg.k_pad)
     dyp = _to_bhtd(dy, cfg.q_pad)
-    beta_Hx8xQ = _rows(beta.T, cfg.q_pad)
+    beta_Hx1xQ = _rows(beta.T, cfg.q_pad)
     # D_t = <dy_t, y_t>, the row term of the softmax Jacobian.
-    delta_BxHx8xQ = _rows(
+    delta_BxHx1xQ = _rows(
         jnp.einsum("bqhv,bqhv->bhq", dy.astype(jnp.float32), y.astype(jnp.float32)), cfg.q_pad)
-    operands = (scalars, qp, kp, vp, dyp, beta_Hx8xQ, lse_BxHx8xQ, delta_BxHx8xQ)
+    operands = (scalars, qp, kp, vp, dyp, beta_Hx1xQ, lse_BxHx1xQ, delta_BxHx1xQ)
 
     # dk, dv: rows are key tiles, the inner axis walks the query tiles that see them.
     bq, bk = cfg.blocks.block_q_dkv, cfg.blocks.block_k_dkv
     nq = cfg.q_pad // bq
     row, col, q_index = _specs(bk, bq, nq, _q_range(cfg, bq, bk))
-    stat = pl.BlockSpec((None, None, SUBLANES, bq),
+    stat = pl.BlockSpec((None, None, 1, bq),
                         lambda b_, h_, kj, j, s: (b_, h_, 0, q_index(kj, j, s)))
-    beta_spec = pl.BlockSpec((None, SUBLANES, bq),
+    beta_spec = pl.BlockSpec((None, 1, bq),
                              lambda b_, h_, kj, j, s: (h_, 0, q_index(kj, j, s)))
     dk_pad, dv_pad = pl.pallas_call(
         functools.partial(_dkv_kernel, cfg=cfg),
@@ -360,25 +355,25 @@ def _retrieve_bwd(cfg, residuals, dy):
     # dq, dbeta: rows are query tiles, the inner axis walks the visible key tiles.
     bq, bk = cfg.blocks.block_q_dq, cfg.blocks.block_k_dq
     row, col, _ = _specs(bq, bk, cfg.k_pad // bk, _kv_range(cfg, bq, bk))
-    stat = pl.BlockSpec((None, None, SUBLANES, bq), lambda b_, h_, i, j, s: (b_, h_, 0, i))
-    beta_spec = pl.BlockSpec((None, SUBLANES, bq), lambda b_, h_, i, j, s: (h_, 0, i))
-    dq_pad, dbeta_BxHx8xQ = pl.pallas_call(
+    stat = pl.BlockSpec((None, None, 1, bq), lambda b_, h_, i, j, s: (b_, h_, 0, i))
+    beta_spec = pl.BlockSpec((None, 1, bq), lambda b_, h_, i, j, s: (h_, 0, i))
+    dq_pad, dbeta_BxHxQxL = pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=1,
             grid=(b, h, cfg.q_pad // bq, cfg.steps_dq),
             in_specs=[row(dk), col(dk), col(dv), row(dv), beta_spec, stat, stat],
-            out_specs=[row(dk), stat],
+            out_specs=[row(dk), row(LANES)],
             scratch_shapes=[pltpu.VMEM((bq, dk), jnp.float32),
                             pltpu.VMEM((bq, LANES), jnp.float32)]),
         out_shape=[jax.ShapeDtypeStruct(qp.shape, q.dtype),
-                   jax.ShapeDtypeStruct((b, h, SUBLANES, cfg.q_pad), jnp.float32)],
+                   jax.ShapeDtypeStruct((b, h, cfg.q_pad, LANES), jnp.float32)],
         compiler_params=_params(),
         interpret=cfg.interpret,
         name="mmjax_retrieve_dq_tpu",
     )(*operands)
     back = lambda x, t: jnp.transpose(x, (0, 2, 1, 3))[:, :t]
-    dbeta_QxH = jnp.sum(dbeta_BxHx8xQ[:, :, 0, :cfg.q_time], axis=0).T
+    dbeta_QxH = jnp.sum(dbeta_BxHxQxL[:, :, :cfg.q_time, 0], axis=0).T
     return (back(dq_pad, cfg.q_time), back(dk_pad, cfg.k_time), back(dv_pad, cfg.k_time),
             dbeta_QxH.astype(beta.dtype), None)
 
