@@ -183,9 +183,9 @@ def _fwd_kernel(scalars_ref, q_ref, k_ref, v_ref, beta_ref, y_ref, lse_ref, m_sc
 
     @pl.when(active)
     def _step():
-        q_pos_Qx1 = offset + i * bq + jax.lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
-        k_pos_1xC = kv * bk + jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1)
-        visible_QxC = common.tile_visible(q_pos_Qx1, k_pos_1xC, mask, offset + cfg.q_time,
+        q_pos_QxC = offset + i * bq + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
+        k_pos_QxC = kv * bk + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+        visible_QxC = common.tile_visible(q_pos_QxC, k_pos_QxC, mask, offset + cfg.q_time,
                                           cfg.k_time)
         raw_QxC = jax.lax.dot_general(q_ref[...], k_ref[...], NT_DIMS,
                                       preferred_element_type=jnp.float32)
@@ -261,9 +261,9 @@ def _dkv_kernel(scalars_ref, q_ref, k_ref, v_ref, dy_ref, beta_ref, lse_ref, del
     def _step():
         q_QxK, k_CxK, v_CxV, dy_QxV = q_ref[...], k_ref[...], v_ref[...], dy_ref[...]
         beta_1xQ, lse_1xQ, delta_1xQ = beta_ref[...], lse_ref[...], delta_ref[...]
-        q_pos_1xQ = offset + qi * bq + jax.lax.broadcasted_iota(jnp.int32, (1, bq), 1)
-        k_pos_Cx1 = kj * bk + jax.lax.broadcasted_iota(jnp.int32, (bk, 1), 0)
-        visible_CxQ = common.tile_visible(q_pos_1xQ, k_pos_Cx1, mask, offset + cfg.q_time,
+        q_pos_CxQ = offset + qi * bq + jax.lax.broadcasted_iota(jnp.int32, (bk, bq), 1)
+        k_pos_CxQ = kj * bk + jax.lax.broadcasted_iota(jnp.int32, (bk, bq), 0)
+        visible_CxQ = common.tile_visible(q_pos_CxQ, k_pos_CxQ, mask, offset + cfg.q_time,
                                           cfg.k_time)
         raw_CxQ = jax.lax.dot_general(k_CxK, q_QxK, NT_DIMS, preferred_element_type=jnp.float32)
         p_CxQ = jnp.where(visible_CxQ, jnp.exp(raw_CxQ * beta_1xQ - lse_1xQ), 0.0)
@@ -298,9 +298,9 @@ def _dq_kernel(scalars_ref, q_ref, k_ref, v_ref, dy_ref, beta_ref, lse_ref, delt
     def _step():
         q_QxK, k_CxK, v_CxV, dy_QxV = q_ref[...], k_ref[...], v_ref[...], dy_ref[...]
         beta_Qx1, lse_Qx1, delta_Qx1 = _column(beta_ref), _column(lse_ref), _column(delta_ref)
-        q_pos_Qx1 = offset + i * bq + jax.lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
-        k_pos_1xC = kv * bk + jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1)
-        visible_QxC = common.tile_visible(q_pos_Qx1, k_pos_1xC, mask, offset + cfg.q_time,
+        q_pos_QxC = offset + i * bq + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
+        k_pos_QxC = kv * bk + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+        visible_QxC = common.tile_visible(q_pos_QxC, k_pos_QxC, mask, offset + cfg.q_time,
                                           cfg.k_time)
         raw_QxC = jax.lax.dot_general(q_QxK, k_CxK, NT_DIMS, preferred_element_type=jnp.float32)
         p_QxC = jnp.where(visible_QxC, jnp.exp(raw_QxC * beta_Qx1 - lse_Qx1), 0.0)
