@@ -122,9 +122,14 @@ def test_tpu_other_block_shapes():
                                                                     128), dk=32, dv=48)
 
 
-def test_tpu_interpret_params_simulates_dma():
-    _check("tpu", 200, 200, MaskSpec(window=130, skip=2), blocks=TPU_SMALL,
-           interpret=pltpu.InterpretParams())
+def test_tpu_interpret_params_simulates_dma_without_races():
+    """TPU interpret mode proper: simulated DMAs, NaN-filled fresh buffers, out-of-bounds
+    reads raising, two cores sharing the parallel grid axes, and the race detector on."""
+    from jax._src.pallas.mosaic.interpret import interpret_pallas_call  # races: no public API
+
+    params = pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2)
+    _check("tpu", 200, 200, MaskSpec(window=130, skip=2), blocks=TPU_SMALL, interpret=params)
+    assert not interpret_pallas_call.races.races_found
 
 
 @pytest.mark.parametrize("impl,bandwidth", [("pallas_tpu", "heads"), ("pallas_gpu", None)])
