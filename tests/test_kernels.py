@@ -301,6 +301,18 @@ def test_auto_picks_the_kernel_of_the_platform(monkeypatch):
     assert retrieval.default_impl() == "pallas_gpu"
 
 
+def test_retrieve_auto_reaches_the_kernel_of_the_platform(monkeypatch):
+    calls = []
+    monkeypatch.setattr(kernels, "retrieve_pallas",
+                        lambda *args, platform: calls.append(platform) or args[2])
+    k = jnp.ones((1, 4, 1, 16))
+    retrieve(k, k, impl="auto")  # CPU: the XLA path, no kernel
+    for backend in ("tpu", "gpu"):
+        monkeypatch.setattr(jax, "default_backend", lambda backend=backend: backend)
+        retrieve(k, k, impl="auto")
+    assert calls == ["tpu", "gpu"]
+
+
 def test_interpret_defaults_to_off_only_on_the_kernel_platform(monkeypatch):
     seen = []
 
