@@ -258,6 +258,15 @@ def test_block_sizes_validation():
         BlockSizes().block_q = 256
 
 
+@pytest.mark.parametrize("kind,generation", [("TPU v4", "v4"), ("TPU v5 lite", "v5e"),
+                                             ("TPU v5p", "v5p"), ("TPU v5", "v5p")])
+def test_tpu_generation_from_device_kind(monkeypatch, kind, generation):
+    fake = type("Device", (), {"device_kind": kind})()
+    monkeypatch.setattr(jax, "devices", lambda: [fake])
+    assert kernels.tpu_generation() == generation
+    assert BlockSizes.for_platform("tpu") == kernels.DEFAULT_BLOCK_SIZES[generation]
+
+
 def test_default_block_sizes_fit_their_platform():
     for generation in ("v4", "v5e", "v5p"):
         BlockSizes.for_platform("tpu", generation).check_platform("tpu")
