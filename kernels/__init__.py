@@ -12,13 +12,26 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-from mmjax.kernels.common import DEFAULT_BLOCK_SIZES, BlockSizes, tpu_generation
+from mmjax.kernels.common import DEFAULT_BLOCK_SIZES, BlockSizes, check_inputs, tpu_generation
 
 from mmjax.ops.retrieval import MaskSpec
 
-__all__ = ["BlockSizes", "DEFAULT_BLOCK_SIZES", "retrieve_pallas", "tpu_generation"]
+__all__ = ["BlockSizes", "DEFAULT_BLOCK_SIZES", "retrieve_pallas", "supports", "tpu_generation"]
 
 PLATFORMS = ("tpu", "gpu")
+
+
+def supports(q_BxQxHxK, k_BxTxHxK, v_BxTxHxV, platform: str) -> bool:
+    """Whether the kernel of ``platform`` takes these inputs (dtypes, head dims).
+
+    ``retrieve(impl="auto")`` falls back to the XLA path when it does not; an explicit
+    ``impl="pallas_*"`` raises the kernel's error instead.
+    """
+    try:
+        check_inputs(q_BxQxHxK, k_BxTxHxK, v_BxTxHxV, platform)
+    except ValueError:
+        return False
+    return True
 
 
 def retrieve_pallas(

@@ -376,3 +376,16 @@ def test_gpu_kernels_lower_for_cuda():
     exported = _export_grad("gpu", BlockSizes.for_platform("gpu"), t=1000, d=64)
     assert exported.mlir_module().count("__gpu$xla.gpu.triton") >= 3
     _export_grad("gpu", BlockSizes.for_platform("gpu"), d=128, dtype=jnp.float32)
+
+
+def test_auto_falls_back_to_xla_for_inputs_the_kernel_does_not_take(monkeypatch):
+    calls = []
+    monkeypatch.setattr(kernels, "retrieve_pallas",
+                        lambda *args, platform: calls.append(platform) or args[2])
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    odd = jnp.ones((1, 4, 1, 6))  # head dim 6: not a power of two
+    y = retrieve(odd, odd, impl="auto")
+    assert calls == [] and y.shape == odd.shape
+    monkeypatch.undo()  # the real kernel, in interpret mode: an explicit impl raises
+    with pytest.raises(ValueError, match="head dim"):
+        retrieve(odd, odd, impl="pallas_gpu")

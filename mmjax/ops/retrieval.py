@@ -215,6 +215,8 @@ def retrieve(
     _check_scalar_range("query_offset", query_offset, minimum=0, allow_none=False)
     if impl == "auto":
         impl = default_impl()
+        if impl != "xla" and not _kernel_supports(queries, keys, values, impl):
+            impl = "xla"  # e.g. head dims the kernel does not take: the blocked path does
     beta = _bandwidth_rows(bandwidth, queries.shape[1], queries.shape[2])
     offset = jnp.asarray(query_offset, jnp.int32)
     if impl == "reference":
@@ -226,6 +228,12 @@ def retrieve(
     return kernels.retrieve_pallas(
         queries, keys, values, beta, mask, offset, platform=impl.removeprefix("pallas_")
     )
+
+
+def _kernel_supports(queries, keys, values, impl) -> bool:
+    from mmjax import kernels
+
+    return kernels.supports(queries, keys, values, impl.removeprefix("pallas_"))
 
 
 # ----------------------------------------------------------------------------- reference
