@@ -11,8 +11,13 @@ its own. Shapes: B=1, H=4, D=64 (fp32), keys = queries as in Memory Mosaics. Col
   (GiB), and the RSS of the same process before the computation ran (JAX + inputs).
 
 The dense reference is run only where its T x T score matrices fit (estimated), else "-".
-The last lines print the two targets: xla fwd+bwd peak RSS at the longest T, and the speed-up
-of window=256 over the full strict-causal mask at the longest T.
+The target lines print xla fwd+bwd peak RSS at the longest T, and the speed-up of window=256
+over the full strict-causal mask at the longest T.
+
+Then the Pallas kernels (benchmarks/kernels.py): on CPU their interpret-mode errors against
+the reference (no speed is meaningful there); on a TPU or GPU time, TFLOP/s and fraction of
+peak for T in {4k, 32k} and the causal, window-256 and skip-64 masks, next to
+jax.nn.dot_product_attention. ``--no-kernels`` leaves them out.
 """
 
 from __future__ import annotations
@@ -81,6 +86,7 @@ def main() -> None:
     parser.add_argument("--lengths", default="1024,4096,16384,32768")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--reference-budget-gib", type=float, default=12.0)
+    parser.add_argument("--no-kernels", action="store_true", help="skip the Pallas section")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -121,6 +127,25 @@ def main() -> None:
     if "seconds" in full and "seconds" in window:
         print(f"target: window=256 vs strict causal, xla fwd+bwd at T={t}: "
               f"{full['seconds'] / window['seconds']:.1f}x faster (target >= 20x)")
+    if not args.no_kernels:
+        kernel_section()
+
+
+def kernel_section() -> None:
+    """The Pallas kernels' rows from benchmarks/kernels.py (interpret errors or speed)."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).with_name("kernels.py")
+    spec = importlib.util.spec_from_file_location("kernel_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    if _backend() == "cpu":
+        print("\nPallas kernels on CPU: interpret mode, errors against the reference only")
+        bench._print(bench.interpret_rows())
+    else:
+        print(f"\nPallas kernels on {_backend()}: speed next to jax.nn.dot_product_attention")
+        bench._print(bench.speed_rows())
 
 
 def _backend() -> str:
