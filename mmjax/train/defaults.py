@@ -2,9 +2,11 @@
 
     python -m mmjax.train --workdir /tmp/mmjax_default
 
-runs in about a minute on 2 CPU cores and prints the loss going down from log(64) = 4.16
-towards log(3) = 1.10 (the automata have 3 edges per state: a model that has learnt to read
-its context predicts the next symbol among 3). Any key can be overridden on the command
+runs in about a minute on 2 CPU cores. The training loss falls from 4.1 (log 64 = 4.16) to
+about 2.6 in 300 steps. The held-out loss by position falls along each sequence, from about 3.4
+in its first quarter to 2.2 in its last. That is in-context learning: every sequence walks its
+own random automaton (4 states, 3 edges each), so a memory of the sequence itself is the only
+way to predict it. The floor is log 3 = 1.10. Any key can be overridden on the command
 line, e.g. ``--config.train.num_steps=500``. This file is also the base of
 ``configs/mm_v1_small.py:tiny``.
 """
@@ -28,13 +30,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     ))
     config.data = ml_collections.ConfigDict(dict(
         corpus="pfa",
-        corpus_options=ml_collections.ConfigDict(dict(num_states=6, edges_per_state=3)),
+        corpus_options=ml_collections.ConfigDict(dict(num_states=4, edges_per_state=3)),
         vocab_size=64,
         context_length=128,
         batch_size=16,
     ))
     config.optimizer = ml_collections.ConfigDict(dict(
-        learning_rate=5e-3,
+        learning_rate=1e-2,
         weight_decay=0.1,
         b1=0.9,
         b2=0.95,

@@ -157,6 +157,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
         checkpointer.close()
     last = f"train_loss {history[-1]['loss']:.4f} " if history else ""
     _log(f"final (step {int(state.step)}): {last}eval_loss {final['eval_loss']:.4f}")
+    per_position = final["eval_loss_per_position"]
+    quarter = max(1, len(per_position) // 4)
+    _log(f"eval loss by position (in-context learning): first quarter "
+         f"{per_position[:quarter].mean():.4f}, last quarter {per_position[-quarter:].mean():.4f}")
     return {"history": history, "state": state, **final}
 
 
