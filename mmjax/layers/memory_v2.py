@@ -35,9 +35,11 @@ Adaptive bandwidth, per memory and head::
 
     beta_t = beta1 * n_t^alpha + beta0,  n_t = |visible pairs at t| (mmjax.ops.visible_count)
 
-parametrised as ``beta0 = softplus(p0) >= 0``, ``beta1 = softplus(p1) > 0``,
-``alpha = sigmoid(pa) in (0, 1)``; ``n_t^alpha`` is taken as 0 where ``n_t = 0`` (an empty
-row returns 0 anyway) with a gradient-safe log. It is a ``[q_time, heads]`` array passed to
+parametrised as ``beta0 = softplus(p0) >= 0``, ``beta1 = softplus(p1) + 1e-6 > 0``,
+``alpha = 1e-4 + (1 - 2e-4) sigmoid(pa) in (0, 1)`` (the floors keep the bounds strict in
+fp32, where ``sigmoid`` rounds to 1 and ``softplus`` underflows to 0 for large inputs);
+``n_t^alpha`` is taken as 0 where ``n_t = 0`` (an empty row returns 0 anyway) with a
+gradient-safe log. It is a ``[q_time, heads]`` array passed to
 ``retrieve`` as ``bandwidth``; the keys are unit vectors, so ``beta_t`` is the whole scale.
 
 * CHOICE (init): ``beta0 = 1``, ``beta1 = 1``, ``alpha = 0.25`` (``beta ~ 5`` at ``n = 256``,
@@ -100,19 +102,31 @@ def gated_keys(x_BxTxHxK: Array, gate_logit_BxTxH: Array, decay_logit_BxTxH: Arr
     return l2_normalize(gated_leaky_average(x_BxTxHxK, gate_BxTxH, decay_BxTxH))
 
 
+# Floors that keep the constraints strict in floating point (sigmoid saturates to exactly 0
+# or 1 in fp32 past |x| ~ 17, softplus underflows to 0 past x ~ -104).
+ALPHA_MARGIN = 1e-4
+BETA1_FLOOR = 1e-6
+
+
 def bandwidth_parameters(p0_H: Array, p1_H: Array, pa_H: Array) -> tuple[Array, Array, Array]:
-    """Unconstrained ``(p0, p1, pa)`` -> ``(beta0 >= 0, beta1 > 0, 0 < alpha < 1)``."""
-    return jax.nn.softplus(p0_H), jax.nn.softplus(p1_H), jax.nn.sigmoid(pa_H)
+    """Unconstrained ``(p0, p1, pa)`` -> ``(beta0 >= 0, beta1 > 0, 0 < alpha < 1)``.
+
+    ``beta0 = softplus(p0)``, ``beta1 = softplus(p1) + 1e-6``,
+    ``alpha = 1e-4 + (1 - 2e-4) sigmoid(pa)``: the bounds hold for any finite input, in fp32.
+    """
+    alpha_H = ALPHA_MARGIN + (1.0 - 2.0 * ALPHA_MARGIN) * jax.nn.sigmoid(pa_H)
+    return jax.nn.softplus(p0_H), jax.nn.softplus(p1_H) + BETA1_FLOOR, alpha_H
 
 
 def inverse_bandwidth_parameters(beta0: float, beta1: float, alpha: float):
     """Raw parameters giving ``(beta0, beta1, alpha)``; raises on out-of-range values."""
-    if not (beta0 > 0 and beta1 > 0 and 0 < alpha < 1):
+    if not (beta0 > 0 and beta1 > BETA1_FLOOR and ALPHA_MARGIN < alpha < 1 - ALPHA_MARGIN):
         raise ValueError(
-            "bandwidth_init must be (beta0 > 0, beta1 > 0, 0 < alpha < 1), got "
-            f"{(beta0, beta1, alpha)}")
+            f"bandwidth_init must be (beta0 > 0, beta1 > {BETA1_FLOOR}, {ALPHA_MARGIN} < alpha "
+            f"< {1 - ALPHA_MARGIN}), got {(beta0, beta1, alpha)}")
     softplus_inv = lambda y: math.log(math.expm1(y))
-    return softplus_inv(beta0), softplus_inv(beta1), math.log(alpha / (1.0 - alpha))
+    a = (alpha - ALPHA_MARGIN) / (1.0 - 2.0 * ALPHA_MARGIN)
+    return softplus_inv(beta0), softplus_inv(beta1 - BETA1_FLOOR), math.log(a / (1.0 - a))
 
 
 def adaptive_bandwidth(count_Q: Array, beta0_H: Array, beta1_H: Array, alpha_H: Array) -> Array:
