@@ -1,0 +1,128 @@
+"""Parameter count and forward FLOPs per token of any model config, from its parameter shapes.
+
+    python -m mmjax.flops --config configs/mmv2_large.py[:preset]
+
+The model is built from ``config.model`` and its parameters are shaped with
+``jax.eval_shape(model.init, ...)`` (no memory is allocated, so the 10B configs count on a
+laptop). Every parameter is put in one group by its path (the naming convention of
+:mod:`mmjax.models.transformer`): ``embedding`` (``wte``, ``wpe``), ``memories`` (a block's
+``mixer``: attention or associative memories), ``persistent memory`` (a block's ``ffn``: MLP or
+SwiGLU), ``norms``, ``head`` (``lm_head``). An unknown name raises.
+
+FLOPs convention (the one that reproduces "Memory Mosaics at Scale"'s table): forward FLOPs per
+token = 2 x the number of parameters used in matrix products, i.e. every parameter with two or
+more axes except the embedding tables (a lookup, no FLOPs), plus the tied head (``wte`` used as
+the output matrix) when there is no ``lm_head``. Elementwise work (norms, gates' exponentials,
+scans, per-head scalars) and the context-dependent retrieval/attention products
+(``4 n_t H K`` per layer and token) are not counted: the paper's FLOPs per token are context-
+independent (with the retrieval terms at context 4096 the transformer would be 17.7B, not 16.7B).
+The last line of the CLI output is exactly ``params=<integer> flops_per_token=<integer>``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmjax.models import build_model
+
+GROUPS = ("embedding", "memories", "persistent memory", "norms", "head")
+
+
+@dataclasses.dataclass(frozen=True)
+class Count:
+    """Per-group parameter and forward-FLOP counts (``params[g]``, ``flops[g]``)."""
+
+    model_name: str
+    params: dict[str, int]
+    flops: dict[str, int]
+    num_layers: int
+
+    @property
+    def total_params(self) -> int:
+        return sum(self.params.values())
+
+    @property
+    def total_flops(self) -> int:
+        return sum(self.flops.values())
+
+
+def parameter_shapes(model_config: Mapping[str, Any]) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """``{path: shape}`` of the model's parameters, via ``jax.eval_shape`` (no allocation)."""
+    model = build_model(model_config)
+    ids = jnp.zeros((1, 8), jnp.int32)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), ids)
+    flat = flax.traverse_util.flatten_dict(flax.core.meta.unbox(shapes["params"]))
+    return {path: tuple(leaf.shape) for path, leaf in flat.items()}
+
+
+def group_of(path: tuple[str, ...]) -> str:
+    """The group of a parameter path (see the module docstring); raises on an unknown name."""
+    if path[-1] in ("wte", "wpe"):
+        return "embedding"
+    if path[-1] == "lm_head":
+        return "head"
+    if "mixer" in path:
+        return "memories"
+    if "ffn" in path:
+        return "persistent memory"
+    if any("norm" in part for part in path):
+        return "norms"
+    raise ValueError(f"cannot classify parameter {'/'.join(path)}: expected a name among "
+                     "wte, wpe, lm_head, mixer, ffn, *norm*")
+
+
+def count(model_config: Mapping[str, Any]) -> Count:
+    """Parameters and forward FLOPs per token of ``model_config``, grouped."""
+    shapes = parameter_shapes(model_config)
+    params = dict.fromkeys(GROUPS, 0)
+    flops = dict.fromkeys(GROUPS, 0)
+    tied_head = not any(path[-1] == "lm_head" for path in shapes)
+    for path, shape in shapes.items():
+        group, size = group_of(path), int(np.prod(shape, dtype=np.int64))
+        params[group] += size
+        if len(shape) >= 2 and group != "embedding":
+            flops[group] += 2 * size
+        if tied_head and path[-1] == "wte":
+            flops["head"] += 2 * size
+    layers = len({path[0] for path in shapes if path[0].startswith("blocks_")})
+    return Count(str(model_config["name"]), params, flops, layers)
+
+
+def format_count(c: Count) -> str:
+    """A table of the groups (with per-layer figures for the blocks) and the final line."""
+    lines = [f"model: {c.model_name} ({c.num_layers} layers)",
+             f"{'group':<18} {'params':>15} {'share':>6} {'per layer':>13} "
+             f"{'fwd FLOPs/token':>16}"]
+    for g in GROUPS:
+        per_layer = (f"{c.params[g] // c.num_layers:>13,}"
+                     if g in ("memories", "persistent memory") and c.num_layers else f"{'':>13}")
+        lines.append(f"{g:<18} {c.params[g]:>15,} {c.params[g] / c.total_params:>6.1%} "
+                     f"{per_layer} {c.flops[g]:>16,}")
+    lines.append(f"{'total':<18} {c.total_params:>15,} {1:>6.1%} {'':>13} {c.total_flops:>16,}")
+    lines.append(f"params={c.total_params} flops_per_token={c.total_flops}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    """CLI: ``python -m mmjax.flops --config FILE[:preset]`` (``--config.model.key=value`` too)."""
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    if not os.environ.get("JAX_PLATFORMS"):  # shapes only: never wake an accelerator
+        jax.config.update("jax_platforms", "cpu")
+    config = config_flags.DEFINE_config_file("config", None, "config file[:preset]",
+                                             lock_config=True)
+    flags.mark_flag_as_required("config")
+    app.run(lambda _: print(format_count(count(config.value.model))), argv=argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""mmjax.flops: counts from parameter shapes, the paper's table, the CLI's last line."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from config_loading import CONFIGS, load_config
+
+from mmjax import flops
+
+# "Memory Mosaics at Scale", table of model sizes: (parameters, forward FLOPs per token).
+PAPER = {
+    "llama_large.py": (8.8e9, 16.7e9),
+    "mmv2_large.py": (9.9e9, 18.9e9),
+    "mmv2_large.py:no_long_term": (8.3e9, 15.6e9),
+}
+
+
+@pytest.mark.parametrize("spec", sorted(PAPER))
+def test_large_configs_match_paper_within_two_percent(spec):
+    c = flops.count(load_config(spec).model)
+    params, flops_per_token = PAPER[spec]
+    assert abs(c.total_params / params - 1) < 0.02
+    assert abs(c.total_flops / flops_per_token - 1) < 0.02
+
+
+def test_counts_follow_parameter_shapes():
+    tiny = load_config("mmv2_small.py:tiny").model
+    base = flops.count(tiny)
+    wider = flops.count({**tiny, "mlp_dim": tiny.mlp_dim + 8})
+    extra = 3 * tiny.embed_dim * 8 * tiny.num_layers
+    assert wider.params["persistent memory"] - base.params["persistent memory"] == extra
+    assert wider.flops["persistent memory"] - base.flops["persistent memory"] == 2 * extra
+    # untied head: lm_head counted in params and FLOPs; embedding has params, no FLOPs
+    assert base.params["head"] == tiny.vocab_size * tiny.embed_dim
+    assert base.flops["head"] == 2 * base.params["head"]
+    assert base.flops["embedding"] == 0
+    no_long = flops.count({**tiny, "long_term": False})
+    assert no_long.params["memories"] < base.params["memories"]
+
+
+def test_tied_head_counts_flops_but_no_parameters():
+    c = flops.count(load_config("gpt2_small.py:tiny").model)
+    assert c.params["head"] == 0
+    assert c.flops["head"] == 2 * 256 * 64
+    assert c.params["embedding"] == 256 * 64 + 64 * 64  # wte + wpe
+
+
+def test_unknown_parameter_name_raises():
+    with pytest.raises(ValueError, match="cannot classify parameter blocks_0/foo/kernel"):
+        flops.group_of(("blocks_0", "foo", "kernel"))
+
+
+def test_cli_last_line():
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run(
+        [sys.executable, "-m", "mmjax.flops", "--config", str(CONFIGS / "llama_small.py:tiny")],
+        capture_output=True, text=True, check=True, env=env)
+    c = flops.count(load_config("llama_small.py:tiny").model)
+    assert out.stdout.strip().splitlines()[-1] == (
+        f"params={c.total_params} flops_per_token={c.total_flops}")
+    assert "persistent memory" in out.stdout
