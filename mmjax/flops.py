@@ -44,6 +44,7 @@ class Count:
     params: dict[str, int]
     flops: dict[str, int]
     num_layers: int
+    memory_parts: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def total_params(self) -> int:
@@ -85,15 +86,19 @@ def count(model_config: Mapping[str, Any]) -> Count:
     params = dict.fromkeys(GROUPS, 0)
     flops = dict.fromkeys(GROUPS, 0)
     tied_head = not any(path[-1] == "lm_head" for path in shapes)
+    parts: dict[str, int] = {}
     for path, shape in shapes.items():
         group, size = group_of(path), int(np.prod(shape, dtype=np.int64))
         params[group] += size
+        if group == "memories":  # e.g. short_term, long_term, out (W_o), heads (q, k, v)
+            part = path[path.index("mixer") + 1]
+            parts[part] = parts.get(part, 0) + size
         if len(shape) >= 2 and group != "embedding":
             flops[group] += 2 * size
         if tied_head and path[-1] == "wte":
             flops["head"] += 2 * size
     layers = len({path[0] for path in shapes if path[0].startswith("blocks_")})
-    return Count(str(model_config["name"]), params, flops, layers)
+    return Count(str(model_config["name"]), params, flops, layers, dict(sorted(parts.items())))
 
 
 def format_count(c: Count) -> str:
@@ -106,13 +111,33 @@ def format_count(c: Count) -> str:
                      if g in ("memories", "persistent memory") and c.num_layers else f"{'':>13}")
         lines.append(f"{g:<18} {c.params[g]:>15,} {c.params[g] / c.total_params:>6.1%} "
                      f"{per_layer} {c.flops[g]:>16,}")
+        if g == "memories":
+            for part, size in c.memory_parts.items():
+                lines.append(f"  {part:<16} {size:>15,} {size / c.total_params:>6.1%} "
+                             f"{size // max(c.num_layers, 1):>13,}")
     lines.append(f"{'total':<18} {c.total_params:>15,} {1:>6.1%} {'':>13} {c.total_flops:>16,}")
     lines.append(f"params={c.total_params} flops_per_token={c.total_flops}")
     return "\n".join(lines)
 
 
+def format_comparison(c: Count, base: Count) -> str:
+    """Per-group differences ``c - base``, as counts and as a share of ``base``'s total."""
+    lines = [f"vs {base.model_name}: {'group':<18} {'params diff':>15} {'of base':>8} "
+             f"{'FLOPs diff':>16} {'of base':>8}"]
+    prefix = " " * (len(base.model_name) + 5)
+    rows = [(g, c.params[g] - base.params[g], c.flops[g] - base.flops[g]) for g in GROUPS]
+    rows.append(("total", c.total_params - base.total_params, c.total_flops - base.total_flops))
+    for g, dp, df in rows:
+        lines.append(f"{prefix}{g:<18} {dp:>+15,} {dp / base.total_params:>+8.1%} "
+                     f"{df:>+16,} {df / base.total_flops:>+8.1%}")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
-    """CLI: ``python -m mmjax.flops --config FILE[:preset]`` (``--config.model.key=value`` too)."""
+    """CLI: ``python -m mmjax.flops --config FILE[:preset] [--baseline FILE[:preset]]``.
+
+    ``--baseline`` adds the per-group difference to a second config before the final line.
+    """
     from absl import app, flags
     from ml_collections import config_flags
 
@@ -120,8 +145,18 @@ def main(argv=None) -> None:
         jax.config.update("jax_platforms", "cpu")
     config = config_flags.DEFINE_config_file("config", None, "config file[:preset]",
                                              lock_config=True)
+    baseline = config_flags.DEFINE_config_file("baseline", None,
+                                               "optional config file[:preset] to compare with")
     flags.mark_flag_as_required("config")
-    app.run(lambda _: print(format_count(count(config.value.model))), argv=argv)
+
+    def run(_):
+        c = count(config.value.model)
+        table = format_count(c).splitlines()
+        if baseline.value is not None:
+            table[-1:-1] = format_comparison(c, count(baseline.value.model)).splitlines()
+        print("\n".join(table))
+
+    app.run(run, argv=argv)
 
 
 if __name__ == "__main__":

@@ -55,9 +55,23 @@ def test_unknown_parameter_name_raises():
 def test_cli_last_line():
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     out = subprocess.run(
-        [sys.executable, "-m", "mmjax.flops", "--config", str(CONFIGS / "llama_small.py:tiny")],
+        [sys.executable, "-m", "mmjax.flops", "--config", str(CONFIGS / "mmv2_small.py:tiny"),
+         "--baseline", str(CONFIGS / "llama_small.py:tiny")],
         capture_output=True, text=True, check=True, env=env)
-    c = flops.count(load_config("llama_small.py:tiny").model)
-    assert out.stdout.strip().splitlines()[-1] == (
-        f"params={c.total_params} flops_per_token={c.total_flops}")
-    assert "persistent memory" in out.stdout
+    c = flops.count(load_config("mmv2_small.py:tiny").model)
+    base = flops.count(load_config("llama_small.py:tiny").model)
+    lines = out.stdout.strip().splitlines()
+    assert lines[-1] == f"params={c.total_params} flops_per_token={c.total_flops}"
+    assert "persistent memory" in out.stdout and "vs llama" in out.stdout
+    total_diff = [line for line in lines if line.split()[:1] == ["total"] and "+" in line]
+    assert f"{c.total_params - base.total_params:+,}" in total_diff[0]
+
+
+def test_memory_parts_split_tiers_and_fusion():
+    tiny = load_config("mmv2_small.py:tiny").model
+    c = flops.count(tiny)
+    d, h, layers = tiny.embed_dim, tiny.num_heads, tiny.num_layers
+    assert c.memory_parts["out"] == layers * 2 * d * d  # W_o fuses 2 H heads
+    tier = 2 * d * d + 2 * d * h + 5 * h  # W_k, W_v, W_g, W_lam, 5 per-head scalars
+    assert c.memory_parts["short_term"] == c.memory_parts["long_term"] == layers * tier
+    assert sum(c.memory_parts.values()) == c.params["memories"]

@@ -125,3 +125,5 @@ def test_unknown_and_bad_inputs():
         model.apply({"params": params}, ids[0])
     with pytest.raises(ValueError, match="long_term_skip_range"):
         _init({**SHORT_LONG, "long_term_skip_range": (5, 2)})
+    with pytest.raises(ValueError, match="no long-term attention"):
+        model.apply({"params": params}, ids, long_term_skip=3)

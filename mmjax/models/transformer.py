@@ -253,6 +253,10 @@ class Llama(nn.Module):
         return {}
 
     def _long_term_skip(self, long_term_skip, deterministic):
+        if long_term_skip is not None:
+            raise ValueError(
+                f"long_term_skip={long_term_skip!r} given to model 'llama', which has no "
+                "long-term attention (use 'llama_short_long')")
         return None
 
     @nn.compact
