@@ -127,3 +127,19 @@ def test_bad_config_errors():
     with pytest.raises(ValueError, match="mask.skip must be >= 0"):
         model, params, ids = _init()
         model.apply({"params": params}, ids, long_term_skip=-1)
+
+
+def test_remat_same_values_and_gradients():
+    model, params, ids = _init()
+    remat = build_model({**CONFIG, "remat": True})
+
+    def loss(m, p, rng):
+        out = m.apply({"params": p}, ids, deterministic=False, rngs={"skip": rng})
+        return jnp.sum(out ** 2)
+
+    key = jax.random.key(3)
+    np.testing.assert_allclose(loss(remat, params, key), loss(model, params, key), rtol=1e-6)
+    g1 = jax.grad(lambda p: loss(model, p, key))(params)
+    g2 = jax.grad(lambda p: loss(remat, p, key))(params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), g1, g2)
+    assert np.isfinite(np.asarray(remat.apply({"params": params}, ids))).all()  # int skip

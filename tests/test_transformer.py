@@ -127,3 +127,16 @@ def test_unknown_and_bad_inputs():
         _init({**SHORT_LONG, "long_term_skip_range": (5, 2)})
     with pytest.raises(ValueError, match="no long-term attention"):
         model.apply({"params": params}, ids, long_term_skip=3)
+
+
+@pytest.mark.parametrize("config", [GPT2, LLAMA, SHORT_LONG], ids=lambda c: c["name"])
+def test_remat_same_values_and_gradients(config):
+    model, params, ids = _init(config)
+    remat = build_model({**config, "remat": True})
+
+    def loss(m, p):
+        return jnp.sum(m.apply({"params": p}, ids) ** 2)
+
+    np.testing.assert_allclose(loss(remat, params), loss(model, params), rtol=1e-6)
+    g1, g2 = jax.grad(lambda p: loss(model, p))(params), jax.grad(lambda p: loss(remat, p))(params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), g1, g2)

@@ -36,7 +36,7 @@ from mmjax.layers.memory_v2 import (
 )
 from mmjax.layers.mlp import SwiGLU
 from mmjax.models import register
-from mmjax.models.transformer import TokenEmbedding, check_input_ids, rms_norm
+from mmjax.models.transformer import TokenEmbedding, check_input_ids, maybe_remat, rms_norm
 
 Array = jax.Array
 
@@ -56,7 +56,7 @@ class MemoryMosaicV2Block(nn.Module):
     impl: str
 
     @nn.compact
-    def __call__(self, x_BxTxD: Array, *, deterministic: bool, long_term_skip) -> Array:
+    def __call__(self, x_BxTxD: Array, deterministic: bool, long_term_skip) -> Array:
         d = x_BxTxD.shape[-1]
         memory = ThreeTierMemory(
             self.num_heads, split_heads(d, self.num_heads),
@@ -94,6 +94,7 @@ class MemoryMosaicV2(nn.Module):
     init_std: float = 0.02
     dtype: Any = "float32"
     impl: str = "auto"
+    remat: bool = False
 
     @nn.compact
     def __call__(self, input_ids: Array, deterministic: bool = True,
@@ -111,10 +112,10 @@ class MemoryMosaicV2(nn.Module):
                                       self.inference_long_term_skip)
         out_std = self.init_std / math.sqrt(2 * self.num_layers)
         for i in range(self.num_layers):
-            block = MemoryMosaicV2Block(
+            block = maybe_remat(MemoryMosaicV2Block, self.remat)(
                 self.num_heads, self.mlp_dim, self.short_term_window, self.long_term,
                 self.gate_cap, tuple(self.bandwidth_init), self.norm_eps, self.dropout_rate,
                 self.init_std, out_std, dtype, self.impl, name=f"blocks_{i}")
-            x_BxTxD = block(x_BxTxD, deterministic=deterministic, long_term_skip=skip)
+            x_BxTxD = block(x_BxTxD, deterministic, skip)
         x_BxTxD = rms_norm(self.norm_eps, dtype, "final_norm")(x_BxTxD)
         return embed.logits(x_BxTxD)

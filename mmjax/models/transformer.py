@@ -88,6 +88,13 @@ class TokenEmbedding(nn.Module):
                           jnp.asarray(w_DxN, self.dtype), preferred_element_type=jnp.float32)
 
 
+def maybe_remat(block_cls: type, remat: bool) -> type:
+    """``block_cls`` rematerialised in the backward pass when ``remat`` (activations of a
+    block are recomputed instead of stored). Blocks take ``(x, deterministic, ...)``
+    positionally; ``deterministic`` is static."""
+    return nn.remat(block_cls, static_argnums=(2,)) if remat else block_cls
+
+
 def rms_norm(eps: float, dtype, name: str) -> nn.Module:
     return nn.RMSNorm(epsilon=eps, dtype=dtype, name=name, scale_init=nn.with_logical_partitioning(
         nn.initializers.ones, ("embed",)))
@@ -114,7 +121,7 @@ class GPT2Block(nn.Module):
     impl: str
 
     @nn.compact
-    def __call__(self, x_BxTxD: Array, *, deterministic: bool) -> Array:
+    def __call__(self, x_BxTxD: Array, deterministic: bool) -> Array:
         attn = CausalSelfAttention(
             self.num_heads, attention_dropout=self.dropout_rate,
             residual_dropout=self.dropout_rate, use_bias=self.use_bias,
@@ -141,6 +148,7 @@ class GPT2(nn.Module):
     use_bias: bool = False
     dtype: Any = "float32"
     impl: str = "auto"
+    remat: bool = False
 
     @nn.compact
     def __call__(self, input_ids: Array, deterministic: bool = True) -> Array:
@@ -155,9 +163,10 @@ class GPT2(nn.Module):
         x_BxTxD = nn.Dropout(self.dropout_rate)(x_BxTxD, deterministic=deterministic)
         out_std = 0.02 / math.sqrt(2 * self.num_layers)
         for i in range(self.num_layers):
-            x_BxTxD = GPT2Block(self.num_heads, self.mlp_ratio * self.embed_dim,
-                                self.dropout_rate, self.use_bias, out_std, dtype, self.impl,
-                                name=f"blocks_{i}")(x_BxTxD, deterministic=deterministic)
+            x_BxTxD = maybe_remat(GPT2Block, self.remat)(
+                self.num_heads, self.mlp_ratio * self.embed_dim, self.dropout_rate,
+                self.use_bias, out_std, dtype, self.impl, name=f"blocks_{i}",
+            )(x_BxTxD, deterministic)
         x_BxTxD = layer_norm(self.use_bias, dtype, "final_norm")(x_BxTxD)
         return embed.logits(x_BxTxD)
 
@@ -210,7 +219,7 @@ class LlamaBlock(nn.Module):
     short_term_window: int | None = None  # set: the separate short/long ablation
 
     @nn.compact
-    def __call__(self, x_BxTxD: Array, *, deterministic: bool, long_term_skip=None) -> Array:
+    def __call__(self, x_BxTxD: Array, deterministic: bool, long_term_skip=None) -> Array:
         d = x_BxTxD.shape[-1]
         h_BxTxD = rms_norm(self.norm_eps, self.dtype, "norm_1")(x_BxTxD)
         if self.short_term_window is None:
@@ -248,6 +257,7 @@ class Llama(nn.Module):
     init_std: float = 0.02
     dtype: Any = "float32"
     impl: str = "auto"
+    remat: bool = False
 
     def _block_kwargs(self) -> dict:
         return {}
@@ -271,10 +281,11 @@ class Llama(nn.Module):
         skip = self._long_term_skip(long_term_skip, deterministic)
         out_std = self.init_std / math.sqrt(2 * self.num_layers)
         for i in range(self.num_layers):
-            block = LlamaBlock(self.num_heads, self.mlp_dim, self.rope_theta, self.norm_eps,
-                               self.dropout_rate, self.init_std, out_std, dtype, self.impl,
-                               name=f"blocks_{i}", **self._block_kwargs())
-            x_BxTxD = block(x_BxTxD, deterministic=deterministic, long_term_skip=skip)
+            block = maybe_remat(LlamaBlock, self.remat)(
+                self.num_heads, self.mlp_dim, self.rope_theta, self.norm_eps,
+                self.dropout_rate, self.init_std, out_std, dtype, self.impl,
+                name=f"blocks_{i}", **self._block_kwargs())
+            x_BxTxD = block(x_BxTxD, deterministic, skip)
         x_BxTxD = rms_norm(self.norm_eps, dtype, "final_norm")(x_BxTxD)
         return embed.logits(x_BxTxD)
 
