@@ -20,7 +20,7 @@ gated_leaky_average`, fp32 whatever the compute dtype).
   overflows earlier). The gate exponent is soft-capped, ``g_t = exp(c * tanh(W_g x_t / c))``
   with ``c = gate_cap`` (default 10), so ``e^-10 <= g_t <= e^10``: the identity for
   ``|W_g x| << c``, smooth with a nonzero gradient everywhere. With ``lam_t <= 1`` the
-  recurrence is bounded by ``sum_t g_t |k~_t| <= T e^10 max|k~|``: about ``1e12 max|k~|``
+  recurrence is bounded by ``sum_t g_t |k~_t| <= T e^10 max|k~|``: about ``7e8 max|k~|``
   at ``T = 32768``, far inside fp32 (the scan's dtype). ``lam_t = exp(-|.|)`` needs no bound.
   The key is normalised afterwards, so a common scale of the gates has no effect.
 * CHOICE: no biases in ``W_g`` / ``W_lam``; init ``N(0, 1/D)`` for ``W_g``, ``W_lam`` (so
@@ -39,8 +39,8 @@ parametrised as ``beta0 = softplus(p0) >= 0``, ``beta1 = softplus(p1) + 1e-6 > 0
 ``alpha = 1e-4 + (1 - 2e-4) sigmoid(pa) in (0, 1)`` (the floors keep the bounds strict in
 fp32, where ``sigmoid`` rounds to 1 and ``softplus`` underflows to 0 for large inputs);
 ``n_t^alpha`` is taken as 0 where ``n_t = 0`` (an empty row returns 0 anyway) with a
-gradient-safe log. It is a ``[q_time, heads]`` array passed to
-``retrieve`` as ``bandwidth``; the keys are unit vectors, so ``beta_t`` is the whole scale.
+gradient-safe log. It is a ``[q_time, heads]`` array passed to ``retrieve`` as
+``bandwidth``; the keys are unit vectors, so ``beta_t`` is the whole scale.
 
 * CHOICE (init): ``beta0 = 1``, ``beta1 = 1``, ``alpha = 0.25`` (``beta ~ 5`` at ``n = 256``,
   ``~9`` at 4096, ``~14`` at 32768); kernel density theory gives ``alpha = 2 / (d + 4)`` for
@@ -52,7 +52,8 @@ Three tiers per layer:
 * long-term memory: ``H`` heads, skip ``m``: pairs ``i <= t-1-m``. During training ``m`` is
   drawn uniformly from ``[64, 256]`` (both ends included, CHOICE) once per forward pass and
   shared by all layers (CHOICE), as a traced scalar so no recompilation; ``m = 64`` at
-  inference. The short and long windows overlap for ``m < h`` (as in the paper);
+  inference. The two tiers see overlapping pairs whenever ``m < h`` (pairs
+  ``t-h .. t-1-m``), i.e. always for the default ranges except ``m = 256``;
 * the ``2 H`` head outputs are concatenated and fused by ``W_o`` (``2 H * K -> D``);
 * persistent memory: a SwiGLU FFN (:class:`mmjax.layers.mlp.SwiGLU`).
 
@@ -201,15 +202,14 @@ class MemoryTier(nn.Module):
         d, h, k = x_BxTxD.shape[-1], self.num_heads, self.head_dim
         x = x_BxTxD.astype(self.dtype)
 
-        def project(name, shape, names, std):
-            w = self.param(name, normal_init(std, names), shape)
-            return jnp.einsum(f"btd,d{names_to_letters(names)}->bt{names_to_letters(names)}",
-                              x, jnp.asarray(w, self.dtype))
+        def weight(name, shape, names, std):
+            return jnp.asarray(self.param(name, normal_init(std, names), shape), self.dtype)
 
-        xk_BxTxHxK = project("key", (d, h, k), ("embed", "heads", "head_dim"), self.init_std)
-        u_BxTxHxK = project("value", (d, h, k), ("embed", "heads", "head_dim"), self.init_std)
-        gate_BxTxH = project("gate", (d, h), ("embed", "heads"), d ** -0.5)
-        decay_BxTxH = project("decay", (d, h), ("embed", "heads"), d ** -0.5)
+        dhk, dh = ("embed", "heads", "head_dim"), ("embed", "heads")
+        xk_BxTxHxK = jnp.einsum("btd,dhk->bthk", x, weight("key", (d, h, k), dhk, self.init_std))
+        u_BxTxHxK = jnp.einsum("btd,dhk->bthk", x, weight("value", (d, h, k), dhk, self.init_std))
+        gate_BxTxH = jnp.einsum("btd,dh->bth", x, weight("gate", (d, h), dh, d ** -0.5))
+        decay_BxTxH = jnp.einsum("btd,dh->bth", x, weight("decay", (d, h), dh, d ** -0.5))
 
         k_BxTxHxK = gated_keys(xk_BxTxHxK, gate_BxTxH, decay_BxTxH, self.gate_cap)
 
@@ -228,12 +228,6 @@ class MemoryTier(nn.Module):
 
         return retrieve(k_BxTxHxK.astype(self.dtype), v_BxTxHxK, bandwidth=beta_TxH,
                         mask=MaskSpec(window=self.window, skip=skip), impl=self.impl)
-
-
-def names_to_letters(names: tuple) -> str:
-    """Einsum letters of the weight axes after ``embed`` (``heads`` -> h, ``head_dim`` -> k)."""
-    letters = {"heads": "h", "head_dim": "k"}
-    return "".join(letters[n] for n in names[1:])
 
 
 class ThreeTierMemory(nn.Module):
