@@ -63,6 +63,7 @@ def test_cli_last_line():
     lines = out.stdout.strip().splitlines()
     assert lines[-1] == f"params={c.total_params} flops_per_token={c.total_flops}"
     assert "persistent memory" in out.stdout and "vs llama" in out.stdout
+    assert "retrieval/attention products at context 64" in out.stdout
     total_diff = [line for line in lines if line.split()[:1] == ["total"] and "+" in line]
     assert f"{c.total_params - base.total_params:+,}" in total_diff[0]
 
@@ -75,3 +76,26 @@ def test_memory_parts_split_tiers_and_fusion():
     tier = 2 * d * d + 2 * d * h + 5 * h  # W_k, W_v, W_g, W_lam, 5 per-head scalars
     assert c.memory_parts["short_term"] == c.memory_parts["long_term"] == layers * tier
     assert sum(c.memory_parts.values()) == c.params["memories"]
+
+
+def test_retrieval_flops_brute_force():
+    """Average visible pairs per token, counted with loops, times 4 D L."""
+    def brute(tiers, context, d, layers):
+        total = 0
+        for window, skip, offset in tiers:
+            for t in range(context):
+                q = t + offset
+                total += sum(1 for i in range(context)
+                             if i <= q - 1 - skip and (window is None or i >= q - window))
+        return round(4 * d * layers * total / context)
+
+    llama = {"name": "llama", "embed_dim": 8, "num_layers": 3}
+    assert flops.retrieval_flops_per_token(llama, 20) == brute([(None, 0, 1)], 20, 8, 3)
+    mm = {"name": "memory_mosaic_v2", "embed_dim": 8, "num_layers": 2, "short_term_window": 5,
+          "inference_long_term_skip": 3, "long_term": True}
+    assert flops.retrieval_flops_per_token(mm, 20) == brute([(5, 0, 0), (None, 3, 0)], 20, 8, 2)
+    sl = {"name": "llama_short_long", "embed_dim": 8, "num_layers": 2, "short_term_window": 5,
+          "inference_long_term_skip": 3}
+    assert flops.retrieval_flops_per_token(sl, 20) == brute([(5, 0, 1), (None, 3, 1)], 20, 8, 2)
+    with pytest.raises(ValueError, match="no retrieval layout"):
+        flops.retrieval_flops_per_token({"name": "other"}, 20)
