@@ -67,10 +67,12 @@ def test_explicit_traced_skip_one_compilation_and_inference_default():
 def test_drawn_skip_is_in_range():
     """Every drawn m gives the output of one explicit m in [low, high]."""
     model, params, ids = _init()
-    explicit = [model.apply({"params": params}, ids, long_term_skip=m) for m in range(0, 9)]
+    explicit_fn = jax.jit(lambda m: model.apply({"params": params}, ids, long_term_skip=m))
+    drawn_fn = jax.jit(lambda rng: model.apply({"params": params}, ids, deterministic=False,
+                                               rngs={"skip": rng}))
+    explicit = [explicit_fn(jnp.int32(m)) for m in range(0, 9)]
     for s in range(5):
-        out = model.apply({"params": params}, ids, deterministic=False,
-                          rngs={"skip": jax.random.key(s)})
+        out = drawn_fn(jax.random.key(s))
         matches = [m for m, e in enumerate(explicit) if np.allclose(out, e, atol=1e-6)]
         assert matches and all(2 <= m <= 6 for m in matches)
 
@@ -130,16 +132,20 @@ def test_bad_config_errors():
 
 
 def test_remat_same_values_and_gradients():
-    model, params, ids = _init()
-    remat = build_model({**CONFIG, "remat": True})
-
-    def loss(m, p, rng):
-        out = m.apply({"params": p}, ids, deterministic=False, rngs={"skip": rng})
-        return jnp.sum(out ** 2)
-
+    config = {**CONFIG, "impl": "reference", "num_layers": 1}  # fast to compile
+    model, params, ids = _init(config, length=8)
+    remat = build_model({**config, "remat": True})
     key = jax.random.key(3)
-    np.testing.assert_allclose(loss(remat, params, key), loss(model, params, key), rtol=1e-6)
-    g1 = jax.grad(lambda p: loss(model, p, key))(params)
-    g2 = jax.grad(lambda p: loss(remat, p, key))(params)
+
+    def value_and_grad(m):
+        def loss(p):
+            out = m.apply({"params": p}, ids, deterministic=False, rngs={"skip": key})
+            return jnp.sum(out ** 2)
+        return jax.jit(jax.value_and_grad(loss))(params)
+
+    (v1, g1), (v2, g2) = value_and_grad(model), value_and_grad(remat)
+    np.testing.assert_allclose(v2, v1, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), g1, g2)
-    assert np.isfinite(np.asarray(remat.apply({"params": params}, ids))).all()  # int skip
+    # the inference path passes a Python int skip through the rematerialised blocks
+    np.testing.assert_allclose(remat.apply({"params": params}, ids),
+                               model.apply({"params": params}, ids), rtol=1e-5, atol=1e-6)
