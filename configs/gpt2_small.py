@@ -1,0 +1,71 @@
+"""GPT2-small baseline (the official Library's ``GPT``, trained by ``train_baselines.py``).
+
+12 layers, width 768, 12 heads, learned positions, tanh-GELU MLP 4 x 768, tied embeddings,
+no biases, vocabulary 50304 (GPT-2 tokenizer), context 512, dropout 0.05, AdamW lr 5e-3,
+betas (0.9, 0.95), weight decay 0.1, gradient clip 1, warm-up 2000 then cosine to 1e-4 at
+80k steps, batch 512 (OFFICIAL_CODE.md sections 2 and 6). Attention-probability dropout is
+applied to the head outputs instead (see :mod:`mmjax.layers.attention`).
+
+Commands:
+  python -m mmjax.flops --config configs/gpt2_small.py
+  python -m mmjax.train --config configs/gpt2_small.py --workdir DIR
+  python -m mmjax.train --config configs/gpt2_small.py:tiny --workdir /tmp/gpt2_tiny  # CPU
+Expected (mmjax.flops, last line):
+  params=123980544 flops_per_token=247136256
+Presets: ``tiny`` (CPU smoke run).
+"""
+
+import ml_collections
+
+PRESETS = ("tiny",)
+
+
+def get_config(arg=None):
+    presets = [p for p in (arg or "").split(",") if p]
+    unknown = sorted(set(presets) - set(PRESETS))
+    if unknown:
+        raise ValueError(f"unknown preset(s) {unknown}; known: {list(PRESETS)}")
+    config = ml_collections.ConfigDict()
+    config.model = ml_collections.ConfigDict({
+        "name": "gpt2",
+        "vocab_size": 50304,
+        "context_length": 512,
+        "num_layers": 12,
+        "num_heads": 12,
+        "embed_dim": 768,
+        "mlp_ratio": 4,
+        "dropout_rate": 0.05,
+        "use_bias": False,
+        "dtype": "bfloat16",
+        "impl": "auto",
+    })
+    config.optimizer = ml_collections.ConfigDict({
+        "learning_rate": 5e-3,
+        "weight_decay": 0.1,
+        "b1": 0.9,
+        "b2": 0.95,
+        "eps": 1e-8,
+        "grad_clip": 1.0,
+        "warmup_steps": 2000,
+        "total_steps": 80_000,
+        "min_lr": 1e-4,
+    })
+    config.data = ml_collections.ConfigDict({
+        "vocab_size": 50304,
+        "context_length": 512,
+        "batch_size": 512,
+        "corpus": "babistories",
+    })
+    config.train = ml_collections.ConfigDict({
+        "num_steps": 80_000,
+        "log_every": 100,
+        "seed": 1337,
+    })
+    if "tiny" in presets:
+        config.model.update(vocab_size=256, context_length=64, num_layers=2, num_heads=4,
+                            embed_dim=64, dtype="float32")
+        config.data.update(vocab_size=256, context_length=64, batch_size=8, corpus="synthetic")
+        config.optimizer.update(learning_rate=3e-3, warmup_steps=10, total_steps=50,
+                                min_lr=3e-4)
+        config.train.update(num_steps=50, log_every=10)
+    return config

@@ -1,0 +1,201 @@
+"""Parameter count and forward FLOPs per token of any model config, from its parameter shapes.
+
+    python -m mmjax.flops --config configs/mmv2_large.py[:preset]
+
+The model is built from ``config.model`` and its parameters are shaped with
+``jax.eval_shape(model.init, ...)`` (no memory is allocated, so the 10B configs count on a
+laptop). Every parameter is put in one group by its path (the naming convention of
+:mod:`mmjax.models.transformer`): ``embedding`` (``wte``, ``wpe``), ``memories`` (a block's
+``mixer``: attention or associative memories), ``persistent memory`` (a block's ``ffn``: MLP or
+SwiGLU), ``norms``, ``head`` (``lm_head``). An unknown name raises.
+
+FLOPs convention (the one that reproduces "Memory Mosaics at Scale"'s table): forward FLOPs per
+token = 2 x the number of parameters used in matrix products, i.e. every parameter with two or
+more axes except the embedding tables (a lookup, no FLOPs), plus the tied head (``wte`` used as
+the output matrix) when there is no ``lm_head``. Elementwise work (norms, gates' exponentials,
+scans, per-head scalars) and the context-dependent retrieval/attention products
+(``4 n_t H K`` per retrieval, layer and token) are not counted: the paper's FLOPs per token
+are context-independent (with the retrieval terms at context 4096 the transformer would be
+17.7B instead of 16.7B, MM v2 20.0B instead of 18.9B). The CLI prints that term separately
+(:func:`retrieval_flops_per_token`, at ``config.data.context_length``).
+The last line of the CLI output is exactly ``params=<integer> flops_per_token=<integer>``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmjax.models import build_model
+from mmjax.ops.retrieval import visible_count
+
+GROUPS = ("embedding", "memories", "persistent memory", "norms", "head")
+
+
+@dataclasses.dataclass(frozen=True)
+class Count:
+    """Per-group parameter and forward-FLOP counts (``params[g]``, ``flops[g]``)."""
+
+    model_name: str
+    params: dict[str, int]
+    flops: dict[str, int]
+    num_layers: int
+    memory_parts: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    @property
+    def total_params(self) -> int:
+        return sum(self.params.values())
+
+    @property
+    def total_flops(self) -> int:
+        return sum(self.flops.values())
+
+
+def parameter_shapes(model_config: Mapping[str, Any]) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """``{path: shape}`` of the model's parameters, via ``jax.eval_shape`` (no allocation)."""
+    model = build_model(model_config)
+    ids = jnp.zeros((1, 8), jnp.int32)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), ids)
+    flat = flax.traverse_util.flatten_dict(flax.core.meta.unbox(shapes["params"]))
+    return {path: tuple(leaf.shape) for path, leaf in flat.items()}
+
+
+def group_of(path: tuple[str, ...]) -> str:
+    """The group of a parameter path (see the module docstring); raises on an unknown name."""
+    if path[-1] in ("wte", "wpe"):
+        return "embedding"
+    if path[-1] == "lm_head":
+        return "head"
+    if "mixer" in path:
+        return "memories"
+    if "ffn" in path:
+        return "persistent memory"
+    if any("norm" in part for part in path):
+        return "norms"
+    raise ValueError(f"cannot classify parameter {'/'.join(path)}: expected a name among "
+                     "wte, wpe, lm_head, mixer, ffn, *norm*")
+
+
+def count(model_config: Mapping[str, Any]) -> Count:
+    """Parameters and forward FLOPs per token of ``model_config``, grouped."""
+    shapes = parameter_shapes(model_config)
+    params = dict.fromkeys(GROUPS, 0)
+    flops = dict.fromkeys(GROUPS, 0)
+    tied_head = not any(path[-1] == "lm_head" for path in shapes)
+    parts: dict[str, int] = {}
+    for path, shape in shapes.items():
+        group, size = group_of(path), int(np.prod(shape, dtype=np.int64))
+        params[group] += size
+        if group == "memories":  # e.g. short_term, long_term, out (W_o), heads (q, k, v)
+            part = path[path.index("mixer") + 1]
+            parts[part] = parts.get(part, 0) + size
+        if len(shape) >= 2 and group != "embedding":
+            flops[group] += 2 * size
+        if tied_head and path[-1] == "wte":
+            flops["head"] += 2 * size
+    layers = len({path[0] for path in shapes if path[0].startswith("blocks_")})
+    return Count(str(model_config["name"]), params, flops, layers, dict(sorted(parts.items())))
+
+
+def retrieval_tiers(model_config: Mapping[str, Any]) -> list[tuple[Any, Any, int]]:
+    """``(window, skip, query_offset)`` of each retrieval in a block, at inference.
+
+    ``query_offset`` is 1 for attention (diagonal included), 0 for memories.
+    """
+    name = model_config["name"]
+    if name in ("gpt2", "llama"):
+        return [(None, 0, 1)]
+    if name == "llama_short_long":
+        return [(model_config["short_term_window"], 0, 1),
+                (None, model_config["inference_long_term_skip"], 1)]
+    if name == "memory_mosaic_v2":
+        tiers = [(model_config["short_term_window"], 0, 0)]
+        if model_config.get("long_term", True):
+            tiers.append((None, model_config["inference_long_term_skip"], 0))
+        return tiers
+    raise ValueError(f"no retrieval layout known for model {name!r}")
+
+
+def retrieval_flops_per_token(model_config: Mapping[str, Any], context_length: int) -> int:
+    """Score and weighted-sum FLOPs (``4 n_t D`` per retrieval and layer), averaged over a
+    sequence of ``context_length`` tokens. Not part of :func:`count` (see the docstring)."""
+    positions = np.arange(context_length)
+    visible = 0
+    for window, skip, offset in retrieval_tiers(model_config):
+        visible += int(np.sum(visible_count(positions + offset, window=window, skip=skip)))
+    per_token = 4 * model_config["embed_dim"] * visible / context_length
+    return int(round(per_token * model_config["num_layers"]))
+
+
+def format_count(c: Count) -> str:
+    """A table of the groups (with per-layer figures for the blocks) and the final line."""
+    lines = [f"model: {c.model_name} ({c.num_layers} layers)",
+             f"{'group':<18} {'params':>15} {'share':>6} {'per layer':>13} "
+             f"{'fwd FLOPs/token':>16}"]
+    for g in GROUPS:
+        per_layer = (f"{c.params[g] // c.num_layers:>13,}"
+                     if g in ("memories", "persistent memory") and c.num_layers else f"{'':>13}")
+        lines.append(f"{g:<18} {c.params[g]:>15,} {c.params[g] / c.total_params:>6.1%} "
+                     f"{per_layer} {c.flops[g]:>16,}")
+        if g == "memories":
+            for part, size in c.memory_parts.items():
+                lines.append(f"  {part:<16} {size:>15,} {size / c.total_params:>6.1%} "
+                             f"{size // max(c.num_layers, 1):>13,}")
+    lines.append(f"{'total':<18} {c.total_params:>15,} {1:>6.1%} {'':>13} {c.total_flops:>16,}")
+    lines.append(f"params={c.total_params} flops_per_token={c.total_flops}")
+    return "\n".join(lines)
+
+
+def format_comparison(c: Count, base: Count) -> str:
+    """Per-group differences ``c - base``, as counts and as a share of ``base``'s total."""
+    lines = [f"vs {base.model_name}: {'group':<18} {'params diff':>15} {'of base':>8} "
+             f"{'FLOPs diff':>16} {'of base':>8}"]
+    prefix = " " * (len(base.model_name) + 5)
+    rows = [(g, c.params[g] - base.params[g], c.flops[g] - base.flops[g]) for g in GROUPS]
+    rows.append(("total", c.total_params - base.total_params, c.total_flops - base.total_flops))
+    for g, dp, df in rows:
+        lines.append(f"{prefix}{g:<18} {dp:>+15,} {dp / base.total_params:>+8.1%} "
+                     f"{df:>+16,} {df / base.total_flops:>+8.1%}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    """CLI: ``python -m mmjax.flops --config FILE[:preset] [--baseline FILE[:preset]]``.
+
+    ``--baseline`` adds the per-group difference to a second config before the final line.
+    """
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    if not os.environ.get("JAX_PLATFORMS"):  # shapes only: never wake an accelerator
+        jax.config.update("jax_platforms", "cpu")
+    config = config_flags.DEFINE_config_file("config", None, "config file[:preset]",
+                                             lock_config=True)
+    baseline = config_flags.DEFINE_config_file("baseline", None,
+                                               "optional config file[:preset] to compare with")
+    flags.mark_flag_as_required("config")
+
+    def run(_):
+        c = count(config.value.model)
+        table = format_count(c).splitlines()
+        if baseline.value is not None:
+            table[-1:-1] = format_comparison(c, count(baseline.value.model)).splitlines()
+        context = config.value.get("data", {}).get("context_length")
+        if context:
+            extra = retrieval_flops_per_token(config.value.model, context)
+            table.insert(-1, f"not in the total (paper convention): retrieval/attention products "
+                             f"at context {context}: {extra:,} FLOPs/token")
+        print("\n".join(table))
+
+    app.run(run, argv=argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""The v2 / baseline config files: layout, presets, shapes via eval_shape only, tiny forward."""
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from config_loading import load_config
+
+from mmjax.models import build_model
+
+SPECS = ["gpt2_small.py", "llama_small.py", "llama_large.py", "llama_large.py:short_long",
+         "mmv2_small.py", "mmv2_large.py", "mmv2_large.py:no_long_term",
+         "mmv2_large.py:finetune", "llama_large.py:finetune"]
+TINY = ["gpt2_small.py:tiny", "llama_small.py:tiny", "llama_large.py:tiny,short_long",
+        "mmv2_small.py:tiny", "mmv2_large.py:tiny,no_long_term"]
+LAYOUT = {
+    "optimizer": {"learning_rate", "weight_decay", "b1", "b2", "eps", "grad_clip",
+                  "warmup_steps", "total_steps", "min_lr"},
+    "data": {"vocab_size", "context_length", "batch_size", "corpus"},
+    "train": {"num_steps", "log_every", "seed"},
+}
+
+
+@pytest.mark.parametrize("spec", SPECS + TINY)
+def test_config_builds_with_eval_shape_only(spec):
+    config = load_config(spec)
+    for section, keys in LAYOUT.items():
+        assert set(config[section]) == keys, section
+    assert config.data.vocab_size == config.model.vocab_size
+    model = build_model(config.model)
+    ids = jax.ShapeDtypeStruct((1, 16), jnp.int32)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), ids)
+    leaves = jax.tree.leaves(flax.core.meta.unbox(shapes))
+    assert all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in leaves)
+    assert all(leaf.dtype == jnp.float32 for leaf in leaves)
+
+
+@pytest.mark.parametrize("spec", TINY)
+def test_tiny_preset_runs_on_cpu(spec):
+    config = load_config(spec)
+    model = build_model(config.model)
+    ids = jnp.zeros((2, config.data.context_length), jnp.int32)
+    params = model.init(jax.random.key(0), ids)
+    logits = model.apply(params, ids, deterministic=False,
+                         rngs={"dropout": jax.random.key(1), "skip": jax.random.key(2)})
+    assert logits.shape == (2, config.data.context_length, config.model.vocab_size)
+    assert np.isfinite(np.asarray(logits)).all()
+
+
+def test_paper_scales():
+    large, small = load_config("mmv2_large.py"), load_config("mmv2_small.py")
+    assert (large.model.num_layers, large.model.embed_dim, large.model.num_heads,
+            large.model.mlp_dim, large.model.vocab_size) == (32, 4096, 32, 14336, 128256)
+    assert (small.model.num_layers, small.model.embed_dim, small.model.num_heads) == (24, 2048, 16)
+    assert not large.model.tie_embeddings and large.data.context_length == 4096
+    assert load_config("mmv2_large.py:finetune").data.context_length == 32768
+    assert large.model.short_term_window == 256
+    assert tuple(large.model.long_term_skip_range) == (64, 256)
+    assert large.model.inference_long_term_skip == 64
+
+
+def test_unknown_preset_raises():
+    with pytest.raises(ValueError, match="unknown preset"):
+        load_config("mmv2_large.py:huge")
