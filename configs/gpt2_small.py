@@ -64,7 +64,7 @@ def get_config(arg=None):
     if "tiny" in presets:
         config.model.update(vocab_size=256, context_length=64, num_layers=2, num_heads=4,
                             embed_dim=64, dtype="float32")
-        config.data.update(vocab_size=256, context_length=64, batch_size=8, corpus="synthetic")
+        config.data.update(vocab_size=256, context_length=64, batch_size=8, corpus="pfa")
         config.optimizer.update(learning_rate=3e-3, warmup_steps=10, total_steps=50,
                                 min_lr=3e-4)
         config.train.update(num_steps=50, log_every=10)

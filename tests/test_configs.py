@@ -6,10 +6,12 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from mmjax.models import build_model, registered_models
 from mmjax.train import defaults
+from mmjax.train.loop import train_and_evaluate
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
 CONFIG_FILES = sorted(CONFIG_DIR.glob("*.py")) + [pathlib.Path(defaults.__file__)]
@@ -44,6 +46,24 @@ def test_config_builds(path, preset):
     logits = jax.eval_shape(lambda v, i: model.apply(v, i, deterministic=True), variables, ids)
     assert logits.shape == (1, length, config.model.vocab_size)
     assert config.data.vocab_size == config.model.vocab_size
+
+
+TINY_LM_PRESETS = sorted(
+    {f"{path.name}:tiny" for path in CONFIG_FILES
+     if "tiny" in getattr(load(path), "PRESETS", ()) and "model" in load(path).get_config("tiny")}
+)
+
+
+@pytest.mark.parametrize("spec", TINY_LM_PRESETS)
+def test_tiny_preset_trains_through_the_loop(spec):
+    """Each LM config's tiny preset runs two real steps of ``python -m mmjax.train``."""
+    name, _, preset = spec.partition(":")
+    config = load(CONFIG_DIR / name).get_config(preset)
+    config.train.num_steps = 2
+    config.train.eval_batches = 1
+    out = train_and_evaluate(config, progress=False)
+    assert len(out["history"]) == 2
+    assert all(np.isfinite(h["loss"]) for h in out["history"])
 
 
 def test_config_files_exist():

@@ -24,11 +24,31 @@ from mmjax.train.optimizer import make_optimizer
 from mmjax.train.state import create_train_state, init_variables
 from mmjax.train.step import eval_step, train_step
 
+# Optional settings a config may leave out, with the values the loop then uses.
+OPTIONAL_SETTINGS = {
+    "train": {"eval_every": 0, "eval_batches": 4},
+    "sharding": {"mesh": (-1, 1, 1), "rules": None},
+    "checkpoint": {"save_every": 0, "max_to_keep": 3},
+}
+
+
+def with_optional_settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of ``config`` with the optional sections and keys filled in."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    for section, settings in OPTIONAL_SETTINGS.items():
+        if section not in config:
+            config[section] = ml_collections.ConfigDict()
+        for key, value in settings.items():
+            if key not in config[section]:
+                config[section][key] = value
+    return config
+
 
 class Trainer:
     """Everything built from a config: model, optimiser, corpus, mesh and jitted steps."""
 
     def __init__(self, config: ml_collections.ConfigDict):
+        config = with_optional_settings(config)
         self.config = config
         self.model = build_model(config.model)
         self.optimizer = make_optimizer(**config.optimizer)
@@ -115,6 +135,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
                        *, progress: bool = True) -> dict:
     """Train ``config.train.num_steps`` steps; returns the final train and eval metrics."""
     trainer = Trainer(config)
+    config = trainer.config
     state = trainer.init_state()
     tcfg = config.train
     checkpointer = _make_checkpointer(config, workdir)
@@ -165,11 +186,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
 
 
 def _make_checkpointer(config, workdir):
-    ckpt = config.get("checkpoint")
-    if workdir is None or ckpt is None or not ckpt.get("save_every"):
+    ckpt = config.checkpoint
+    if workdir is None or not ckpt.save_every:
         return None
     checkpointer = Checkpointer(workdir, save_every=ckpt.save_every,
-                                max_to_keep=ckpt.get("max_to_keep", 3), config=config)
+                                max_to_keep=ckpt.max_to_keep, config=config)
     checkpointer.install_sigterm_handler()
     return checkpointer
 
