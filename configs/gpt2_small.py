@@ -15,57 +15,23 @@ Expected (mmjax.flops, last line):
 Presets: ``tiny`` (CPU smoke run).
 """
 
-import ml_collections
+from mmjax.train.config_lib import lm_config, make_tiny, parse_presets
 
 PRESETS = ("tiny",)
 
 
 def get_config(arg=None):
-    presets = [p for p in (arg or "").split(",") if p]
-    unknown = sorted(set(presets) - set(PRESETS))
-    if unknown:
-        raise ValueError(f"unknown preset(s) {unknown}; known: {list(PRESETS)}")
-    config = ml_collections.ConfigDict()
-    config.model = ml_collections.ConfigDict({
-        "name": "gpt2",
-        "vocab_size": 50304,
-        "context_length": 512,
-        "num_layers": 12,
-        "num_heads": 12,
-        "embed_dim": 768,
-        "mlp_ratio": 4,
-        "dropout_rate": 0.05,
-        "use_bias": False,
-        "dtype": "bfloat16",
-        "impl": "auto",
-    })
-    config.optimizer = ml_collections.ConfigDict({
-        "learning_rate": 5e-3,
-        "weight_decay": 0.1,
-        "b1": 0.9,
-        "b2": 0.95,
-        "eps": 1e-8,
-        "grad_clip": 1.0,
-        "warmup_steps": 2000,
-        "total_steps": 80_000,
-        "min_lr": 1e-4,
-    })
-    config.data = ml_collections.ConfigDict({
-        "vocab_size": 50304,
-        "context_length": 512,
-        "batch_size": 512,
-        "corpus": "babistories",
-    })
-    config.train = ml_collections.ConfigDict({
-        "num_steps": 80_000,
-        "log_every": 100,
-        "seed": 1337,
-    })
+    presets = parse_presets(arg, PRESETS)
+    config = lm_config(
+        dict(name="gpt2", vocab_size=50304, context_length=512, num_layers=12, num_heads=12,
+             embed_dim=768, mlp_ratio=4, dropout_rate=0.05, use_bias=False, dtype="bfloat16",
+             impl="auto"),
+        # the official Library baseline's training settings (same as the v1 Memory Mosaic)
+        optimizer=dict(learning_rate=5e-3, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8,
+                       grad_clip=1.0, warmup_steps=2000, total_steps=80_000, min_lr=1e-4),
+        data=dict(vocab_size=50304, context_length=512, batch_size=512, corpus="babistories"),
+        train=dict(num_steps=80_000, log_every=100, seed=1337),
+    )
     if "tiny" in presets:
-        config.model.update(vocab_size=256, context_length=64, num_layers=2, num_heads=4,
-                            embed_dim=64, dtype="float32")
-        config.data.update(vocab_size=256, context_length=64, batch_size=8, corpus="pfa")
-        config.optimizer.update(learning_rate=3e-3, warmup_steps=10, total_steps=50,
-                                min_lr=3e-4)
-        config.train.update(num_steps=50, log_every=10)
+        make_tiny(config, context_length=64)
     return config
