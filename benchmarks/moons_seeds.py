@@ -46,7 +46,7 @@ def main():
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--first_seed", type=int, default=100)
     parser.add_argument("--steps", type=int, default=500)
-    parser.add_argument("--context_stride", type=int, default=3)
+    parser.add_argument("--context_stride", type=int, default=1)
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()

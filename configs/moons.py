@@ -52,6 +52,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.num_heads = preset.get("heads", 3)
     config.model.bandwidth = 50.0
     config.model.impl = "xla"
+    config.model.block_size = 64  # tiles of the blocked retrieval: 64 is fastest on CPU
 
     config.data = ml_collections.ConfigDict()
     config.data.train_periods = [list(p) for p in TRAIN_PERIODS]

@@ -13,14 +13,21 @@ from mmjax.moons.model import MATRIX_NAMES
 from mmjax.moons.train import train
 
 
+def _mean_or_none(curve, lo, hi):
+    context = np.asarray(curve["context"])
+    return mean_error(curve, lo, hi) if ((context >= lo) & (context <= hi)).any() else None
+
+
 def summarize(curve: dict, params) -> dict:
-    """The numbers the experiment is judged on."""
+    """The numbers the experiment is judged on (``None`` where the curve has no context in
+    the range): mean errors on contexts [150, 250], after the lcm (+5), before the first
+    period, and the row dominance of the learned matrices."""
     lcm = curve["lcm_in_steps"]
     dominance = row_dominance(params)
     return {
-        "error_150_250": mean_error(curve, 150, 250),
-        "error_after_lcm": mean_error(curve, np.ceil(lcm) + 5, max(curve["context"])),
-        "error_before_first_period": mean_error(curve, 1, curve["periods_in_steps"][0]),
+        "error_150_250": _mean_or_none(curve, 150, 250),
+        "error_after_lcm": _mean_or_none(curve, np.ceil(lcm) + 5, max(curve["context"])),
+        "error_before_first_period": _mean_or_none(curve, 1, curve["periods_in_steps"][0]),
         "row_dominance": {name: dominance[name].tolist() for name in MATRIX_NAMES},
         "disentangled": is_disentangled(params),
     }
