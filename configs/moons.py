@@ -16,9 +16,7 @@ RESULTS_PLACEHOLDER
 
 from __future__ import annotations
 
-import ml_collections
-
-from mmjax.moons.data import DT, GRID_SIZE, TRAIN_PERIODS, VALIDATION_PERIODS
+from mmjax.moons.config import default_config
 
 PRESET_KEYS = ("heads", "steps", "seed")
 
@@ -37,45 +35,10 @@ def parse_preset(arg: str | None) -> dict[str, int]:
             out[key] = int(value)
         except ValueError:
             raise ValueError(f"config arg {key} must be an integer, got {value!r}") from None
-    if out.get("heads", 3) not in (1, 3):
-        raise ValueError(f"config arg heads must be 1 or 3, got {out['heads']}")
     return out
 
 
-def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+def get_config(arg: str | None = None):
     preset = parse_preset(arg)
-    config = ml_collections.ConfigDict()
-    config.seed = preset.get("seed", 100)
-
-    config.model = ml_collections.ConfigDict()
-    config.model.num_moons = 3
-    config.model.num_heads = preset.get("heads", 3)
-    config.model.bandwidth = 50.0
-    config.model.impl = "xla"
-    config.model.block_size = 64  # tiles of the blocked retrieval: 64 is fastest on CPU
-
-    config.data = ml_collections.ConfigDict()
-    config.data.train_periods = [list(p) for p in TRAIN_PERIODS]
-    config.data.validation_periods = [list(p) for p in VALIDATION_PERIODS]
-    config.data.length = 800
-    config.data.dt = DT
-    config.data.grid_size = GRID_SIZE
-
-    config.train = ml_collections.ConfigDict()
-    config.train.steps = preset.get("steps", 500)
-    config.train.batch_size = 64
-    config.train.learning_rate = 1e-2
-    config.train.final_learning_rate = 5e-6
-    config.train.b1 = 0.9
-    config.train.b2 = 0.999
-    config.train.eps = 1e-8
-    config.train.bias_correction = False  # MLX Adam, as in the official code
-    config.train.clip = 0.5
-
-    config.eval = ml_collections.ConfigDict()
-    config.eval.num_sequences = 512
-    config.eval.horizon = 25
-    config.eval.max_context = 775  # context + horizon fits in the 800 observations
-    config.eval.context_stride = 1
-    config.eval.seed = 100
-    return config
+    return default_config(num_heads=preset.get("heads", 3), steps=preset.get("steps", 500),
+                          seed=preset.get("seed", 100))

@@ -105,3 +105,12 @@ def test_rollout_errors_rejects_contexts_out_of_range():
     x = jnp.zeros((1, 30, 6))
     with pytest.raises(ValueError, match=r"contexts must lie in \[1, 5\]"):
         rollout_errors(MoonsMemory(), identity_params(), x, np.array([3, 6]), 25)
+
+
+def test_retrieval_paths_agree():
+    params = _params(3, seed=4)
+    x = jnp.asarray(data.sample_batch(np.random.default_rng(2), data.TRAIN_PERIODS, 2, 150)[0])
+    outs = [np.asarray(MoonsMemory(num_heads=3, impl=impl, block_size=bs).apply(
+        {"params": params}, x)) for impl, bs in (("xla", 64), ("xla", None), ("reference", 64))]
+    np.testing.assert_allclose(outs[0], outs[2], atol=1e-5)
+    np.testing.assert_allclose(outs[1], outs[2], atol=1e-5)

@@ -4,6 +4,7 @@
 memory, evaluates its autoregressive error against context length and writes figures.
 """
 
+from mmjax.moons.config import default_config
 from mmjax.moons.data import (
     DT,
     TRAIN_PERIODS,
@@ -24,6 +25,7 @@ __all__ = [
     "MoonsCache",
     "MoonsMemory",
     "clipped_loss",
+    "default_config",
     "complex_weights",
     "error_curve",
     "identity_params",
