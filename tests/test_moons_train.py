@@ -128,3 +128,21 @@ def test_command_line(tmp_path):
     assert json.loads(proc.stdout)["num_heads"] == 3
     assert "train 3 head(s)" in proc.stderr  # the progress bar
     assert json.loads((tmp_path / "curve.json").read_text())["context"] == [1, 11]
+
+
+def test_plots_and_their_errors(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from mmjax.moons.model import identity_params
+    from mmjax.moons.plots import plot_error_curves, plot_weights
+
+    curve = {"context": [1, 2, 3], "error": [0.5, 0.4, 0.1], "error_std": [0.1, 0.1, 0.0],
+             "periods_in_steps": [1.5, 2.5], "lcm_in_steps": 2.8}
+    fig = plot_error_curves({"a": curve}, tmp_path / "c.png", title="t")
+    assert len(fig.axes[0].lines) == 1 + 2 + 1  # the curve, two periods, the lcm
+    fig = plot_weights(identity_params(), tmp_path / "w.png")
+    assert [ax.get_title() for ax in fig.axes[:3]] == ["|W_k|", "|W_v|", "|W_z|"]
+    assert (tmp_path / "c.png").exists() and (tmp_path / "w.png").exists()
+    with pytest.raises(ValueError, match="at least one curve"):
+        plot_error_curves({})

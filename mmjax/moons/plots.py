@@ -54,7 +54,7 @@ def plot_weights(params, path=None, *, title: str | None = None):
     import matplotlib.pyplot as plt
 
     weights = complex_weights(params)
-    fig, axes = plt.subplots(1, len(MATRIX_NAMES), figsize=(9, 3.2))
+    fig, axes = plt.subplots(1, len(MATRIX_NAMES), figsize=(9, 3.2), layout="constrained")
     vmax = max(float(np.abs(np.asarray(w)).max()) for w in weights.values())
     for ax, name in zip(axes, MATRIX_NAMES, strict=True):
         modulus = np.abs(np.asarray(weights[name]))
