@@ -62,9 +62,9 @@ def test_first_prediction_is_zero_and_causal():
     assert np.abs(np.asarray(out2[:, 11]) - np.asarray(out[:, 11])).max() > 1e-4
 
 
-@pytest.mark.parametrize("heads", [1, 3])
-def test_cached_rollout_equals_rerunning_the_sequence(heads):
-    model = MoonsMemory(num_heads=heads, impl="reference")
+@pytest.mark.parametrize("heads,skip", [(1, 0), (3, 0), (3, 2)])
+def test_cached_rollout_equals_rerunning_the_sequence(heads, skip):
+    model = MoonsMemory(num_heads=heads, impl="reference", skip=skip)
     params = _params(heads, seed=2)
     params = jax.tree.map(lambda p: 2.0 * p, params)  # sharper retrieval: a stricter check
     x = jnp.asarray(data.sample_batch(np.random.default_rng(1), data.TRAIN_PERIODS, 3, 40)[0])
@@ -99,6 +99,10 @@ def test_identity_solution_predicts_once_memory_holds_a_full_lcm():
     np.testing.assert_allclose(row_dominance(params)["W_k"], 1.0)
     assert not is_disentangled(_params(3, seed=0))
     assert set(complex_weights(params)) == {"W_k", "W_v", "W_z"}
+    # with the 3 most recent pairs hidden, the identity predicts almost exactly after the lcm
+    hidden = np.asarray(rollout_errors(MoonsMemory(num_heads=1, skip=3), params, x,
+                                       contexts[2:], 25))
+    assert (hidden < 0.02).all(), hidden
 
 
 def test_rollout_errors_rejects_contexts_out_of_range():

@@ -69,7 +69,7 @@ def clipped_loss(pred_BxTxD: Array, target_BxTxD: Array, clip: float) -> Array:
 
 
 def make_model(model_config) -> MoonsMemory:
-    known = {"num_moons", "num_heads", "bandwidth", "impl", "block_size"}
+    known = {"num_moons", "num_heads", "bandwidth", "impl", "block_size", "skip"}
     unknown = set(model_config.keys()) - known
     if unknown:
         raise ValueError(f"config.model has unknown keys {sorted(unknown)}; known: {sorted(known)}")
