@@ -13,11 +13,17 @@ config_flags.DEFINE_config_file(
     "config", defaults.__file__, "Config file (Python, get_config(arg)); preset after ':'.",
     lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for metrics (and checkpoints).")
+flags.DEFINE_bool("distributed", False,
+                  "Call jax.distributed.initialize() first (multi-host TPU pods).")
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if flags.FLAGS.distributed:
+        import jax
+
+        jax.distributed.initialize()
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
 
