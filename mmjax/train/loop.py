@@ -100,7 +100,10 @@ class Trainer:
     def batch(self, step: int, split: str = "train") -> jax.Array:
         d = self.config.data
         tokens = self.corpus.batch(step, d.batch_size, d.context_length + 1, split=split)
-        return jax.device_put(tokens, self.batch_sharding)
+        # Every process makes the same global batch (a pure function of the step) and hands
+        # over only the shards of its own devices: correct on multi-host pods too.
+        return jax.make_array_from_callback(tokens.shape, self.batch_sharding,
+                                            lambda index: tokens[index])
 
     def train_step(self, state, tokens):
         with self._context():
