@@ -14,6 +14,7 @@ The mask-to-tile-range arithmetic itself lives in :mod:`mmjax.ops.retrieval`
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -216,3 +217,27 @@ def pad_time(x, axis: int, multiple: int):
     widths = [(0, 0)] * x.ndim
     widths[axis] = (0, pad)
     return jnp.pad(x, widths)
+
+
+def prepare(q, k, v, mask: MaskSpec, query_offset, block_sizes: BlockSizes | None,
+            platform: str):
+    """Trace-time checks and tile sizes shared by both kernels' entry points.
+
+    Returns ``(blocks, q_pad, k_pad)``: the block sizes fitted to the sequence lengths, and
+    the lengths padded to a multiple of every query / key tile.
+    """
+    check_inputs(q, k, v, platform)
+    blocks = block_sizes or BlockSizes.for_platform(platform)
+    blocks.check_platform(platform)
+    tq, tk = q.shape[1], k.shape[1]
+    check_mask(mask, query_offset, tq, tk)
+    fit_q = functools.partial(fit_block, length=tq, platform=platform)
+    fit_k = functools.partial(fit_block, length=tk, platform=platform)
+    blocks = dataclasses.replace(
+        blocks,
+        block_q=fit_q(blocks.block_q), block_k=fit_k(blocks.block_k),
+        block_q_dkv=fit_q(blocks.block_q_dkv), block_k_dkv=fit_k(blocks.block_k_dkv),
+        block_q_dq=fit_q(blocks.block_q_dq), block_k_dq=fit_k(blocks.block_k_dq))
+    q_mult = max(blocks.block_q, blocks.block_q_dkv, blocks.block_q_dq)
+    k_mult = max(blocks.block_k, blocks.block_k_dkv, blocks.block_k_dq)
+    return blocks, -(-tq // q_mult) * q_mult, -(-tk // k_mult) * k_mult

@@ -67,22 +67,11 @@ def retrieve_gpu(
     Returns:
       ``[batch, q_time, heads, dv]`` in the dtype of the values.
     """
-    common.check_inputs(q_BxQxHxK, k_BxTxHxK, v_BxTxHxV, "gpu")
-    blocks = block_sizes or common.BlockSizes.for_platform("gpu")
-    blocks.check_platform("gpu")
+    blocks, q_pad, k_pad = common.prepare(q_BxQxHxK, k_BxTxHxK, v_BxTxHxV, mask, query_offset,
+                                          block_sizes, "gpu")
     tq, tk = q_BxQxHxK.shape[1], k_BxTxHxK.shape[1]
-    common.check_mask(mask, query_offset, tq, tk)
-    fit_q = functools.partial(common.fit_block, length=tq, platform="gpu")
-    fit_k = functools.partial(common.fit_block, length=tk, platform="gpu")
-    blocks = dataclasses.replace(
-        blocks,
-        block_q=fit_q(blocks.block_q), block_k=fit_k(blocks.block_k),
-        block_q_dkv=fit_q(blocks.block_q_dkv), block_k_dkv=fit_k(blocks.block_k_dkv),
-        block_q_dq=fit_q(blocks.block_q_dq), block_k_dq=fit_k(blocks.block_k_dq))
-    q_mult = max(blocks.block_q, blocks.block_q_dkv, blocks.block_q_dq)
-    k_mult = max(blocks.block_k, blocks.block_k_dkv, blocks.block_k_dq)
-    cfg = _Config(q_time=tq, k_time=tk, blocks=blocks, q_pad=-(-tq // q_mult) * q_mult,
-                  k_pad=-(-tk // k_mult) * k_mult, interpret=interpret)
+    cfg = _Config(q_time=tq, k_time=tk, blocks=blocks, q_pad=q_pad, k_pad=k_pad,
+                  interpret=interpret)
     scalars = common.mask_scalars(mask, query_offset)
     beta_QxH = jnp.asarray(beta_QxH, jnp.float32)
     return _retrieve(q_BxQxHxK, k_BxTxHxK, v_BxTxHxV, beta_QxH, scalars, cfg)

@@ -72,21 +72,9 @@ def retrieve_tpu(
     Returns:
       ``[batch, q_time, heads, dv]`` in the dtype of the values.
     """
-    common.check_inputs(q_BxQxHxK, k_BxTxHxK, v_BxTxHxV, "tpu")
-    blocks = block_sizes or common.BlockSizes.for_platform("tpu")
-    blocks.check_platform("tpu")
+    blocks, q_pad, k_pad = common.prepare(q_BxQxHxK, k_BxTxHxK, v_BxTxHxV, mask, query_offset,
+                                          block_sizes, "tpu")
     tq, tk = q_BxQxHxK.shape[1], k_BxTxHxK.shape[1]
-    common.check_mask(mask, query_offset, tq, tk)
-    fit_q = functools.partial(common.fit_block, length=tq, platform="tpu")
-    fit_k = functools.partial(common.fit_block, length=tk, platform="tpu")
-    blocks = dataclasses.replace(
-        blocks,
-        block_q=fit_q(blocks.block_q), block_k=fit_k(blocks.block_k),
-        block_q_dkv=fit_q(blocks.block_q_dkv), block_k_dkv=fit_k(blocks.block_k_dkv),
-        block_q_dq=fit_q(blocks.block_q_dq), block_k_dq=fit_k(blocks.block_k_dq))
-    q_mult = max(blocks.block_q, blocks.block_q_dkv, blocks.block_q_dq)
-    k_mult = max(blocks.block_k, blocks.block_k_dkv, blocks.block_k_dq)
-    q_pad, k_pad = -(-tq // q_mult) * q_mult, -(-tk // k_mult) * k_mult
     bound = functools.partial(common.kv_steps_bound, mask.window)
     cfg = _Config(
         q_time=tq, k_time=tk, blocks=blocks, q_pad=q_pad, k_pad=k_pad,
