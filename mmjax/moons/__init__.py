@@ -15,7 +15,15 @@ from mmjax.moons.data import (
     sample_batch,
 )
 from mmjax.moons.evaluate import error_curve, is_disentangled, mean_error, row_dominance
-from mmjax.moons.model import MoonsCache, MoonsMemory, complex_weights, identity_params
+from mmjax.moons.model import (
+    MoonsCache,
+    MoonsMemory,
+    complex_weights,
+    from_official_real,
+    identity_params,
+    params_from_official,
+    to_official_real,
+)
 from mmjax.moons.train import clipped_loss, make_optimizer, scale_by_adam_uncorrected, train
 
 __all__ = [
@@ -28,15 +36,18 @@ __all__ = [
     "default_config",
     "complex_weights",
     "error_curve",
+    "from_official_real",
     "identity_params",
     "is_disentangled",
     "make_optimizer",
     "mean_error",
     "moon_positions",
     "period_lcm",
+    "params_from_official",
     "periods_in_steps",
     "row_dominance",
     "sample_batch",
     "scale_by_adam_uncorrected",
+    "to_official_real",
     "train",
 ]

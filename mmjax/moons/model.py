@@ -230,6 +230,39 @@ def complex_weights(params) -> dict[str, Array]:
     return {name: params[name][0] + 1j * params[name][1] for name in MATRIX_NAMES}
 
 
+def from_official_real(weight_DxD) -> Array:
+    """The official code's real ``[2M, 2M]`` weight -> a ``[2, M, M]`` (real, imag) parameter.
+
+    The official ``ComplexLinear`` (MLX) keeps a real matrix of 2x2 blocks and multiplies by
+    its projection ``[[A, B], [-B, A]]`` with ``A = (w00 + w11) / 2``, ``B = (w01 - w10) / 2``
+    per block: on interleaved ``(re, im)`` inputs that is the complex entry ``A - i B``. Any
+    real matrix is accepted and projected the same way.
+    """
+    w = jnp.asarray(weight_DxD, jnp.float32)
+    if w.ndim != 2 or w.shape[0] != w.shape[1] or w.shape[0] % 2:
+        raise ValueError(f"official weight must be a square [2M, 2M] matrix, got {w.shape}")
+    real = 0.5 * (w[0::2, 0::2] + w[1::2, 1::2])
+    imag = -0.5 * (w[0::2, 1::2] - w[1::2, 0::2])
+    return jnp.stack([real, imag])
+
+
+def to_official_real(w_2xMxM) -> Array:
+    """Inverse of :func:`from_official_real`: the real ``[2M, 2M]`` block matrix."""
+    w = jnp.asarray(w_2xMxM, jnp.float32)
+    if w.ndim != 3 or w.shape[0] != 2 or w.shape[1] != w.shape[2]:
+        raise ValueError(f"expected a [2, M, M] complex parameter, got {w.shape}")
+    a, b = w[0], w[1]
+    m = a.shape[0]
+    blocks_Mx2xMx2 = jnp.stack([jnp.stack([a, -b], -1), jnp.stack([b, a], -1)], 1)
+    return blocks_Mx2xMx2.reshape(2 * m, 2 * m)
+
+
+def params_from_official(k_lin, v_lin, out_proj) -> dict[str, Array]:
+    """Parameters from the official ``k_lin.weight``, ``v_lin.weight``, ``out_proj.weight``."""
+    return {"W_k": from_official_real(k_lin), "W_v": from_official_real(v_lin),
+            "W_z": from_official_real(out_proj)}
+
+
 def identity_params(num_moons: int = 3) -> dict[str, Array]:
     """The analytic solution: all three matrices the identity."""
     eye_2xMxM = jnp.stack([jnp.eye(num_moons), jnp.zeros((num_moons, num_moons))])
