@@ -33,3 +33,18 @@ def test_three_moons_notebook_runs(tmp_path, monkeypatch):
     assert "3 head(s): largest entry's share" in text
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(images) >= 4  # the data, the error curves and two weight figures
+
+
+def test_install_cell_asks_for_the_repository_url(monkeypatch):
+    """Without mmjax and with the placeholder URL, the first code cell says what to set."""
+    monkeypatch.setenv("PATH", str(pathlib.Path(sys.executable).parent) + os.pathsep
+                       + os.environ.get("PATH", ""))
+    install = next(c for c in nbformat.read(NOTEBOOK, as_version=4).cells
+                   if c.cell_type == "code")
+    assert "MMJAX_GIT_URL" in install.source
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell("import sys\nsys.modules['mmjax'] = None  # not installed"),
+        nbformat.v4.new_code_cell(install.source)])
+    client = nbclient.NotebookClient(nb, timeout=120, kernel_name="python3")
+    with pytest.raises(nbclient.exceptions.CellExecutionError, match="set MMJAX_GIT_URL"):
+        client.execute()
