@@ -40,9 +40,11 @@ LCM = 266.7
 def candidates(workdir):
     nets = {}
     official = np.load(FIXTURE.with_suffix(".npz"))
-    for seed in sorted(json.loads(FIXTURE.with_suffix(".json").read_text())["trained"]):
-        p = f"trained_h1_seed{seed}/"
-        nets[f"official MLX seed {seed}"] = (0, params_from_official(
+    for run in sorted(json.loads(FIXTURE.with_suffix(".json").read_text())["trained"]):
+        if not run.startswith("h1_"):
+            continue
+        p = f"trained_{run}/"
+        nets[f"official MLX {run}"] = (0, params_from_official(
             official[p + "k"], official[p + "v"], official[p + "z"]))
     if workdir is not None:
         for run in sorted(pathlib.Path(workdir).glob("heads1_seed*")):

@@ -14,10 +14,10 @@ Expected result (validation periods [1, 2, 3] = 44.4, 88.9, 133.3 steps, lcm 266
 error = mean absolute error of 25 autoregressive predictions, aligned):
 
 * 3 heads: the error drops at each period (44.4, 88.9, 133.3 steps; again at 177.8 = 4 x 44.4)
-  to 0.064 on contexts 175-250; mean on contexts 150-250: 0.071-0.087 (5 seeds), 0.13-0.16
+  to 0.063 on contexts 175-250; mean on contexts 150-250: 0.067-0.087 (5 seeds), 0.12-0.16
   times the 1-head value. Learned |W_k|, |W_v|, |W_z| are permutation matrices up to scale
   (every row's largest entry holds >= 99.9 % of its squared mass) in 5/5 seeds.
-* 1 head: error 0.54 until the lcm (266.7 steps), then a sharp fall to 0.22-0.24 (0.26 after
+* 1 head: error 0.54 until the lcm (266.7 steps), then a sharp fall to 0.23-0.25 (0.26 after
   two lcms). Not below 0.1, and neither is the official code's own net (0.24 here, 0.37 with
   its one-step-off metric; ``tests/fixtures/moons_official_mlx.json``). The training loss
   prefers extrapolating from the most recent pairs over the sharper kernel that would reach

@@ -16,6 +16,7 @@ from mmjax.moons import (
     default_config,
     from_official_real,
     identity_params,
+    is_disentangled,
     params_from_official,
     sample_batch,
     to_official_real,
@@ -31,9 +32,10 @@ def official():
     return np.load(FIXTURES / "moons_official_mlx.npz")
 
 
-def trained_seeds():
+def trained_runs(heads):
+    """``["h1_seed100", ...]``: the nets the official code trained, with ``heads`` heads."""
     meta = json.loads((FIXTURES / "moons_official_mlx.json").read_text())
-    return sorted(meta["trained"])
+    return sorted(run for run in meta["trained"] if run.startswith(f"h{heads}_"))
 
 
 def official_params(arrays, prefix):
@@ -41,8 +43,8 @@ def official_params(arrays, prefix):
 
 
 @pytest.mark.parametrize("impl", ["reference", "xla"])
-@pytest.mark.parametrize("prefix,heads", [("init_h1/", 1), ("init_h3/", 3),
-                                          ("trained_h1_seed100/", 1)])
+@pytest.mark.parametrize("prefix,heads", [("init_h1/", 1), ("init_h3/", 3)] + [
+    (f"trained_{run}/", heads) for heads in (1, 3) for run in trained_runs(heads)])
 def test_forward_matches_official(official, prefix, heads, impl):
     model = MoonsMemory(num_heads=heads, impl=impl)
     out = model.apply({"params": official_params(official, prefix)}, official["val_x"])
@@ -85,12 +87,12 @@ def test_official_weight_conversion(official):
         to_official_real(np.zeros((3, 3)))
 
 
-@pytest.mark.parametrize("seed", trained_seeds())
-def test_official_one_head_net_misses_0_1_after_the_lcm(official, seed):
+@pytest.mark.parametrize("run", trained_runs(1))
+def test_official_one_head_net_misses_0_1_after_the_lcm(official, run):
     """The official code's own 1-head net (official recipe) behaves like ours: after the lcm
     its 25-step rollout error stays above 0.15, although the same architecture can do far
     better (the identity with keys scaled by 2); the training loss prefers the trained net."""
-    trained = official_params(official, f"trained_h1_seed{seed}/")
+    trained = official_params(official, f"trained_{run}/")
     sharp = dict(identity_params())
     sharp["W_k"] = 2.0 * sharp["W_k"]
     model = MoonsMemory(num_heads=1)
@@ -104,3 +106,17 @@ def test_official_one_head_net_misses_0_1_after_the_lcm(official, seed):
     loss_trained = clipped_loss(model.apply({"params": trained}, jnp.asarray(x)), y, 0.5)
     loss_sharp = clipped_loss(model.apply({"params": sharp}, jnp.asarray(x)), y, 0.5)
     assert float(loss_trained) < 0.85 * float(loss_sharp), (loss_trained, loss_sharp)
+
+
+@pytest.mark.parametrize("run", trained_runs(3))
+def test_official_three_head_net_disentangles(official, run):
+    """The official code's 3-head net meets the targets ours meets: permutation-like matrices,
+    and on contexts 150-250 at most a third of the official 1-head net's error."""
+    three = official_params(official, f"trained_{run}/")
+    one = official_params(official, f"trained_{trained_runs(1)[0]}/")
+    assert is_disentangled(three)
+    x_val, _ = sample_batch(np.random.default_rng(0), VALIDATION_PERIODS, 32, 800)
+    contexts = np.array([150, 200, 250])
+    err_three = np.asarray(rollout_errors(MoonsMemory(num_heads=3), three, x_val, contexts, 25))
+    err_one = np.asarray(rollout_errors(MoonsMemory(num_heads=1), one, x_val, contexts, 25))
+    assert err_three.mean() <= err_one.mean() / 3, (err_three, err_one)
