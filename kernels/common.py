@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -121,12 +122,30 @@ def tpu_generation() -> str:
 
 
 def fit_block(block: int, length: int, platform: str) -> int:
-    """The tile used along a sequence of ``length``: ``block``, or one tile for it all."""
+    """The tile used along a sequence of ``length``: ``block``, or one tile for it all.
+
+    A sequence no longer than ``block`` gets the smallest power-of-two tile that holds it
+    (at least 16 rows on GPU, a power-of-two multiple of 128 lanes on TPU), capped at
+    ``block``. Power-of-two tiles divide one another, so fitting keeps the tiles of one axis
+    nested and :func:`padded_length` small.
+    """
     if length > block:
         return block
     if platform == "gpu":
         return max(16, 1 << (length - 1).bit_length())
-    return -(-length // TPU_LANES) * TPU_LANES  # keep TPU tiles lane-aligned
+    lane_tiles = -(-length // TPU_LANES)
+    return min(block, TPU_LANES * (1 << (lane_tiles - 1).bit_length()))
+
+
+def padded_length(length: int, blocks) -> int:
+    """``length`` rounded up to a multiple of every tile in ``blocks`` (their lcm).
+
+    Every kernel walks the padded axis in whole tiles of its own size, so the padding must be
+    a multiple of each of them, not only of the largest: with tiles 384 and 256 a padding to
+    384 would leave the 256-row kernel's second tile half outside the array.
+    """
+    multiple = math.lcm(*blocks)
+    return -(-length // multiple) * multiple
 
 
 def check_inputs(q, k, v, platform: str) -> None:
@@ -224,7 +243,7 @@ def prepare(q, k, v, mask: MaskSpec, query_offset, block_sizes: BlockSizes | Non
     """Trace-time checks and tile sizes shared by both kernels' entry points.
 
     Returns ``(blocks, q_pad, k_pad)``: the block sizes fitted to the sequence lengths, and
-    the lengths padded to a multiple of every query / key tile.
+    the lengths padded to a multiple of every query / key tile (:func:`padded_length`).
     """
     check_inputs(q, k, v, platform)
     blocks = block_sizes or BlockSizes.for_platform(platform)
@@ -238,6 +257,6 @@ def prepare(q, k, v, mask: MaskSpec, query_offset, block_sizes: BlockSizes | Non
         block_q=fit_q(blocks.block_q), block_k=fit_k(blocks.block_k),
         block_q_dkv=fit_q(blocks.block_q_dkv), block_k_dkv=fit_k(blocks.block_k_dkv),
         block_q_dq=fit_q(blocks.block_q_dq), block_k_dq=fit_k(blocks.block_k_dq))
-    q_mult = max(blocks.block_q, blocks.block_q_dkv, blocks.block_q_dq)
-    k_mult = max(blocks.block_k, blocks.block_k_dkv, blocks.block_k_dq)
-    return blocks, -(-tq // q_mult) * q_mult, -(-tk // k_mult) * k_mult
+    q_pad = padded_length(tq, (blocks.block_q, blocks.block_q_dkv, blocks.block_q_dq))
+    k_pad = padded_length(tk, (blocks.block_k, blocks.block_k_dkv, blocks.block_k_dq))
+    return blocks, q_pad, k_pad

@@ -1,7 +1,8 @@
 """The Pallas retrieval kernels against the reference, in interpret mode on CPU.
 
 Every case compares the output and the gradients w.r.t. queries, keys, values and bandwidth
-(per output, relative to its largest entry). Export tests lower the real (non-interpret)
+(``kernel_cases``). The default block sizes of every generation are swept in
+``test_kernels_defaults.py``. Export tests lower the real (non-interpret)
 kernels for TPU and CUDA: the only check of the hardware tiling rules available here.
 """
 
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 from jax import export
 from jax.experimental.pallas import tpu as pltpu
+from kernel_cases import assert_close, check, inputs, value_and_grads
 from mmjax.kernels import common
 from mmjax.kernels.common import BlockSizes
 
@@ -20,58 +22,9 @@ from mmjax import kernels
 from mmjax.ops import retrieval
 from mmjax.ops.retrieval import MaskSpec, retrieve, retrieve_reference
 
-TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 GPU_SMALL = BlockSizes(16, 32, 32, 16, 16, 32)
 TPU_SMALL = BlockSizes(128, 128, 128, 128, 128, 128)
 BLOCKS = {"gpu": GPU_SMALL, "tpu": TPU_SMALL}
-
-
-def _inputs(b, tq, tk, h, dk, dv, dtype, seed=0, bandwidth="rows"):
-    ks = jax.random.split(jax.random.PRNGKey(seed), 5)
-    q = jax.random.normal(ks[0], (b, tq, h, dk), jnp.float32).astype(dtype)
-    k = jax.random.normal(ks[1], (b, tk, h, dk), jnp.float32).astype(dtype)
-    v = jax.random.normal(ks[2], (b, tk, h, dv), jnp.float32).astype(dtype)
-    dy = jax.random.normal(ks[4], (b, tq, h, dv), jnp.float32)
-    shape = {"rows": (tq, h), "heads": (h,)}[bandwidth]
-    beta = jax.random.uniform(ks[3], shape, minval=0.1, maxval=0.6)
-    return q, k, v, beta, dy
-
-
-def _value_and_grads(fn, q, k, v, beta, dy):
-    def loss(q, k, v, beta):
-        y = fn(q, k, v, beta)
-        return jnp.sum(y.astype(jnp.float32) * dy), y
-
-    (_, y), grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(q, k, v, beta)
-    return (y, *grads)
-
-
-def _assert_close(got, want, tol, names=("y", "dq", "dk", "dv", "dbeta")):
-    for name, a, b in zip(names, got, want, strict=True):
-        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-        assert a.shape == b.shape, (name, a.shape, b.shape)
-        assert np.all(np.isfinite(a)), f"{name} has non-finite entries"
-        err = np.max(np.abs(a - b)) / max(1.0, float(np.max(np.abs(b))))
-        assert err <= tol, f"{name}: relative error {err:.3g} > {tol}"
-
-
-def _check(platform, tq, tk, mask, *, offset=0, dtype=jnp.float32, blocks=None,
-           bandwidth="rows", b=1, h=2, dk=16, dv=16, interpret=True):
-    q, k, v, beta, dy = _inputs(b, tq, tk, h, dk, dv, dtype, bandwidth=bandwidth)
-
-    def kernel(q, k, v, beta):
-        rows = retrieval._bandwidth_rows(beta, tq, h)
-        return kernels.retrieve_pallas(q, k, v, rows, mask, jnp.int32(offset),
-                                       platform=platform, block_sizes=blocks,
-                                       interpret=interpret)
-
-    def reference(q, k, v, beta):
-        rows = retrieval._bandwidth_rows(beta, tq, h)
-        return retrieve_reference(q, k, v, rows, mask, jnp.int32(offset))
-
-    got = _value_and_grads(kernel, q, k, v, beta, dy)
-    want = _value_and_grads(reference, q, k, v, beta, dy)
-    _assert_close(got, want, TOL[dtype])
 
 
 PLATFORMS = ["gpu", "tpu"]
@@ -80,7 +33,7 @@ PLATFORMS = ["gpu", "tpu"]
 @pytest.mark.parametrize("platform", PLATFORMS)
 @pytest.mark.parametrize("t", [1, 7, 128, 300])
 def test_strict_causal_lengths(platform, t):
-    _check(platform, t, t, MaskSpec(), blocks=BLOCKS[platform])
+    check(platform, t, t, MaskSpec(), blocks=BLOCKS[platform])
 
 
 @pytest.mark.slow
@@ -88,7 +41,7 @@ def test_strict_causal_lengths(platform, t):
 def test_long_sequence_large_blocks(platform):
     blocks = BlockSizes(*(256,) * 6) if platform == "gpu" else BlockSizes(512, 512, 256, 512,
                                                                           512, 256)
-    _check(platform, 1024, 1024, MaskSpec(window=300, skip=4), blocks=blocks, h=1)
+    check(platform, 1024, 1024, MaskSpec(window=300, skip=4), blocks=blocks, h=1)
 
 
 @pytest.mark.parametrize("platform", PLATFORMS)
@@ -102,23 +55,23 @@ def test_long_sequence_large_blocks(platform):
     ids=["window", "skip", "both-bf16"],
 )
 def test_masks_multi_tile(platform, mask, dtype, bandwidth):
-    _check(platform, 300, 300, mask, dtype=dtype, bandwidth=bandwidth, blocks=BLOCKS[platform])
+    check(platform, 300, 300, mask, dtype=dtype, bandwidth=bandwidth, blocks=BLOCKS[platform])
 
 
 @pytest.mark.parametrize("platform", PLATFORMS)
 def test_query_offset_chunk(platform):
     """A chunk of 40 queries at positions 250.. against 300 keys (chunked prefill)."""
-    _check(platform, 40, 300, MaskSpec(window=100, skip=3), offset=250,
+    check(platform, 40, 300, MaskSpec(window=100, skip=3), offset=250,
            blocks=BLOCKS[platform], b=2)
 
 
 def test_gpu_other_block_shapes():
-    _check("gpu", 100, 100, MaskSpec(window=20), blocks=BlockSizes(64, 16, 16, 64, 32, 32),
+    check("gpu", 100, 100, MaskSpec(window=20), blocks=BlockSizes(64, 16, 16, 64, 32, 32),
            dk=32, dv=64)
 
 
 def test_tpu_other_block_shapes():
-    _check("tpu", 300, 300, MaskSpec(window=150), blocks=BlockSizes(256, 128, 128, 256, 256,
+    check("tpu", 300, 300, MaskSpec(window=150), blocks=BlockSizes(256, 128, 128, 256, 256,
                                                                     128), dk=32, dv=48)
 
 
@@ -128,7 +81,7 @@ def test_tpu_interpret_params_simulates_dma_without_races():
     from jax._src.pallas.mosaic.interpret import interpret_pallas_call  # races: no public API
 
     params = pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2)
-    _check("tpu", 200, 200, MaskSpec(window=130, skip=2), blocks=TPU_SMALL, interpret=params)
+    check("tpu", 200, 200, MaskSpec(window=130, skip=2), blocks=TPU_SMALL, interpret=params)
     assert not interpret_pallas_call.races.races_found
 
 
@@ -136,7 +89,7 @@ def test_tpu_interpret_params_simulates_dma_without_races():
 def test_through_retrieve_with_shared_queries_and_keys(impl, bandwidth):
     """queries=None: keys play both roles; dk must add the query and the key gradients."""
     b, t, h, d = 1, 37, 2, 16
-    _, k, v, beta, dy = _inputs(b, t, t, h, d, d, jnp.float32, bandwidth="heads")
+    _, k, v, beta, dy = inputs(b, t, t, h, d, d, jnp.float32, bandwidth="heads")
     beta = beta if bandwidth else None
 
     def loss(impl_name):
@@ -147,14 +100,14 @@ def test_through_retrieve_with_shared_queries_and_keys(impl, bandwidth):
 
     got, want = loss(impl), loss("reference")
     keep = 4 if bandwidth else 3  # loss, dk, dv (, dbeta)
-    _assert_close((got[0], *got[1])[:keep], (want[0], *want[1])[:keep], 1e-5,
+    assert_close((got[0], *got[1])[:keep], (want[0], *want[1])[:keep], 1e-5,
                   names=("loss", "dk", "dv", "dbeta")[:keep])
 
 
 @pytest.mark.parametrize("platform", PLATFORMS)
 def test_runtime_scalars_do_not_recompile(platform):
     """window, skip and query_offset traced under jit: one compile for several values."""
-    q, k, v, beta, _ = _inputs(1, 24, 64, 1, 16, 16, jnp.float32)
+    q, k, v, beta, _ = inputs(1, 24, 64, 1, 16, 16, jnp.float32)
     rows = jnp.broadcast_to(beta, (24, 1))
 
     @jax.jit
@@ -173,7 +126,7 @@ def test_runtime_scalars_do_not_recompile(platform):
 @pytest.mark.parametrize("platform", PLATFORMS)
 def test_hidden_tiles_are_never_read(platform):
     """Keys and values of tiles hidden from every query are NaN: the result must not care."""
-    q, k, v, beta, dy = _inputs(1, 64, 256, 1, 16, 16, jnp.float32)
+    q, k, v, beta, dy = inputs(1, 64, 256, 1, 16, 16, jnp.float32)
     mask, offset = MaskSpec(window=16, skip=2), 192  # queries 192..255 see keys 176..253
     blocks = BlockSizes(*(64,) * 6) if platform == "gpu" else BlockSizes(*(128,) * 6)
     poison = lambda x: x.at[:, :128].set(jnp.nan)  # whole tiles, hidden from every query
@@ -187,9 +140,9 @@ def test_hidden_tiles_are_never_read(platform):
         return retrieve_reference(q, k, v, jnp.broadcast_to(beta, (64, 1)), mask,
                                   jnp.int32(offset))
 
-    got = _value_and_grads(kernel, q, k, v, beta, dy)
-    want = _value_and_grads(reference, q, k, v, beta, dy)
-    _assert_close(got, want, 1e-5)
+    got = value_and_grads(kernel, q, k, v, beta, dy)
+    want = value_and_grads(reference, q, k, v, beta, dy)
+    assert_close(got, want, 1e-5)
 
 
 def _pallas_grids(jaxpr):
@@ -208,7 +161,7 @@ def _pallas_grids(jaxpr):
 
 def test_tpu_grid_skips_beyond_the_window():
     """With a static window, the TPU grid's inner axis only spans the tiles a window can see."""
-    q, k, v, beta, _ = _inputs(1, 1024, 1024, 1, 16, 16, jnp.float32)
+    q, k, v, beta, _ = inputs(1, 1024, 1024, 1, 16, 16, jnp.float32)
     rows = jnp.broadcast_to(beta, (1024, 1))
 
     def grids(mask):
@@ -223,7 +176,7 @@ def test_tpu_grid_skips_beyond_the_window():
 @pytest.mark.parametrize("tq,offset", [(640, 0), (256, 384)])
 def test_tpu_static_window_shrunken_grid_is_correct(tq, offset):
     """A static window shrinks the TPU grid (3 steps for 5 key tiles): results unchanged."""
-    _check("tpu", tq, 640, MaskSpec(window=100, skip=3), offset=offset, blocks=TPU_SMALL, h=1)
+    check("tpu", tq, 640, MaskSpec(window=100, skip=3), offset=offset, blocks=TPU_SMALL, h=1)
 
 
 def test_kv_steps_bound_covers_every_tile_range():
