@@ -113,8 +113,8 @@ def test_kernels_compile_for_each_generation(generation):
 
 @needs_libtpu
 def test_blocks_that_do_not_fit_vmem_fail_the_check(capsys):
-    argv = ["--generations", "v5e", "--head_dims", "256", "--dtypes", "float32", "--masks",
-            "causal", "--lengths", "8192", "--blocks", ",".join(["2048"] * 6)]
+    argv = ["--generations", "v5e", "--head_dims", "128", "--dtypes", "float32", "--masks",
+            "causal", "--lengths", "2048", "--blocks", ",".join(["2048"] * 6)]
     assert compile_check.main(argv) == 1
     out = capsys.readouterr().out
     assert "0 compiled, 1 failed" in out and "vmem" in out.lower()
