@@ -29,7 +29,7 @@ def get_config(arg=None):
         # the official Library baseline's training settings (same as the v1 Memory Mosaic)
         optimizer=dict(learning_rate=5e-3, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8,
                        grad_clip=1.0, warmup_steps=2000, total_steps=80_000, min_lr=1e-4),
-        data=dict(vocab_size=50304, context_length=512, batch_size=512, corpus="babistories"),
+        data=dict(context_length=512, batch_size=512, corpus="babistories"),
         train=dict(num_steps=80_000, log_every=100, seed=1337),
     )
     if "tiny" in presets:

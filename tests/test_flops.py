@@ -48,8 +48,8 @@ def test_tied_head_counts_flops_but_no_parameters():
 
 
 def test_unknown_parameter_name_raises():
-    with pytest.raises(ValueError, match="cannot classify parameter blocks_0/foo/kernel"):
-        flops.group_of(("blocks_0", "foo", "kernel"))
+    with pytest.raises(ValueError, match="cannot classify parameter block_0/foo/kernel"):
+        flops.group_of(("block_0", "foo", "kernel"))
 
 
 def test_cli_last_line():

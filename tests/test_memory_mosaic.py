@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmjax.layers.memory import ContextualMemory, PersistentMemory
+from mmjax.layers.memory import ContextualMemory, MemoryUnitConfig, PersistentMemory
 from mmjax.models import build_model
 from mmjax.models.memory_mosaic import MemoryMosaic, MemoryMosaicBlock
 from mmjax.ops import MaskSpec, retrieval_weights, retrieve_reference
@@ -26,13 +26,13 @@ def _init(module, x, **kwargs):
 
 def test_memory_units_shapes_and_parameter_axes():
     x = jax.random.normal(jax.random.key(1), (2, 7, 16))
-    for module in (ContextualMemory(num_heads=4), PersistentMemory(num_heads=4, pmem_size=5,
-                                                                   pmem_count=2)):
+    config = MemoryUnitConfig(num_heads=4, pmem_size=5, pmem_count=2)
+    for module in (ContextualMemory(config=config), PersistentMemory(config=config)):
         boxed = module.init(jax.random.key(0), x)["params"]
         y = module.apply({"params": boxed}, x)
         assert y.shape == x.shape and y.dtype == jnp.float32
-        assert boxed["key_kernel"].names == ("embed", "heads", "head_dim")
-        assert boxed["output_kernel"].names == ("heads", "head_dim", "embed")
+        assert boxed["key"].names == ("embed", "heads", "head_dim")
+        assert boxed["out"]["kernel"].names == ("heads", "head_dim", "embed")
         assert boxed["kernel_beta"].names == ("heads",)
     assert boxed["memory_keys"].value.shape == (2, 5, 4, 4)
     assert boxed["memory_keys"].names == ("banks", "slots", "heads", "head_dim")
@@ -40,7 +40,7 @@ def test_memory_units_shapes_and_parameter_axes():
 
 def test_contextual_memory_is_zero_at_first_position_before_projection():
     x = jax.random.normal(jax.random.key(1), (2, 5, 8))
-    module = ContextualMemory(num_heads=2, use_bias=True)
+    module = ContextualMemory(config=MemoryUnitConfig(num_heads=2, use_bias=True))
     params = _init(module, x)
     _, state = module.apply({"params": params}, x, mutable=["intermediates"])
     retrieved = state["intermediates"]["retrieved"][0]
@@ -51,25 +51,25 @@ def test_contextual_memory_is_zero_at_first_position_before_projection():
 def test_official_initial_values():
     model = MemoryMosaic(vocab_size=64, num_layers=4, num_heads=4, embed_dim=256, pmem_size=64)
     params = _init(model, jnp.zeros((1, 3), jnp.int32))
-    ctx = params["block_0"]["context"]
+    ctx = params["block_0"]["mixer"]
     np.testing.assert_allclose(ctx["leaky_key_beta"], np.linspace(0.5, 5, 4) / 10, rtol=1e-6)
     np.testing.assert_allclose(ctx["kernel_beta"], 0.1)
     np.testing.assert_allclose(ctx["value_beta"], -0.05)
     assert np.all((ctx["value_mix"] >= 0) & (ctx["value_mix"] < 1))
     std = lambda a: float(np.std(np.asarray(a)))
-    assert std(params["embedding"]) == pytest.approx(256**-0.5, rel=0.05)
-    assert std(ctx["key_kernel"]) == pytest.approx(256**-0.5, rel=0.05)
-    assert std(ctx["output_kernel"]) == pytest.approx(256**-0.5 / 2, rel=0.05)  # 1/sqrt(L)
-    assert std(params["block_0"]["persistent"]["memory_keys"]) == pytest.approx(64**-0.5,
+    assert std(params["embedding"]["wte"]) == pytest.approx(256**-0.5, rel=0.05)
+    assert std(ctx["key"]) == pytest.approx(256**-0.5, rel=0.05)
+    assert std(ctx["out"]["kernel"]) == pytest.approx(256**-0.5 / 2, rel=0.05)  # 1/sqrt(L)
+    assert std(params["block_0"]["ffn"]["memory_keys"]) == pytest.approx(64**-0.5,
                                                                                 rel=0.05)
 
 
 @pytest.mark.parametrize("impl", ["reference", "xla"])
 def test_blocks_are_causal_by_gradient(impl):
     """Block outputs at t have zero gradient w.r.t. inputs after t (and nonzero up to t)."""
-    model = MemoryMosaic(**TINY, retrieval_impl=impl)
+    model = MemoryMosaic(**TINY, impl=impl)
     params = _init(model, jnp.zeros((1, 9), jnp.int32))
-    block = MemoryMosaicBlock(num_heads=2, pmem_size=6, retrieval_impl=impl)
+    block = MemoryMosaicBlock(config=model.unit_config())
 
     def stack(x_BxTxD):
         for i in range(TINY["num_layers"]):
@@ -84,7 +84,7 @@ def test_blocks_are_causal_by_gradient(impl):
 
 
 def test_logits_do_not_change_when_future_tokens_change():
-    model = MemoryMosaic(**TINY, retrieval_impl="xla")
+    model = MemoryMosaic(**TINY, impl="xla")
     ids = jax.random.randint(jax.random.key(2), (2, 9), 0, TINY["vocab_size"])
     params = _init(model, ids)
     base = model.apply({"params": params}, ids)
@@ -98,23 +98,23 @@ def test_logits_do_not_change_when_future_tokens_change():
 def test_model_output_shape_dtype_and_bf16_compute():
     ids = jnp.zeros((3, 5), jnp.int32)
     for dtype in (jnp.float32, jnp.bfloat16):
-        model = MemoryMosaic(**TINY, dtype=dtype, retrieval_impl="xla")
+        model = MemoryMosaic(**TINY, dtype=dtype, impl="xla")
         params = _init(model, ids)
-        assert params["embedding"].dtype == jnp.float32
+        assert params["embedding"]["wte"].dtype == jnp.float32
         logits = model.apply({"params": params}, ids)
         assert logits.shape == (3, 5, TINY["vocab_size"]) and logits.dtype == jnp.float32
         assert np.all(np.isfinite(logits))
 
 
 def test_dropout_only_when_not_deterministic():
-    model = MemoryMosaic(**TINY, ic_dropout=0.3, hd_dropout=0.3, retrieval_impl="xla")
+    model = MemoryMosaic(**TINY, ic_dropout=0.3, hd_dropout=0.3, impl="xla")
     ids = jax.random.randint(jax.random.key(2), (2, 8), 0, TINY["vocab_size"])
     params = _init(model, ids)
     apply = lambda rng, deterministic: model.apply(
         {"params": params}, ids, deterministic=deterministic, rngs={"dropout": rng})
     eval_a, eval_b = apply(jax.random.key(1), True), apply(jax.random.key(2), True)
     np.testing.assert_array_equal(eval_a, eval_b)
-    plain = MemoryMosaic(**TINY, retrieval_impl="xla").apply({"params": params}, ids)
+    plain = MemoryMosaic(**TINY, impl="xla").apply({"params": params}, ids)
     np.testing.assert_allclose(eval_a, plain, atol=1e-6)
     train_a, train_b = apply(jax.random.key(1), False), apply(jax.random.key(2), False)
     assert not np.allclose(train_a, eval_a) and not np.allclose(train_a, train_b)
@@ -123,7 +123,8 @@ def test_dropout_only_when_not_deterministic():
 def test_persistent_dropout_acts_on_probabilities():
     """hd_dropout = 0: only ic_dropout on the slot probabilities changes the output."""
     x = jax.random.normal(jax.random.key(1), (2, 6, 8))
-    module = PersistentMemory(num_heads=2, pmem_size=4, pmem_count=2, ic_dropout=0.5)
+    module = PersistentMemory(config=MemoryUnitConfig(num_heads=2, pmem_size=4, pmem_count=2,
+                                                      ic_dropout=0.5))
     params = _init(module, x)
     y_eval = module.apply({"params": params}, x)
     draws = [module.apply({"params": params}, x, deterministic=False,
@@ -159,7 +160,8 @@ def test_bad_inputs_raise_clear_errors():
         MemoryMosaic(**TINY, hd_dropout=1.5).init(jax.random.key(0), jnp.zeros((1, 4),
                                                                               jnp.int32))
     with pytest.raises(ValueError, match="x must be"):
-        ContextualMemory(num_heads=2).init(jax.random.key(0), jnp.zeros((4, 8)))
+        ContextualMemory(config=MemoryUnitConfig(num_heads=2)).init(jax.random.key(0),
+                                                                    jnp.zeros((4, 8)))
 
 
 # ----------------------------------------------------------------------------- optimiser
@@ -170,12 +172,13 @@ def test_decay_mask_follows_rank_and_bias_names():
     boxed = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
     for params in (boxed, nn.unbox(boxed)):
         mask = nn.unbox(decay_mask(params))
-        ctx, per = mask["block_0"]["context"], mask["block_0"]["persistent"]
-        assert mask["embedding"] and ctx["key_kernel"] and ctx["value_kernel"]
-        assert ctx["output_kernel"] and per["memory_keys"] and per["memory_values"]
-        assert not any([ctx["key_bias"], ctx["value_bias"], ctx["output_bias"],
+        ctx, per = mask["block_0"]["mixer"], mask["block_0"]["ffn"]
+        assert mask["embedding"]["wte"] and ctx["key"] and ctx["value"]
+        assert ctx["out"]["kernel"] and per["memory_keys"] and per["memory_values"]
+        assert not any([ctx["key_bias"], ctx["value_bias"], ctx["out"]["bias"],
                         ctx["leaky_key_beta"], ctx["kernel_beta"], ctx["value_beta"],
-                        ctx["value_mix"], mask["ln_out"]["scale"], mask["ln_out"]["bias"]])
+                        ctx["value_mix"], mask["final_norm"]["scale"],
+                        mask["final_norm"]["bias"]])
 
 
 def _official_cosine_lr(it, learning_rate, min_lr, lr_decay_iters, warmup_iters):
@@ -237,8 +240,8 @@ def test_mm_v1_small_presets_build(preset):
     shapes = jax.eval_shape(lambda ids: model.init(jax.random.key(0), ids), ids)
     logits = jax.eval_shape(
         lambda p, ids: model.apply(p, ids), shapes, ids)
-    assert logits.shape == (2, config.data.context_length, config.data.vocab_size)
-    assert config.data.vocab_size == config.model.vocab_size
+    assert logits.shape == (2, config.data.context_length, config.model.vocab_size)
+    assert "vocab_size" not in config.data
     optimizer = make_optimizer(**config.optimizer)
     jax.eval_shape(optimizer.init, nn.unbox(shapes["params"]))
     if preset is None:

@@ -14,7 +14,7 @@ def small_config(num_steps=20, mesh=(-1, 1, 1)):
     config = defaults.get_config()
     config.model.update(dict(vocab_size=16, num_layers=1, num_heads=2, embed_dim=16,
                              pmem_size=8))
-    config.data.update(dict(vocab_size=16, context_length=24, batch_size=8))
+    config.data.update(dict(context_length=24, batch_size=8))
     config.data.corpus_options.update(dict(num_states=3, edges_per_state=2))
     config.optimizer.update(dict(learning_rate=1e-2, warmup_steps=2, total_steps=num_steps))
     config.train.update(dict(num_steps=num_steps, log_every=5, eval_every=0, eval_batches=1))
@@ -83,7 +83,7 @@ def test_config_errors_name_the_problem():
         Trainer(config)
     config = small_config()
     config.data.vocab_size = 32
-    with pytest.raises(ValueError, match="differs from model.vocab_size"):
+    with pytest.raises(ValueError, match="said once, in model.vocab_size"):
         Trainer(config)
     config = small_config(mesh=(3, 1, 1))
     with pytest.raises(ValueError, match="devices"):

@@ -27,7 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.ops import MaskSpec, retrieve, retrieve_blocked
+from mmjax.ops import MaskSpec, retrieve
 
 Array = jax.Array
 
@@ -102,7 +102,7 @@ class MoonsMemory(nn.Module):
       bandwidth: the fixed ``beta`` of every head.
       impl: retrieval implementation for full sequences (see :func:`mmjax.ops.retrieve`).
       block_size: with ``impl="xla"``, the query and key tile size of the blocked retrieval
-        (:func:`mmjax.ops.retrieve_blocked`); ``None`` keeps its default (256). With head
+        (``block_size`` of :func:`mmjax.ops.retrieve`); ``None`` keeps its default (256). With head
         dimensions of 2 to 6 reals, tiles of 64 make a training step about 4 times cheaper
         on CPU than tiles of 256.
       skip: hide the ``skip`` most recent pairs from every query (``MaskSpec(skip=...)``);
@@ -148,15 +148,8 @@ class MoonsMemory(nn.Module):
         # v_t = W_v x_{t+1}; the last value is never visible to a query of this sequence.
         x_next_BxTxD = jnp.pad(x_BxTxD[:, 1:], ((0, 0), (0, 1), (0, 0)))
         v_BxTxHxK = split_heads(complex_matmul(self.W_v, x_next_BxTxD), self.num_heads)
-        if self.impl == "xla" and self.block_size is not None:
-            t = k_BxTxHxK.shape[1]
-            beta_TxH = jnp.broadcast_to(self._beta_H(), (t, self.num_heads))
-            y_BxTxHxK = retrieve_blocked(k_BxTxHxK, k_BxTxHxK, v_BxTxHxK, beta_TxH, self._mask(),
-                                         jnp.int32(0), block_q=self.block_size,
-                                         block_k=self.block_size)
-        else:
-            y_BxTxHxK = retrieve(k_BxTxHxK, v_BxTxHxK, bandwidth=self._beta_H(),
-                                 mask=self._mask(), impl=self.impl)
+        y_BxTxHxK = retrieve(k_BxTxHxK, v_BxTxHxK, bandwidth=self._beta_H(), mask=self._mask(),
+                             impl=self.impl, block_size=self.block_size)
         return complex_matmul(self.W_z, merge_heads(y_BxTxHxK))
 
     def _predict_at(self, cache: MoonsCache, k_BxHxK: Array, position: Array) -> Array:
