@@ -1,8 +1,4 @@
-"""v1 Memory Mosaic: modules, model, causality, dropout, optimiser rules, config presets."""
-
-import importlib.util
-import math
-import pathlib
+"""v1 Memory Mosaic: modules, model, causality, dropout."""
 
 import flax.linen as nn
 import jax
@@ -11,12 +7,9 @@ import numpy as np
 import pytest
 
 from mmjax.layers.memory import ContextualMemory, MemoryUnitConfig, PersistentMemory
-from mmjax.models import build_model
 from mmjax.models.memory_mosaic import MemoryMosaic, MemoryMosaicBlock
 from mmjax.ops import MaskSpec, retrieval_weights, retrieve_reference
-from mmjax.train import decay_mask, learning_rate_schedule, make_optimizer
 
-CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 TINY = dict(vocab_size=17, num_layers=2, num_heads=2, embed_dim=16, pmem_size=6)
 
 
@@ -162,94 +155,3 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="x must be"):
         ContextualMemory(config=MemoryUnitConfig(num_heads=2)).init(jax.random.key(0),
                                                                     jnp.zeros((4, 8)))
-
-
-# ----------------------------------------------------------------------------- optimiser
-
-
-def test_decay_mask_follows_rank_and_bias_names():
-    model = MemoryMosaic(**TINY, use_bias=True)
-    boxed = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
-    for params in (boxed, nn.unbox(boxed)):
-        mask = nn.unbox(decay_mask(params))
-        ctx, per = mask["block_0"]["mixer"], mask["block_0"]["ffn"]
-        assert mask["embedding"]["wte"] and ctx["key"] and ctx["value"]
-        assert ctx["out"]["kernel"] and per["memory_keys"] and per["memory_values"]
-        assert not any([ctx["key_bias"], ctx["value_bias"], ctx["out"]["bias"],
-                        ctx["leaky_key_beta"], ctx["kernel_beta"], ctx["value_beta"],
-                        ctx["value_mix"], mask["final_norm"]["scale"],
-                        mask["final_norm"]["bias"]])
-
-
-def _official_cosine_lr(it, learning_rate, min_lr, lr_decay_iters, warmup_iters):
-    """The official schedule (Library utils.get_cosine_lr), restated for the test."""
-    if it < warmup_iters:
-        return learning_rate * it / warmup_iters
-    if it > lr_decay_iters:
-        return min_lr
-    ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
-
-
-def test_schedule_is_the_official_warmup_cosine():
-    schedule = learning_rate_schedule(5e-3, warmup_steps=20, total_steps=100, min_lr=1e-4)
-    for step in (0, 1, 10, 20, 21, 50, 99, 100, 150):
-        assert float(schedule(step)) == pytest.approx(
-            _official_cosine_lr(step, 5e-3, 1e-4, 100, 20), rel=1e-5, abs=1e-9)
-    constant = learning_rate_schedule(1e-3)
-    assert float(constant(0)) == float(constant(10_000)) == pytest.approx(1e-3)
-    warm = learning_rate_schedule(1e-3, warmup_steps=10)
-    assert float(warm(5)) == pytest.approx(5e-4) and float(warm(500)) == pytest.approx(1e-3)
-    with pytest.raises(ValueError, match="total_steps"):
-        learning_rate_schedule(1e-3, warmup_steps=10, total_steps=10)
-    with pytest.raises(ValueError, match="min_lr"):
-        learning_rate_schedule(1e-3, min_lr=1e-4)
-
-
-def test_optimizer_clips_and_decays_matrices_only():
-    params = {"kernel": jnp.ones((2, 2)), "scale": jnp.ones((2,))}
-    grads = {"kernel": jnp.full((2, 2), 50.0), "scale": jnp.zeros((2,))}  # global norm 100
-    # eps = 1 makes Adam's first step lr * g / (|g| + 1): it sees the gradient's magnitude.
-    kwargs = dict(weight_decay=0.5, b1=0.9, b2=0.95, eps=1.0)
-    for grad_clip, g in ((1.0, 0.5), (None, 50.0)):  # clipped: 50 * 1/100 = 0.5
-        opt = make_optimizer(0.1, grad_clip=grad_clip, **kwargs)
-        updates, _ = opt.update(grads, opt.init(params), params)
-        np.testing.assert_allclose(updates["kernel"], -0.1 * g / (g + 1.0) - 0.1 * 0.5,
-                                   rtol=1e-5)
-        np.testing.assert_allclose(updates["scale"], 0.0, atol=1e-7)  # no decay on vectors
-    with pytest.raises(ValueError, match="grad_clip"):
-        make_optimizer(0.1, weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-8, grad_clip=-1.0)
-
-
-# ----------------------------------------------------------------------------- configs
-
-
-def _load_config(path, arg=None):
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
-
-
-@pytest.mark.parametrize("preset", [None, "tiny"])
-def test_mm_v1_small_presets_build(preset):
-    config = _load_config(CONFIGS / "mm_v1_small.py", preset)
-    model = build_model(config.model)
-    assert isinstance(model, MemoryMosaic)
-    ids = jax.ShapeDtypeStruct((2, config.data.context_length), jnp.int32)
-    shapes = jax.eval_shape(lambda ids: model.init(jax.random.key(0), ids), ids)
-    logits = jax.eval_shape(
-        lambda p, ids: model.apply(p, ids), shapes, ids)
-    assert logits.shape == (2, config.data.context_length, config.model.vocab_size)
-    assert "vocab_size" not in config.data
-    optimizer = make_optimizer(**config.optimizer)
-    jax.eval_shape(optimizer.init, nn.unbox(shapes["params"]))
-    if preset is None:
-        count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(shapes)))
-        # 12 * 12 * 768^2 (GPT2-small-like block budget) + tied 50304 x 768 embedding
-        assert count == pytest.approx(12 * 12 * 768**2 + 50304 * 768, rel=1e-3)
-
-
-def test_unknown_preset_is_rejected():
-    with pytest.raises(ValueError, match="preset"):
-        _load_config(CONFIGS / "mm_v1_small.py", "huge")
