@@ -83,10 +83,12 @@ class TokenEmbedding(nn.Module):
                                       (self.embed_dim, self.vocab_size), self.param_dtype)
 
     def __call__(self, input_ids_BxT: Array) -> Array:
+        chex.assert_rank(input_ids_BxT, 2)
         return jnp.take(self.wte, input_ids_BxT, axis=0).astype(self.dtype)
 
     def logits(self, x_BxTxD: Array) -> Array:
         """fp32 logits ``[B, T, N]``."""
+        chex.assert_rank(x_BxTxD, 3)
         w_DxN = self.wte.T if self.tie_embeddings else self.lm_head
         return jnp.einsum("btd,dn->btn", x_BxTxD.astype(self.dtype),
                           jnp.asarray(w_DxN, self.dtype), preferred_element_type=jnp.float32)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -118,4 +119,6 @@ class MemoryMosaicV2(nn.Module):
                               name=f"block_{i}")
             x_BxTxD = block(x_BxTxD, deterministic, skip)
         x_BxTxD = rms_norm("final_norm", eps=self.norm_eps, dtype=memory.dtype)(x_BxTxD)
-        return embed.logits(x_BxTxD)
+        logits_BxTxN = embed.logits(x_BxTxD)
+        chex.assert_shape(logits_BxTxN, (*input_ids.shape, self.vocab_size))
+        return logits_BxTxN

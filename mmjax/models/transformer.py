@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -119,7 +120,9 @@ class GPT2(nn.Module):
                 dtype=dtype, impl=self.impl, name=f"block_{i}",
             )(x_BxTxD, deterministic)
         x_BxTxD = layer_norm("final_norm", use_bias=self.use_bias, dtype=dtype)(x_BxTxD)
-        return embed.logits(x_BxTxD)
+        logits_BxTxN = embed.logits(x_BxTxD)
+        chex.assert_shape(logits_BxTxN, (*input_ids.shape, self.vocab_size))
+        return logits_BxTxN
 
 
 # ----------------------------------------------------------------------------- LLaMA
@@ -247,7 +250,9 @@ class Llama(nn.Module):
                 name=f"block_{i}", **self._block_kwargs())
             x_BxTxD = block(x_BxTxD, deterministic, skip)
         x_BxTxD = rms_norm("final_norm", eps=self.norm_eps, dtype=dtype)(x_BxTxD)
-        return embed.logits(x_BxTxD)
+        logits_BxTxN = embed.logits(x_BxTxD)
+        chex.assert_shape(logits_BxTxN, (*input_ids.shape, self.vocab_size))
+        return logits_BxTxN
 
 
 @register("llama_short_long")
