@@ -3,7 +3,7 @@
 12 layers, width 768, 12 heads, learned positions, tanh-GELU MLP 4 x 768, tied embeddings,
 no biases, vocabulary 50304 (GPT-2 tokenizer), context 512, dropout 0.05, AdamW lr 5e-3,
 betas (0.9, 0.95), weight decay 0.1, gradient clip 1, warm-up 2000 then cosine to 1e-4 at
-80k steps, batch 512 (OFFICIAL_CODE.md sections 2 and 6). Attention-probability dropout is
+80k steps, batch 512 (``docs/official_code.md``). Attention-probability dropout is
 applied to the head outputs instead (see :mod:`mmjax.layers.attention`).
 
 Commands:

@@ -9,6 +9,7 @@ A module may import from its own layer and from the layers below, never from a l
 
 import ast
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -121,3 +122,27 @@ def test_modules_are_built_from_keywords_or_a_config():
                     wrong.append(f"{path.name}:{call.lineno} {name} with {len(call.args)} "
                                  "positional arguments")
     assert not wrong, "\n".join(wrong)
+
+
+def _legend_letters():
+    import mmjax
+
+    letters = set()
+    for line in mmjax.__doc__.split("Shape alphabet", 1)[1].split("The layout", 1)[0].splitlines():
+        letters.update(re.findall(r"(?:^|\s{2,})([A-Z][A-Z0-9]?|[12])\s{2}", line))
+    return letters
+
+
+def test_every_shape_letter_is_in_the_legend():
+    """Suffixes like ``_BxTxHxK`` use only letters the package docstring defines."""
+    legend = _legend_letters()
+    assert {"B", "T", "H", "K", "P", "G", "L", "N"} <= legend
+    unknown = {}
+    letter = r"(?:[A-Z][A-Z0-9]?|[12])"
+    pattern = re.compile(rf"\b[a-z][a-z0-9_]*?_({letter}(?:x{letter})*)\b")
+    for path, _ in _source_files():
+        for match in pattern.finditer(path.read_text()):
+            for letter in match.group(1).split("x"):
+                if letter not in legend:
+                    unknown.setdefault(letter, f"{path.name}: {match.group(0)}")
+    assert not unknown, f"letters missing from the legend of mmjax/__init__.py: {unknown}"

@@ -34,9 +34,9 @@ def rope_angles(positions_T: Array, head_dim: int, theta: float) -> tuple[Array,
     """Cosines and sines ``[T, head_dim // 2]`` of the rotary embedding (fp32)."""
     if head_dim % 2:
         raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
-    freqs_F = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-    angles_TxF = positions_T.astype(jnp.float32)[:, None] * freqs_F[None, :]
-    return jnp.cos(angles_TxF), jnp.sin(angles_TxF)
+    freqs_R = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    angles_TxR = positions_T.astype(jnp.float32)[:, None] * freqs_R[None, :]
+    return jnp.cos(angles_TxR), jnp.sin(angles_TxR)
 
 
 def apply_rope(x_BxTxHxK: Array, positions_T: Array, theta: float) -> Array:
@@ -46,12 +46,12 @@ def apply_rope(x_BxTxHxK: Array, positions_T: Array, theta: float) -> Array:
     through their difference. Computed in fp32, returned in the input dtype.
     """
     k = x_BxTxHxK.shape[-1]
-    cos_TxF, sin_TxF = rope_angles(positions_T, k, theta)
-    cos_1xTx1xF, sin_1xTx1xF = cos_TxF[None, :, None, :], sin_TxF[None, :, None, :]
+    cos_TxR, sin_TxR = rope_angles(positions_T, k, theta)
+    cos_1xTx1xR, sin_1xTx1xR = cos_TxR[None, :, None, :], sin_TxR[None, :, None, :]
     x = x_BxTxHxK.astype(jnp.float32)
     x1, x2 = x[..., : k // 2], x[..., k // 2:]
     out = jnp.concatenate(
-        [x1 * cos_1xTx1xF - x2 * sin_1xTx1xF, x2 * cos_1xTx1xF + x1 * sin_1xTx1xF], axis=-1
+        [x1 * cos_1xTx1xR - x2 * sin_1xTx1xR, x2 * cos_1xTx1xR + x1 * sin_1xTx1xR], axis=-1
     )
     return out.astype(x_BxTxHxK.dtype)
 

@@ -417,9 +417,9 @@ def _blocked_fwd(q, k, v, beta, limits, block_q, block_k):
                               jnp.inf)
         return y_BxHxQxV, lse_BxHxQ
 
-    y_NxBxHxQxV, lse_NxBxHxQ = jax.lax.map(q_tile, jnp.arange(num_q_tiles))
-    y = jnp.transpose(y_NxBxHxQxV, (1, 0, 3, 2, 4)).reshape(b, -1, h, dv)[:, :tq]
-    lse_BxHxQ = jnp.transpose(lse_NxBxHxQ, (1, 2, 0, 3)).reshape(b, h, -1)[..., :tq]
+    y_IxBxHxQxV, lse_IxBxHxQ = jax.lax.map(q_tile, jnp.arange(num_q_tiles))
+    y = jnp.transpose(y_IxBxHxQxV, (1, 0, 3, 2, 4)).reshape(b, -1, h, dv)[:, :tq]
+    lse_BxHxQ = jnp.transpose(lse_IxBxHxQ, (1, 2, 0, 3)).reshape(b, h, -1)[..., :tq]
     y = y.astype(v.dtype)
     return y, (q, k, v, beta, limits, y, lse_BxHxQ)
 
