@@ -107,5 +107,7 @@ class OpsTest(chex.TestCase, parameterized.TestCase):
             ops.extract_values(jnp.zeros((1, 4, 3, 2)), jnp.zeros(2), jnp.zeros(3))
         with pytest.raises(AssertionError):
             ops.leaky_average(jnp.zeros((4, 3, 2)), jnp.zeros(3))
+        with pytest.raises(AssertionError):
+            ops.peek_ahead_values(jnp.zeros((1, 4, 3, 2)), jnp.zeros(2))
         with pytest.raises(ValueError, match="block_size"):
             ops.retrieve(jnp.zeros((1, 4, 1, 2)), jnp.zeros((1, 4, 1, 2)), block_size=0)

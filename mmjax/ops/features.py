@@ -32,6 +32,7 @@ def linear_recurrence(decay_BxTxHx1: Array, inputs_BxTxHxK: Array) -> Array:
     Returns:
       ``[batch, time, heads, dim]`` in fp32 (the scan runs in fp32 whatever the input dtype).
     """
+    chex.assert_rank([decay_BxTxHx1, inputs_BxTxHxK], 4)
     b = inputs_BxTxHxK.astype(jnp.float32)
     a = jnp.broadcast_to(decay_BxTxHx1.astype(jnp.float32), b.shape)
 
@@ -90,6 +91,8 @@ def peek_ahead_values(u_BxTxHxV: Array, mix_H: Array) -> Array:
     Returns:
       ``[batch, time, heads, dv]`` in the promoted dtype of the inputs.
     """
+    chex.assert_rank(u_BxTxHxV, 4)
+    chex.assert_shape(mix_H, (u_BxTxHxV.shape[2],))
     ahead = jnp.concatenate([u_BxTxHxV[:, 1:], jnp.zeros_like(u_BxTxHxV[:, :1])], axis=1)
     c_1x1xHx1 = mix_H[None, None, :, None]
     return (1.0 - c_1x1xHx1) * ahead + c_1x1xHx1 * u_BxTxHxV
