@@ -243,11 +243,13 @@ def from_official_library(
 def to_official_library(params: Mapping, **official_kwargs) -> dict[str, np.ndarray]:
     """mmjax ``params`` (or gradients shaped like them) -> official state_dict names.
 
-    ``params`` may be boxed (``model.init(...)["params"]``, with logical-axis metadata) or
-    plain. Both ``emb.weight`` and ``head.weight`` are emitted (the same array), as torch lists a
+    ``params`` may be what ``model.init`` returns (the variables, or their ``"params"``,
+    boxed with logical-axis metadata) or plain arrays. Both ``emb.weight`` and ``head.weight`` are emitted (the same array), as torch lists a
     tied tensor under both names.
     """
     kw = _resolve_kwargs(official_kwargs)
+    if "params" in params and "embedding" not in params:  # the whole ``model.init`` output
+        params = params["params"]
     params = nn.meta.unbox(params)
     out: dict[str, np.ndarray] = {}
     for e in _entries(kw):

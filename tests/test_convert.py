@@ -157,13 +157,15 @@ def test_to_official_accepts_boxed_params_from_init():
     """``model.init`` returns parameters boxed with logical axes; they convert as they are."""
     config = dict(vocab_size=11, n_head=2, n_embd=8, n_layer=1, pmem_size=5, block_size=16)
     model = model_from_official_kwargs(**config)
-    boxed = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+    boxed = variables["params"]
     assert isinstance(boxed["embedding"]["wte"], nn.Partitioned)
-    from_boxed = to_official_library(boxed, **config)
     from_plain = to_official_library(nn.unbox(boxed), **config)
-    assert set(from_boxed) == set(from_plain)
-    for name, value in from_plain.items():
-        np.testing.assert_array_equal(from_boxed[name], value, err_msg=name)
+    for given in (boxed, variables):
+        converted = to_official_library(given, **config)
+        assert set(converted) == set(from_plain)
+        for name, value in from_plain.items():
+            np.testing.assert_array_equal(converted[name], value, err_msg=name)
 
 
 # ----------------------------------------------------------------------------- errors
