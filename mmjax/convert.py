@@ -244,8 +244,9 @@ def to_official_library(params: Mapping, **official_kwargs) -> dict[str, np.ndar
     """mmjax ``params`` (or gradients shaped like them) -> official state_dict names.
 
     ``params`` may be what ``model.init`` returns (the variables, or their ``"params"``,
-    boxed with logical-axis metadata) or plain arrays. Both ``emb.weight`` and ``head.weight`` are emitted (the same array), as torch lists a
-    tied tensor under both names.
+    boxed with logical-axis metadata) or plain arrays. Both ``emb.weight`` and
+    ``head.weight`` are emitted (the same array), as torch lists a tied tensor under both
+    names.
     """
     kw = _resolve_kwargs(official_kwargs)
     if "params" in params and "embedding" not in params:  # the whole ``model.init`` output

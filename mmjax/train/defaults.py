@@ -45,6 +45,6 @@ def get_config(arg: str | None = None):
             total_steps=300,
             min_lr=1e-4,
         ),
-        train=dict(num_steps=300, log_every=25, eval_every=100, eval_batches=4, seed=0),
+        train=dict(num_steps=300, log_every=25, eval_every=100, seed=0),
         checkpoint=dict(save_every=100),  # only when --workdir is given; resume is automatic
     )
