@@ -46,16 +46,16 @@ class OpsTest(chex.TestCase, parameterized.TestCase):
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_long_term_skip_schedule(self):
-        draw = self.variant(lambda key: ops.long_term_skip(None, deterministic=False, rng=key,
-                                                           skip_range=(4, 6), inference_skip=1))
+        draw = self.variant(lambda key: ops.select_long_term_skip(
+            None, deterministic=False, rng=key, skip_range=(4, 6), inference_skip=1))
         drawn = {int(draw(jax.random.key(i))) for i in range(40)}
         assert drawn == {4, 5, 6}
-        assert ops.long_term_skip(None, deterministic=True, rng=None, skip_range=(4, 6),
+        assert ops.select_long_term_skip(None, deterministic=True, rng=None, skip_range=(4, 6),
                                   inference_skip=1) == 1
-        assert ops.long_term_skip(9, deterministic=False, rng=None, skip_range=(4, 6),
+        assert ops.select_long_term_skip(9, deterministic=False, rng=None, skip_range=(4, 6),
                                   inference_skip=1) == 9
         with pytest.raises(ValueError, match="rng"):
-            ops.long_term_skip(None, deterministic=False, rng=None, skip_range=(4, 6),
+            ops.select_long_term_skip(None, deterministic=False, rng=None, skip_range=(4, 6),
                                inference_skip=1)
 
     @chex.variants(with_jit=True, without_jit=True)

@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.ops import long_term_skip
+from mmjax.ops import select_long_term_skip
 
 Array = jax.Array
 
@@ -145,9 +145,9 @@ def check_input_ids(input_ids: Array, max_length: int | None = None) -> None:
 
 def resolve_long_term_skip(module: nn.Module, explicit, deterministic: bool, skip_range,
                            inference_skip: int):
-    """:func:`mmjax.ops.long_term_skip` with the module's ``"skip"`` rng, drawn only when
+    """:func:`mmjax.ops.select_long_term_skip` with the module's ``"skip"`` rng, drawn only when
     training without an explicit skip."""
     draws = explicit is None and not deterministic
-    return long_term_skip(explicit, deterministic=deterministic,
+    return select_long_term_skip(explicit, deterministic=deterministic,
                           rng=module.make_rng("skip") if draws else None,
                           skip_range=tuple(skip_range), inference_skip=inference_skip)

@@ -6,7 +6,7 @@
 * Tier masks: the short-term memory sees a window of ``h`` pairs, the long-term memory every
   pair but the ``m`` most recent (:func:`tier_masks`).
 * The long-term skip schedule: ``m ~ U{low..high}`` per training step, a fixed ``m`` at
-  inference (:func:`long_term_skip`), shared by MM v2 and the short/long attention ablation.
+  inference (:func:`select_long_term_skip`), shared by MM v2 and the short/long attention ablation.
 
 The gated key extractor lives in :mod:`mmjax.ops.features` (:func:`gated_keys`).
 """
@@ -97,7 +97,7 @@ def validate_skip_schedule(window: int, skip_range, inference_skip: int) -> None
             f"inference_long_term_skip must be an integer >= 0, got {inference_skip!r}")
 
 
-def long_term_skip(explicit, *, deterministic: bool, rng: Array | None, skip_range,
+def select_long_term_skip(explicit, *, deterministic: bool, rng: Array | None, skip_range,
                    inference_skip: int):
     """The long-term skip ``m`` of one forward pass.
 
