@@ -3,7 +3,7 @@
 12 layers, width 768, 12 heads, learned positions, tanh-GELU MLP 4 x 768, tied embeddings,
 no biases, vocabulary 50304 (GPT-2 tokenizer), context 512, dropout 0.05, AdamW lr 5e-3,
 betas (0.9, 0.95), weight decay 0.1, gradient clip 1, warm-up 2000 then cosine to 1e-4 at
-80k steps, batch 512 (OFFICIAL_CODE.md sections 2 and 6). Attention-probability dropout is
+80k steps, batch 512 (``docs/official_code.md``). Attention-probability dropout is
 applied to the head outputs instead (see :mod:`mmjax.layers.attention`).
 
 Commands:
@@ -29,7 +29,7 @@ def get_config(arg=None):
         # the official Library baseline's training settings (same as the v1 Memory Mosaic)
         optimizer=dict(learning_rate=5e-3, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8,
                        grad_clip=1.0, warmup_steps=2000, total_steps=80_000, min_lr=1e-4),
-        data=dict(vocab_size=50304, context_length=512, batch_size=512, corpus="babistories"),
+        data=dict(context_length=512, batch_size=512, corpus="babistories"),
         train=dict(num_steps=80_000, log_every=100, seed=1337),
     )
     if "tiny" in presets:

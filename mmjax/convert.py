@@ -2,14 +2,17 @@
 
 :func:`from_official_library` maps a ``state_dict`` of the official Library ``StackAssoMem``
 (facebookresearch/MemoryMosaics, ``Library/memory_mosaics/models/memory_mosaics.py``,
-non-EFT) onto :class:`mmjax.models.memory_mosaic.MemoryMosaic`; :func:`to_official_library`
-is the inverse (mmjax parameters or gradients -> official names).
+non-EFT) onto :class:`mmjax.models.memory_mosaic.MemoryMosaic`, whose parameters carry the
+names every mmjax model uses (``embedding/wte``, ``block_i/{norm_1, mixer, norm_2, ffn}``,
+``final_norm``); :func:`to_official_library` is the inverse (mmjax parameters or gradients,
+boxed as ``model.init`` returns them or plain, -> official names).
 
 Layouts: a torch ``Linear``/``Conv1d`` weight is ``[out, in(, 1)]`` with head ``h`` the
 contiguous output slice ``[h*K, (h+1)*K)``; mmjax keeps ``[in, heads, head_dim]`` for input
-projections and ``[heads, head_dim, out]`` for ``c_proj``. Persistent slots ``M_k{i}``
-``[1, H, S, K]`` stack into ``memory_keys [banks, S, H, K]``. The tied ``emb.weight`` /
-``head.weight`` become one ``embedding`` matrix.
+projections and ``[heads, head_dim, out]`` for ``c_proj`` (mmjax ``out/kernel``). Persistent
+slots ``M_k{i}`` ``[1, H, S, K]`` stack into ``memory_keys [banks, S, H, K]``. The tied
+``emb.weight`` / ``head.weight`` become one ``embedding/wte`` matrix. The full table of
+names and the behavioural differences are in ``docs/official_code.md``.
 
 Behaviour: identical in evaluation (tested to 1e-4 on logits and gradients against the
 official code, tests/test_convert.py). In training, ``ic_dropout`` acts on the persistent
@@ -23,6 +26,7 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
@@ -76,7 +80,7 @@ def _resolve_kwargs(official_kwargs: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def model_from_official_kwargs(
-    *, dtype=jnp.float32, param_dtype=jnp.float32, retrieval_impl="auto", **official_kwargs
+    *, dtype=jnp.float32, param_dtype=jnp.float32, impl="auto", **official_kwargs
 ) -> MemoryMosaic:
     """The :class:`MemoryMosaic` equivalent to ``StackAssoMem(**official_kwargs)``."""
     kw = _resolve_kwargs(official_kwargs)
@@ -93,7 +97,7 @@ def model_from_official_kwargs(
         context_length=kw["block_size"],
         dtype=dtype,
         param_dtype=param_dtype,
-        retrieval_impl=retrieval_impl,
+        impl=impl,
     )
 
 
@@ -109,7 +113,7 @@ def _entries(kw: Mapping[str, Any]) -> list[_Entry]:
     out_proj = (lambda a: a.T.reshape(h, k, c), lambda a: a.reshape(c, c).T)
     head_bias = (lambda a: a.reshape(h, k), lambda a: a.reshape(c))
 
-    out = [_Entry("emb.weight", (kw["vocab_size"], c), ("embedding",), *same)]
+    out = [_Entry("emb.weight", (kw["vocab_size"], c), ("embedding", "wte"), *same)]
 
     def add(name, shape, path, maps):
         out.append(_Entry(name, shape, path, *maps))
@@ -123,26 +127,26 @@ def _entries(kw: Mapping[str, Any]) -> list[_Entry]:
         add(f"{prefix}.leaky_key_beta", (h,), (*path, "leaky_key_beta"), same)
         add(f"{prefix}.kernel_beta", (h,), (*path, "kernel_beta"), same)
         add(f"{prefix}.value_beta", (h,), (*path, "value_beta"), same)
-        add(f"{prefix}.k_featurizer.conv.weight", (c, c, 1), (*path, "key_kernel"), conv)
+        add(f"{prefix}.k_featurizer.conv.weight", (c, c, 1), (*path, "key"), conv)
         if kw["bias"]:
             add(f"{prefix}.k_featurizer.conv.bias", (c,), (*path, "key_bias"), head_bias)
 
     def c_proj(prefix, path):
-        add(f"{prefix}.c_proj.weight", (c, c), (*path, "output_kernel"), out_proj)
+        add(f"{prefix}.c_proj.weight", (c, c), (*path, "out", "kernel"), out_proj)
         if kw["bias"]:
-            add(f"{prefix}.c_proj.bias", (c,), (*path, "output_bias"), same)
+            add(f"{prefix}.c_proj.bias", (c,), (*path, "out", "bias"), same)
 
     for i in range(kw["n_layer"]):
         blk, path = f"blocks.{i}", (f"block_{i}",)
-        ctx, per = (*path, "context"), (*path, "persistent")
-        layer_norm(f"{blk}.ln1", (*path, "ln1"))
+        ctx, per = (*path, "mixer"), (*path, "ffn")
+        layer_norm(f"{blk}.ln1", (*path, "norm_1"))
         key_part(f"{blk}.attn", ctx)
         add(f"{blk}.attn.v_featurizer.coef", (h,), (*ctx, "value_mix"), same)
-        add(f"{blk}.attn.v_featurizer.linear.weight", (c, c), (*ctx, "value_kernel"), in_proj)
+        add(f"{blk}.attn.v_featurizer.linear.weight", (c, c), (*ctx, "value"), in_proj)
         if kw["bias"]:
             add(f"{blk}.attn.v_featurizer.linear.bias", (c,), (*ctx, "value_bias"), head_bias)
         c_proj(f"{blk}.attn", ctx)
-        layer_norm(f"{blk}.ln2", (*path, "ln2"))
+        layer_norm(f"{blk}.ln2", (*path, "norm_2"))
         key_part(f"{blk}.pmem", per)
         for j in range(p):
             # [1, H, S, K] <-> bank j of [P, S, H, K]
@@ -150,7 +154,7 @@ def _entries(kw: Mapping[str, Any]) -> list[_Entry]:
                 add(f"{blk}.pmem.pmem.{theirs}{j}", (1, h, s, k), (*per, mine, j),
                     (lambda a: a[0].transpose(1, 0, 2), lambda a: a.transpose(1, 0, 2)[None]))
         c_proj(f"{blk}.pmem", per)
-    layer_norm("ln_out", ("ln_out",))
+    layer_norm("ln_out", ("final_norm",))
     return out
 
 
@@ -178,7 +182,7 @@ def from_official_library(
     *,
     dtype=jnp.float32,
     param_dtype=jnp.float32,
-    retrieval_impl: str = "auto",
+    impl: str = "auto",
     **official_kwargs,
 ) -> tuple[MemoryMosaic, dict]:
     """``StackAssoMem`` state_dict (+ its constructor kwargs) -> ``(model, params)``.
@@ -186,7 +190,7 @@ def from_official_library(
     Args:
       state_dict: official name -> tensor (torch tensors or arrays). ``head.weight`` may be
         absent; when present it must equal ``emb.weight`` (the official model ties them).
-      dtype, param_dtype, retrieval_impl: fields of the returned model.
+      dtype, param_dtype, impl: fields of the returned model.
       **official_kwargs: the official constructor's kwargs (``vocab_size``, ``n_head``,
         ``n_embd``, ``n_layer``, ``pmem_size``, ``pmem_count``, ``bias``, ...; defaults as
         in the official code).
@@ -198,7 +202,7 @@ def from_official_library(
         only, untied head, other feature extractors or value shifts, ``skip_tokens``).
     """
     model = model_from_official_kwargs(
-        dtype=dtype, param_dtype=param_dtype, retrieval_impl=retrieval_impl, **official_kwargs
+        dtype=dtype, param_dtype=param_dtype, impl=impl, **official_kwargs
     )
     kw = _resolve_kwargs(official_kwargs)
     entries = _entries(kw)
@@ -239,10 +243,15 @@ def from_official_library(
 def to_official_library(params: Mapping, **official_kwargs) -> dict[str, np.ndarray]:
     """mmjax ``params`` (or gradients shaped like them) -> official state_dict names.
 
-    Both ``emb.weight`` and ``head.weight`` are emitted (the same array), as torch lists a
-    tied tensor under both names.
+    ``params`` may be what ``model.init`` returns (the variables, or their ``"params"``,
+    boxed with logical-axis metadata) or plain arrays. Both ``emb.weight`` and
+    ``head.weight`` are emitted (the same array), as torch lists a tied tensor under both
+    names.
     """
     kw = _resolve_kwargs(official_kwargs)
+    if "params" in params and "embedding" not in params:  # the whole ``model.init`` output
+        params = params["params"]
+    params = nn.meta.unbox(params)
     out: dict[str, np.ndarray] = {}
     for e in _entries(kw):
         if isinstance(e.path[-1], int):

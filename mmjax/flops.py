@@ -4,10 +4,12 @@
 
 The model is built from ``config.model`` and its parameters are shaped with
 ``jax.eval_shape(model.init, ...)`` (no memory is allocated, so the 10B configs count on a
-laptop). Every parameter is put in one group by its path (the naming convention of
-:mod:`mmjax.models.transformer`): ``embedding`` (``wte``, ``wpe``), ``memories`` (a block's
-``mixer``: attention or associative memories), ``persistent memory`` (a block's ``ffn``: MLP or
-SwiGLU), ``norms``, ``head`` (``lm_head``). An unknown name raises.
+laptop). Every parameter is put in one group by its path (the names every model shares,
+:mod:`mmjax.layers.common`): ``embedding`` (``wte``, ``wpe``), the block's ``mixer`` and
+``ffn``, ``norms``, ``head`` (``lm_head``). An unknown name raises. The tables name the mixer
+and ffn of a Memory Mosaic ``memories`` and ``persistent memory``, those of a transformer
+``attention`` and ``MLP`` (a model class may say so with a ``flops_labels`` attribute).
+A config without a language model (``configs/moons.py``) gets a one-line message.
 
 FLOPs convention (the one that reproduces "Memory Mosaics at Scale"'s table): forward FLOPs per
 token = 2 x the number of parameters used in matrix products, i.e. every parameter with two or
@@ -36,7 +38,23 @@ import numpy as np
 from mmjax.models import build_model
 from mmjax.ops.retrieval import visible_count
 
-GROUPS = ("embedding", "memories", "persistent memory", "norms", "head")
+# The labels of the block parts, by role; transformers override them (``flops_labels``).
+MEMORY_LABELS = {"mixer": "memories", "ffn": "persistent memory"}
+
+
+class NoLanguageModel(ValueError):
+    """The config has no ``model.name`` of a registered language model."""
+
+
+def labels_of(model_config: Mapping[str, Any]) -> dict[str, str]:
+    """``{"mixer": label, "ffn": label}`` of the model class named in ``model_config``."""
+    from mmjax.models import model_class
+
+    return dict(getattr(model_class(model_config["name"]), "flops_labels", MEMORY_LABELS))
+
+
+def groups_of(labels: Mapping[str, str]) -> tuple[str, ...]:
+    return ("embedding", labels["mixer"], labels["ffn"], "norms", "head")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +66,11 @@ class Count:
     flops: dict[str, int]
     num_layers: int
     memory_parts: dict[str, int] = dataclasses.field(default_factory=dict)
+    labels: dict[str, str] = dataclasses.field(default_factory=lambda: dict(MEMORY_LABELS))
+
+    @property
+    def groups(self) -> tuple[str, ...]:
+        return groups_of(self.labels)
 
     @property
     def total_params(self) -> int:
@@ -67,16 +90,16 @@ def parameter_shapes(model_config: Mapping[str, Any]) -> dict[tuple[str, ...], t
     return {path: tuple(leaf.shape) for path, leaf in flat.items()}
 
 
-def group_of(path: tuple[str, ...]) -> str:
+def group_of(path: tuple[str, ...], labels: Mapping[str, str] = MEMORY_LABELS) -> str:
     """The group of a parameter path (see the module docstring); raises on an unknown name."""
     if path[-1] in ("wte", "wpe"):
         return "embedding"
     if path[-1] == "lm_head":
         return "head"
     if "mixer" in path:
-        return "memories"
+        return labels["mixer"]
     if "ffn" in path:
-        return "persistent memory"
+        return labels["ffn"]
     if any("norm" in part for part in path):
         return "norms"
     raise ValueError(f"cannot classify parameter {'/'.join(path)}: expected a name among "
@@ -85,23 +108,27 @@ def group_of(path: tuple[str, ...]) -> str:
 
 def count(model_config: Mapping[str, Any]) -> Count:
     """Parameters and forward FLOPs per token of ``model_config``, grouped."""
+    if "name" not in model_config:
+        raise NoLanguageModel("the config has no language model (config.model.name is missing)")
+    labels = labels_of(model_config)
     shapes = parameter_shapes(model_config)
-    params = dict.fromkeys(GROUPS, 0)
-    flops = dict.fromkeys(GROUPS, 0)
+    params = dict.fromkeys(groups_of(labels), 0)
+    flops = dict.fromkeys(groups_of(labels), 0)
     tied_head = not any(path[-1] == "lm_head" for path in shapes)
     parts: dict[str, int] = {}
     for path, shape in shapes.items():
-        group, size = group_of(path), int(np.prod(shape, dtype=np.int64))
+        group, size = group_of(path, labels), int(np.prod(shape, dtype=np.int64))
         params[group] += size
-        if group == "memories":  # e.g. short_term, long_term, out (W_o), heads (q, k, v)
+        if group == labels["mixer"]:  # e.g. short_term, long_term, out (W_o), heads, key
             part = path[path.index("mixer") + 1]
             parts[part] = parts.get(part, 0) + size
         if len(shape) >= 2 and group != "embedding":
             flops[group] += 2 * size
         if tied_head and path[-1] == "wte":
             flops["head"] += 2 * size
-    layers = len({path[0] for path in shapes if path[0].startswith("blocks_")})
-    return Count(str(model_config["name"]), params, flops, layers, dict(sorted(parts.items())))
+    layers = len({path[0] for path in shapes if path[0].startswith("block_")})
+    return Count(str(model_config["name"]), params, flops, layers, dict(sorted(parts.items())),
+                 labels)
 
 
 def retrieval_tiers(model_config: Mapping[str, Any]) -> list[tuple[Any, Any, int]]:
@@ -110,6 +137,8 @@ def retrieval_tiers(model_config: Mapping[str, Any]) -> list[tuple[Any, Any, int
     ``query_offset`` is 1 for attention (diagonal included), 0 for memories.
     """
     name = model_config["name"]
+    if name == "memory_mosaic":  # the persistent slots are parameters, counted in the total
+        return [(None, 0, 0)]
     if name in ("gpt2", "llama"):
         return [(None, 0, 1)]
     if name == "llama_short_long":
@@ -139,12 +168,13 @@ def format_count(c: Count) -> str:
     lines = [f"model: {c.model_name} ({c.num_layers} layers)",
              f"{'group':<18} {'params':>15} {'share':>6} {'per layer':>13} "
              f"{'fwd FLOPs/token':>16}"]
-    for g in GROUPS:
+    blocks = (c.labels["mixer"], c.labels["ffn"])
+    for g in c.groups:
         per_layer = (f"{c.params[g] // c.num_layers:>13,}"
-                     if g in ("memories", "persistent memory") and c.num_layers else f"{'':>13}")
+                     if g in blocks and c.num_layers else f"{'':>13}")
         lines.append(f"{g:<18} {c.params[g]:>15,} {c.params[g] / c.total_params:>6.1%} "
                      f"{per_layer} {c.flops[g]:>16,}")
-        if g == "memories":
+        if g == c.labels["mixer"]:
             for part, size in c.memory_parts.items():
                 lines.append(f"  {part:<16} {size:>15,} {size / c.total_params:>6.1%} "
                              f"{size // max(c.num_layers, 1):>13,}")
@@ -158,7 +188,9 @@ def format_comparison(c: Count, base: Count) -> str:
     lines = [f"vs {base.model_name}: {'group':<18} {'params diff':>15} {'of base':>8} "
              f"{'FLOPs diff':>16} {'of base':>8}"]
     prefix = " " * (len(base.model_name) + 5)
-    rows = [(g, c.params[g] - base.params[g], c.flops[g] - base.flops[g]) for g in GROUPS]
+    # Groups by role: a memory model's "memories" against a transformer's "attention".
+    rows = [(f"{g}" if g == gb else f"{g} / {gb}", c.params[g] - base.params[gb],
+             c.flops[g] - base.flops[gb]) for g, gb in zip(c.groups, base.groups, strict=True)]
     rows.append(("total", c.total_params - base.total_params, c.total_flops - base.total_flops))
     for g, dp, df in rows:
         lines.append(f"{prefix}{g:<18} {dp:>+15,} {dp / base.total_params:>+8.1%} "
@@ -183,7 +215,11 @@ def main(argv=None) -> None:
     flags.mark_flag_as_required("config")
 
     def run(_):
-        c = count(config.value.model)
+        try:
+            c = count(config.value.get("model", {}))
+        except NoLanguageModel as e:
+            print(f"{e}: nothing to count.")
+            return
         table = format_count(c).splitlines()
         if baseline.value is not None:
             table[-1:-1] = format_comparison(c, count(baseline.value.model)).splitlines()

@@ -11,8 +11,8 @@ from mmjax.layers.attention import (
     CausalSelfAttention,
     apply_rope,
     causal_attention,
-    split_heads,
 )
+from mmjax.layers.common import per_head_dim
 
 
 def _dense_attention(q, k, v, window, skip):
@@ -78,6 +78,6 @@ def test_attention_dropout_only_when_not_deterministic():
     assert not np.allclose(y0, y1)
 
 
-def test_split_heads_error():
+def test_per_head_dim_error():
     with pytest.raises(ValueError, match="multiple of num_heads"):
-        split_heads(10, 3)
+        per_head_dim(10, 3)

@@ -15,8 +15,7 @@ import optax
 import pytest
 
 from mmjax.convert import from_official_library, model_from_official_kwargs, to_official_library
-from mmjax.layers.memory import EXP_PARAM_SCALE
-from mmjax.ops import leaky_average
+from mmjax.ops import EXP_PARAM_SCALE, leaky_average
 from mmjax.train import make_optimizer
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
@@ -53,7 +52,7 @@ def _heads_first_to_last(a):
 @pytest.mark.parametrize("impl", ["reference", "xla"])
 def test_logits_and_loss_match_official(fixture, official, impl):
     arrays, _ = fixture
-    model, params = from_official_library(official[0], retrieval_impl=impl, **official[1])
+    model, params = from_official_library(official[0], impl=impl, **official[1])
     logits = model.apply({"params": params}, jnp.asarray(arrays["input_ids"]))
     np.testing.assert_allclose(logits, arrays["logits"], atol=1e-4, rtol=0)
     loss = _loss(model, params, arrays["input_ids"], arrays["targets"])
@@ -62,7 +61,7 @@ def test_logits_and_loss_match_official(fixture, official, impl):
 
 def test_layer0_intermediates_match_official(fixture, official):
     arrays, _ = fixture
-    model, params = from_official_library(official[0], retrieval_impl="reference", **official[1])
+    model, params = from_official_library(official[0], impl="reference", **official[1])
     _, state = model.apply(
         {"params": params}, jnp.asarray(arrays["input_ids"]),
         capture_intermediates=True, mutable=["intermediates"],
@@ -70,19 +69,19 @@ def test_layer0_intermediates_match_official(fixture, official):
     inter = state["intermediates"]["block_0"]
     p0 = params["block_0"]
     close = lambda got, want: np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
-    ln1_out = inter["ln1"]["__call__"][0]
+    ln1_out = inter["norm_1"]["__call__"][0]
     close(ln1_out, arrays["layer0/ln1_out"])
-    close(inter["ln2"]["__call__"][0], arrays["layer0/ln2_out"])
+    close(inter["norm_2"]["__call__"][0], arrays["layer0/ln2_out"])
     close(inter["__call__"][0], arrays["layer0/block0_out"])
     # keys before and after the leaky average (op composition of mmjax.layers.memory)
-    k_raw = jnp.einsum("btd,dhk->bthk", ln1_out, p0["context"]["key_kernel"])
+    k_raw = jnp.einsum("btd,dhk->bthk", ln1_out, p0["mixer"]["key"])
     close(k_raw, _heads_first_to_last(arrays["layer0/cm_k_raw"]))
-    decay = jnp.exp(-EXP_PARAM_SCALE * jnp.abs(p0["context"]["leaky_key_beta"]))
+    decay = jnp.exp(-EXP_PARAM_SCALE * jnp.abs(p0["mixer"]["leaky_key_beta"]))
     close(leaky_average(k_raw, decay), _heads_first_to_last(arrays["layer0/cm_k_leaky"]))
-    ctx, per = inter["context"], inter["persistent"]
+    ctx, per = inter["mixer"], inter["ffn"]
     close(ctx["keys"][0], _heads_first_to_last(arrays["layer0/cm_k"]))
     close(ctx["values"][0], _heads_first_to_last(arrays["layer0/cm_v"]))
-    v_scale = np.exp(EXP_PARAM_SCALE * np.asarray(p0["context"]["value_beta"]))
+    v_scale = np.exp(EXP_PARAM_SCALE * np.asarray(p0["mixer"]["value_beta"]))
     close(ctx["values"][0] / v_scale[:, None],
           _heads_first_to_last(arrays["layer0/cm_v_unscaled"]))
     b, t = arrays["input_ids"].shape
@@ -90,7 +89,7 @@ def test_layer0_intermediates_match_official(fixture, official):
     np.testing.assert_array_equal(ctx["retrieved"][0][:, 0], 0.0)  # empty memory at t = 0
     close(ctx["__call__"][0], arrays["layer0/cm_out"])
     close(per["keys"][0], _heads_first_to_last(arrays["layer0/pm_k"]))
-    pm_scale = np.exp(EXP_PARAM_SCALE * np.asarray(p0["persistent"]["value_beta"]))
+    pm_scale = np.exp(EXP_PARAM_SCALE * np.asarray(p0["ffn"]["value_beta"]))
     close(per["retrieved"][0] / pm_scale[:, None],
           _heads_first_to_last(arrays["layer0/pm_pmem_out"]))
     close(per["retrieved"][0].reshape(b, t, -1), arrays["layer0/pm_out_pre_cproj"])
@@ -100,7 +99,7 @@ def test_layer0_intermediates_match_official(fixture, official):
 @pytest.fixture(scope="module")
 def loss_and_grads(fixture, official):
     arrays, _ = fixture
-    model, params = from_official_library(official[0], retrieval_impl="xla", **official[1])
+    model, params = from_official_library(official[0], impl="xla", **official[1])
     loss, grads = jax.value_and_grad(_loss, argnums=1)(
         model, params, arrays["input_ids"], arrays["targets"]
     )
@@ -152,6 +151,21 @@ def test_round_trip_with_biases_and_banks_matches_init_tree():
     assert state_dict["blocks.0.attn.k_featurizer.conv.bias"].shape == (8,)
     _, again = from_official_library(state_dict, **config)
     jax.tree_util.tree_map(np.testing.assert_array_equal, again, params)
+
+
+def test_to_official_accepts_boxed_params_from_init():
+    """``model.init`` returns parameters boxed with logical axes; they convert as they are."""
+    config = dict(vocab_size=11, n_head=2, n_embd=8, n_layer=1, pmem_size=5, block_size=16)
+    model = model_from_official_kwargs(**config)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+    boxed = variables["params"]
+    assert isinstance(boxed["embedding"]["wte"], nn.Partitioned)
+    from_plain = to_official_library(nn.unbox(boxed), **config)
+    for given in (boxed, variables):
+        converted = to_official_library(given, **config)
+        assert set(converted) == set(from_plain)
+        for name, value in from_plain.items():
+            np.testing.assert_array_equal(converted[name], value, err_msg=name)
 
 
 # ----------------------------------------------------------------------------- errors

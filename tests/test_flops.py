@@ -1,6 +1,8 @@
 """mmjax.flops: counts from parameter shapes, the paper's table, the CLI's last line."""
 
 import os
+import pathlib
+import re
 import subprocess
 import sys
 
@@ -48,8 +50,8 @@ def test_tied_head_counts_flops_but_no_parameters():
 
 
 def test_unknown_parameter_name_raises():
-    with pytest.raises(ValueError, match="cannot classify parameter blocks_0/foo/kernel"):
-        flops.group_of(("blocks_0", "foo", "kernel"))
+    with pytest.raises(ValueError, match="cannot classify parameter block_0/foo/kernel"):
+        flops.group_of(("block_0", "foo", "kernel"))
 
 
 def test_cli_last_line():
@@ -99,3 +101,61 @@ def test_retrieval_flops_brute_force():
     assert flops.retrieval_flops_per_token(sl, 20) == brute([(5, 0, 1), (None, 3, 1)], 20, 8, 2)
     with pytest.raises(ValueError, match="no retrieval layout"):
         flops.retrieval_flops_per_token({"name": "other"}, 20)
+
+
+def _run_cli(spec):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, "-m", "mmjax.flops", "--config", str(CONFIGS / spec)],
+                          capture_output=True, text=True, check=True, env=env).stdout
+
+
+def _expected_lines(path):
+    """``{preset: "params=... flops_per_token=..."}`` from a config file's docstring."""
+    text = path.read_text()
+    doc = text[: text.index('"""', 3)]
+    out = {}
+    for line in doc.splitlines():
+        match = re.search(r"(:[\w,]+)?\s*(params=\d+ flops_per_token=\d+)", line)
+        if match:
+            out[(match.group(1) or ":").lstrip(":")] = match.group(2)
+    return out
+
+
+def test_v1_cli_output_is_in_its_config_docstring():
+    """``python -m mmjax.flops --config configs/mm_v1_small.py`` works and prints what the
+    config's docstring says."""
+    expected = _expected_lines(CONFIGS / "mm_v1_small.py")
+    assert set(expected) == {"", "tiny"}
+    assert _run_cli("mm_v1_small.py").strip().splitlines()[-1] == expected[""]
+    tiny = flops.count(load_config("mm_v1_small.py:tiny").model)
+    assert expected["tiny"] == f"params={tiny.total_params} flops_per_token={tiny.total_flops}"
+
+
+@pytest.mark.parametrize("path", sorted(pathlib.Path(CONFIGS).glob("*.py")), ids=lambda p: p.stem)
+def test_every_config_docstring_figure_is_what_flops_counts(path):
+    """Every config with a language model counts, and the figures its docstring quotes are
+    the counts; a config without one (three moons) raises ``NoLanguageModel``."""
+    expected = _expected_lines(path)
+    for preset, line in expected.items():
+        c = flops.count(load_config(f"{path.name}:{preset}" if preset else path.name).model)
+        assert line == f"params={c.total_params} flops_per_token={c.total_flops}", preset
+    if not expected:
+        config = load_config(path.name)
+        with pytest.raises(flops.NoLanguageModel):
+            flops.count(config.get("model", {}))
+
+
+def test_cli_on_moons_says_there_is_no_language_model():
+    lines = _run_cli("moons.py").strip().splitlines()
+    assert len(lines) == 1 and "no language model" in lines[0]
+
+
+def test_transformer_tables_say_attention_and_mlp():
+    c = flops.count(load_config("gpt2_small.py:tiny").model)
+    assert set(c.params) == {"embedding", "attention", "MLP", "norms", "head"}
+    table = flops.format_count(c)
+    assert "attention" in table and "MLP" in table and "memories" not in table
+    v1 = flops.count(load_config("mm_v1_small.py:tiny").model)
+    assert set(v1.params) == {"embedding", "memories", "persistent memory", "norms", "head"}
+    assert v1.num_layers == 2 and v1.params["persistent memory"] > 0
+    assert "memories / attention" in flops.format_comparison(v1, c)

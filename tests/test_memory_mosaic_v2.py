@@ -107,8 +107,8 @@ def test_trained_at_T_runs_at_4T():
 
 def test_no_long_term_variant():
     model, params, ids = _init({**CONFIG, "long_term": False})
-    assert "long_term" not in params["blocks_0"]["mixer"]
-    assert params["blocks_0"]["mixer"]["out"]["kernel"].shape == (2, 8, 16)
+    assert "long_term" not in params["block_0"]["mixer"]
+    assert params["block_0"]["mixer"]["out"]["kernel"].shape == (2, 8, 16)
     assert jnp.isfinite(model.apply({"params": params}, ids)).all()
 
 

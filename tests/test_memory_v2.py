@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmjax.layers.memory_v2 import (
-    MemoryTier,
-    ThreeTierMemory,
+from mmjax.layers.memory_v2 import MemoryConfig, MemoryTier, ThreeTierMemory
+from mmjax.ops import (
+    MaskSpec,
     adaptive_bandwidth,
     bandwidth_parameters,
     gated_keys,
@@ -17,6 +17,11 @@ from mmjax.layers.memory_v2 import (
 )
 
 CAP = 10.0
+
+
+def _tier(**kwargs):
+    """A tier of 2 heads of width 4."""
+    return MemoryTier(config=MemoryConfig(num_heads=2, head_dim=4, **kwargs))
 
 
 def _softplus(x):
@@ -76,7 +81,7 @@ def _reference_tier(x, p, window, skip, cap=CAP):
 
 
 def _tier_params(mod, x, seed):
-    p = flax.core.meta.unbox(mod.init(jax.random.key(seed), x)["params"])
+    p = flax.core.meta.unbox(mod.init(jax.random.key(seed), x, mask=MaskSpec())["params"])
     # move the bandwidth away from its init so that each parameter matters
     rng = np.random.default_rng(seed)
     for name in ("beta0", "beta1", "alpha"):
@@ -88,12 +93,12 @@ def _tier_params(mod, x, seed):
                                               ("long", None, 0), ("both", 4, 1)])
 def test_tier_matches_formula_reference(tier, window, skip):
     x = jax.random.normal(jax.random.key(0), (2, 10, 8))
-    mod = MemoryTier(num_heads=2, head_dim=4, window=window, init_std=0.5, impl="reference")
+    mod = _tier(init_std=0.5, impl="reference")
+    mask = MaskSpec(window=window, skip=skip)
     p = _tier_params(mod, x, seed=len(tier) + skip)
-    out = mod.apply({"params": p}, x, skip=skip)
+    out = mod.apply({"params": p}, x, mask=mask)
     np.testing.assert_allclose(out, _reference_tier(x, p, window, skip), atol=2e-5)
-    out_xla = MemoryTier(num_heads=2, head_dim=4, window=window, impl="xla").apply(
-        {"params": p}, x, skip=skip)
+    out_xla = _tier(impl="xla").apply({"params": p}, x, mask=mask)
     np.testing.assert_allclose(out_xla, out, atol=2e-5)
 
 
@@ -139,10 +144,10 @@ def test_adaptive_bandwidth_formula_and_constraints():
 
 def test_gradients_reach_bandwidth_and_gates():
     x = jax.random.normal(jax.random.key(3), (2, 12, 8))
-    mod = MemoryTier(num_heads=2, head_dim=4, window=5, impl="xla")
-    p = flax.core.meta.unbox(mod.init(jax.random.key(4), x)["params"])
+    mod, mask = _tier(impl="xla"), MaskSpec(window=5, skip=1)
+    p = flax.core.meta.unbox(mod.init(jax.random.key(4), x, mask=mask)["params"])
     target = jax.random.normal(jax.random.key(5), (2, 12, 2, 4))
-    grads = jax.grad(lambda q: jnp.sum((mod.apply({"params": q}, x, skip=1) - target) ** 2))(p)
+    grads = jax.grad(lambda q: jnp.sum((mod.apply({"params": q}, x, mask=mask) - target) ** 2))(p)
     for name in ("beta0", "beta1", "alpha", "gate", "decay", "key", "value", "value_mix"):
         g = np.asarray(grads[name])
         assert np.isfinite(g).all() and np.abs(g).max() > 0, name
@@ -151,17 +156,17 @@ def test_gradients_reach_bandwidth_and_gates():
 def test_three_tier_layout_and_fusion():
     x = jax.random.normal(jax.random.key(6), (1, 9, 8))
     for long_term, heads in ((True, 4), (False, 2)):
-        mod = ThreeTierMemory(num_heads=2, head_dim=4, short_term_window=3,
-                              long_term=long_term, impl="reference")
+        mod = ThreeTierMemory(config=MemoryConfig(num_heads=2, head_dim=4, short_term_window=3,
+                                                  long_term=long_term, impl="reference"))
         p = flax.core.meta.unbox(mod.init(jax.random.key(7), x, deterministic=True,
                                           long_term_skip=2)["params"])
         assert p["out"]["kernel"].shape == (heads, 4, 8)
         assert ("long_term" in p) == long_term
-        tiers = [MemoryTier(2, 4, window=3, impl="reference").apply(
-            {"params": p["short_term"]}, x)]
+        tiers = [_tier(impl="reference").apply(
+            {"params": p["short_term"]}, x, mask=MaskSpec(window=3))]
         if long_term:
-            tiers.append(MemoryTier(2, 4, impl="reference").apply(
-                {"params": p["long_term"]}, x, skip=2))
+            tiers.append(_tier(impl="reference").apply(
+                {"params": p["long_term"]}, x, mask=MaskSpec(skip=2)))
         want = jnp.einsum("bthv,hvd->btd", jnp.concatenate(tiers, 2), p["out"]["kernel"])
         got = mod.apply({"params": p}, x, deterministic=True, long_term_skip=2)
         np.testing.assert_allclose(got, want, atol=1e-5)
@@ -169,10 +174,11 @@ def test_three_tier_layout_and_fusion():
 
 def test_bf16_tier_close_to_fp32():
     x = jax.random.normal(jax.random.key(8), (2, 16, 8))
-    mod = MemoryTier(num_heads=2, head_dim=4, window=6, impl="xla")
-    p = flax.core.meta.unbox(mod.init(jax.random.key(9), x)["params"])
-    out32 = mod.apply({"params": p}, x, skip=1)
-    out16 = mod.clone(dtype=jnp.bfloat16).apply({"params": p}, x.astype(jnp.bfloat16), skip=1)
+    mod, mask = _tier(impl="xla"), MaskSpec(window=6, skip=1)
+    p = flax.core.meta.unbox(mod.init(jax.random.key(9), x, mask=mask)["params"])
+    out32 = mod.apply({"params": p}, x, mask=mask)
+    bf16 = _tier(impl="xla", dtype=jnp.bfloat16)
+    out16 = bf16.apply({"params": p}, x.astype(jnp.bfloat16), mask=mask)
     assert out16.dtype == jnp.bfloat16
     np.testing.assert_allclose(out16.astype(jnp.float32), out32, atol=5e-2)
 
@@ -185,4 +191,4 @@ def test_schedule_validation_errors():
     with pytest.raises(ValueError, match="inference_long_term_skip"):
         validate_skip_schedule(256, (64, 256), -1)
     with pytest.raises(ValueError, match="gate_cap"):
-        MemoryTier(2, 4, gate_cap=0.0).init(jax.random.key(0), jnp.zeros((1, 3, 8)))
+        _tier(gate_cap=0.0).init(jax.random.key(0), jnp.zeros((1, 3, 8)), mask=MaskSpec())

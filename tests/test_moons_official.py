@@ -22,7 +22,8 @@ from mmjax.moons import (
     to_official_real,
 )
 from mmjax.moons.evaluate import rollout_errors
-from mmjax.moons.train import make_optimizer, make_train_step
+from mmjax.moons.train import make_train_step
+from mmjax.train.optimizer import make_optimizer
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 
@@ -57,7 +58,7 @@ def test_three_training_steps_match_official(official, heads):
     correction; its eps acts as 2e-8 on the complex parameters)."""
     config = default_config(num_heads=heads)
     model = MoonsMemory(num_heads=heads)
-    optimizer = make_optimizer(config.train)
+    optimizer = make_optimizer(**config.optimizer, total_steps=config.train.steps)
     step = make_train_step(model, optimizer, config.train.clip)
     params = official_params(official, f"init_h{heads}/")
     opt_state = optimizer.init(params)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mmjax.train import defaults
-from mmjax.train.loop import Trainer, train_and_evaluate
+from mmjax.train.loop import Reporter, Trainer, train_and_evaluate
 from mmjax.train.step import cross_entropy
 
 
@@ -14,7 +14,7 @@ def small_config(num_steps=20, mesh=(-1, 1, 1)):
     config = defaults.get_config()
     config.model.update(dict(vocab_size=16, num_layers=1, num_heads=2, embed_dim=16,
                              pmem_size=8))
-    config.data.update(dict(vocab_size=16, context_length=24, batch_size=8))
+    config.data.update(dict(context_length=24, batch_size=8))
     config.data.corpus_options.update(dict(num_states=3, edges_per_state=2))
     config.optimizer.update(dict(learning_rate=1e-2, warmup_steps=2, total_steps=num_steps))
     config.train.update(dict(num_steps=num_steps, log_every=5, eval_every=0, eval_batches=1))
@@ -83,8 +83,41 @@ def test_config_errors_name_the_problem():
         Trainer(config)
     config = small_config()
     config.data.vocab_size = 32
-    with pytest.raises(ValueError, match="differs from model.vocab_size"):
+    with pytest.raises(ValueError, match="said once, in model.vocab_size"):
         Trainer(config)
     config = small_config(mesh=(3, 1, 1))
     with pytest.raises(ValueError, match="devices"):
         Trainer(config)
+
+
+def test_trainer_is_ready_when_constructed():
+    """No hidden call order: shardings and steps exist before any state is made, and the
+    eval step runs on a state made afterwards (or on any params with those shardings)."""
+    trainer = Trainer(small_config(mesh=(2, 2, 2)))
+    assert set(vars(trainer.state_shardings)) == {"step", "params", "opt_state", "rng"}
+    ev = trainer.evaluate(trainer.init_state().params)
+    assert np.isfinite(ev["eval_loss"])
+    with trainer.mesh_context():
+        assert jax.sharding.get_abstract_mesh().shape == trainer.mesh.shape
+
+
+def test_reporter_reads_metrics_one_step_late():
+    class Writer:
+        def __init__(self):
+            self.rows = []
+
+        def write(self, step, metrics):
+            self.rows.append(step)
+
+    class Bar:
+        def set_postfix(self, **kwargs):
+            pass
+
+    writer = Writer()
+    reporter = Reporter(writer, Bar(), log_every=2, tokens_per_step=10)
+    for step in (1, 2, 3):
+        reporter.record(step, {"loss": jnp.float32(step), "grad_norm": jnp.float32(0)})
+    assert [h["step"] for h in reporter.history] == [1, 2]  # step 3 is still pending
+    reporter.flush()
+    assert [h["step"] for h in reporter.history] == [1, 2, 3]
+    assert writer.rows == [1, 2, 3] and reporter.tokens_seen == 30

@@ -53,7 +53,7 @@ def test_gpt2_init_std_and_tied_logits():
     config = {**GPT2, "embed_dim": 64, "num_heads": 4, "vocab_size": 512, "num_layers": 8}
     model, params, ids = _init(config)
     np.testing.assert_allclose(np.std(params["embedding"]["wte"]), 0.02, rtol=0.05)
-    c_proj = params["blocks_0"]["ffn"]["c_proj"]["kernel"]
+    c_proj = params["block_0"]["ffn"]["c_proj"]["kernel"]
     np.testing.assert_allclose(np.std(c_proj), 0.02 / np.sqrt(16), rtol=0.05)
     _, inter = model.apply({"params": params}, ids, capture_intermediates=True)
     hidden = inter["intermediates"]["final_norm"]["__call__"][0]

@@ -24,23 +24,19 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.ops.retrieval import MaskSpec, retrieve
+from mmjax.layers.common import HeadOutput, normal_init, per_head_dim, zeros_init
+from mmjax.ops import MaskSpec, retrieve
 
 Array = jax.Array
-
-
-def normal_init(std: float, names: tuple):
-    """``N(0, std^2)`` initializer annotated with logical axis ``names``."""
-    return nn.with_logical_partitioning(nn.initializers.normal(stddev=std), names)
 
 
 def rope_angles(positions_T: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
     """Cosines and sines ``[T, head_dim // 2]`` of the rotary embedding (fp32)."""
     if head_dim % 2:
         raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
-    freqs_F = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-    angles_TxF = positions_T.astype(jnp.float32)[:, None] * freqs_F[None, :]
-    return jnp.cos(angles_TxF), jnp.sin(angles_TxF)
+    freqs_R = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    angles_TxR = positions_T.astype(jnp.float32)[:, None] * freqs_R[None, :]
+    return jnp.cos(angles_TxR), jnp.sin(angles_TxR)
 
 
 def apply_rope(x_BxTxHxK: Array, positions_T: Array, theta: float) -> Array:
@@ -50,12 +46,12 @@ def apply_rope(x_BxTxHxK: Array, positions_T: Array, theta: float) -> Array:
     through their difference. Computed in fp32, returned in the input dtype.
     """
     k = x_BxTxHxK.shape[-1]
-    cos_TxF, sin_TxF = rope_angles(positions_T, k, theta)
-    cos_1xTx1xF, sin_1xTx1xF = cos_TxF[None, :, None, :], sin_TxF[None, :, None, :]
+    cos_TxR, sin_TxR = rope_angles(positions_T, k, theta)
+    cos_1xTx1xR, sin_1xTx1xR = cos_TxR[None, :, None, :], sin_TxR[None, :, None, :]
     x = x_BxTxHxK.astype(jnp.float32)
     x1, x2 = x[..., : k // 2], x[..., k // 2:]
     out = jnp.concatenate(
-        [x1 * cos_1xTx1xF - x2 * sin_1xTx1xF, x2 * cos_1xTx1xF + x1 * sin_1xTx1xF], axis=-1
+        [x1 * cos_1xTx1xR - x2 * sin_1xTx1xR, x2 * cos_1xTx1xR + x1 * sin_1xTx1xR], axis=-1
     )
     return out.astype(x_BxTxHxK.dtype)
 
@@ -119,11 +115,7 @@ class AttentionHeads(nn.Module):
             w_DxHxK = self.param(name, normal_init(self.init_std, names), shape)
             y_BxTxHxK = jnp.einsum("btd,dhk->bthk", x, jnp.asarray(w_DxHxK, self.dtype))
             if self.use_bias:
-                b_HxK = self.param(
-                    f"{name}_bias",
-                    nn.with_logical_partitioning(nn.initializers.zeros, names[1:]),
-                    shape[1:],
-                )
+                b_HxK = self.param(f"{name}_bias", zeros_init(names[1:]), shape[1:])
                 y_BxTxHxK = y_BxTxHxK + jnp.asarray(b_HxK, self.dtype)
             qkv.append(y_BxTxHxK)
         q_BxTxHxK, k_BxTxHxK, v_BxTxHxK = qkv
@@ -134,37 +126,6 @@ class AttentionHeads(nn.Module):
         return causal_attention(
             q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, window=self.window, skip=skip, impl=self.impl
         )
-
-
-class HeadOutput(nn.Module):
-    """Output projection fusing head outputs: ``[B,T,H,V] -> [B,T,D]`` (``c_proj`` / ``W_o``).
-
-    Used by attention and by the v2 memories (whose short- and long-term heads are
-    concatenated along the head axis before this projection).
-    """
-
-    features: int
-    use_bias: bool = False
-    init_std: float = 0.02
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, y_BxTxHxV: Array) -> Array:
-        h, v = y_BxTxHxV.shape[-2:]
-        w_HxVxD = self.param(
-            "kernel", normal_init(self.init_std, ("heads", "head_dim", "embed")),
-            (h, v, self.features),
-        )
-        out_BxTxD = jnp.einsum(
-            "bthv,hvd->btd", y_BxTxHxV.astype(self.dtype), jnp.asarray(w_HxVxD, self.dtype)
-        )
-        if self.use_bias:
-            b_D = self.param(
-                "bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-                (self.features,),
-            )
-            out_BxTxD = out_BxTxD + jnp.asarray(b_D, self.dtype)
-        return out_BxTxD
 
 
 class CausalSelfAttention(nn.Module):
@@ -193,22 +154,15 @@ class CausalSelfAttention(nn.Module):
     @nn.compact
     def __call__(self, x_BxTxD: Array, *, deterministic: bool = True, skip=0) -> Array:
         d = x_BxTxD.shape[-1]
-        head_dim = self.head_dim or split_heads(d, self.num_heads)
+        head_dim = self.head_dim or per_head_dim(d, self.num_heads)
         y_BxTxHxK = AttentionHeads(
-            self.num_heads, head_dim, window=self.window, rope_theta=self.rope_theta,
+            num_heads=self.num_heads, head_dim=head_dim, window=self.window,
+            rope_theta=self.rope_theta,
             use_bias=self.use_bias, init_std=self.init_std, dtype=self.dtype, impl=self.impl,
             name="heads",
         )(x_BxTxD, skip=skip)
         y_BxTxHxK = nn.Dropout(self.attention_dropout)(y_BxTxHxK, deterministic=deterministic)
-        out_BxTxD = HeadOutput(d, use_bias=self.use_bias, init_std=self.out_init_std,
+        out_BxTxD = HeadOutput(features=d, use_bias=self.use_bias, init_std=self.out_init_std,
                                dtype=self.dtype, name="out")(y_BxTxHxK)
         return nn.Dropout(self.residual_dropout)(out_BxTxD, deterministic=deterministic)
 
-
-def split_heads(embed_dim: int, num_heads: int) -> int:
-    """``embed_dim // num_heads``, raising when it does not divide."""
-    if num_heads < 1 or embed_dim % num_heads:
-        raise ValueError(
-            f"embed_dim ({embed_dim}) must be a positive multiple of num_heads ({num_heads})"
-        )
-    return embed_dim // num_heads

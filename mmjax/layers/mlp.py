@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.layers.attention import normal_init
+from mmjax.layers.common import normal_init, zeros_init
 
 Array = jax.Array
 
@@ -21,7 +21,7 @@ def _dense(features, std, names, use_bias, dtype, name):
         features,
         use_bias=use_bias,
         kernel_init=normal_init(std, names),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[1:]),
+        bias_init=zeros_init(names[1:]),
         dtype=dtype,
         name=name,
     )
@@ -58,7 +58,7 @@ class MLP(nn.Module):
 class SwiGLU(nn.Module):
     """SwiGLU FFN: ``w_down(silu(w_gate x) * w_up x)`` then dropout. No biases.
 
-    In Memory Mosaics v2 this is the persistent memory (DESIGN.md section 5).
+    In Memory Mosaics v2 this is the persistent memory (``docs/architecture.md``).
     """
 
     hidden_dim: int

@@ -33,6 +33,14 @@ def registered_models() -> tuple[str, ...]:
     return tuple(sorted(_REGISTRY))
 
 
+def model_class(name: str) -> type:
+    """The class registered under ``name``; raises a ``ValueError`` listing the known names."""
+    _import_all()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model name {name!r}; known: {sorted(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
 def build_model(model_config: Mapping[str, Any]):
     """Instantiate the model named ``model_config["name"]`` with the remaining keys.
 
@@ -41,15 +49,13 @@ def build_model(model_config: Mapping[str, Any]):
     """
     _import_all()
     fields = dict(model_config)
-    name = fields.pop("name", None)
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown model name {name!r}; known: {sorted(_REGISTRY)}")
-    cls = _REGISTRY[name]
+    cls = model_class(fields.pop("name", None))
     known = {f.name for f in dataclasses.fields(cls) if f.init and f.name not in ("parent", "name")}
     unknown = sorted(set(fields) - known)
     if unknown:
         raise ValueError(
-            f"model {name!r} has no config key(s) {unknown}; valid keys: {sorted(known)}"
+            f"model {model_config['name']!r} has no config key(s) {unknown}; "
+            f"valid keys: {sorted(known)}"
         )
     return cls(**fields)
 

@@ -5,85 +5,51 @@
     logits = LN_out(x) @ E^T / sqrt(D)                (output head tied to the embedding)
 
 Init (the Library's): the shared embedding/head matrix ``N(0, 1/sqrt(D))``, projections
-``N(0, 1/sqrt(fan_in))``, each ``c_proj`` ``N(0, 1/sqrt(fan_in)/sqrt(num_layers))``,
+``N(0, 1/sqrt(fan_in))``, each output projection ``N(0, 1/sqrt(fan_in)/sqrt(num_layers))``,
 persistent slots ``N(0, 1/sqrt(head_dim))``, LayerNorm weight 1 and bias 0 (eps 1e-5).
 Official parameters map onto these with :func:`mmjax.convert.from_official_library`.
 
-Parameter tree (``params``)::
+Parameter tree (``params``), with the names every model uses (:mod:`mmjax.layers.common`)::
 
-    embedding            [vocab, embed]                      ("vocab", "embed")
-    block_{i}/ln1, ln2   scale [embed] (+ bias)              ("embed",)
-    block_{i}/context    ContextualMemory (key/value/output kernels, per-head scalars)
-    block_{i}/persistent PersistentMemory (key/output kernels, slots, per-head scalars)
-    ln_out               scale [embed] (+ bias)
+    embedding/wte            [vocab, embed]                ("vocab", "embed")
+    block_{i}/norm_1, norm_2 scale [embed] (+ bias)        ("embed",)
+    block_{i}/mixer          ContextualMemory (key, value, per-head scalars, out)
+    block_{i}/ffn            PersistentMemory (key, slots, per-head scalars, out)
+    final_norm               scale [embed] (+ bias)
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.layers.memory import ContextualMemory, PersistentMemory
+from mmjax.layers.common import TokenEmbedding, check_input_ids, layer_norm, maybe_remat
+from mmjax.layers.memory import ContextualMemory, MemoryUnitConfig, PersistentMemory
 from mmjax.models import register
 
 Array = jax.Array
-
-LAYER_NORM_EPSILON = 1e-5
-
-
-def _layer_norm(name: str, use_bias: bool, dtype, param_dtype) -> nn.LayerNorm:
-    return nn.LayerNorm(
-        epsilon=LAYER_NORM_EPSILON,
-        use_bias=use_bias,
-        use_fast_variance=False,
-        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-        dtype=dtype,
-        param_dtype=param_dtype,
-        name=name,
-    )
 
 
 class MemoryMosaicBlock(nn.Module):
     """One pre-LN block: contextual memory then persistent memory, each on a residual."""
 
-    num_heads: int
-    pmem_size: int
-    pmem_count: int = 1
-    use_bias: bool = False
-    ic_dropout: float = 0.0
-    hd_dropout: float = 0.0
-    output_init_scale: float = 1.0
-    retrieval_impl: str = "auto"
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
+    config: MemoryUnitConfig
 
     @nn.compact
-    def __call__(self, x_BxTxD: Array, *, deterministic: bool = True) -> Array:
-        common = dict(
-            num_heads=self.num_heads,
-            use_bias=self.use_bias,
-            hd_dropout=self.hd_dropout,
-            output_init_scale=self.output_init_scale,
-            impl=self.retrieval_impl,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-        )
-        ln = lambda name: _layer_norm(name, self.use_bias, self.dtype, self.param_dtype)
-        x_BxTxD = x_BxTxD + ContextualMemory(**common, name="context")(
-            ln("ln1")(x_BxTxD), deterministic=deterministic
-        )
-        persistent = PersistentMemory(
-            **common,
-            pmem_size=self.pmem_size,
-            pmem_count=self.pmem_count,
-            ic_dropout=self.ic_dropout,
-            name="persistent",
-        )
-        return x_BxTxD + persistent(ln("ln2")(x_BxTxD), deterministic=deterministic)
+    def __call__(self, x_BxTxD: Array, deterministic: bool = True,
+                 long_term_skip=None) -> Array:
+        del long_term_skip  # v1 has no long-term tier; the argument keeps one block signature
+        c = self.config
+        norm = lambda name: layer_norm(name, use_bias=c.use_bias, dtype=c.dtype,
+                                       param_dtype=c.param_dtype)
+        mixer = ContextualMemory(config=c, name="mixer")
+        x_BxTxD = x_BxTxD + mixer(norm("norm_1")(x_BxTxD), deterministic=deterministic)
+        ffn = PersistentMemory(config=c, name="ffn")
+        return x_BxTxD + ffn(norm("norm_2")(x_BxTxD), deterministic=deterministic)
 
 
 @register("memory_mosaic")
@@ -101,9 +67,10 @@ class MemoryMosaic(nn.Module):
       hd_dropout: dropout after each memory's output projection.
       context_length: the training context (official ``block_size``). The network has no
         position embedding and accepts any length; configs and data read this field.
-      dtype: compute dtype (e.g. ``jnp.bfloat16``); logits are returned in fp32.
+      dtype: compute dtype (e.g. ``"bfloat16"``); logits are returned in fp32.
       param_dtype: storage dtype of the parameters.
-      retrieval_impl: ``impl`` of :func:`mmjax.ops.retrieve` for every memory.
+      impl: ``impl`` of :func:`mmjax.ops.retrieve` for every memory.
+      remat: recompute each block's activations in the backward pass.
     """
 
     vocab_size: int
@@ -116,9 +83,10 @@ class MemoryMosaic(nn.Module):
     ic_dropout: float = 0.0
     hd_dropout: float = 0.0
     context_length: int = 512
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    retrieval_impl: str = "auto"
+    dtype: Any = "float32"
+    param_dtype: Any = "float32"
+    impl: str = "auto"
+    remat: bool = False
 
     def _check_fields(self):
         if self.embed_dim % self.num_heads:
@@ -132,40 +100,31 @@ class MemoryMosaic(nn.Module):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
 
+    def unit_config(self) -> MemoryUnitConfig:
+        """The frozen settings every memory unit of this model is built from."""
+        d = self.embed_dim
+        return MemoryUnitConfig(
+            num_heads=self.num_heads, use_bias=self.use_bias, hd_dropout=self.hd_dropout,
+            init_std=d**-0.5, out_init_std=d**-0.5 * self.num_layers**-0.5, impl=self.impl,
+            dtype=jnp.dtype(self.dtype), param_dtype=jnp.dtype(self.param_dtype),
+            pmem_size=self.pmem_size, pmem_count=self.pmem_count, ic_dropout=self.ic_dropout)
+
     @nn.compact
-    def __call__(self, input_ids_BxT: Array, *, deterministic: bool = True) -> Array:
+    def __call__(self, input_ids_BxT: Array, deterministic: bool = True) -> Array:
         """Integer ``[batch, time]`` token ids -> fp32 logits ``[batch, time, vocab]``."""
         self._check_fields()
-        if input_ids_BxT.ndim != 2 or not jnp.issubdtype(input_ids_BxT.dtype, jnp.integer):
-            raise ValueError(
-                "input_ids must be an integer array [batch, time], got "
-                f"shape {input_ids_BxT.shape} dtype {input_ids_BxT.dtype}"
-            )
+        check_input_ids(input_ids_BxT)
+        config = self.unit_config()
         d = self.embed_dim
-        embedding_NxD = self.param(
-            "embedding",
-            nn.with_logical_partitioning(nn.initializers.normal(d**-0.5), ("vocab", "embed")),
-            (self.vocab_size, d),
-            self.param_dtype,
-        )
-        x_BxTxD = jnp.take(embedding_NxD, input_ids_BxT, axis=0).astype(self.dtype)
+        embed = TokenEmbedding(vocab_size=self.vocab_size, embed_dim=d, tie_embeddings=True,
+                               init_std=d**-0.5, dtype=config.dtype,
+                               param_dtype=config.param_dtype, name="embedding")
+        x_BxTxD = embed(input_ids_BxT)
+        block_cls = maybe_remat(MemoryMosaicBlock, self.remat)
         for i in range(self.num_layers):
-            x_BxTxD = MemoryMosaicBlock(
-                num_heads=self.num_heads,
-                pmem_size=self.pmem_size,
-                pmem_count=self.pmem_count,
-                use_bias=self.use_bias,
-                ic_dropout=self.ic_dropout,
-                hd_dropout=self.hd_dropout,
-                output_init_scale=self.num_layers**-0.5,
-                retrieval_impl=self.retrieval_impl,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                name=f"block_{i}",
-            )(x_BxTxD, deterministic=deterministic)
-        h_BxTxD = _layer_norm("ln_out", self.use_bias, self.dtype, self.param_dtype)(x_BxTxD)
-        logits_BxTxN = jnp.einsum(
-            "btd,nd->btn", h_BxTxD, embedding_NxD.astype(self.dtype),
-            preferred_element_type=jnp.float32,
-        )
-        return logits_BxTxN * (d**-0.5)
+            x_BxTxD = block_cls(config=config, name=f"block_{i}")(x_BxTxD, deterministic)
+        x_BxTxD = layer_norm("final_norm", use_bias=self.use_bias, dtype=config.dtype,
+                             param_dtype=config.param_dtype)(x_BxTxD)
+        logits_BxTxN = embed.logits(x_BxTxD) * (d**-0.5)
+        chex.assert_shape(logits_BxTxN, (*input_ids_BxT.shape, self.vocab_size))
+        return logits_BxTxN

@@ -5,8 +5,10 @@ Each of the ``num_layers`` blocks is pre-norm residual::
     x += ThreeTierMemory(RMSNorm(x))   # short-term (window h) + long-term (skip m) memories, W_o
     x += SwiGLU(RMSNorm(x))            # persistent memory
 
-then a final RMSNorm and the output head. The layers and every choice made where the paper is
-silent are documented in :mod:`mmjax.layers.memory_v2`. Model-level choices (CHOICE):
+then a final RMSNorm and the output head. Parameter names are those of every model
+(:mod:`mmjax.layers.common`): ``embedding``, ``block_i/{norm_1, mixer, norm_2, ffn}``,
+``final_norm``. The layers and every choice made where the paper is silent are documented in
+:mod:`mmjax.layers.memory_v2`. Model-level choices (CHOICE):
 
 * RMSNorm (eps ``1e-5``) for the block and final norms, untied embeddings, no biases, init
   ``N(0, 0.02)`` with ``W_o`` and the SwiGLU down-projection at ``0.02 / sqrt(2 L)``: the
@@ -24,53 +26,45 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.layers.attention import split_heads
-from mmjax.layers.memory_v2 import (
-    ThreeTierMemory,
+from mmjax.layers.common import (
+    TokenEmbedding,
+    check_input_ids,
+    maybe_remat,
+    per_head_dim,
     resolve_long_term_skip,
-    validate_skip_schedule,
+    rms_norm,
 )
+from mmjax.layers.memory_v2 import MemoryConfig, ThreeTierMemory
 from mmjax.layers.mlp import SwiGLU
 from mmjax.models import register
-from mmjax.models.transformer import TokenEmbedding, check_input_ids, maybe_remat, rms_norm
+from mmjax.ops import validate_skip_schedule
 
 Array = jax.Array
 
 
 class MemoryMosaicV2Block(nn.Module):
-    num_heads: int
+    """``x += ThreeTierMemory(RMSNorm(x)); x += SwiGLU(RMSNorm(x))``."""
+
+    memory: MemoryConfig
     mlp_dim: int
-    short_term_window: int
-    long_term: bool
-    gate_cap: float
-    bandwidth_init: tuple
-    norm_eps: float
-    dropout_rate: float
-    init_std: float
-    out_init_std: float
-    dtype: Any
-    impl: str
+    norm_eps: float = 1e-5
 
     @nn.compact
     def __call__(self, x_BxTxD: Array, deterministic: bool, long_term_skip) -> Array:
-        d = x_BxTxD.shape[-1]
-        memory = ThreeTierMemory(
-            self.num_heads, split_heads(d, self.num_heads),
-            short_term_window=self.short_term_window, long_term=self.long_term,
-            gate_cap=self.gate_cap, bandwidth_init=self.bandwidth_init,
-            dropout_rate=self.dropout_rate, init_std=self.init_std,
-            out_init_std=self.out_init_std, dtype=self.dtype, impl=self.impl, name="mixer")
-        x_BxTxD = x_BxTxD + memory(rms_norm(self.norm_eps, self.dtype, "norm_1")(x_BxTxD),
-                                   deterministic=deterministic, long_term_skip=long_term_skip)
-        persistent = SwiGLU(self.mlp_dim, dropout_rate=self.dropout_rate,
-                            init_std=self.init_std, out_init_std=self.out_init_std,
-                            dtype=self.dtype, name="ffn")
-        return x_BxTxD + persistent(rms_norm(self.norm_eps, self.dtype, "norm_2")(x_BxTxD),
-                                    deterministic=deterministic)
+        c = self.memory
+        norm = lambda name: rms_norm(name, eps=self.norm_eps, dtype=c.dtype)
+        mixer = ThreeTierMemory(config=c, name="mixer")
+        x_BxTxD = x_BxTxD + mixer(norm("norm_1")(x_BxTxD), deterministic=deterministic,
+                                  long_term_skip=long_term_skip)
+        ffn = SwiGLU(hidden_dim=self.mlp_dim, dropout_rate=c.dropout_rate,
+                     init_std=c.init_std, out_init_std=c.out_init_std, dtype=c.dtype,
+                     name="ffn")
+        return x_BxTxD + ffn(norm("norm_2")(x_BxTxD), deterministic=deterministic)
 
 
 @register("memory_mosaic_v2")
@@ -96,26 +90,35 @@ class MemoryMosaicV2(nn.Module):
     impl: str = "auto"
     remat: bool = False
 
+    def memory_config(self) -> MemoryConfig:
+        """The frozen settings of every block's memories."""
+        return MemoryConfig(
+            num_heads=self.num_heads, head_dim=per_head_dim(self.embed_dim, self.num_heads),
+            short_term_window=self.short_term_window, long_term=self.long_term,
+            gate_cap=self.gate_cap, bandwidth_init=tuple(self.bandwidth_init),
+            dropout_rate=self.dropout_rate, init_std=self.init_std,
+            out_init_std=self.init_std / math.sqrt(2 * self.num_layers),
+            dtype=jnp.dtype(self.dtype), impl=self.impl)
+
     @nn.compact
     def __call__(self, input_ids: Array, deterministic: bool = True,
                  long_term_skip=None) -> Array:
         check_input_ids(input_ids)
-        split_heads(self.embed_dim, self.num_heads)
         validate_skip_schedule(self.short_term_window, tuple(self.long_term_skip_range),
                                self.inference_long_term_skip)
-        dtype = jnp.dtype(self.dtype)
-        embed = TokenEmbedding(self.vocab_size, self.embed_dim, self.tie_embeddings,
-                               init_std=self.init_std, dtype=dtype, name="embedding")
+        memory = self.memory_config()
+        embed = TokenEmbedding(vocab_size=self.vocab_size, embed_dim=self.embed_dim,
+                               tie_embeddings=self.tie_embeddings, init_std=self.init_std,
+                               dtype=memory.dtype, name="embedding")
         x_BxTxD = embed(input_ids)
         skip = resolve_long_term_skip(self, long_term_skip, deterministic,
-                                      tuple(self.long_term_skip_range),
-                                      self.inference_long_term_skip)
-        out_std = self.init_std / math.sqrt(2 * self.num_layers)
+                                      self.long_term_skip_range, self.inference_long_term_skip)
+        block_cls = maybe_remat(MemoryMosaicV2Block, self.remat)
         for i in range(self.num_layers):
-            block = maybe_remat(MemoryMosaicV2Block, self.remat)(
-                self.num_heads, self.mlp_dim, self.short_term_window, self.long_term,
-                self.gate_cap, tuple(self.bandwidth_init), self.norm_eps, self.dropout_rate,
-                self.init_std, out_std, dtype, self.impl, name=f"blocks_{i}")
+            block = block_cls(memory=memory, mlp_dim=self.mlp_dim, norm_eps=self.norm_eps,
+                              name=f"block_{i}")
             x_BxTxD = block(x_BxTxD, deterministic, skip)
-        x_BxTxD = rms_norm(self.norm_eps, dtype, "final_norm")(x_BxTxD)
-        return embed.logits(x_BxTxD)
+        x_BxTxD = rms_norm("final_norm", eps=self.norm_eps, dtype=memory.dtype)(x_BxTxD)
+        logits_BxTxN = embed.logits(x_BxTxD)
+        chex.assert_shape(logits_BxTxN, (*input_ids.shape, self.vocab_size))
+        return logits_BxTxN

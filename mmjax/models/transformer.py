@@ -1,6 +1,6 @@
 """Transformer baselines sharing mmjax's building blocks.
 
-* ``"gpt2"``: the Library's GPT (OFFICIAL_CODE.md section 6): learned positions, pre-LayerNorm,
+* ``"gpt2"``: the Library's GPT (``docs/official_code.md``): learned positions, pre-LayerNorm,
   tanh-approx GELU MLP of width ``4 D``, causal attention scaled by ``1/sqrt(head_dim)``,
   tied ``wte``/``lm_head``, init ``N(0, 0.02)`` with the output projections (``c_proj``) at
   ``0.02 / sqrt(2 L)``, no biases by default. Dropout on the embeddings, after both
@@ -18,9 +18,10 @@
   transformer); ``m`` follows the v2 schedule (drawn per training step, 64 at inference).
 
 Every model is called as ``model.apply({"params": p}, input_ids, deterministic=True)`` and
-returns fp32 logits ``[B, T, N]``. Parameter names: ``wte``/``wpe`` (embedding), ``blocks_i``
-with ``norm_1``, ``mixer`` (attention or memories), ``norm_2``, ``ffn``; ``final_norm``;
-``lm_head`` (absent when tied). :mod:`mmjax.flops` relies on these names.
+returns fp32 logits ``[B, T, N]``. Parameter names are those of every model
+(:mod:`mmjax.layers.common`): ``embedding/wte``, ``embedding/lm_head`` (absent when tied),
+``wpe`` (GPT2's positions), ``block_i`` with ``norm_1``, ``mixer`` (attention), ``norm_2``,
+``ffn``; ``final_norm``. :mod:`mmjax.flops` relies on these names.
 """
 
 from __future__ import annotations
@@ -28,84 +29,31 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.layers.attention import (
-    AttentionHeads,
-    CausalSelfAttention,
+from mmjax.layers.attention import AttentionHeads, CausalSelfAttention
+from mmjax.layers.common import (
     HeadOutput,
+    TokenEmbedding,
+    check_input_ids,
+    layer_norm,
+    maybe_remat,
     normal_init,
-    split_heads,
+    per_head_dim,
+    resolve_long_term_skip,
+    rms_norm,
 )
-from mmjax.layers.memory_v2 import resolve_long_term_skip, validate_skip_schedule
 from mmjax.layers.mlp import MLP, SwiGLU
 from mmjax.models import register
+from mmjax.ops import tier_masks, validate_skip_schedule
 
 Array = jax.Array
 
-
-# ----------------------------------------------------------------------------- shared pieces
-
-
-def check_input_ids(input_ids: Array, max_length: int | None = None) -> None:
-    """Raise a ``ValueError`` unless ``input_ids`` is an integer ``[batch, time]`` array."""
-    if jnp.ndim(input_ids) != 2:
-        raise ValueError(f"input_ids must be [batch, time], got shape {jnp.shape(input_ids)}")
-    if not jnp.issubdtype(input_ids.dtype, jnp.integer):
-        raise ValueError(f"input_ids must be integers, got dtype {input_ids.dtype}")
-    if max_length is not None and input_ids.shape[1] > max_length:
-        raise ValueError(
-            f"input_ids has {input_ids.shape[1]} positions but context_length is {max_length} "
-            "(learned position embeddings)"
-        )
-
-
-class TokenEmbedding(nn.Module):
-    """Token embedding ``wte [N, D]`` and the output head (tied to ``wte`` or ``lm_head``)."""
-
-    vocab_size: int
-    embed_dim: int
-    tie_embeddings: bool
-    init_std: float = 0.02
-    dtype: Any = jnp.float32
-
-    def setup(self):
-        self.wte = self.param("wte", normal_init(self.init_std, ("vocab", "embed")),
-                              (self.vocab_size, self.embed_dim))
-        if not self.tie_embeddings:
-            self.lm_head = self.param("lm_head", normal_init(self.init_std, ("embed", "vocab")),
-                                      (self.embed_dim, self.vocab_size))
-
-    def __call__(self, input_ids_BxT: Array) -> Array:
-        return jnp.take(self.wte, input_ids_BxT, axis=0).astype(self.dtype)
-
-    def logits(self, x_BxTxD: Array) -> Array:
-        """fp32 logits ``[B, T, N]``."""
-        w_DxN = self.wte.T if self.tie_embeddings else self.lm_head
-        return jnp.einsum("btd,dn->btn", x_BxTxD.astype(self.dtype),
-                          jnp.asarray(w_DxN, self.dtype), preferred_element_type=jnp.float32)
-
-
-def maybe_remat(block_cls: type, remat: bool) -> type:
-    """``block_cls`` rematerialised in the backward pass when ``remat`` (activations of a
-    block are recomputed instead of stored). Blocks take ``(x, deterministic, ...)``
-    positionally; ``deterministic`` is static."""
-    return nn.remat(block_cls, static_argnums=(2,)) if remat else block_cls
-
-
-def rms_norm(eps: float, dtype, name: str) -> nn.Module:
-    return nn.RMSNorm(epsilon=eps, dtype=dtype, name=name, scale_init=nn.with_logical_partitioning(
-        nn.initializers.ones, ("embed",)))
-
-
-def layer_norm(use_bias: bool, dtype, name: str) -> nn.Module:
-    return nn.LayerNorm(
-        epsilon=1e-5, use_bias=use_bias, dtype=dtype, name=name,
-        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-    )
+# Parts of a block as mmjax.flops names them in its tables.
+FLOPS_LABELS = {"mixer": "attention", "ffn": "MLP"}
 
 
 # ----------------------------------------------------------------------------- GPT2
@@ -121,22 +69,25 @@ class GPT2Block(nn.Module):
     impl: str
 
     @nn.compact
-    def __call__(self, x_BxTxD: Array, deterministic: bool) -> Array:
+    def __call__(self, x_BxTxD: Array, deterministic: bool, long_term_skip=None) -> Array:
+        del long_term_skip  # one block signature for every model
+        norm = lambda name: layer_norm(name, use_bias=self.use_bias, dtype=self.dtype)
         attn = CausalSelfAttention(
-            self.num_heads, attention_dropout=self.dropout_rate,
+            num_heads=self.num_heads, attention_dropout=self.dropout_rate,
             residual_dropout=self.dropout_rate, use_bias=self.use_bias,
             out_init_std=self.out_init_std, dtype=self.dtype, impl=self.impl, name="mixer")
-        x_BxTxD = x_BxTxD + attn(layer_norm(self.use_bias, self.dtype, "norm_1")(x_BxTxD),
-                                 deterministic=deterministic)
-        mlp = MLP(self.mlp_dim, dropout_rate=self.dropout_rate, use_bias=self.use_bias,
-                  out_init_std=self.out_init_std, dtype=self.dtype, name="ffn")
-        return x_BxTxD + mlp(layer_norm(self.use_bias, self.dtype, "norm_2")(x_BxTxD),
-                             deterministic=deterministic)
+        x_BxTxD = x_BxTxD + attn(norm("norm_1")(x_BxTxD), deterministic=deterministic)
+        mlp = MLP(hidden_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
+                  use_bias=self.use_bias, out_init_std=self.out_init_std, dtype=self.dtype,
+                  name="ffn")
+        return x_BxTxD + mlp(norm("norm_2")(x_BxTxD), deterministic=deterministic)
 
 
 @register("gpt2")
 class GPT2(nn.Module):
     """GPT2 baseline (the Library's ``GPT``); defaults are GPT2-small."""
+
+    flops_labels = FLOPS_LABELS
 
     vocab_size: int = 50304
     context_length: int = 1024
@@ -153,10 +104,10 @@ class GPT2(nn.Module):
     @nn.compact
     def __call__(self, input_ids: Array, deterministic: bool = True) -> Array:
         check_input_ids(input_ids, self.context_length)
-        split_heads(self.embed_dim, self.num_heads)
+        per_head_dim(self.embed_dim, self.num_heads)
         dtype = jnp.dtype(self.dtype)
-        embed = TokenEmbedding(self.vocab_size, self.embed_dim, tie_embeddings=True,
-                               dtype=dtype, name="embedding")
+        embed = TokenEmbedding(vocab_size=self.vocab_size, embed_dim=self.embed_dim,
+                               tie_embeddings=True, dtype=dtype, name="embedding")
         wpe = self.param("wpe", normal_init(0.02, (None, "embed")),
                          (self.context_length, self.embed_dim))
         x_BxTxD = embed(input_ids) + jnp.asarray(wpe[: input_ids.shape[1]], dtype)[None]
@@ -164,11 +115,14 @@ class GPT2(nn.Module):
         out_std = 0.02 / math.sqrt(2 * self.num_layers)
         for i in range(self.num_layers):
             x_BxTxD = maybe_remat(GPT2Block, self.remat)(
-                self.num_heads, self.mlp_ratio * self.embed_dim, self.dropout_rate,
-                self.use_bias, out_std, dtype, self.impl, name=f"blocks_{i}",
+                num_heads=self.num_heads, mlp_dim=self.mlp_ratio * self.embed_dim,
+                dropout_rate=self.dropout_rate, use_bias=self.use_bias, out_init_std=out_std,
+                dtype=dtype, impl=self.impl, name=f"block_{i}",
             )(x_BxTxD, deterministic)
-        x_BxTxD = layer_norm(self.use_bias, dtype, "final_norm")(x_BxTxD)
-        return embed.logits(x_BxTxD)
+        x_BxTxD = layer_norm("final_norm", use_bias=self.use_bias, dtype=dtype)(x_BxTxD)
+        logits_BxTxN = embed.logits(x_BxTxD)
+        chex.assert_shape(logits_BxTxN, (*input_ids.shape, self.vocab_size))
+        return logits_BxTxN
 
 
 # ----------------------------------------------------------------------------- LLaMA
@@ -193,17 +147,20 @@ class ShortLongAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x_BxTxD: Array, *, deterministic: bool, long_term_skip) -> Array:
-        def heads(window, name):
-            return AttentionHeads(self.num_heads, self.head_dim, window=window,
-                                  rope_theta=self.rope_theta, init_std=self.init_std,
-                                  dtype=self.dtype, impl=self.impl, name=name)
+        short_mask, long_mask = tier_masks(self.short_term_window, long_term_skip)
 
-        short_BxTxHxK = heads(self.short_term_window, "short_term")(x_BxTxD)
-        long_BxTxHxK = heads(None, "long_term")(x_BxTxD, skip=long_term_skip)
+        def heads(mask, name):
+            return AttentionHeads(num_heads=self.num_heads, head_dim=self.head_dim,
+                                  window=mask.window, rope_theta=self.rope_theta,
+                                  init_std=self.init_std, dtype=self.dtype, impl=self.impl,
+                                  name=name)
+
+        short_BxTxHxK = heads(short_mask, "short_term")(x_BxTxD)
+        long_BxTxHxK = heads(long_mask, "long_term")(x_BxTxD, skip=long_mask.skip)
         y_BxTxGxK = jnp.concatenate([short_BxTxHxK, long_BxTxHxK], axis=2)
         y_BxTxGxK = nn.Dropout(self.dropout_rate)(y_BxTxGxK, deterministic=deterministic)
-        return HeadOutput(x_BxTxD.shape[-1], init_std=self.out_init_std, dtype=self.dtype,
-                          name="out")(y_BxTxGxK)
+        return HeadOutput(features=x_BxTxD.shape[-1], init_std=self.out_init_std,
+                          dtype=self.dtype, name="out")(y_BxTxGxK)
 
 
 class LlamaBlock(nn.Module):
@@ -221,29 +178,33 @@ class LlamaBlock(nn.Module):
     @nn.compact
     def __call__(self, x_BxTxD: Array, deterministic: bool, long_term_skip=None) -> Array:
         d = x_BxTxD.shape[-1]
-        h_BxTxD = rms_norm(self.norm_eps, self.dtype, "norm_1")(x_BxTxD)
+        norm = lambda name: rms_norm(name, eps=self.norm_eps, dtype=self.dtype)
+        h_BxTxD = norm("norm_1")(x_BxTxD)
         if self.short_term_window is None:
             mixer = CausalSelfAttention(
-                self.num_heads, rope_theta=self.rope_theta, attention_dropout=self.dropout_rate,
-                init_std=self.init_std, out_init_std=self.out_init_std, dtype=self.dtype,
-                impl=self.impl, name="mixer")
+                num_heads=self.num_heads, rope_theta=self.rope_theta,
+                attention_dropout=self.dropout_rate, init_std=self.init_std,
+                out_init_std=self.out_init_std, dtype=self.dtype, impl=self.impl, name="mixer")
             h_BxTxD = mixer(h_BxTxD, deterministic=deterministic)
         else:
             mixer = ShortLongAttention(
-                self.num_heads, split_heads(d, self.num_heads), self.short_term_window,
-                self.rope_theta, dropout_rate=self.dropout_rate, init_std=self.init_std,
+                num_heads=self.num_heads, head_dim=per_head_dim(d, self.num_heads),
+                short_term_window=self.short_term_window, rope_theta=self.rope_theta,
+                dropout_rate=self.dropout_rate, init_std=self.init_std,
                 out_init_std=self.out_init_std, dtype=self.dtype, impl=self.impl, name="mixer")
             h_BxTxD = mixer(h_BxTxD, deterministic=deterministic, long_term_skip=long_term_skip)
         x_BxTxD = x_BxTxD + h_BxTxD
-        ffn = SwiGLU(self.mlp_dim, dropout_rate=self.dropout_rate, init_std=self.init_std,
-                     out_init_std=self.out_init_std, dtype=self.dtype, name="ffn")
-        return x_BxTxD + ffn(rms_norm(self.norm_eps, self.dtype, "norm_2")(x_BxTxD),
-                             deterministic=deterministic)
+        ffn = SwiGLU(hidden_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
+                     init_std=self.init_std, out_init_std=self.out_init_std, dtype=self.dtype,
+                     name="ffn")
+        return x_BxTxD + ffn(norm("norm_2")(x_BxTxD), deterministic=deterministic)
 
 
 @register("llama")
 class Llama(nn.Module):
     """LLaMA-style transformer; defaults are the paper's large baseline (LLaMA-3-8B-like)."""
+
+    flops_labels = FLOPS_LABELS
 
     vocab_size: int = 128256
     num_layers: int = 32
@@ -273,21 +234,25 @@ class Llama(nn.Module):
     def __call__(self, input_ids: Array, deterministic: bool = True,
                  long_term_skip=None) -> Array:
         check_input_ids(input_ids)
-        split_heads(self.embed_dim, self.num_heads)
+        per_head_dim(self.embed_dim, self.num_heads)
         dtype = jnp.dtype(self.dtype)
-        embed = TokenEmbedding(self.vocab_size, self.embed_dim, self.tie_embeddings,
-                               init_std=self.init_std, dtype=dtype, name="embedding")
+        embed = TokenEmbedding(vocab_size=self.vocab_size, embed_dim=self.embed_dim,
+                               tie_embeddings=self.tie_embeddings, init_std=self.init_std,
+                               dtype=dtype, name="embedding")
         x_BxTxD = embed(input_ids)
         skip = self._long_term_skip(long_term_skip, deterministic)
         out_std = self.init_std / math.sqrt(2 * self.num_layers)
         for i in range(self.num_layers):
             block = maybe_remat(LlamaBlock, self.remat)(
-                self.num_heads, self.mlp_dim, self.rope_theta, self.norm_eps,
-                self.dropout_rate, self.init_std, out_std, dtype, self.impl,
-                name=f"blocks_{i}", **self._block_kwargs())
+                num_heads=self.num_heads, mlp_dim=self.mlp_dim, rope_theta=self.rope_theta,
+                norm_eps=self.norm_eps, dropout_rate=self.dropout_rate,
+                init_std=self.init_std, out_init_std=out_std, dtype=dtype, impl=self.impl,
+                name=f"block_{i}", **self._block_kwargs())
             x_BxTxD = block(x_BxTxD, deterministic, skip)
-        x_BxTxD = rms_norm(self.norm_eps, dtype, "final_norm")(x_BxTxD)
-        return embed.logits(x_BxTxD)
+        x_BxTxD = rms_norm("final_norm", eps=self.norm_eps, dtype=dtype)(x_BxTxD)
+        logits_BxTxN = embed.logits(x_BxTxD)
+        chex.assert_shape(logits_BxTxN, (*input_ids.shape, self.vocab_size))
+        return logits_BxTxN
 
 
 @register("llama_short_long")

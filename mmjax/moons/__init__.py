@@ -24,7 +24,7 @@ from mmjax.moons.model import (
     params_from_official,
     to_official_real,
 )
-from mmjax.moons.train import clipped_loss, make_optimizer, scale_by_adam_uncorrected, train
+from mmjax.moons.train import clipped_loss, train
 
 __all__ = [
     "DT",
@@ -39,7 +39,6 @@ __all__ = [
     "from_official_real",
     "identity_params",
     "is_disentangled",
-    "make_optimizer",
     "mean_error",
     "moon_positions",
     "period_lcm",
@@ -47,7 +46,6 @@ __all__ = [
     "periods_in_steps",
     "row_dominance",
     "sample_batch",
-    "scale_by_adam_uncorrected",
     "to_official_real",
     "train",
 ]

@@ -9,7 +9,7 @@ so that its phase is random; inputs are positions ``0..length-1`` and targets ar
 The periods follow the paper's toy experiment (section 5 and appendix A of arXiv 2405.06394):
 triples from ``{0.5, 1, ..., 3.5}``, the nine with the smallest least common multiple, one held
 out for validation. The lists below are written out (the official code picks them with an
-unstable sort, see OFFICIAL_CODE.md section 5.1). ``DT = 6 / (800 / 3)``: 800 observations are
+unstable sort, see ``docs/official_code.md``). ``DT = 6 / (800 / 3)``: 800 observations are
 three periods of the largest lcm (6.0), so a period ``p`` lasts ``p / DT`` steps.
 """
 

@@ -22,36 +22,36 @@ from mmjax.moons.model import MATRIX_NAMES, MoonsMemory, complex_weights
 Array = jax.Array
 
 
-def rollout_errors(model: MoonsMemory, params, x_BxLxD: Array, contexts_C: Array,
+def rollout_errors(model: MoonsMemory, params, x_BxTxD: Array, contexts_E: Array,
                    horizon: int) -> Array:
     """Mean absolute ``horizon``-step rollout error for each context length.
 
     Args:
-      x_BxLxD: true sequences with ``L >= max(contexts) + horizon``.
-      contexts_C: int context lengths ``T >= 1``.
+      x_BxTxD: true sequences with ``T >= max(contexts) + horizon``.
+      contexts_E: int context lengths ``>= 1``.
     Returns:
-      ``[C]`` errors averaged over batch, steps and coordinates.
+      ``[E]`` errors averaged over batch, steps and coordinates.
     """
-    contexts_C = np.asarray(contexts_C)
-    if contexts_C.min() < 1 or contexts_C.max() + horizon > x_BxLxD.shape[1]:
+    contexts_E = np.asarray(contexts_E)
+    if contexts_E.min() < 1 or contexts_E.max() + horizon > x_BxTxD.shape[1]:
         raise ValueError(
-            f"contexts must lie in [1, {x_BxLxD.shape[1] - horizon}] for sequences of length "
-            f"{x_BxLxD.shape[1]} and horizon {horizon}, got [{contexts_C.min()}, "
-            f"{contexts_C.max()}]"
+            f"contexts must lie in [1, {x_BxTxD.shape[1] - horizon}] for sequences of length "
+            f"{x_BxTxD.shape[1]} and horizon {horizon}, got [{contexts_E.min()}, "
+            f"{contexts_E.max()}]"
         )
-    return _rollout_errors(model, params, jnp.asarray(x_BxLxD), jnp.asarray(contexts_C),
+    return _rollout_errors(model, params, jnp.asarray(x_BxTxD), jnp.asarray(contexts_E),
                            horizon)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
-def _rollout_errors(model, params, x_BxLxD, contexts_C, horizon):
+def _rollout_errors(model, params, x_BxTxD, contexts_E, horizon):
     def one(length):
-        preds_BxSxD = model.apply({"params": params}, x_BxLxD, length, horizon,
+        preds_BxJxD = model.apply({"params": params}, x_BxTxD, length, horizon,
                                   method=MoonsMemory.rollout)
-        truth_BxSxD = jax.lax.dynamic_slice_in_dim(x_BxLxD, length, horizon, axis=1)
-        return jnp.mean(jnp.abs(preds_BxSxD - truth_BxSxD))
+        truth_BxJxD = jax.lax.dynamic_slice_in_dim(x_BxTxD, length, horizon, axis=1)
+        return jnp.mean(jnp.abs(preds_BxJxD - truth_BxJxD))
 
-    return jax.vmap(one)(contexts_C)
+    return jax.vmap(one)(contexts_E)
 
 
 def error_curve(model: MoonsMemory, params, eval_config, data_config, *,
@@ -64,7 +64,7 @@ def error_curve(model: MoonsMemory, params, eval_config, data_config, *,
     periods = list(data_config.validation_periods[0])
     rng = np.random.default_rng(eval_config.seed)
     length = eval_config.max_context + eval_config.horizon
-    x_BxLxD, _ = sample_batch(rng, [periods], eval_config.num_sequences, length,
+    x_BxTxD, _ = sample_batch(rng, [periods], eval_config.num_sequences, length,
                               dt=data_config.dt, grid_size=data_config.grid_size)
     contexts = np.arange(1, eval_config.max_context + 1, eval_config.context_stride)
     chunks = [contexts[i:i + chunk] for i in range(0, len(contexts), chunk)]
@@ -75,7 +75,7 @@ def error_curve(model: MoonsMemory, params, eval_config, data_config, *,
     errors = []
     for c in chunks:
         padded = np.concatenate([c, np.full(chunk - len(c), c[-1])])  # one compiled shape
-        errors.append(np.asarray(rollout_errors(model, params, x_BxLxD, padded,
+        errors.append(np.asarray(rollout_errors(model, params, x_BxTxD, padded,
                                                 eval_config.horizon))[:len(c)])
     return {
         "context": contexts.tolist(),

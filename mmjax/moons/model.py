@@ -27,7 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.ops import MaskSpec, retrieve, retrieve_blocked
+from mmjax.ops import MaskSpec, retrieve
 
 Array = jax.Array
 
@@ -85,8 +85,8 @@ class MoonsCache(NamedTuple):
     ``0..length-1`` and values ``0..length-2`` are filled; later slots are never visible to
     the queries made so far (strict-causal mask) and get overwritten before they are."""
 
-    keys_BxLxHxK: Array
-    values_BxLxHxK: Array
+    keys_BxTxHxK: Array
+    values_BxTxHxK: Array
     length: Array  # int32 scalar
 
 
@@ -102,7 +102,7 @@ class MoonsMemory(nn.Module):
       bandwidth: the fixed ``beta`` of every head.
       impl: retrieval implementation for full sequences (see :func:`mmjax.ops.retrieve`).
       block_size: with ``impl="xla"``, the query and key tile size of the blocked retrieval
-        (:func:`mmjax.ops.retrieve_blocked`); ``None`` keeps its default (256). With head
+        (``block_size`` of :func:`mmjax.ops.retrieve`); ``None`` keeps its default (256). With head
         dimensions of 2 to 6 reals, tiles of 64 make a training step about 4 times cheaper
         on CPU than tiles of 256.
       skip: hide the ``skip`` most recent pairs from every query (``MaskSpec(skip=...)``);
@@ -148,80 +148,73 @@ class MoonsMemory(nn.Module):
         # v_t = W_v x_{t+1}; the last value is never visible to a query of this sequence.
         x_next_BxTxD = jnp.pad(x_BxTxD[:, 1:], ((0, 0), (0, 1), (0, 0)))
         v_BxTxHxK = split_heads(complex_matmul(self.W_v, x_next_BxTxD), self.num_heads)
-        if self.impl == "xla" and self.block_size is not None:
-            t = k_BxTxHxK.shape[1]
-            beta_TxH = jnp.broadcast_to(self._beta_H(), (t, self.num_heads))
-            y_BxTxHxK = retrieve_blocked(k_BxTxHxK, k_BxTxHxK, v_BxTxHxK, beta_TxH, self._mask(),
-                                         jnp.int32(0), block_q=self.block_size,
-                                         block_k=self.block_size)
-        else:
-            y_BxTxHxK = retrieve(k_BxTxHxK, v_BxTxHxK, bandwidth=self._beta_H(),
-                                 mask=self._mask(), impl=self.impl)
+        y_BxTxHxK = retrieve(k_BxTxHxK, v_BxTxHxK, bandwidth=self._beta_H(), mask=self._mask(),
+                             impl=self.impl, block_size=self.block_size)
         return complex_matmul(self.W_z, merge_heads(y_BxTxHxK))
 
     def _predict_at(self, cache: MoonsCache, k_BxHxK: Array, position: Array) -> Array:
-        y_Bx1xHxK = retrieve(cache.keys_BxLxHxK, cache.values_BxLxHxK, bandwidth=self._beta_H(),
+        y_Bx1xHxK = retrieve(cache.keys_BxTxHxK, cache.values_BxTxHxK, bandwidth=self._beta_H(),
                              queries=k_BxHxK[:, None], query_offset=position, mask=self._mask(),
                              impl="reference")
         return complex_matmul(self.W_z, merge_heads(y_Bx1xHxK[:, 0]))
 
-    def prefill(self, x_BxLxD: Array, length) -> tuple[MoonsCache, Array]:
+    def prefill(self, x_BxTxD: Array, length) -> tuple[MoonsCache, Array]:
         """Memorise the first ``length`` observations of ``x`` and predict the next one.
 
         Args:
-          x_BxLxD: a buffer whose first ``length`` positions are the prompt; its size ``L``
+          x_BxTxD: a buffer whose first ``length`` positions are the prompt; its size ``T``
             is the cache size (at least ``length`` + the number of decode steps).
-          length: ``T >= 1`` observations (int, may be traced).
+          length: ``n >= 1`` observations (int, may be traced).
         Returns:
-          ``(cache, pred_BxD)``: the prediction of ``x_T`` from ``x_0..x_{T-1}``.
+          ``(cache, pred_BxD)``: the prediction of ``x_n`` from ``x_0..x_{n-1}``.
         """
-        self._check_input(x_BxLxD)
+        self._check_input(x_BxTxD)
         length = jnp.asarray(length, jnp.int32)
-        pos_L = jnp.arange(x_BxLxD.shape[1])
-        k_BxLxHxK = split_heads(complex_matmul(self.W_k, x_BxLxD), self.num_heads)
-        x_next_BxLxD = jnp.pad(x_BxLxD[:, 1:], ((0, 0), (0, 1), (0, 0)))
-        v_BxLxHxK = split_heads(complex_matmul(self.W_v, x_next_BxLxD), self.num_heads)
-        k_BxLxHxK = jnp.where((pos_L < length)[None, :, None, None], k_BxLxHxK, 0.0)
-        v_BxLxHxK = jnp.where((pos_L < length - 1)[None, :, None, None], v_BxLxHxK, 0.0)
-        cache = MoonsCache(k_BxLxHxK, v_BxLxHxK, length)
-        k_last_BxHxK = jax.lax.dynamic_index_in_dim(k_BxLxHxK, length - 1, axis=1,
+        pos_T = jnp.arange(x_BxTxD.shape[1])
+        k_BxTxHxK = split_heads(complex_matmul(self.W_k, x_BxTxD), self.num_heads)
+        x_next_BxTxD = jnp.pad(x_BxTxD[:, 1:], ((0, 0), (0, 1), (0, 0)))
+        v_BxTxHxK = split_heads(complex_matmul(self.W_v, x_next_BxTxD), self.num_heads)
+        k_BxTxHxK = jnp.where((pos_T < length)[None, :, None, None], k_BxTxHxK, 0.0)
+        v_BxTxHxK = jnp.where((pos_T < length - 1)[None, :, None, None], v_BxTxHxK, 0.0)
+        cache = MoonsCache(k_BxTxHxK, v_BxTxHxK, length)
+        k_last_BxHxK = jax.lax.dynamic_index_in_dim(k_BxTxHxK, length - 1, axis=1,
                                                      keepdims=False)
         return cache, self._predict_at(cache, k_last_BxHxK, length - 1)
 
     def decode(self, cache: MoonsCache, x_new_BxD: Array) -> tuple[MoonsCache, Array]:
-        """Observe ``x_T`` (``T = cache.length``) and predict ``x_{T+1}``.
+        """Observe ``x_n`` (``n = cache.length``) and predict ``x_{n+1}``.
 
-        ``x_T`` completes the pair ``T-1`` (value ``W_v x_T``) and brings the key ``k_T``,
-        which queries the pairs ``0..T-1``.
+        ``x_n`` completes the pair ``n-1`` (value ``W_v x_n``) and brings the key ``k_n``,
+        which queries the pairs ``0..n-1``.
         """
         t = cache.length
         v_BxHxK = split_heads(complex_matmul(self.W_v, x_new_BxD), self.num_heads)
         k_BxHxK = split_heads(complex_matmul(self.W_k, x_new_BxD), self.num_heads)
-        values = jax.lax.dynamic_update_index_in_dim(cache.values_BxLxHxK, v_BxHxK, t - 1, 1)
-        keys = jax.lax.dynamic_update_index_in_dim(cache.keys_BxLxHxK, k_BxHxK, t, 1)
+        values = jax.lax.dynamic_update_index_in_dim(cache.values_BxTxHxK, v_BxHxK, t - 1, 1)
+        keys = jax.lax.dynamic_update_index_in_dim(cache.keys_BxTxHxK, k_BxHxK, t, 1)
         cache = MoonsCache(keys, values, t + 1)
         return cache, self._predict_at(cache, k_BxHxK, t)
 
-    def rollout(self, x_BxLxD: Array, length, steps: int) -> Array:
-        """Autoregressive predictions of ``x_T .. x_{T+steps-1}`` from the first ``T = length``
+    def rollout(self, x_BxTxD: Array, length, steps: int) -> Array:
+        """Autoregressive predictions of ``x_n .. x_{n+steps-1}`` from the first ``n = length``
         observations, each prediction fed back as the next observation.
 
-        ``x_BxLxD`` must have ``L >= T + steps - 1`` positions (only the first ``T`` are read).
+        ``x_BxTxD`` must have ``T >= n + steps - 1`` positions (only the first ``n`` are read).
         Returns ``[batch, steps, 2 M]``.
         """
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
-        cache, pred_BxD = self.prefill(x_BxLxD, length)
+        cache, pred_BxD = self.prefill(x_BxTxD, length)
 
         def step(carry, _):
             cache, pred_BxD = carry
             cache, nxt_BxD = self.decode(cache, pred_BxD)
             return (cache, nxt_BxD), pred_BxD
 
-        (_, last_BxD), preds_SxBxD = jax.lax.scan(step, (cache, pred_BxD), None,
+        (_, last_BxD), preds_JxBxD = jax.lax.scan(step, (cache, pred_BxD), None,
                                                   length=steps - 1)
-        preds_SxBxD = jnp.concatenate([preds_SxBxD, last_BxD[None]], axis=0)
-        return jnp.swapaxes(preds_SxBxD, 0, 1)
+        preds_JxBxD = jnp.concatenate([preds_JxBxD, last_BxD[None]], axis=0)
+        return jnp.swapaxes(preds_JxBxD, 0, 1)
 
 
 def complex_weights(params) -> dict[str, Array]:

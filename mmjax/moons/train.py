@@ -2,10 +2,10 @@
 
 The official code (MLX) trains with ``AdamW(lr=linear 1e-2 -> 5e-6 over 500 steps,
 weight_decay=0)``; MLX's Adam has **no bias correction**: ``m`` and ``v`` start at 0 and the
-update ``lr * m / (sqrt(v) + eps)`` is used as is. Compared with bias-corrected Adam the
-step is ``(1 - b1^t) / sqrt(1 - b2^t)`` times larger: 3.2 at step 1, 6.6 at step 12, still
-1.6 at step 500. ``bias_correction=False`` (the default of ``configs/moons.py``)
-reproduces that with :func:`scale_by_adam_uncorrected`; ``True`` uses ``optax.adam``.
+update ``lr * m / (sqrt(v) + eps)`` is used as is. The optimiser is mmjax's one factory,
+:func:`mmjax.train.make_optimizer`, called with ``config.optimizer`` (``schedule="linear"``,
+``bias_correction=False``: :func:`mmjax.train.optimizer.scale_by_adam_uncorrected`) and
+``total_steps=config.train.steps``.
 With ``eps = 2e-8`` (see ``mmjax/moons/config.py``) three steps from the same weights on
 the same batch match the official MLX code to 2e-7 (``tests/test_moons_official.py``).
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -24,43 +23,9 @@ import optax
 
 from mmjax.moons.data import sample_batch
 from mmjax.moons.model import MoonsMemory
+from mmjax.train.optimizer import make_optimizer
 
 Array = jax.Array
-
-
-class AdamState(NamedTuple):
-    mu: Any
-    nu: Any
-
-
-def scale_by_adam_uncorrected(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8):
-    """Adam's scaling without bias correction (as MLX's ``optim.Adam``):
-    ``m = b1 m + (1-b1) g``, ``v = b2 v + (1-b2) g^2``, update ``m / (sqrt(v) + eps)``."""
-
-    def init_fn(params):
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        return AdamState(mu=zeros, nu=zeros)
-
-    def update_fn(updates, state, params=None):
-        del params
-        mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, updates)
-        nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, state.nu, updates)
-        updates = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps), mu, nu)
-        return updates, AdamState(mu=mu, nu=nu)
-
-    return optax.GradientTransformation(init_fn, update_fn)
-
-
-def make_optimizer(train_config) -> optax.GradientTransformation:
-    """Linear learning rate ``learning_rate -> final_learning_rate`` over ``steps``."""
-    schedule = optax.linear_schedule(train_config.learning_rate,
-                                     train_config.final_learning_rate, train_config.steps)
-    if train_config.bias_correction:
-        scale = optax.scale_by_adam(b1=train_config.b1, b2=train_config.b2, eps=train_config.eps)
-    else:
-        scale = scale_by_adam_uncorrected(b1=train_config.b1, b2=train_config.b2,
-                                          eps=train_config.eps)
-    return optax.chain(scale, optax.scale_by_learning_rate(schedule))
 
 
 def clipped_loss(pred_BxTxD: Array, target_BxTxD: Array, clip: float) -> Array:
@@ -107,7 +72,7 @@ def train(config, *, progress: bool = True, log: Callable[[int, float], None] | 
                                grid_size=config.data.grid_size)
     x_BxTxD, _ = sample(batch_size=1)
     params = nn.meta.unbox(model.init(jax.random.key(config.seed), x_BxTxD)["params"])
-    optimizer = make_optimizer(config.train)
+    optimizer = make_optimizer(**config.optimizer, total_steps=config.train.steps)
     opt_state = optimizer.init(params)
     step_fn = make_train_step(model, optimizer, config.train.clip)
     losses = []

@@ -1,10 +1,30 @@
-"""Pure JAX functions (no Flax): reusable in any JAX project."""
+"""Pure JAX functions (no Flax): reusable in any JAX project.
+
+``retrieve`` is the one core operation; the feature extractors and the v2 bandwidth, tier
+and skip-schedule functions are the rest of the math of both papers. Importing this package
+does not import Flax.
+"""
 
 from mmjax.ops.features import (
+    EXP_PARAM_SCALE,
+    extract_values,
+    gated_keys,
+    gated_leaky_average,
+    key_scale,
     l2_normalize,
     leaky_average,
+    leaky_keys,
     linear_recurrence,
     peek_ahead_values,
+)
+from mmjax.ops.memory_v2 import (
+    adaptive_bandwidth,
+    bandwidth_parameters,
+    inverse_bandwidth_parameters,
+    select_long_term_skip,
+    tier_bandwidth,
+    tier_masks,
+    validate_skip_schedule,
 )
 from mmjax.ops.retrieval import (
     MaskSpec,
@@ -17,15 +37,28 @@ from mmjax.ops.retrieval import (
 )
 
 __all__ = [
+    "EXP_PARAM_SCALE",
     "MaskSpec",
+    "adaptive_bandwidth",
+    "bandwidth_parameters",
     "default_impl",
+    "extract_values",
+    "gated_keys",
+    "gated_leaky_average",
+    "inverse_bandwidth_parameters",
+    "key_scale",
     "l2_normalize",
     "leaky_average",
+    "leaky_keys",
     "linear_recurrence",
     "peek_ahead_values",
     "retrieval_weights",
     "retrieve",
     "retrieve_blocked",
     "retrieve_reference",
+    "select_long_term_skip",
+    "tier_bandwidth",
+    "tier_masks",
+    "validate_skip_schedule",
     "visible_count",
 ]

@@ -1,15 +1,25 @@
-"""Key and value feature extraction: leaky averages, the value peek-ahead, normalisation.
+"""Key and value feature extraction of v1 and v2 memories, as pure functions.
 
-All functions are O(T) in time and memory: recurrences run as ``jax.lax.associative_scan``
-(log-depth on accelerators), never as a ``T x T`` matrix. Layout ``[batch, time, heads, dim]``.
+Leaky averages (fixed per head for v1, gated per step for v2), the unit-norm keys built on
+them, the value extractor shared by both versions (peek one step ahead, normalise, scale), and
+``l2_normalize``. All functions are O(T) in time and memory: recurrences run as
+``jax.lax.associative_scan`` (log-depth on accelerators), never as a ``T x T`` matrix.
+Layout ``[batch, time, heads, dim]``. The equations are listed in ``docs/architecture.md``.
 """
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 
 Array = jax.Array
+
+# The official code stores the per-head scalars (``leaky_key_beta``, ``kernel_beta``,
+# ``value_beta``) divided by 10, and clamps the key scale at e^5 so that scores stay below
+# fp16's maximum. v1 and v2 share the value scale ``exp(10 * value_beta)``.
+EXP_PARAM_SCALE = 10.0
+KERNEL_BETA_MAX = 5.0
 
 
 def linear_recurrence(decay_BxTxHx1: Array, inputs_BxTxHxK: Array) -> Array:
@@ -22,6 +32,7 @@ def linear_recurrence(decay_BxTxHx1: Array, inputs_BxTxHxK: Array) -> Array:
     Returns:
       ``[batch, time, heads, dim]`` in fp32 (the scan runs in fp32 whatever the input dtype).
     """
+    chex.assert_rank([decay_BxTxHx1, inputs_BxTxHxK], 4)
     b = inputs_BxTxHxK.astype(jnp.float32)
     a = jnp.broadcast_to(decay_BxTxHx1.astype(jnp.float32), b.shape)
 
@@ -45,6 +56,8 @@ def leaky_average(x_BxTxHxK: Array, decay_H: Array) -> Array:
     Returns:
       fp32 ``[batch, time, heads, dim]``.
     """
+    chex.assert_rank(x_BxTxHxK, 4)
+    chex.assert_shape(decay_H, (x_BxTxHxK.shape[2],))
     decay_H = decay_H.astype(jnp.float32)
     gain_1x1xHx1 = (1.0 - decay_H)[None, None, :, None]
     return linear_recurrence(decay_H[None, None, :, None], gain_1x1xHx1 * x_BxTxHxK)
@@ -60,6 +73,8 @@ def gated_leaky_average(x_BxTxHxK: Array, gate_BxTxH: Array, decay_BxTxH: Array)
     Returns:
       fp32 ``[batch, time, heads, dim]``.
     """
+    chex.assert_rank(x_BxTxHxK, 4)
+    chex.assert_shape([gate_BxTxH, decay_BxTxH], x_BxTxHxK.shape[:3])
     inputs = gate_BxTxH.astype(jnp.float32)[..., None] * x_BxTxHxK.astype(jnp.float32)
     return linear_recurrence(decay_BxTxH[..., None], inputs)
 
@@ -76,6 +91,8 @@ def peek_ahead_values(u_BxTxHxV: Array, mix_H: Array) -> Array:
     Returns:
       ``[batch, time, heads, dv]`` in the promoted dtype of the inputs.
     """
+    chex.assert_rank(u_BxTxHxV, 4)
+    chex.assert_shape(mix_H, (u_BxTxHxV.shape[2],))
     ahead = jnp.concatenate([u_BxTxHxV[:, 1:], jnp.zeros_like(u_BxTxHxV[:, :1])], axis=1)
     c_1x1xHx1 = mix_H[None, None, :, None]
     return (1.0 - c_1x1xHx1) * ahead + c_1x1xHx1 * u_BxTxHxV
@@ -91,3 +108,69 @@ def l2_normalize(x: Array, axis: int = -1) -> Array:
     nonzero = sq > 0
     norm = jnp.sqrt(jnp.where(nonzero, sq, 1.0))
     return jnp.where(nonzero, x / norm, 0.0).astype(x.dtype)
+
+
+def key_scale(kernel_beta_H: Array, power: int) -> Array:
+    """v1 key scale ``exp(min(10 kernel_beta, 5)) ** power`` in fp32 (clamp before power).
+
+    ``power`` is 1 for the contextual memory and 2 for the persistent memory.
+    """
+    s = jnp.exp(jnp.minimum(EXP_PARAM_SCALE * kernel_beta_H.astype(jnp.float32),
+                            KERNEL_BETA_MAX))
+    return s**power
+
+
+def leaky_keys(k_BxTxHxK: Array, leaky_key_beta_H: Array, kernel_beta_H: Array,
+               power: int) -> Array:
+    """v1 keys from projected inputs ``k~_t = W_k x_t``: leaky average, unit norm, key scale.
+
+    ``kbar_t = e^{-lam_h} kbar_{t-1} + (1 - e^{-lam_h}) k~_t`` with
+    ``lam_h = 10 |leaky_key_beta_h|``, then ``k_t = kbar_t / |kbar_t| * key_scale``.
+
+    Returns:
+      fp32 ``[batch, time, heads, dim]``.
+    """
+    chex.assert_rank(k_BxTxHxK, 4)
+    chex.assert_shape([leaky_key_beta_H, kernel_beta_H], (k_BxTxHxK.shape[2],))
+    decay_H = jnp.exp(-EXP_PARAM_SCALE * jnp.abs(leaky_key_beta_H.astype(jnp.float32)))
+    kbar_BxTxHxK = leaky_average(k_BxTxHxK, decay_H)
+    return l2_normalize(kbar_BxTxHxK) * key_scale(kernel_beta_H, power)[:, None]
+
+
+def gated_keys(k_BxTxHxK: Array, gate_logit_BxTxH: Array, decay_logit_BxTxH: Array,
+               gate_cap: float) -> Array:
+    """v2 unit keys from the gated recurrence ``kbar_t = g_t k~_t + lam_t kbar_{t-1}``.
+
+    Args:
+      k_BxTxHxK: projected keys ``k~_t = W_k x_t``.
+      gate_logit_BxTxH: ``W_g x_t``; ``g_t = exp(gate_cap * tanh(W_g x_t / gate_cap))``
+        (the soft cap keeps ``e^-cap <= g_t <= e^cap``, see ``docs/architecture.md``).
+      decay_logit_BxTxH: ``W_lam x_t``; ``lam_t = exp(-|W_lam x_t|)``.
+      gate_cap: bound on ``|log g_t|`` (> 0).
+    Returns:
+      fp32 ``[B, T, H, K]``, unit norm (0 where ``kbar_t = 0``).
+    """
+    if gate_cap <= 0:
+        raise ValueError(f"gate_cap must be > 0, got {gate_cap}")
+    z = gate_logit_BxTxH.astype(jnp.float32)
+    gate_BxTxH = jnp.exp(gate_cap * jnp.tanh(z / gate_cap))
+    decay_BxTxH = jnp.exp(-jnp.abs(decay_logit_BxTxH.astype(jnp.float32)))
+    return l2_normalize(gated_leaky_average(k_BxTxHxK, gate_BxTxH, decay_BxTxH))
+
+
+def extract_values(u_BxTxHxV: Array, mix_H: Array, value_beta_H: Array) -> Array:
+    """The value extractor of v1 and v2: ``v_t = normalize((1 - c_h) u_{t+1} + c_h u_t)
+    * exp(10 value_beta_h)`` with ``u_t = W_v x_t`` and ``u_T = 0``.
+
+    Args:
+      u_BxTxHxV: projected inputs (compute dtype).
+      mix_H: ``c_h`` per head (unconstrained).
+      value_beta_H: log value scale per head, stored divided by 10.
+    Returns:
+      ``[batch, time, heads, dv]`` in the dtype of ``u`` (the scale is applied in fp32).
+    """
+    chex.assert_rank(u_BxTxHxV, 4)
+    chex.assert_shape([mix_H, value_beta_H], (u_BxTxHxV.shape[2],))
+    v_BxTxHxV = l2_normalize(peek_ahead_values(u_BxTxHxV, mix_H.astype(u_BxTxHxV.dtype)))
+    scale_H = jnp.exp(EXP_PARAM_SCALE * value_beta_H.astype(jnp.float32))
+    return (v_BxTxHxV * scale_H[:, None]).astype(u_BxTxHxV.dtype)

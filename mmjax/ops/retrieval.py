@@ -190,6 +190,7 @@ def retrieve(
     queries: Array | None = None,
     query_offset: Any = 0,
     impl: str = "auto",
+    block_size: int | None = None,
 ) -> Array:
     """Masked kernel-regression retrieval.
 
@@ -202,6 +203,8 @@ def retrieve(
       queries: ``[batch, q_time, heads, dk]``; default: ``keys`` (Memory Mosaics).
       query_offset: absolute position of the first query (int, possibly traced).
       impl: ``"auto" | "reference" | "xla" | "pallas_tpu" | "pallas_gpu"``.
+      block_size: query and key tile size of the ``"xla"`` path (default 256, clipped to the
+        lengths); small heads on CPU run faster with smaller tiles. The other paths ignore it.
 
     Returns:
       ``[batch, q_time, heads, dv]`` in the dtype of ``values``; rows with no visible pair
@@ -213,6 +216,8 @@ def retrieve(
         raise TypeError(f"mask must be a MaskSpec, got {type(mask).__name__}")
     _validate(queries, keys, values, bandwidth, impl)
     _check_scalar_range("query_offset", query_offset, minimum=0, allow_none=False)
+    if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
+        raise ValueError(f"block_size must be None or an integer >= 1, got {block_size!r}")
     if impl == "auto":
         impl = default_impl()
         if impl != "xla" and not _kernel_supports(queries, keys, values, impl):
@@ -222,7 +227,8 @@ def retrieve(
     if impl == "reference":
         return retrieve_reference(queries, keys, values, beta, mask, offset)
     if impl == "xla":
-        return retrieve_blocked(queries, keys, values, beta, mask, offset)
+        blocks = {} if block_size is None else dict(block_q=block_size, block_k=block_size)
+        return retrieve_blocked(queries, keys, values, beta, mask, offset, **blocks)
     from mmjax import kernels  # Pallas kernels are imported only when asked for.
 
     return kernels.retrieve_pallas(
@@ -411,9 +417,9 @@ def _blocked_fwd(q, k, v, beta, limits, block_q, block_k):
                               jnp.inf)
         return y_BxHxQxV, lse_BxHxQ
 
-    y_NxBxHxQxV, lse_NxBxHxQ = jax.lax.map(q_tile, jnp.arange(num_q_tiles))
-    y = jnp.transpose(y_NxBxHxQxV, (1, 0, 3, 2, 4)).reshape(b, -1, h, dv)[:, :tq]
-    lse_BxHxQ = jnp.transpose(lse_NxBxHxQ, (1, 2, 0, 3)).reshape(b, h, -1)[..., :tq]
+    y_IxBxHxQxV, lse_IxBxHxQ = jax.lax.map(q_tile, jnp.arange(num_q_tiles))
+    y = jnp.transpose(y_IxBxHxQxV, (1, 0, 3, 2, 4)).reshape(b, -1, h, dv)[:, :tq]
+    lse_BxHxQ = jnp.transpose(lse_IxBxHxQ, (1, 2, 0, 3)).reshape(b, h, -1)[..., :tq]
     y = y.astype(v.dtype)
     return y, (q, k, v, beta, limits, y, lse_BxHxQ)
 

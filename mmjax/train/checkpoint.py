@@ -23,7 +23,7 @@ class Checkpointer:
     the current step and stops cleanly.
     """
 
-    def __init__(self, workdir: str | pathlib.Path, *, save_every: int, max_to_keep: int = 3,
+    def __init__(self, workdir: str | pathlib.Path, *, save_every: int, max_to_keep: int,
                  config: ml_collections.ConfigDict | None = None):
         if save_every < 1:
             raise ValueError(f"checkpoint save_every must be >= 1, got {save_every}")

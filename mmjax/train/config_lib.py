@@ -1,15 +1,26 @@
-"""Pieces shared by the config files in ``configs/``: preset parsing, the paper scales, and the
-training settings and presets common to every language-model config.
+"""The config base of every config file in ``configs/`` (the three-moons one included): one
+preset parser, one set of defaults, the paper scales and the presets every LM config shares.
 
 Config files stay standalone Python files (``get_config(arg)``); what several of them share
-lives here, once.
+lives here, once. Every config is made by :func:`make_config`; language-model configs by
+:func:`lm_config`, which fills :data:`DEFAULTS` in. The vocabulary size is said once, in
+``model.vocab_size`` (the data pipeline reads it there).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import ml_collections
+
+# Settings a language-model config may leave out, with their values: the training loop's
+# and every config's single source of defaults.
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "train": {"eval_every": 0, "eval_batches": 4},
+    "sharding": {"mesh": (-1, 1, 1), "rules": None},  # (data, fsdp, tensor); rules: defaults
+    "checkpoint": {"save_every": 0, "max_to_keep": 3},  # save only with --workdir
+}
 
 # Model sizes of "Memory Mosaics at Scale" (arXiv 2507.03285). Small: the paper gives layers,
 # width and heads; CHOICE: SwiGLU width 3.5 x width, the large model's ratio (14336 / 4096).
@@ -23,25 +34,62 @@ PAPER_VOCAB = 128256
 TINY_MODEL = dict(vocab_size=256, num_layers=2, num_heads=4, embed_dim=64, dtype="float32")
 
 
-def parse_presets(arg: str | None, known: Iterable[str]) -> set[str]:
-    """``"tiny,finetune"`` -> ``{"tiny", "finetune"}``; unknown names raise, listing the known."""
-    known = tuple(known)
-    presets = {p for p in (arg or "").split(",") if p}
-    unknown = sorted(presets - set(known))
-    if unknown:
-        raise ValueError(f"unknown preset(s) {unknown}; known: {list(known)}")
+def parse_presets(arg: str | None, known: Iterable[str] = (),
+                  values: Iterable[str] = ()) -> dict[str, Any]:
+    """The presets after ``:`` in ``--config FILE.py:ARG``, comma-separated.
+
+    A name in ``known`` is a flag (``"tiny"`` -> ``{"tiny": True}``); a name in ``values``
+    takes an integer (``"heads=3"`` -> ``{"heads": 3}``). Anything else raises, listing what
+    the file knows. ``"tiny" in presets`` tests a flag; ``presets.get("heads", 3)`` a value.
+    """
+    known, values = tuple(known), tuple(values)
+    presets: dict[str, Any] = {}
+    for item in (arg or "").split(","):
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        if not sep and key in known:
+            presets[key] = True
+        elif sep and key in values:
+            try:
+                presets[key] = int(value)
+            except ValueError:
+                raise ValueError(f"preset {key} must be an integer, got {value!r}") from None
+        else:
+            raise ValueError(f"unknown preset {item!r}; known: {list(known)}"
+                             + (f", and {[f'{v}=INT' for v in values]}" if values else ""))
     return presets
 
 
-def lm_config(model: dict, *, optimizer: dict, data: dict, train: dict
-              ) -> ml_collections.ConfigDict:
-    """A config with the four sections every LM config has."""
+def make_config(**sections: Mapping[str, Any] | Any) -> ml_collections.ConfigDict:
+    r"""A config whose sections (dicts) become nested ``ConfigDict``\ s; other values stay."""
     config = ml_collections.ConfigDict()
-    config.model = ml_collections.ConfigDict(model)
-    config.optimizer = ml_collections.ConfigDict(optimizer)
-    config.data = ml_collections.ConfigDict(data)
-    config.train = ml_collections.ConfigDict(train)
+    for name, section in sections.items():
+        config[name] = (ml_collections.ConfigDict(dict(section))
+                        if isinstance(section, Mapping) else section)
     return config
+
+
+def with_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of ``config`` with the sections and keys of :data:`DEFAULTS` it lacks."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    for section, settings in DEFAULTS.items():
+        if section not in config:
+            config[section] = ml_collections.ConfigDict()
+        for key, value in settings.items():
+            if key not in config[section]:
+                config[section][key] = value
+    return config
+
+
+def lm_config(model: dict, *, optimizer: dict, data: dict, train: dict,
+              **sections: dict) -> ml_collections.ConfigDict:
+    """A language-model config: ``model``, ``optimizer``, ``data``, ``train`` (and optionally
+    ``checkpoint``, ``sharding``), with :data:`DEFAULTS` filled in."""
+    if "vocab_size" in data:
+        raise ValueError("data.vocab_size: the vocabulary size is said once, in model.vocab_size")
+    return with_defaults(make_config(model=model, optimizer=optimizer, data=data, train=train,
+                                     **sections))
 
 
 def paper_scale_config(model: dict, scale: str, presets: set[str]) -> ml_collections.ConfigDict:
@@ -60,8 +108,7 @@ def paper_scale_config(model: dict, scale: str, presets: set[str]) -> ml_collect
         model,
         optimizer=dict(learning_rate=3e-4, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8,
                        grad_clip=1.0, warmup_steps=2000, total_steps=238_419, min_lr=3e-5),
-        data=dict(vocab_size=PAPER_VOCAB, context_length=4096, batch_size=1024,
-                  corpus="tokens"),
+        data=dict(context_length=4096, batch_size=1024, corpus="tokens"),
         train=dict(num_steps=238_419, log_every=100, seed=0),
     )
     if "finetune" in presets:
@@ -77,7 +124,6 @@ def paper_scale_config(model: dict, scale: str, presets: set[str]) -> ml_collect
 def make_tiny(config: ml_collections.ConfigDict, **model_overrides) -> None:
     """Shrink an LM config in place to the CPU-sized ``:tiny`` run on the PFA corpus."""
     config.model.update(TINY_MODEL | model_overrides)
-    config.data.update(vocab_size=TINY_MODEL["vocab_size"], context_length=64, batch_size=8,
-                       corpus="pfa")
+    config.data.update(context_length=64, batch_size=8, corpus="pfa")
     config.optimizer.update(learning_rate=3e-3, warmup_steps=10, total_steps=50, min_lr=3e-4)
     config.train.update(num_steps=50, log_every=10)

@@ -11,54 +11,40 @@ line, e.g. ``--config.train.num_steps=500``. This file is also the base of
 ``configs/mm_v1_small.py:tiny``.
 """
 
-import ml_collections
+from mmjax.train.config_lib import lm_config
 
 
-def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+def get_config(arg: str | None = None):
     del arg
-    config = ml_collections.ConfigDict()
-    config.model = ml_collections.ConfigDict(dict(
-        name="memory_mosaic",
-        vocab_size=64,
-        num_layers=2,
-        num_heads=4,
-        embed_dim=64,
-        pmem_size=224,  # 3.5 x embed: the GPT2-MLP parameter budget
-        pmem_count=1,
-        ic_dropout=0.0,
-        hd_dropout=0.0,
-    ))
-    config.data = ml_collections.ConfigDict(dict(
-        corpus="pfa",
-        corpus_options=ml_collections.ConfigDict(dict(num_states=4, edges_per_state=3)),
-        vocab_size=64,
-        context_length=128,
-        batch_size=16,
-    ))
-    config.optimizer = ml_collections.ConfigDict(dict(
-        learning_rate=1e-2,
-        weight_decay=0.1,
-        b1=0.9,
-        b2=0.95,
-        eps=1e-8,
-        grad_clip=1.0,
-        warmup_steps=20,
-        total_steps=300,
-        min_lr=1e-4,
-    ))
-    config.train = ml_collections.ConfigDict(dict(
-        num_steps=300,
-        log_every=25,
-        eval_every=100,
-        eval_batches=4,
-        seed=0,
-    ))
-    config.checkpoint = ml_collections.ConfigDict(dict(
-        save_every=100,  # only when --workdir is given; resume is automatic
-        max_to_keep=2,
-    ))
-    config.sharding = ml_collections.ConfigDict(dict(
-        mesh=(-1, 1, 1),  # (data, fsdp, tensor); -1 = the remaining devices
-        rules=None,  # None: mmjax.train.sharding.DEFAULT_RULES
-    ))
-    return config
+    return lm_config(
+        dict(
+            name="memory_mosaic",
+            vocab_size=64,
+            num_layers=2,
+            num_heads=4,
+            embed_dim=64,
+            pmem_size=224,  # 3.5 x embed: the GPT2-MLP parameter budget
+            pmem_count=1,
+            ic_dropout=0.0,
+            hd_dropout=0.0,
+        ),
+        data=dict(
+            corpus="pfa",
+            corpus_options=dict(num_states=4, edges_per_state=3),
+            context_length=128,
+            batch_size=16,
+        ),
+        optimizer=dict(
+            learning_rate=1e-2,
+            weight_decay=0.1,
+            b1=0.9,
+            b2=0.95,
+            eps=1e-8,
+            grad_clip=1.0,
+            warmup_steps=20,
+            total_steps=300,
+            min_lr=1e-4,
+        ),
+        train=dict(num_steps=300, log_every=25, eval_every=100, seed=0),
+        checkpoint=dict(save_every=100),  # only when --workdir is given; resume is automatic
+    )

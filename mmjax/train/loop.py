@@ -1,11 +1,17 @@
 """The training loop: build from a config, shard, step, log, evaluate.
 
-``train_and_evaluate(config, workdir)`` is what ``python -m mmjax.train`` calls. The loop reads
-each step's metrics one step late, so the host never waits on the device between steps.
+``train_and_evaluate(config, workdir)`` is what ``python -m mmjax.train`` calls. A
+:class:`Trainer` is ready when constructed: model, optimiser, corpus, mesh, the parameter and
+state shardings and the jitted steps all come from ``__init__``, so its methods may be called
+in any order. The loop reads each step's metrics one step late (:class:`Reporter`), so the
+host never waits on the device between steps. The data flow of one step is described in
+``docs/architecture.md``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import time
 
@@ -19,44 +25,32 @@ from mmjax.data import make_corpus
 from mmjax.models import build_model
 from mmjax.train import sharding as sharding_lib
 from mmjax.train.checkpoint import Checkpointer
+from mmjax.train.config_lib import with_defaults
 from mmjax.train.metrics import MetricWriter
 from mmjax.train.optimizer import make_optimizer
 from mmjax.train.state import create_train_state, init_variables
 from mmjax.train.step import eval_step, train_step
 
-# Optional settings a config may leave out, with the values the loop then uses.
-OPTIONAL_SETTINGS = {
-    "train": {"eval_every": 0, "eval_batches": 4},
-    "sharding": {"mesh": (-1, 1, 1), "rules": None},
-    "checkpoint": {"save_every": 0, "max_to_keep": 3},
-}
-
-
-def with_optional_settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """A copy of ``config`` with the optional sections and keys filled in."""
-    config = ml_collections.ConfigDict(config.to_dict())
-    for section, settings in OPTIONAL_SETTINGS.items():
-        if section not in config:
-            config[section] = ml_collections.ConfigDict()
-        for key, value in settings.items():
-            if key not in config[section]:
-                config[section][key] = value
-    return config
-
 
 class Trainer:
-    """Everything built from a config: model, optimiser, corpus, mesh and jitted steps."""
+    """Everything built from a config: model, optimiser, corpus, mesh, shardings, jitted steps.
+
+    Attributes set by ``__init__`` (all of them): ``config`` (with defaults filled in),
+    ``model``, ``optimizer``, ``corpus``, ``mesh``, ``rules``, ``batch_sharding``,
+    ``state_shardings``. Methods: :meth:`init_state`, :meth:`batch`, :meth:`train_step`,
+    :meth:`evaluate`.
+    """
 
     def __init__(self, config: ml_collections.ConfigDict):
-        config = with_optional_settings(config)
+        config = with_defaults(config)
         self.config = config
+        data = config.data
+        if "vocab_size" in data:
+            raise ValueError("data.vocab_size: the vocabulary size is said once, in "
+                             "model.vocab_size")
         self.model = build_model(config.model)
         self.optimizer = make_optimizer(**config.optimizer)
-        data = config.data
-        if data.vocab_size != config.model.vocab_size:
-            raise ValueError(f"data.vocab_size={data.vocab_size} differs from "
-                             f"model.vocab_size={config.model.vocab_size}")
-        self.corpus = make_corpus(data.corpus, vocab_size=data.vocab_size,
+        self.corpus = make_corpus(data.corpus, vocab_size=config.model.vocab_size,
                                   seed=config.train.seed, **dict(data.get("corpus_options", {})))
         self.mesh = sharding_lib.make_mesh(config.sharding.mesh)
         self.rules = tuple(config.sharding.rules or sharding_lib.DEFAULT_RULES)
@@ -65,24 +59,27 @@ class Trainer:
             raise ValueError(f"data.batch_size={data.batch_size} must be a multiple of the "
                              f"data x fsdp mesh size {batch_devices}")
         self.batch_sharding = sharding_lib.batch_sharding(self.mesh, self.rules)
+        self._init_rng, self._state_rng = jax.random.split(jax.random.key(config.train.seed))
+        self._build_steps()
 
-    def _context(self):
-        return _Contexts(jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules))
-
-    def init_state(self):
-        """A train state with parameters laid out on the mesh by their logical axes."""
-        cfg = self.config
-        init_rng, state_rng = jax.random.split(jax.random.key(cfg.train.seed))
+    def _build_steps(self) -> None:
+        """Shardings of the parameters (from their logical axes) and of the whole train state,
+        then the jitted init, train and eval steps."""
         init = functools.partial(init_variables, self.model, batch_size=1,
-                                 length=cfg.data.context_length)
-        with self._context():
-            abstract = jax.eval_shape(init, init_rng)
+                                 length=self.config.data.context_length)
+        with self.mesh_context():
+            abstract = jax.eval_shape(init, self._init_rng)
             shardings = sharding_lib.param_shardings(abstract, self.mesh, self.rules)["params"]
-            params = jax.jit(lambda r: nn.meta.unbox(init(r))["params"],
-                             out_shardings=shardings)(init_rng)
-            state = jax.jit(create_train_state, static_argnums=1)(params, self.optimizer,
-                                                                  state_rng)
-        self.state_shardings = jax.tree.map(lambda x: x.sharding, state)
+            self._init_params = jax.jit(lambda r: nn.meta.unbox(init(r))["params"],
+                                        out_shardings=shardings)
+        # (outside the mesh: unboxing there would constrain abstract values)
+        abstract_params = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            nn.meta.unbox(abstract["params"]), shardings)
+        with self.mesh_context():
+            create = jax.jit(functools.partial(create_train_state, optimizer=self.optimizer))
+            self._create_state = create.lower(abstract_params, rng=self._state_rng).compile()
+        self.state_shardings = self._create_state.output_shardings
         replicated = sharding_lib.replicated(self.mesh)
         self._train_step = jax.jit(
             functools.partial(train_step, model=self.model, optimizer=self.optimizer),
@@ -95,7 +92,19 @@ class Trainer:
             in_shardings=(self.state_shardings.params, self.batch_sharding),
             out_shardings=replicated,
         )
-        return state
+
+    @contextlib.contextmanager
+    def mesh_context(self):
+        """The mesh and the logical-axis rules, entered together."""
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(jax.set_mesh(self.mesh))
+            stack.enter_context(nn.logical_axis_rules(self.rules))
+            yield
+
+    def init_state(self):
+        """A fresh train state (the seed's), parameters laid out on the mesh."""
+        with self.mesh_context():
+            return self._create_state(self._init_params(self._init_rng), rng=self._state_rng)
 
     def batch(self, step: int, split: str = "train") -> jax.Array:
         d = self.config.data
@@ -106,13 +115,13 @@ class Trainer:
                                             lambda index: tokens[index])
 
     def train_step(self, state, tokens):
-        with self._context():
+        with self.mesh_context():
             return self._train_step(state, tokens)
 
     def evaluate(self, params) -> dict:
         """Mean loss and per-position loss over ``train.eval_batches`` held-out batches."""
         results = []
-        with self._context():
+        with self.mesh_context():
             for i in range(self.config.train.eval_batches):
                 results.append(jax.device_get(self._eval_step(params, self.batch(i, "eval"))))
         weights = np.array([r["tokens"] for r in results], np.float64)
@@ -121,17 +130,43 @@ class Trainer:
         return {"eval_loss": loss, "eval_loss_per_position": per_position}
 
 
-class _Contexts:
-    def __init__(self, *contexts):
-        self.contexts = contexts
+@dataclasses.dataclass
+class Reporter:
+    """The loop's reporting state: metrics read one step late, the history, throughput.
 
-    def __enter__(self):
-        for c in self.contexts:
-            c.__enter__()
+    ``record(step, metrics)`` keeps the device metrics of ``step`` and reports the previous
+    ones (no host sync on the current step); ``flush()`` reports the last.
+    """
 
-    def __exit__(self, *exc):
-        for c in reversed(self.contexts):
-            c.__exit__(*exc)
+    writer: MetricWriter
+    bar: tqdm
+    log_every: int
+    tokens_per_step: int
+    history: list = dataclasses.field(default_factory=list)
+    pending: tuple | None = None
+    tokens_seen: int = 0
+    start: float = dataclasses.field(default_factory=time.perf_counter)
+
+    def record(self, step: int, metrics) -> None:
+        if self.pending is not None:
+            self._report(*self.pending, every=self.log_every)
+        self.tokens_seen += self.tokens_per_step
+        self.pending = (step, metrics)
+
+    def flush(self) -> None:
+        if self.pending is not None:
+            self._report(*self.pending, every=1)
+            self.pending = None
+
+    def _report(self, step: int, metrics, *, every: int) -> None:
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        self.history.append({"step": step, **metrics})
+        self.bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+        if step % every == 0 or step == 1:
+            rate = self.tokens_seen / max(time.perf_counter() - self.start, 1e-9)
+            self.writer.write(step, {**metrics, "tokens_per_second": rate})
+            _log(f"step {step}: loss {metrics['loss']:.4f} grad_norm "
+                 f"{metrics['grad_norm']:.3f} tokens/s {rate:,.0f}")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = None,
@@ -148,19 +183,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
     writer = MetricWriter(workdir)
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     _log(f"model {config.model.name}: {num_params:,} parameters; mesh {dict(trainer.mesh.shape)}")
-    history, pending, tokens_seen = [], None, 0
-    tokens_per_step = config.data.batch_size * config.data.context_length
     start_step = int(state.step)
-    start = time.perf_counter()
     bar = tqdm(range(start_step, tcfg.num_steps), initial=start_step, total=tcfg.num_steps,
                disable=not progress or jax.process_index() != 0, desc="train",
                dynamic_ncols=True)
+    reporter = Reporter(writer, bar, tcfg.log_every,
+                        config.data.batch_size * config.data.context_length)
     for step in bar:
         state, metrics = trainer.train_step(state, trainer.batch(step))
-        if pending is not None:  # read the previous step's metrics: no host sync per step
-            _report(pending, bar, history, writer, tcfg.log_every, tokens_seen, start)
-        tokens_seen += tokens_per_step
-        pending = (step + 1, metrics)
+        reporter.record(step + 1, metrics)
         if checkpointer is not None:
             checkpointer.save(step + 1, state, force=checkpointer.preempted)
             if checkpointer.preempted:
@@ -170,8 +201,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
             ev = trainer.evaluate(state.params)
             writer.write(step + 1, {"eval_loss": ev["eval_loss"]})
             _log(f"step {step + 1}: eval_loss {ev['eval_loss']:.4f}")
-    if pending is not None:
-        _report(pending, bar, history, writer, 1, tokens_seen, start)
+    reporter.flush()
+    history = reporter.history
     final = trainer.evaluate(state.params)
     writer.write(int(state.step), {"eval_loss": final["eval_loss"]})
     writer.close()
@@ -198,21 +229,9 @@ def _make_checkpointer(config, workdir):
     return checkpointer
 
 
-def _report(pending, bar, history, writer, every, tokens_seen, start):
-    step, metrics = pending
-    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    history.append({"step": step, **metrics})
-    bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-    if step % every == 0 or step == 1:
-        rate = tokens_seen / max(time.perf_counter() - start, 1e-9)
-        writer.write(step, {**metrics, "tokens_per_second": rate})
-        _log(f"step {step}: loss {metrics['loss']:.4f} grad_norm {metrics['grad_norm']:.3f} "
-             f"tokens/s {rate:,.0f}")
-
-
 def _log(message: str) -> None:
     if jax.process_index() == 0:
         tqdm.write(message)
 
 
-__all__ = ["Trainer", "train_and_evaluate"]
+__all__ = ["Reporter", "Trainer", "train_and_evaluate"]

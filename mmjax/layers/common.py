@@ -1,0 +1,153 @@
+"""Building blocks shared by every model: initialisers, norms, embedding and head, the head
+output projection, remat, input checks, and the long-term skip of one forward pass.
+
+Every model of :mod:`mmjax.models` (v1 and v2 Memory Mosaics, GPT2, LLaMA) is assembled from
+these, so the same role has the same module and parameter names everywhere::
+
+    embedding/wte, embedding/lm_head     token embedding, untied output head  ("vocab", "embed")
+    block_{i}/norm_1, block_{i}/norm_2   pre-norms of the two residual branches ("embed",)
+    block_{i}/mixer                      attention or associative memories
+    block_{i}/mixer/.../out              HeadOutput: heads -> width (c_proj, W_o)
+    block_{i}/ffn                        MLP, SwiGLU or v1 persistent memory
+    final_norm                           the norm before the output head
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmjax.ops import select_long_term_skip
+
+Array = jax.Array
+
+NORM_EPSILON = 1e-5
+
+
+def normal_init(std: float, names: tuple):
+    """``N(0, std^2)`` initializer annotated with logical axis ``names``."""
+    return nn.with_logical_partitioning(nn.initializers.normal(stddev=std), names)
+
+
+def zeros_init(names: tuple):
+    return nn.with_logical_partitioning(nn.initializers.zeros, names)
+
+
+def per_head_dim(embed_dim: int, num_heads: int) -> int:
+    """``embed_dim // num_heads``, raising when it does not divide."""
+    if num_heads < 1 or embed_dim % num_heads:
+        raise ValueError(
+            f"embed_dim ({embed_dim}) must be a positive multiple of num_heads ({num_heads})"
+        )
+    return embed_dim // num_heads
+
+
+def layer_norm(name: str, *, use_bias: bool, dtype: Any, param_dtype: Any = jnp.float32,
+               eps: float = NORM_EPSILON) -> nn.Module:
+    """LayerNorm over the width (the v1 Memory Mosaic and GPT2): scale 1, bias 0, the
+    two-pass variance of torch."""
+    return nn.LayerNorm(
+        epsilon=eps, use_bias=use_bias, use_fast_variance=False, dtype=dtype,
+        param_dtype=param_dtype, name=name,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+        bias_init=zeros_init(("embed",)),
+    )
+
+
+def rms_norm(name: str, *, dtype: Any, param_dtype: Any = jnp.float32,
+             eps: float = NORM_EPSILON) -> nn.Module:
+    """RMSNorm over the width (MM v2 and LLaMA): scale 1."""
+    return nn.RMSNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name,
+                      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)))
+
+
+class TokenEmbedding(nn.Module):
+    """Token embedding ``wte [N, D]`` and the output head (tied to ``wte`` or ``lm_head``)."""
+
+    vocab_size: int
+    embed_dim: int
+    tie_embeddings: bool
+    init_std: float = 0.02
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def setup(self):
+        self.wte = self.param("wte", normal_init(self.init_std, ("vocab", "embed")),
+                              (self.vocab_size, self.embed_dim), self.param_dtype)
+        if not self.tie_embeddings:
+            self.lm_head = self.param("lm_head", normal_init(self.init_std, ("embed", "vocab")),
+                                      (self.embed_dim, self.vocab_size), self.param_dtype)
+
+    def __call__(self, input_ids_BxT: Array) -> Array:
+        chex.assert_rank(input_ids_BxT, 2)
+        return jnp.take(self.wte, input_ids_BxT, axis=0).astype(self.dtype)
+
+    def logits(self, x_BxTxD: Array) -> Array:
+        """fp32 logits ``[B, T, N]``."""
+        chex.assert_rank(x_BxTxD, 3)
+        w_DxN = self.wte.T if self.tie_embeddings else self.lm_head
+        return jnp.einsum("btd,dn->btn", x_BxTxD.astype(self.dtype),
+                          jnp.asarray(w_DxN, self.dtype), preferred_element_type=jnp.float32)
+
+
+class HeadOutput(nn.Module):
+    """Output projection fusing head outputs: ``[B,T,H,V] -> [B,T,D]`` (``c_proj`` / ``W_o``).
+
+    Used by attention, by the v1 memory units and by the v2 memories (whose short- and
+    long-term heads are concatenated along the head axis before it). Parameters ``kernel``
+    ``[H, V, D]`` (``("heads", "head_dim", "embed")``) and, with ``use_bias``, ``bias [D]``.
+    """
+
+    features: int
+    use_bias: bool = False
+    init_std: float = 0.02
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, y_BxTxHxV: Array) -> Array:
+        chex.assert_rank(y_BxTxHxV, 4)
+        h, v = y_BxTxHxV.shape[-2:]
+        w_HxVxD = self.param("kernel", normal_init(self.init_std, ("heads", "head_dim", "embed")),
+                             (h, v, self.features), self.param_dtype)
+        out_BxTxD = jnp.einsum(
+            "bthv,hvd->btd", y_BxTxHxV.astype(self.dtype), jnp.asarray(w_HxVxD, self.dtype)
+        )
+        if self.use_bias:
+            b_D = self.param("bias", zeros_init(("embed",)), (self.features,), self.param_dtype)
+            out_BxTxD = out_BxTxD + jnp.asarray(b_D, self.dtype)
+        return out_BxTxD
+
+
+def maybe_remat(block_cls: type, remat: bool) -> type:
+    """``block_cls`` rematerialised in the backward pass when ``remat`` (activations of a
+    block are recomputed instead of stored). Blocks are called as
+    ``block(x, deterministic, long_term_skip)``; ``deterministic`` is static."""
+    return nn.remat(block_cls, static_argnums=(2,)) if remat else block_cls
+
+
+def check_input_ids(input_ids: Array, max_length: int | None = None) -> None:
+    """Raise a ``ValueError`` unless ``input_ids`` is an integer ``[batch, time]`` array."""
+    if jnp.ndim(input_ids) != 2:
+        raise ValueError(f"input_ids must be [batch, time], got shape {jnp.shape(input_ids)}")
+    if not jnp.issubdtype(input_ids.dtype, jnp.integer):
+        raise ValueError(f"input_ids must be integers, got dtype {input_ids.dtype}")
+    if max_length is not None and input_ids.shape[1] > max_length:
+        raise ValueError(
+            f"input_ids has {input_ids.shape[1]} positions but context_length is {max_length} "
+            "(learned position embeddings)"
+        )
+
+
+def resolve_long_term_skip(module: nn.Module, explicit, deterministic: bool, skip_range,
+                           inference_skip: int):
+    """:func:`mmjax.ops.select_long_term_skip` with the module's ``"skip"`` rng, drawn only when
+    training without an explicit skip."""
+    draws = explicit is None and not deterministic
+    return select_long_term_skip(explicit, deterministic=deterministic,
+                          rng=module.make_rng("skip") if draws else None,
+                          skip_range=tuple(skip_range), inference_skip=inference_skip)
