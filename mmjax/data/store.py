@@ -22,8 +22,13 @@ cache of 32-bit ids for every vocabulary up to 65536.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import pathlib
+import shutil
+import uuid
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -149,3 +154,49 @@ def _check_size(path: pathlib.Path, expected: int, directory: pathlib.Path) -> N
         held = "is missing" if actual is None else f"holds {actual} bytes"
         raise DataError(f"corrupt store {directory}: {path.name} {held}, the manifest says "
                         f"{expected}; run prepare again into a fresh directory")
+
+
+def write_store(directory: str | os.PathLike, documents: Mapping[str, Sequence[np.ndarray]], *,
+                vocab_size: int, eot_id: int, tokenizer_path: str | None = None,
+                tokenizer_sha256: str | None = None) -> dict:
+    """Write a store from already tokenised documents (``{"train": [...], "val": [...]}``).
+
+    For corpora tokenised elsewhere (and for tests): each document gets ``eot_id`` appended,
+    exactly as ``prepare`` does. Written in a hidden temporary directory, manifest last, then
+    renamed into place; ``directory`` must not exist yet. Returns the manifest.
+    """
+    directory = pathlib.Path(directory).absolute()
+    if directory.exists():
+        raise DataError(f"{directory} already exists; write_store makes a new store")
+    dtype = np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+    tmp = directory.parent / f".{directory.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        splits, digest = {}, hashlib.sha256()
+        for name in SPLITS:
+            docs = [np.asarray(d).ravel() for d in documents.get(name, [])]
+            for i, d in enumerate(docs):
+                if len(d) and (d.min() < 0 or d.max() >= vocab_size):
+                    raise DataError(f"{name} document {i} holds ids outside [0, {vocab_size})")
+            flat = np.concatenate([np.append(d, eot_id) for d in docs]) if docs else []
+            flat = np.asarray(flat, dtype)
+            offsets = np.concatenate([[0], np.cumsum([len(d) + 1 for d in docs])])
+            flat.tofile(tmp / f"{name}.tokens")
+            offsets.astype(np.int64).tofile(tmp / f"{name}.docs")
+            digest.update(flat.tobytes())
+            splits[name] = {"tokens": int(len(flat)), "documents": len(docs)}
+        manifest = {
+            "format": FORMAT, "version": VERSION,
+            "fingerprint": {"tokens_sha256": digest.hexdigest(), "version": VERSION},
+            "tokenizer": {"path": tokenizer_path, "sha256": tokenizer_sha256,
+                          "vocab_size": int(vocab_size), "eot_id": int(eot_id)},
+            "dtype": dtype.name, "splits": splits,
+            "total_tokens": sum(s["tokens"] for s in splits.values()), "sources": [],
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        os.rename(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
