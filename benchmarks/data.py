@@ -6,8 +6,9 @@
 Generates template stories (mmjax.data.stories; nothing is downloaded), trains a sentencepiece
 tokenizer on them, then prints:
 
-- prepare: tokens/s of ``mmjax.data.prepare`` with 1 and 2 worker processes, total and per
-  worker (worker start-up, about 2 s each on this machine, included);
+- prepare: tokens/s of ``mmjax.data.prepare`` with 1 and 2 worker processes, end to end
+  (hashing, worker start-up, writing) and of its tokenising phase alone, total and per
+  worker (worker start-up is reported apart: spawned workers import jax with mmjax);
 - loader: batches/s and tokens/s of ``make_batches`` at context 256, batch 8 (random windows),
   with 0 and 2 grain workers, as NumPy batches and as a ``jax.Array`` on a one-device
   sharding (the first batch, which pays for worker start-up, is not timed);
@@ -36,9 +37,12 @@ def time_prepare(pattern: str, tok_path: pathlib.Path, root: pathlib.Path,
                                chunk_mb=1.0, progress=False)
     seconds = time.perf_counter() - start
     rate = manifest["total_tokens"] / seconds
+    tokenise = manifest["total_tokens"] / manifest["timing"]["tokenise_s"]
     return {"stage": "prepare", "workers": workers, "tokens": manifest["total_tokens"],
             "seconds": round(seconds, 3), "tokens_per_s": round(rate),
-            "tokens_per_s_per_worker": round(rate / max(1, workers))}
+            "worker_start_s": manifest["timing"]["worker_start_s"],
+            "tokenise_tokens_per_s": round(tokenise),
+            "tokenise_tokens_per_s_per_worker": round(tokenise / max(1, workers))}
 
 
 def time_loader(store: pathlib.Path, vocab_size: int, *, workers: int, batches: int,

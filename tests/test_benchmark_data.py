@@ -17,5 +17,5 @@ def test_benchmark_reports_prepare_and_loader_rates(tmp_path, capsys):
     assert stages == [("tokenizer", None, None), ("prepare", 1, None),
                       ("loader", 0, "numpy"), ("loader", 0, "jax.Array")]
     assert all(r["tokens_per_s"] > 0 for r in rows[1:])
-    assert rows[1]["tokens"] > 400 * 20
+    assert rows[1]["tokens"] > 400 * 20 and rows[1]["tokenise_tokens_per_s"] > 0
     assert len(capsys.readouterr().out.strip().splitlines()) == len(rows)

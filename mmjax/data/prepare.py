@@ -57,6 +57,11 @@ def _init_worker(tokenizer: Tokenizer) -> None:
     _WORKER_TOKENIZER = tokenizer
 
 
+def _ready(seconds: float) -> int:
+    time.sleep(seconds)  # long enough that every worker takes one
+    return os.getpid()
+
+
 def _tokenize_chunk(task: tuple, tokenizer: Tokenizer | None = None) -> tuple[int, int, int]:
     """Tokenise one chunk into ``chunks/ID.tokens`` and ``chunks/ID.lengths``."""
     chunk_id, path, start, end, text_key, eot_id, dtype, out_dir = task
@@ -163,10 +168,12 @@ def _build(tmp: pathlib.Path, files, tok: Tokenizer, fp: dict, *, eot_id, worker
                           str(chunk_dir)))
             chunk_file.append(file_index)
     docs_per_chunk = [0] * len(tasks)
+    timing = {"worker_start_s": 0.0}
     bar = tqdm(total=sum(t[3] - t[2] for t in tasks), unit="B", unit_scale=True,
                desc="tokenise", disable=not progress, dynamic_ncols=True)
     with bar:
         if workers <= 1:
+            start = time.perf_counter()
             for task in tasks:
                 chunk_id, n_docs, n_bytes = _tokenize_chunk(task, tok)
                 docs_per_chunk[chunk_id] = n_docs
@@ -176,6 +183,10 @@ def _build(tmp: pathlib.Path, files, tok: Tokenizer, fp: dict, *, eot_id, worker
             with concurrent.futures.ProcessPoolExecutor(
                     workers, mp_context=context, initializer=_init_worker,
                     initargs=(tok,)) as pool:
+                start = time.perf_counter()
+                list(pool.map(_ready, [0.05] * workers))  # start-up apart from throughput
+                timing["worker_start_s"] = round(time.perf_counter() - start, 3)
+                start = time.perf_counter()
                 futures = [pool.submit(_tokenize_chunk, t) for t in tasks]
                 try:
                     for future in concurrent.futures.as_completed(futures):
@@ -186,6 +197,7 @@ def _build(tmp: pathlib.Path, files, tok: Tokenizer, fp: dict, *, eot_id, worker
                     for f in futures:
                         f.cancel()
                     raise
+    timing["tokenise_s"] = round(time.perf_counter() - start, 3)
     docs_per_file = np.bincount(chunk_file, weights=docs_per_chunk,
                                 minlength=len(files)).astype(int)
     for path, n in zip(files, docs_per_file):
@@ -247,6 +259,7 @@ def _build(tmp: pathlib.Path, files, tok: Tokenizer, fp: dict, *, eot_id, worker
         "sources": sources,
         "options": {"val_fraction": val_fraction, "seed": seed, "text_key": text_key,
                     "workers": workers, "chunks": len(tasks)},
+        "timing": timing,
     }
 
 
