@@ -91,7 +91,7 @@ def test_rerun_is_a_no_op_and_other_inputs_need_overwrite(corpus, tmp_path, capl
     out = tmp_path / "store"
     run_prepare(corpus, out)
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    with caplog.at_level(logging.WARNING, logger="mmjax.data.prepare"):
+    with caplog.at_level(logging.INFO, logger="mmjax.data.prepare"):
         again = run_prepare(corpus, out)
     assert "is up to date: nothing to do" in caplog.text
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes

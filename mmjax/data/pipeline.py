@@ -58,9 +58,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from mmjax.data import synthetic
-from mmjax.data.store import StoreSplit, TokenStore
+from mmjax.data.store import StoreSplit, TokenStore, check_vocab_size
 from mmjax.data.text import DataError
-from mmjax.data.tokenizer import check_vocab_size
 
 PACKINGS = ("windows", "documents")
 

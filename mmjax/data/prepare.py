@@ -122,7 +122,7 @@ def prepare(inputs: str | Sequence[str], tokenizer: str | os.PathLike | Tokenize
         manifest = store_lib.read_manifest(output)
         if manifest.get("fingerprint") == fp:
             store_lib.TokenStore(output)  # sizes still match the manifest
-            log.warning("store %s is up to date: nothing to do", output)
+            log.info("store %s is up to date: nothing to do", output)
             return manifest
         if not overwrite:
             changed = sorted(k for k in fp if manifest.get("fingerprint", {}).get(k) != fp[k])
@@ -149,7 +149,7 @@ def prepare(inputs: str | Sequence[str], tokenizer: str | os.PathLike | Tokenize
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.warning("wrote %s: %s train and %s validation tokens (%s + %s documents) in %.1f s",
+    log.info("wrote %s: %s train and %s validation tokens (%s + %s documents) in %.1f s",
                 output, f"{manifest['splits']['train']['tokens']:,}",
                 f"{manifest['splits']['val']['tokens']:,}",
                 f"{manifest['splits']['train']['documents']:,}",
@@ -311,7 +311,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="replace a store prepared from other inputs")
     parser.add_argument("--no_progress", action="store_true")
     args = parser.parse_args(argv)
-    logging.basicConfig(format="%(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
+    level, propagate = log.level, log.propagate
+    log.setLevel(logging.INFO)
+    log.propagate = False
     try:
         manifest = prepare(args.input, args.tokenizer, args.output, workers=args.workers,
                            val_fraction=args.val_fraction, seed=args.seed,
@@ -320,6 +325,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+        log.propagate = propagate
     print(json.dumps({k: manifest[k] for k in ("splits", "total_tokens", "dtype")}))
     return 0
 

@@ -156,6 +156,23 @@ def _check_size(path: pathlib.Path, expected: int, directory: pathlib.Path) -> N
                         f"{expected}; run prepare again into a fresh directory")
 
 
+def check_vocab_size(model_vocab_size: int, data_vocab_size: int, *, source: str = "data",
+                     allow_padding: bool = False) -> None:
+    """Raise one clear line unless the model's vocabulary fits the data's token ids.
+
+    ``allow_padding=True`` accepts a model vocabulary larger than the tokenizer's (GPT-2's
+    50257 ids padded to 50304); a smaller one is always an error (ids would wrap).
+    """
+    if model_vocab_size == data_vocab_size:
+        return
+    if allow_padding and model_vocab_size > data_vocab_size:
+        return
+    raise DataError(
+        f"vocabulary mismatch: model.vocab_size={model_vocab_size} but {source} has "
+        f"{data_vocab_size} token ids; set --config.model.vocab_size={data_vocab_size} "
+        f"(and data.vocab_size)")
+
+
 def write_store(directory: str | os.PathLike, documents: Mapping[str, Sequence[np.ndarray]], *,
                 vocab_size: int, eot_id: int, tokenizer_path: str | None = None,
                 tokenizer_sha256: str | None = None) -> dict:

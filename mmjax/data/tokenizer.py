@@ -28,6 +28,7 @@ import numpy as np
 import sentencepiece as spm
 
 from mmjax.data import text as text_lib
+from mmjax.data.store import check_vocab_size  # noqa: F401  (re-exported)
 from mmjax.data.text import DataError
 
 SPECIAL_IDS = {"unk_id": 0, "bos_id": 1, "eos_id": 2, "pad_id": 3}
@@ -152,23 +153,6 @@ def train_tokenizer(documents: Iterable[str], output: str | os.PathLike | None =
         os.replace(tmp, output)  # never a half-written model file under the final name
         tokenizer.path = str(output.resolve())
     return tokenizer
-
-
-def check_vocab_size(model_vocab_size: int, data_vocab_size: int, *, source: str = "data",
-                     allow_padding: bool = False) -> None:
-    """Raise one clear line unless the model's vocabulary fits the data's token ids.
-
-    ``allow_padding=True`` accepts a model vocabulary larger than the tokenizer's (GPT-2's
-    50257 ids padded to 50304); a smaller one is always an error (ids would wrap).
-    """
-    if model_vocab_size == data_vocab_size:
-        return
-    if allow_padding and model_vocab_size > data_vocab_size:
-        return
-    raise DataError(
-        f"vocabulary mismatch: model.vocab_size={model_vocab_size} but {source} has "
-        f"{data_vocab_size} token ids; set --config.model.vocab_size={data_vocab_size} "
-        f"(and data.vocab_size)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
