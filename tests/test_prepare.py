@@ -208,3 +208,19 @@ def test_tokenizer_without_end_of_text_is_an_error(corpus, tmp_path):
     manifest = prepare.prepare(corpus["pattern"], tmp_path / "noeos.model", tmp_path / "s",
                                eot_id=3, progress=False)  # the pad piece stands in
     assert manifest["tokenizer"]["eot_id"] == 3
+
+
+def test_store_and_tokenizer_beside_the_text_are_not_input(corpus, tmp_path):
+    """``--input 'DIR/*'`` with the tokenizer and the store in DIR: re-runs stay no-ops."""
+    stories.write_story_files(tmp_path, corpus["docs"][:50])
+    (tmp_path / "notes").mkdir()  # a directory matched by the wildcard is skipped
+    assert tokenizer.main(["--input", str(tmp_path / "*"), "--vocab_size", "400",
+                           "--output", str(tmp_path / "tok.model")]) == 0
+    assert tokenizer.main(["--input", str(tmp_path / "*"), "--vocab_size", "400",
+                           "--output", str(tmp_path / "tok.model")]) == 0
+    for _ in range(2):
+        manifest = prepare.prepare(str(tmp_path / "*"), tmp_path / "tok.model",
+                                   tmp_path / "store", progress=False)
+    assert [pathlib_name(s["path"]) for s in manifest["sources"]] == ["stories_000.txt"]
+    assert prepare.prepare(str(tmp_path), tmp_path / "tok.model", tmp_path / "store",
+                           progress=False)["fingerprint"] == manifest["fingerprint"]

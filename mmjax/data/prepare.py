@@ -107,10 +107,11 @@ def prepare(inputs: str | Sequence[str], tokenizer: str | os.PathLike | Tokenize
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
     output = pathlib.Path(output).absolute()
-    files = text_lib.expand_inputs(inputs)
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.load(tokenizer)
+    exclude = [output, *output.parent.glob(f".{output.name}.*")]
+    files = text_lib.expand_inputs(inputs, exclude=exclude + ([tok.path] if tok.path else []))
     for f in files:
         text_lib.check_not_empty(f)
-    tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.load(tokenizer)
     eot_id = tok.eos_id if eot_id is None else int(eot_id)
     if not 0 <= eot_id < tok.vocab_size:
         raise DataError(f"tokenizer {tok.path} has no end-of-text (eos) piece; pass --eot_id "

@@ -35,27 +35,36 @@ class DataError(ValueError):
     """Bad input data or a bad token store; the message is one line naming the problem."""
 
 
-def expand_inputs(patterns: str | Sequence[str]) -> list[pathlib.Path]:
+def expand_inputs(patterns: str | Sequence[str],
+                  exclude: Sequence[str | os.PathLike] = ()) -> list[pathlib.Path]:
     """Files matching the glob ``patterns`` (a string may hold several, comma-separated).
 
-    Directories expand to the files directly inside them. The result is sorted and without
-    duplicates, so the document order of a corpus never depends on the file system.
+    A pattern that names a directory stands for the (non-hidden) files directly inside it;
+    directories matched by a wildcard are skipped. Files inside any ``exclude`` directory (or
+    equal to an ``exclude`` file) are left out: a store or tokenizer written next to the
+    text never becomes input. The result is sorted and without duplicates, so the document
+    order of a corpus never depends on the file system.
     """
     if isinstance(patterns, (str, os.PathLike)):
         patterns = [p for p in str(patterns).split(",") if p.strip()]
     if not patterns:
         raise DataError("no input pattern given")
+    excluded = [pathlib.Path(e).absolute() for e in exclude]
+
+    def wanted(path: pathlib.Path) -> bool:
+        path = path.absolute()
+        return not any(path == e or e in path.parents for e in excluded)
+
     files = set()
     for pattern in patterns:
         pattern = os.path.expanduser(pattern.strip())
-        matches = glob.glob(pattern, recursive=True)
-        found = []
-        for m in matches:
-            path = pathlib.Path(m)
-            if path.is_dir():
-                found += [p for p in path.iterdir() if p.is_file()]
-            elif path.is_file():
-                found.append(path)
+        if os.path.isdir(pattern):
+            found = [p for p in pathlib.Path(pattern).iterdir()
+                     if p.is_file() and not p.name.startswith(".")]
+        else:
+            found = [pathlib.Path(m) for m in glob.glob(pattern, recursive=True)
+                     if os.path.isfile(m)]
+        found = [p for p in found if wanted(p)]
         if not found:
             raise DataError(f"no files match the input pattern {pattern!r}")
         files.update(p.resolve() for p in found)

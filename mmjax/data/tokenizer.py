@@ -173,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.add_argument(f"--{name}", type=int, default=value)
     args = parser.parse_args(argv)
     try:
-        files = text_lib.expand_inputs(args.input)
+        files = text_lib.expand_inputs(args.input, exclude=[args.output])
         for f in files:  # fail on a bad file before the (long) training starts
             text_lib.check_not_empty(f)
         tok = train_tokenizer(
