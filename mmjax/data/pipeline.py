@@ -106,13 +106,20 @@ class Rows:
     def start(self, epoch: int, i: int) -> int:
         t = self.context_length
         if self.packing == "windows":
-            offset = 0
-            if self.shuffle and self.slack:
-                offset = int(np.random.default_rng([self.seed, epoch, 7]).integers(
-                    0, self.slack + 1))
-            return offset + i * t
+            return self.offset(epoch) + i * t
         doc = int(np.searchsorted(self._pieces_before, i, side="right")) - 1
         return int(self.split.doc_offsets[doc]) + (i - int(self._pieces_before[doc])) * t
+
+    def offset(self, epoch: int) -> int:
+        """Where epoch ``epoch``'s window grid starts: seeded, in ``[0, slack]``."""
+        if not (self.shuffle and self.slack):
+            return 0
+        cache = self.__dict__.setdefault("_offset_cache", {})
+        if epoch not in cache:
+            cache.clear()
+            cache[epoch] = int(np.random.default_rng([self.seed, epoch, 7]).integers(
+                0, self.slack + 1))
+        return cache[epoch]
 
     def row(self, epoch: int, i: int) -> np.ndarray:
         start = self.start(epoch, i)
