@@ -253,3 +253,33 @@ def test_synthetic_corpus_behind_the_same_interface():
     sharded = pipeline.make_batches(cfg, seed=7, sharding=NamedSharding(
         mesh, PartitionSpec("data")))
     np.testing.assert_array_equal(np.asarray(next(sharded)), corpus.batch(0, B, T + 1))
+
+
+class FakeSharding:
+    """What process_share reads from a sharding: the rows this process's devices hold."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def addressable_devices_indices_map(self, shape):
+        return {f"dev{i}": (slice(a, b), slice(None)) for i, (a, b) in enumerate(self.rows)}
+
+
+def test_process_share_from_the_sharding():
+    # devices of the second of two processes hold rows 4..7, two rows each
+    assert pipeline.process_share(FakeSharding([(4, 6), (6, 8)]), 8, T + 1) == (1, 2)
+    # tensor parallelism: two devices hold the same rows, one share of four
+    assert pipeline.process_share(FakeSharding([(2, 4), (2, 4)]), 8, T + 1) == (1, 4)
+    assert pipeline.process_share(FakeSharding([(0, 8)]), 8, T + 1) == (0, 1)
+    with pytest.raises(ValueError, match="not one contiguous share"):
+        pipeline.process_share(FakeSharding([(0, 2), (4, 6)]), 8, T + 1)
+    assert pipeline.process_share(None, 8, T + 1, process_index=1, process_count=4) == (1, 4)
+
+
+def test_config_dict_sections_are_accepted(unique_store):
+    import ml_collections
+
+    cfg = ml_collections.ConfigDict(config(unique_store["path"], packing="windows"))
+    a = next(pipeline.make_batches(cfg, seed=1))
+    np.testing.assert_array_equal(a, next(pipeline.make_batches(config(unique_store["path"]),
+                                                                seed=1)))
