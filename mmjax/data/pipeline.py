@@ -31,7 +31,8 @@ Two ways to cut the stream of a split (documents in order, each followed by end-
   starts a story, which the per-position in-context loss assumes, and a contextual memory
   never retrieves from another document). Tokens past a document's last full piece are not
   used; documents shorter than T + 1 tokens give no row, and a context longer than every
-  document is an error.
+  document is an error (this is the issue's "packed documents" mode: rows are packed with
+  one document's tokens, never padded, never mixed).
 
 Processes: the shuffled stream of rows (over epochs) is dealt round-robin: process ``p`` of
 ``P`` reads rows ``p, p + P, ...``, so the processes' shares are disjoint and together they
