@@ -82,13 +82,15 @@ def time_train_step(store: pathlib.Path, vocab_size: int, steps: int) -> dict:
     from mmjax.train.loop import Trainer
 
     config = defaults.get_config()
-    config.model.vocab_size = config.data.vocab_size = vocab_size
+    config.model.vocab_size = vocab_size
+    if "vocab_size" in config.data:  # said twice before the config refactor of issue 10
+        config.data.vocab_size = vocab_size
     config.data.context_length, config.data.batch_size = CONTEXT, BATCH
     config.sharding.mesh = (1, 1, 1)
     trainer = Trainer(config)
     state = trainer.init_state()
-    it = make_batches(dict(corpus="tokens", path=str(store), vocab_size=vocab_size,
-                           context_length=CONTEXT, batch_size=BATCH), seed=0,
+    it = make_batches(dict(corpus="tokens", path=str(store), context_length=CONTEXT,
+                           batch_size=BATCH), vocab_size=vocab_size, seed=0,
                       sharding=trainer.batch_sharding)
     state, metrics = trainer.train_step(state, next(it))  # compile
     jax.block_until_ready(metrics)

@@ -283,3 +283,15 @@ def test_config_dict_sections_are_accepted(unique_store):
     a = next(pipeline.make_batches(cfg, seed=1))
     np.testing.assert_array_equal(a, next(pipeline.make_batches(config(unique_store["path"]),
                                                                 seed=1)))
+
+
+def test_vocab_size_from_the_model_config(unique_store):
+    cfg = config(unique_store["path"])
+    del cfg["vocab_size"]  # said once, in model.vocab_size
+    a = next(pipeline.make_batches(cfg, vocab_size=1 << 16, seed=1))
+    np.testing.assert_array_equal(a, next(pipeline.make_batches(config(unique_store["path"]),
+                                                                seed=1)))
+    with pytest.raises(ValueError, match=r"needs vocab_size= \(the model's vocabulary\)"):
+        pipeline.make_batches(cfg)
+    with pytest.raises(DataError, match="model.vocab_size=1000 but the token store"):
+        pipeline.make_batches(cfg, vocab_size=1000)

@@ -10,7 +10,8 @@ Data config keys (``config.data``)::
 
     corpus           "tokens" (a store from mmjax.data.prepare) or a synthetic name ("pfa")
     path             the store directory (corpus "tokens")
-    vocab_size       the model's vocabulary: must equal the store's tokenizer (see below)
+    vocab_size       the model's vocabulary, unless make_batches gets vocab_size=: must
+                     equal the store's tokenizer's (see below)
     context_length   T: rows hold T + 1 tokens (inputs and shifted targets)
     batch_size       the global batch, over all processes
     packing          "windows" (default) or "documents"
@@ -275,16 +276,24 @@ class SyntheticBatches(grain.DatasetIterator):
         self.step = int(state["step"])
 
 
-def make_batches(data: ml_collections.ConfigDict | dict, *,
+def make_batches(data: ml_collections.ConfigDict | dict, *, vocab_size: int | None = None,
                  sharding: NamedSharding | None = None, seed: int = 0, split: str = "train",
                  shuffle: bool | None = None, process_index: int | None = None,
                  process_count: int | None = None):
     """The batch iterator a data config describes (keys: see the module docstring).
 
-    ``split`` is ``"train"`` or ``"val"``; ``shuffle`` defaults to ``split == "train"``
-    (validation batches come in store order, the same at every evaluation).
+    ``vocab_size`` is the model's vocabulary (``config.model.vocab_size``); left out, it is
+    ``data.vocab_size``. ``split`` is ``"train"`` or ``"val"``; ``shuffle`` defaults to
+    ``split == "train"`` (validation batches come in store order, the same at every
+    evaluation).
     """
     data = dict(data)
+    if vocab_size is None:
+        if data.get("vocab_size") is None:
+            raise ValueError("make_batches needs vocab_size= (the model's vocabulary) or "
+                             "data.vocab_size")
+        vocab_size = data["vocab_size"]
+    data["vocab_size"] = int(vocab_size)
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     corpus = data.get("corpus", "tokens")
