@@ -116,12 +116,15 @@ class Rows:
         """Where epoch ``epoch``'s window grid starts: seeded, in ``[0, slack]``."""
         if not (self.shuffle and self.slack):
             return 0
-        cache = self.__dict__.setdefault("_offset_cache", {})
-        if epoch not in cache:
-            cache.clear()
-            cache[epoch] = int(np.random.default_rng([self.seed, epoch, 7]).integers(
+        cache = self.__dict__.setdefault("_offset_cache", {})  # read by grain's threads
+        value = cache.get(epoch)
+        if value is None:
+            value = int(np.random.default_rng([self.seed, epoch, 7]).integers(
                 0, self.slack + 1))
-        return cache[epoch]
+            if len(cache) > 8:
+                cache.clear()
+            cache[epoch] = value
+        return value
 
     def row(self, epoch: int, i: int) -> np.ndarray:
         start = self.start(epoch, i)
