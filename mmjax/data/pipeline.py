@@ -1,0 +1,339 @@
+"""Batches for the trainer: a grain pipeline over a token store, or a synthetic corpus.
+
+``make_batches(config.data, sharding=..., seed=...)`` is the one entry point. It returns an
+iterator whose ``next()`` is a ``[global_batch, context_length + 1]`` int32 ``jax.Array`` on
+the given ``NamedSharding`` (a NumPy array when ``sharding`` is None), with ``get_state()`` /
+``set_state()``; a text iterator is a grain ``DatasetIterator``, so it can be saved beside the
+train state with ``grain.checkpoint.CheckpointSave(it)`` / ``CheckpointRestore(it)``.
+
+Data config keys (``config.data``)::
+
+    corpus           "tokens" (a store from mmjax.data.prepare) or a synthetic name ("pfa")
+    path             the store directory (corpus "tokens")
+    vocab_size       the model's vocabulary, unless make_batches gets vocab_size=: must
+                     equal the store's tokenizer's (see below)
+    context_length   T: rows hold T + 1 tokens (inputs and shifted targets)
+    batch_size       the global batch, over all processes
+    packing          "windows" (default) or "documents"
+    worker_count     grain worker processes (0: read in the main process)
+    prefetch         batches buffered ahead (per worker with workers)
+    num_epochs       None: repeat forever
+    allow_vocab_padding  True: accept vocab_size > the tokenizer's (e.g. 50304 for 50257)
+    corpus_options   options of a synthetic corpus
+
+Two ways to cut the stream of a split (documents in order, each followed by end-of-text):
+
+- ``"windows"``: windows of T + 1 tokens at stride T over the whole stream, so every token
+  is a target exactly once per epoch; windows cross document boundaries (the end-of-text id
+  marks them). Each epoch shifts the grid by a seeded random offset in ``[0, slack]`` and
+  visits the windows in a seeded random order (grain's index shuffle: O(1) memory).
+- ``"documents"``: rows never mix documents: each document is cut into pieces of T + 1
+  tokens at stride T starting at its first token (so every row of a short-context model
+  starts a story, which the per-position in-context loss assumes, and a contextual memory
+  never retrieves from another document). Tokens past a document's last full piece are not
+  used; documents shorter than T + 1 tokens give no row, and a context longer than every
+  document is an error (this is the issue's "packed documents" mode: rows are packed with
+  one document's tokens, never padded, never mixed).
+
+Processes: the shuffled stream of rows (over epochs) is dealt round-robin: process ``p`` of
+``P`` reads rows ``p, p + P, ...``, so the processes' shares are disjoint and together they
+are the whole epoch; each reads only its ``global_batch / P`` rows of a step, and
+``jax.make_array_from_process_local_data`` assembles the global batch. By default ``p`` and
+``P`` come from the sharding (which rows of the batch this process's devices hold), or from
+``jax.process_index() / jax.process_count()``; tests pass them explicitly.
+
+Every batch is checked at the host boundary: a token id outside ``[0, vocab_size)`` is an
+error naming the id, the split and the store, never a silent index wrap on the device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding
+
+from mmjax.data import synthetic
+from mmjax.data.store import StoreSplit, TokenStore, check_vocab_size
+from mmjax.data.text import DataError
+
+PACKINGS = ("windows", "documents")
+
+
+@dataclasses.dataclass
+class Rows:
+    """The rows of one split: ``count`` per epoch, ``row(epoch, i)`` -> ``[T + 1]`` int32.
+
+    Picklable (grain workers re-open the memory maps).
+    """
+
+    split: StoreSplit
+    context_length: int
+    packing: str = "windows"
+    seed: int = 0
+    shuffle: bool = True
+
+    def __post_init__(self):
+        if self.packing not in PACKINGS:
+            raise ValueError(f"data.packing must be one of {PACKINGS}, got {self.packing!r}")
+        if self.context_length < 1:
+            raise ValueError(f"context_length must be >= 1, got {self.context_length}")
+        n, t = self.split.num_tokens, self.context_length
+        where = f"the {self.split.name} split of {self.split.directory}"
+        if self.packing == "windows":
+            if n < t + 1:
+                raise DataError(f"{where} holds {n} tokens, fewer than context_length + 1 = "
+                                f"{t + 1}")
+            self.count = (n - 1) // t
+            self.slack = (n - 1) - self.count * t
+            self._pieces_before = None
+        else:
+            lengths = self.split.document_lengths()
+            if len(lengths) == 0 or lengths.max() < t + 1:
+                longest = int(lengths.max()) if len(lengths) else 0
+                raise DataError(
+                    f"packing='documents' with context_length={t} is longer than every "
+                    f"document of {where} (longest: {longest} tokens with its end-of-text, "
+                    f"a row needs {t + 1}); use packing='windows' or a shorter context")
+            pieces = (lengths - 1) // t  # whole pieces of t + 1 tokens per document
+            self._pieces_before = np.concatenate([[0], np.cumsum(pieces)]).astype(np.int64)
+            self.count = int(self._pieces_before[-1])
+
+    def start(self, epoch: int, i: int) -> int:
+        t = self.context_length
+        if self.packing == "windows":
+            return self.offset(epoch) + i * t
+        doc = int(np.searchsorted(self._pieces_before, i, side="right")) - 1
+        return int(self.split.doc_offsets[doc]) + (i - int(self._pieces_before[doc])) * t
+
+    def offset(self, epoch: int) -> int:
+        """Where epoch ``epoch``'s window grid starts: seeded, in ``[0, slack]``."""
+        if not (self.shuffle and self.slack):
+            return 0
+        cache = self.__dict__.setdefault("_offset_cache", {})  # read by grain's threads
+        value = cache.get(epoch)
+        if value is None:
+            value = int(np.random.default_rng([self.seed, epoch, 7]).integers(
+                0, self.slack + 1))
+            if len(cache) > 8:
+                cache.clear()
+            cache[epoch] = value
+        return value
+
+    def row(self, epoch: int, i: int) -> np.ndarray:
+        start = self.start(epoch, i)
+        return np.asarray(self.split.tokens[start:start + self.context_length + 1], np.int32)
+
+
+class _RowAt:
+    """``map_with_index`` callable: global position ``g`` (over epochs), index -> row."""
+
+    def __init__(self, rows: Rows):
+        self.rows = rows
+
+    def __call__(self, position: int, index: int) -> np.ndarray:
+        return self.rows.row(position // self.rows.count, index)
+
+
+def row_dataset(rows: Rows, *, num_epochs: int | None = None) -> grain.MapDataset:
+    """The stream of rows over epochs (shuffled per epoch if ``rows.shuffle``), unsharded."""
+    ds = grain.MapDataset.range(rows.count)
+    if rows.shuffle:
+        ds = ds.shuffle(seed=rows.seed)
+    return ds.repeat(num_epochs).map_with_index(_RowAt(rows))
+
+
+def process_share(sharding: NamedSharding | None, global_batch: int, row_length: int,
+                  process_index: int | None = None,
+                  process_count: int | None = None) -> tuple[int, int]:
+    """``(index, count)`` of this process's share of the rows (see the module docstring)."""
+    if process_index is not None or process_count is not None:
+        index = jax.process_index() if process_index is None else process_index
+        count = jax.process_count() if process_count is None else process_count
+    elif sharding is None:
+        index, count = jax.process_index(), jax.process_count()
+    else:
+        rows = sorted({(idx[0].start or 0, global_batch if idx[0].stop is None else idx[0].stop)
+                       for idx in sharding.addressable_devices_indices_map(
+                           (global_batch, row_length)).values()})
+        lo, hi = rows[0][0], rows[-1][1]
+        if (hi - lo) != sum(b - a for a, b in rows) or global_batch % (hi - lo):
+            raise ValueError(f"this process's devices hold rows {rows} of the batch: not one "
+                             f"contiguous share; pass process_index/process_count")
+        index, count = lo // (hi - lo), global_batch // (hi - lo)
+    if not 0 <= index < count:
+        raise ValueError(f"process_index={index} must be in [0, process_count={count})")
+    if global_batch % count:
+        raise ValueError(f"data.batch_size={global_batch} must be a multiple of the "
+                         f"{count} processes that share it")
+    return index, count
+
+
+class TextBatches(grain.DatasetIterator):
+    """Global batches from a token store; a grain ``DatasetIterator`` (checkpointable)."""
+
+    def __init__(self, store: TokenStore, *, split: str, context_length: int,
+                 batch_size: int, vocab_size: int, sharding: NamedSharding | None = None,
+                 seed: int = 0, packing: str = "windows", shuffle: bool = True,
+                 num_epochs: int | None = None, worker_count: int = 0, prefetch: int = 2,
+                 read_threads: int = 2, process_index: int | None = None,
+                 process_count: int | None = None):
+        super().__init__()
+        self.store = store
+        self.split_name = split
+        self.rows = Rows(store.split(split), context_length, packing, seed, shuffle)
+        self.vocab_size = int(vocab_size)
+        self.sharding = sharding
+        self.global_shape = (int(batch_size), context_length + 1)
+        self.process_index, self.process_count = process_share(
+            sharding, batch_size, context_length + 1, process_index, process_count)
+        self.local_batch = batch_size // self.process_count
+        ds = row_dataset(self.rows, num_epochs=num_epochs)
+        ds = ds[self.process_index::self.process_count].batch(self.local_batch,
+                                                               drop_remainder=True)
+        read = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch)
+        iter_ds = ds.to_iter_dataset(read)
+        if worker_count > 0:
+            _mark_absl_flags_parsed()
+            iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(
+                num_workers=worker_count, per_worker_buffer_size=prefetch))
+        self._iterator = iter(iter_ds)
+        self._batches = 0
+        self._identity = _identity(store, split=split, context_length=context_length,
+                                   batch_size=batch_size, seed=seed, packing=packing,
+                                   shuffle=shuffle, process=[self.process_index,
+                                                             self.process_count],
+                                   worker_count=worker_count)
+
+    def next_local(self) -> np.ndarray:
+        """This process's ``[global_batch / P, T + 1]`` int32 rows of the next batch, checked."""
+        local = next(self._iterator)
+        self._batches += 1
+        low, high = int(local.min()), int(local.max())
+        if low < 0 or high >= self.vocab_size:
+            bad = low if low < 0 else high
+            raise DataError(f"token id {bad} outside the model vocabulary [0, "
+                            f"{self.vocab_size}) in batch {self._batches - 1} of the "
+                            f"{self.split_name} split of {self.store.directory}")
+        return local
+
+    def __next__(self) -> jax.Array | np.ndarray:
+        local = self.next_local()
+        if self.sharding is None:
+            return local
+        return jax.make_array_from_process_local_data(self.sharding, local, self.global_shape)
+
+    def get_state(self) -> dict[str, Any]:
+        return {"pipeline": self._identity, "batches": self._batches,
+                "grain": self._iterator.get_state()}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        if state.get("pipeline") != self._identity:
+            raise ValueError(f"this data iterator state was saved by another pipeline "
+                             f"(saved {state.get('pipeline')}, now {self._identity})")
+        self._iterator.set_state(state["grain"])
+        self._batches = int(state["batches"])
+
+    def close(self) -> None:
+        iterator = getattr(self, "_iterator", None)  # None when __init__ raised
+        if iterator is not None:
+            iterator.close()
+        super().close()
+
+
+class SyntheticBatches(grain.DatasetIterator):
+    """A synthetic corpus behind the same interface: batch ``k`` is ``corpus.batch(k)``.
+
+    Every process builds the same global batch (a pure function of the step) and hands over
+    only its devices' shards, exactly as the trainer did before; the state is the step.
+    """
+
+    def __init__(self, corpus, *, split: str, context_length: int, batch_size: int,
+                 sharding: NamedSharding | None = None):
+        super().__init__()
+        self.corpus = corpus
+        self.split_name = "eval" if split == "val" else split
+        self.shape = (int(batch_size), context_length + 1)
+        self.sharding = sharding
+        self.step = 0
+
+    def __next__(self):
+        tokens = self.corpus.batch(self.step, self.shape[0], self.shape[1],
+                                   split=self.split_name)
+        self.step += 1
+        if self.sharding is None:
+            return tokens
+        return jax.make_array_from_callback(tokens.shape, self.sharding,
+                                            lambda index: tokens[index])
+
+    def get_state(self) -> dict[str, Any]:
+        return {"step": self.step}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+
+
+def make_batches(data: ml_collections.ConfigDict | dict, *, vocab_size: int | None = None,
+                 sharding: NamedSharding | None = None, seed: int = 0, split: str = "train",
+                 shuffle: bool | None = None, process_index: int | None = None,
+                 process_count: int | None = None):
+    """The batch iterator a data config describes (keys: see the module docstring).
+
+    ``vocab_size`` is the model's vocabulary (``config.model.vocab_size``); left out, it is
+    ``data.vocab_size``. ``split`` is ``"train"`` or ``"val"``; ``shuffle`` defaults to
+    ``split == "train"`` (validation batches come in store order, the same at every
+    evaluation).
+    """
+    data = dict(data)
+    if vocab_size is None:
+        if data.get("vocab_size") is None:
+            raise ValueError("make_batches needs vocab_size= (the model's vocabulary) or "
+                             "data.vocab_size")
+        vocab_size = data["vocab_size"]
+    data["vocab_size"] = int(vocab_size)
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    corpus = data.get("corpus", "tokens")
+    shuffle = split == "train" if shuffle is None else shuffle
+    if corpus != "tokens":
+        options = dict(data.get("corpus_options") or {})
+        source = synthetic.make_corpus(corpus, vocab_size=data["vocab_size"], seed=seed,
+                                       **options)
+        return SyntheticBatches(source, split=split, context_length=data["context_length"],
+                                batch_size=data["batch_size"], sharding=sharding)
+    if not data.get("path"):
+        raise DataError("data.corpus='tokens' needs data.path: a store directory made by "
+                        "python -m mmjax.data.prepare (--config.data.path=DIR)")
+    store = TokenStore(data["path"])
+    check_vocab_size(data["vocab_size"], store.vocab_size,
+                     source=f"the token store {store.directory} (tokenizer "
+                            f"{store.manifest['tokenizer'].get('path')})",
+                     allow_padding=bool(data.get("allow_vocab_padding", False)))
+    return TextBatches(store, split=split, context_length=data["context_length"],
+                       batch_size=data["batch_size"], vocab_size=data["vocab_size"],
+                       sharding=sharding, seed=seed, packing=data.get("packing", "windows"),
+                       shuffle=shuffle, num_epochs=data.get("num_epochs"),
+                       worker_count=int(data.get("worker_count", 0)),
+                       prefetch=int(data.get("prefetch", 2)), process_index=process_index,
+                       process_count=process_count)
+
+
+def _identity(store: TokenStore, **settings) -> str:
+    """A short digest of what decides the batch sequence, to refuse a foreign state."""
+    fingerprint = store.manifest.get("fingerprint", {})
+    blob = json.dumps({"store": fingerprint, **settings}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _mark_absl_flags_parsed() -> None:
+    """grain workers read absl flags; outside an absl app they are not parsed yet."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
