@@ -82,7 +82,14 @@ class Count:
 
 
 def parameter_shapes(model_config: Mapping[str, Any]) -> dict[tuple[str, ...], tuple[int, ...]]:
-    """``{path: shape}`` of the model's parameters, via ``jax.eval_shape`` (no allocation)."""
+    """``{path: shape}`` of the model's parameters, via ``jax.eval_shape`` (no allocation).
+
+    Always of the unrolled layout (``block_i``): scanning the layers changes the parameters'
+    layout, not their count or FLOPs.
+    """
+    model_config = dict(model_config)
+    if "scan_layers" in model_config:
+        model_config["scan_layers"] = False
     model = build_model(model_config)
     ids = jnp.zeros((1, 8), jnp.int32)
     shapes = jax.eval_shape(model.init, jax.random.key(0), ids)

@@ -134,7 +134,7 @@ def test_bad_config_errors():
 def test_remat_same_values_and_gradients():
     config = {**CONFIG, "impl": "reference", "num_layers": 1}  # fast to compile
     model, params, ids = _init(config, length=8)
-    remat = build_model({**config, "remat": True})
+    remat = build_model({**config, "remat": "full"})
     key = jax.random.key(3)
 
     def value_and_grad(m):

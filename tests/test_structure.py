@@ -104,7 +104,7 @@ def _module_calls(path: pathlib.Path):
         if isinstance(node, ast.Call):
             func = node.func
             name = func.id if isinstance(func, ast.Name) else None
-            if name is None and isinstance(func, ast.Call):  # maybe_remat(Block, r)(...)
+            if name is None and isinstance(func, ast.Call):  # nn.remat(Block, ...)(...)
                 inner = func.func
                 name = inner.id if isinstance(inner, ast.Name) else None
             if name and name[:1].isupper():

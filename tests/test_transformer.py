@@ -132,7 +132,7 @@ def test_unknown_and_bad_inputs():
 @pytest.mark.parametrize("config", [GPT2, LLAMA, SHORT_LONG], ids=lambda c: c["name"])
 def test_remat_same_values_and_gradients(config):
     model, params, ids = _init(config)
-    remat = build_model({**config, "remat": True})
+    remat = build_model({**config, "remat": "full"})
 
     def loss(m, p):
         return jnp.sum(m.apply({"params": p}, ids) ** 2)

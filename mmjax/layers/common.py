@@ -1,5 +1,6 @@
 """Building blocks shared by every model: initialisers, norms, embedding and head, the head
-output projection, remat, input checks, and the long-term skip of one forward pass.
+output projection, the stack of blocks (unrolled or scanned, remat policies), input checks,
+and the long-term skip of one forward pass.
 
 Every model of :mod:`mmjax.models` (v1 and v2 Memory Mosaics, GPT2, LLaMA) is assembled from
 these, so the same role has the same module and parameter names everywhere::
@@ -10,6 +11,9 @@ these, so the same role has the same module and parameter names everywhere::
     block_{i}/mixer/.../out              HeadOutput: heads -> width (c_proj, W_o)
     block_{i}/ffn                        MLP, SwiGLU or v1 persistent memory
     final_norm                           the norm before the output head
+
+With ``scan_layers=True`` the blocks are one scanned ``blocks/layer`` whose parameters have a
+leading ``[num_layers]`` axis (:func:`run_blocks`).
 """
 
 from __future__ import annotations
@@ -123,11 +127,67 @@ class HeadOutput(nn.Module):
         return out_BxTxD
 
 
-def maybe_remat(block_cls: type, remat: bool) -> type:
-    """``block_cls`` rematerialised in the backward pass when ``remat`` (activations of a
-    block are recomputed instead of stored). Blocks are called as
-    ``block(x, deterministic, long_term_skip)``; ``deterministic`` is static."""
-    return nn.remat(block_cls, static_argnums=(2,)) if remat else block_cls
+# Remat policies by config name: what a block keeps from its forward pass for the backward.
+REMAT_POLICIES = {
+    "none": None,  # no remat: keep every activation
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block
+    "dots": jax.checkpoint_policies.dots_saveable,  # keep matmul outputs, recompute the rest
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def check_remat(remat: str) -> None:
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat={remat!r}: choose one of {sorted(REMAT_POLICIES)}")
+
+
+class _ScanStep(nn.Module):
+    """One layer as a scan step: ``(x, long_term_skip) -> (x, None)``."""
+
+    block: Any  # a block class (possibly rematerialised)
+    block_kwargs: Any  # its fields, as a tuple of (name, value)
+    deterministic: bool
+
+    @nn.compact
+    def __call__(self, x_BxTxD: Array, long_term_skip):
+        block = self.block(**dict(self.block_kwargs), name="layer")
+        return block(x_BxTxD, self.deterministic, long_term_skip), None
+
+
+def run_blocks(block_cls: type, x_BxTxD: Array, *, num_layers: int, deterministic: bool,
+               long_term_skip=None, scan: bool = False, remat: str = "none",
+               **block_kwargs) -> Array:
+    """Apply ``num_layers`` residual blocks ``block_cls(**block_kwargs)`` to ``x_BxTxD``.
+
+    Call inside a model's ``nn.compact`` method. Blocks are called as
+    ``block(x, deterministic, long_term_skip)`` (``deterministic`` static).
+
+    * ``scan=False``: ``block_0 .. block_{L-1}`` one after the other (the names
+      :mod:`mmjax.convert` and :mod:`mmjax.flops` read).
+    * ``scan=True``: one ``nn.scan`` over a ``blocks/layer`` whose parameters carry a leading
+      ``[num_layers]`` axis (logical name ``"layers"``): the step is traced and compiled once,
+      so compile time does not grow with depth. Same function as ``scan=False``, other
+      parameter layout.
+    * ``remat``: a name of :data:`REMAT_POLICIES`; each block's activations are recomputed in
+      the backward pass except what the policy saves.
+    """
+    check_remat(remat)
+    if remat != "none":
+        block_cls = nn.remat(block_cls, static_argnums=(2,), policy=REMAT_POLICIES[remat],
+                             prevent_cse=not scan)
+    if not scan:
+        for i in range(num_layers):
+            x_BxTxD = block_cls(**block_kwargs, name=f"block_{i}")(x_BxTxD, deterministic,
+                                                                   long_term_skip)
+        return x_BxTxD
+    scanned = nn.scan(_ScanStep, variable_axes={"params": 0}, split_rngs={"params": True,
+                                                                          "dropout": True},
+                      in_axes=nn.broadcast, length=num_layers,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
+    step = scanned(block=block_cls, block_kwargs=tuple(sorted(block_kwargs.items())),
+                   deterministic=deterministic, name="blocks")
+    x_BxTxD, _ = step(x_BxTxD, long_term_skip)
+    return x_BxTxD
 
 
 def check_input_ids(input_ids: Array, max_length: int | None = None) -> None:

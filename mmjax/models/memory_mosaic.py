@@ -27,7 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.layers.common import TokenEmbedding, check_input_ids, layer_norm, maybe_remat
+from mmjax.layers.common import TokenEmbedding, check_input_ids, layer_norm, run_blocks
 from mmjax.layers.memory import ContextualMemory, MemoryUnitConfig, PersistentMemory
 from mmjax.models import register
 
@@ -70,7 +70,10 @@ class MemoryMosaic(nn.Module):
       dtype: compute dtype (e.g. ``"bfloat16"``); logits are returned in fp32.
       param_dtype: storage dtype of the parameters.
       impl: ``impl`` of :func:`mmjax.ops.retrieve` for every memory.
-      remat: recompute each block's activations in the backward pass.
+      remat: remat policy of every block (``"none"``, ``"full"``, ``"dots"``, ...; see
+        :data:`mmjax.layers.common.REMAT_POLICIES`).
+      scan_layers: one ``nn.scan`` over the blocks (compile time independent of depth;
+        parameters stacked under ``blocks/layer``).
     """
 
     vocab_size: int
@@ -86,7 +89,8 @@ class MemoryMosaic(nn.Module):
     dtype: Any = "float32"
     param_dtype: Any = "float32"
     impl: str = "auto"
-    remat: bool = False
+    remat: str = "none"
+    scan_layers: bool = False
 
     def _check_fields(self):
         if self.embed_dim % self.num_heads:
@@ -120,9 +124,9 @@ class MemoryMosaic(nn.Module):
                                init_std=d**-0.5, dtype=config.dtype,
                                param_dtype=config.param_dtype, name="embedding")
         x_BxTxD = embed(input_ids_BxT)
-        block_cls = maybe_remat(MemoryMosaicBlock, self.remat)
-        for i in range(self.num_layers):
-            x_BxTxD = block_cls(config=config, name=f"block_{i}")(x_BxTxD, deterministic)
+        x_BxTxD = run_blocks(MemoryMosaicBlock, x_BxTxD, num_layers=self.num_layers,
+                             deterministic=deterministic, scan=self.scan_layers,
+                             remat=self.remat, config=config)
         x_BxTxD = layer_norm("final_norm", use_bias=self.use_bias, dtype=config.dtype,
                              param_dtype=config.param_dtype)(x_BxTxD)
         logits_BxTxN = embed.logits(x_BxTxD) * (d**-0.5)

@@ -34,10 +34,10 @@ import jax.numpy as jnp
 from mmjax.layers.common import (
     TokenEmbedding,
     check_input_ids,
-    maybe_remat,
     per_head_dim,
     resolve_long_term_skip,
     rms_norm,
+    run_blocks,
 )
 from mmjax.layers.memory_v2 import MemoryConfig, ThreeTierMemory
 from mmjax.layers.mlp import SwiGLU
@@ -88,7 +88,8 @@ class MemoryMosaicV2(nn.Module):
     init_std: float = 0.02
     dtype: Any = "float32"
     impl: str = "auto"
-    remat: bool = False
+    remat: str = "none"
+    scan_layers: bool = False
 
     def memory_config(self) -> MemoryConfig:
         """The frozen settings of every block's memories."""
@@ -113,11 +114,10 @@ class MemoryMosaicV2(nn.Module):
         x_BxTxD = embed(input_ids)
         skip = resolve_long_term_skip(self, long_term_skip, deterministic,
                                       self.long_term_skip_range, self.inference_long_term_skip)
-        block_cls = maybe_remat(MemoryMosaicV2Block, self.remat)
-        for i in range(self.num_layers):
-            block = block_cls(memory=memory, mlp_dim=self.mlp_dim, norm_eps=self.norm_eps,
-                              name=f"block_{i}")
-            x_BxTxD = block(x_BxTxD, deterministic, skip)
+        x_BxTxD = run_blocks(MemoryMosaicV2Block, x_BxTxD, num_layers=self.num_layers,
+                             deterministic=deterministic, long_term_skip=skip,
+                             scan=self.scan_layers, remat=self.remat, memory=memory,
+                             mlp_dim=self.mlp_dim, norm_eps=self.norm_eps)
         x_BxTxD = rms_norm("final_norm", eps=self.norm_eps, dtype=memory.dtype)(x_BxTxD)
         logits_BxTxN = embed.logits(x_BxTxD)
         chex.assert_shape(logits_BxTxN, (*input_ids.shape, self.vocab_size))

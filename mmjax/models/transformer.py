@@ -40,11 +40,11 @@ from mmjax.layers.common import (
     TokenEmbedding,
     check_input_ids,
     layer_norm,
-    maybe_remat,
     normal_init,
     per_head_dim,
     resolve_long_term_skip,
     rms_norm,
+    run_blocks,
 )
 from mmjax.layers.mlp import MLP, SwiGLU
 from mmjax.models import register
@@ -99,7 +99,8 @@ class GPT2(nn.Module):
     use_bias: bool = False
     dtype: Any = "float32"
     impl: str = "auto"
-    remat: bool = False
+    remat: str = "none"
+    scan_layers: bool = False
 
     @nn.compact
     def __call__(self, input_ids: Array, deterministic: bool = True) -> Array:
@@ -113,12 +114,11 @@ class GPT2(nn.Module):
         x_BxTxD = embed(input_ids) + jnp.asarray(wpe[: input_ids.shape[1]], dtype)[None]
         x_BxTxD = nn.Dropout(self.dropout_rate)(x_BxTxD, deterministic=deterministic)
         out_std = 0.02 / math.sqrt(2 * self.num_layers)
-        for i in range(self.num_layers):
-            x_BxTxD = maybe_remat(GPT2Block, self.remat)(
-                num_heads=self.num_heads, mlp_dim=self.mlp_ratio * self.embed_dim,
-                dropout_rate=self.dropout_rate, use_bias=self.use_bias, out_init_std=out_std,
-                dtype=dtype, impl=self.impl, name=f"block_{i}",
-            )(x_BxTxD, deterministic)
+        x_BxTxD = run_blocks(
+            GPT2Block, x_BxTxD, num_layers=self.num_layers, deterministic=deterministic,
+            scan=self.scan_layers, remat=self.remat, num_heads=self.num_heads,
+            mlp_dim=self.mlp_ratio * self.embed_dim, dropout_rate=self.dropout_rate,
+            use_bias=self.use_bias, out_init_std=out_std, dtype=dtype, impl=self.impl)
         x_BxTxD = layer_norm("final_norm", use_bias=self.use_bias, dtype=dtype)(x_BxTxD)
         logits_BxTxN = embed.logits(x_BxTxD)
         chex.assert_shape(logits_BxTxN, (*input_ids.shape, self.vocab_size))
@@ -218,7 +218,8 @@ class Llama(nn.Module):
     init_std: float = 0.02
     dtype: Any = "float32"
     impl: str = "auto"
-    remat: bool = False
+    remat: str = "none"
+    scan_layers: bool = False
 
     def _block_kwargs(self) -> dict:
         return {}
@@ -242,13 +243,12 @@ class Llama(nn.Module):
         x_BxTxD = embed(input_ids)
         skip = self._long_term_skip(long_term_skip, deterministic)
         out_std = self.init_std / math.sqrt(2 * self.num_layers)
-        for i in range(self.num_layers):
-            block = maybe_remat(LlamaBlock, self.remat)(
-                num_heads=self.num_heads, mlp_dim=self.mlp_dim, rope_theta=self.rope_theta,
-                norm_eps=self.norm_eps, dropout_rate=self.dropout_rate,
-                init_std=self.init_std, out_init_std=out_std, dtype=dtype, impl=self.impl,
-                name=f"block_{i}", **self._block_kwargs())
-            x_BxTxD = block(x_BxTxD, deterministic, skip)
+        x_BxTxD = run_blocks(
+            LlamaBlock, x_BxTxD, num_layers=self.num_layers, deterministic=deterministic,
+            long_term_skip=skip, scan=self.scan_layers, remat=self.remat,
+            num_heads=self.num_heads, mlp_dim=self.mlp_dim, rope_theta=self.rope_theta,
+            norm_eps=self.norm_eps, dropout_rate=self.dropout_rate, init_std=self.init_std,
+            out_init_std=out_std, dtype=dtype, impl=self.impl, **self._block_kwargs())
         x_BxTxD = rms_norm("final_norm", eps=self.norm_eps, dtype=dtype)(x_BxTxD)
         logits_BxTxN = embed.logits(x_BxTxD)
         chex.assert_shape(logits_BxTxN, (*input_ids.shape, self.vocab_size))

@@ -27,6 +27,7 @@ DEFAULT_RULES: tuple[tuple[str, object], ...] = (
     ("slots", None),
     ("banks", None),
     ("time", None),
+    ("layers", None),  # the stacked axis of scanned blocks
 )
 
 
