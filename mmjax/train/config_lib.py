@@ -17,7 +17,7 @@ import ml_collections
 # Settings a language-model config may leave out, with their values: the training loop's
 # and every config's single source of defaults.
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "train": {"eval_every": 0, "eval_batches": 4},
+    "train": {"eval_every": 0, "eval_batches": 4, "grad_accum_steps": 1},
     "sharding": {"mesh": (-1, 1, 1), "rules": None},  # (data, fsdp, tensor); rules: defaults
     "checkpoint": {"save_every": 0, "max_to_keep": 3},  # save only with --workdir
 }

@@ -58,6 +58,11 @@ class Trainer:
         if data.batch_size % batch_devices:
             raise ValueError(f"data.batch_size={data.batch_size} must be a multiple of the "
                              f"data x fsdp mesh size {batch_devices}")
+        accum = config.train.grad_accum_steps
+        if accum < 1 or data.batch_size % (accum * batch_devices):
+            raise ValueError(f"train.grad_accum_steps={accum}: data.batch_size="
+                             f"{data.batch_size} must be a multiple of grad_accum_steps x the "
+                             f"data x fsdp mesh size ({batch_devices})")
         self.batch_sharding = sharding_lib.batch_sharding(self.mesh, self.rules)
         self._init_rng, self._state_rng = jax.random.split(jax.random.key(config.train.seed))
         self._build_steps()
@@ -82,7 +87,8 @@ class Trainer:
         self.state_shardings = self._create_state.output_shardings
         replicated = sharding_lib.replicated(self.mesh)
         self._train_step = jax.jit(
-            functools.partial(train_step, model=self.model, optimizer=self.optimizer),
+            functools.partial(train_step, model=self.model, optimizer=self.optimizer,
+                              grad_accum_steps=self.config.train.grad_accum_steps),
             in_shardings=(self.state_shardings, self.batch_sharding),
             out_shardings=(self.state_shardings, replicated),
             donate_argnums=0,

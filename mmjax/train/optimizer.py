@@ -142,6 +142,7 @@ def make_optimizer(
     min_lr: float | None = None,
     schedule: str = "cosine",
     bias_correction: bool = True,
+    moment_dtype: str | None = None,
 ) -> optax.GradientTransformation:
     """Clip by global norm (``grad_clip``; None or 0 disables), then masked AdamW.
 
@@ -149,14 +150,19 @@ def make_optimizer(
     where :func:`decay_mask` is True. With ``bias_correction`` (the default) this is
     ``optax.adamw``; without, Adam's moments are used as they are
     (:func:`scale_by_adam_uncorrected`). ``schedule``: see :func:`learning_rate_schedule`.
+    ``moment_dtype`` (e.g. ``"bfloat16"``) stores Adam's first moment in that dtype (optax's
+    ``mu_dtype``; None: the parameters' dtype); the second moment stays in the parameters'
+    dtype, where its small squared-gradient values do not underflow.
     """
+    if moment_dtype is not None and not bias_correction:
+        raise ValueError("moment_dtype needs bias_correction=True (optax.adamw)")
     if grad_clip is not None and grad_clip < 0:
         raise ValueError(f"grad_clip must be None or >= 0, got {grad_clip}")
     lr = learning_rate_schedule(learning_rate, warmup_steps=warmup_steps,
                                 total_steps=total_steps, min_lr=min_lr, schedule=schedule)
     if bias_correction:
         adamw = optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
-                            mask=decay_mask)
+                            mask=decay_mask, mu_dtype=moment_dtype)
     else:
         adamw = optax.chain(scale_by_adam_uncorrected(b1=b1, b2=b2, eps=eps),
                             optax.add_decayed_weights(weight_decay, mask=decay_mask),

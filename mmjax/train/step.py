@@ -38,17 +38,56 @@ def split_batch(tokens_BxT1: jax.Array):
 
 
 def train_step(state: TrainState, tokens_BxT1: jax.Array, *, model: nn.Module,
-               optimizer: optax.GradientTransformation):
-    """One optimiser step on a ``[batch, time + 1]`` token batch. Returns (state, metrics)."""
-    inputs, targets = split_batch(tokens_BxT1)
+               optimizer: optax.GradientTransformation, grad_accum_steps: int = 1):
+    """One optimiser step on a ``[batch, time + 1]`` token batch. Returns (state, metrics).
+
+    With ``grad_accum_steps = k > 1`` the batch is cut into ``k`` micro-batches of
+    ``batch / k`` rows (rows ``i, i + k, i + 2k, ..``, so each micro-batch stays spread over
+    the data-parallel devices), run one after the other in a ``lax.scan`` with fp32 gradient
+    sums, and the step is that of the whole batch: the loss and gradients are the sums over
+    micro-batches divided by the total count of targets (equal to one large batch up to float
+    rounding; only the activations of one micro-batch are alive at a time). Every micro-batch
+    sees the step's long-term skip (v2 draws one per step) and its own dropout masks.
+    """
     rng, step_rng = jax.random.split(state.rng)
+    batch = tokens_BxT1.shape[0]
+    if grad_accum_steps < 1 or batch % grad_accum_steps:
+        raise ValueError(f"grad_accum_steps={grad_accum_steps} must be >= 1 and divide the "
+                         f"batch of {batch} rows")
+
     rngs = dict(zip(RNG_STREAMS, jax.random.split(step_rng, len(RNG_STREAMS))))
 
-    def loss_fn(params):
-        logits = model.apply({"params": params}, inputs, deterministic=False, rngs=rngs)
-        return cross_entropy(logits, targets)[0]
+    def summed_loss(params, tokens_MxT1, micro_index):
+        inputs, targets = split_batch(tokens_MxT1)
+        micro_rngs = dict(rngs)
+        if grad_accum_steps > 1:  # fresh dropout per micro-batch; one long-term skip per step
+            micro_rngs["dropout"] = jax.random.fold_in(rngs["dropout"], micro_index)
+        logits = model.apply({"params": params}, inputs, deterministic=False,
+                             rngs=micro_rngs)
+        loss, _, tokens = cross_entropy(logits, targets)
+        return loss * tokens, tokens
 
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
+    if grad_accum_steps == 1:
+        (loss_sum, tokens), grads = grad_fn(state.params, tokens_BxT1, 0)
+    else:
+        k = grad_accum_steps
+        micro_KxMxT1 = jnp.swapaxes(tokens_BxT1.reshape(batch // k, k, -1), 0, 1)
+
+        def accumulate(carry, xs):
+            loss_sum, tokens, grads = carry
+            (micro_loss, micro_tokens), micro_grads = grad_fn(state.params, *xs)
+            grads = jax.tree.map(lambda g, m: g + m.astype(jnp.float32), grads, micro_grads)
+            return (loss_sum + micro_loss, tokens + micro_tokens, grads), None
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+        init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), zeros)
+        (loss_sum, tokens, grads), _ = jax.lax.scan(
+            accumulate, init, (micro_KxMxT1, jnp.arange(k)))
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+    scale = 1.0 / jnp.maximum(tokens, 1).astype(jnp.float32)
+    loss = loss_sum * scale
+    grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
