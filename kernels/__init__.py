@@ -14,7 +14,7 @@ from typing import Any
 import jax
 from mmjax.kernels.common import DEFAULT_BLOCK_SIZES, BlockSizes, check_inputs, tpu_generation
 
-from mmjax.ops.retrieval import MaskSpec
+from mmjax.ops.retrieval import MaskSpec, target_platform
 
 __all__ = ["BlockSizes", "DEFAULT_BLOCK_SIZES", "retrieve_pallas", "supports", "tpu_generation"]
 
@@ -55,12 +55,14 @@ def retrieve_pallas(
     Args:
       block_sizes: tiles; default: :meth:`BlockSizes.for_platform` (per TPU generation).
       interpret: ``True``/``False``, or a ``pltpu.InterpretParams()`` for the TPU kernel;
-        default: interpret mode unless JAX's default backend is ``platform`` itself.
+        default: interpret mode unless the target platform
+        (:func:`mmjax.ops.retrieval.target_platform`: the current mesh's devices, else JAX's
+        default backend) is ``platform`` itself.
     """
     if platform not in PLATFORMS:
         raise ValueError(f"platform must be one of {PLATFORMS}, got {platform!r}")
     if interpret is None:
-        backend = jax.default_backend()
+        backend = target_platform()
         on_platform = backend == platform or (platform == "gpu" and backend == "cuda")
         interpret = not on_platform
     if platform == "tpu":

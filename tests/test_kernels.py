@@ -263,6 +263,17 @@ def test_auto_picks_the_kernel_of_the_platform(monkeypatch):
     assert retrieval.default_impl() == "pallas_gpu"
 
 
+def test_auto_follows_the_devices_of_the_current_mesh():
+    """Under a mesh of TPU devices (an ahead-of-time compile on a CPU host) "auto" is the TPU
+    kernel, compiled for real (interpret off); outside it, the CPU's XLA path."""
+    device = jax.sharding.AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu")
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
+    with jax.sharding.use_abstract_mesh(mesh):
+        assert retrieval.target_platform() == "tpu"
+        assert retrieval.default_impl() == "pallas_tpu"
+    assert retrieval.default_impl() == "xla"
+
+
 def test_retrieve_auto_reaches_the_kernel_of_the_platform(monkeypatch):
     calls = []
     monkeypatch.setattr(kernels, "retrieve_pallas",

@@ -168,9 +168,19 @@ def _bandwidth_rows(bandwidth, tq, h) -> Array:
     return jnp.broadcast_to(jnp.asarray(bandwidth, jnp.float32), (tq, h))
 
 
+def target_platform() -> str:
+    """The platform the current computation is built for.
+
+    The devices of the mesh set with ``jax.set_mesh`` when there is one (it may describe a TPU
+    slice on a CPU host, for ahead-of-time compilation), else JAX's default backend.
+    """
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    return device.platform if device is not None else jax.default_backend()
+
+
 def default_impl() -> str:
-    """The implementation ``impl="auto"`` resolves to on the default backend."""
-    platform = jax.default_backend()
+    """The implementation ``impl="auto"`` resolves to on :func:`target_platform`."""
+    platform = target_platform()
     if platform == "tpu":
         return "pallas_tpu"
     if platform in ("gpu", "cuda", "rocm"):
