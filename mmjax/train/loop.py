@@ -28,7 +28,7 @@ from mmjax.train.checkpoint import Checkpointer
 from mmjax.train.config_lib import with_defaults
 from mmjax.train.metrics import MetricWriter
 from mmjax.train.optimizer import make_optimizer
-from mmjax.train.state import create_train_state, init_variables
+from mmjax.train.state import state_layout
 from mmjax.train.step import eval_step, train_step
 
 
@@ -70,21 +70,12 @@ class Trainer:
     def _build_steps(self) -> None:
         """Shardings of the parameters (from their logical axes) and of the whole train state,
         then the jitted init, train and eval steps."""
-        init = functools.partial(init_variables, self.model, batch_size=1,
-                                 length=self.config.data.context_length)
-        with self.mesh_context():
-            abstract = jax.eval_shape(init, self._init_rng)
-            shardings = sharding_lib.param_shardings(abstract, self.mesh, self.rules)["params"]
-            self._init_params = jax.jit(lambda r: nn.meta.unbox(init(r))["params"],
-                                        out_shardings=shardings)
-        # (outside the mesh: unboxing there would constrain abstract values)
-        abstract_params = jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-            nn.meta.unbox(abstract["params"]), shardings)
-        with self.mesh_context():
-            create = jax.jit(functools.partial(create_train_state, optimizer=self.optimizer))
-            self._create_state = create.lower(abstract_params, rng=self._state_rng).compile()
-        self.state_shardings = self._create_state.output_shardings
+        with nn.logical_axis_rules(self.rules):
+            layout = state_layout(self.model, self.optimizer, self.mesh, self.rules,
+                                  length=self.config.data.context_length,
+                                  init_rng=self._init_rng, state_rng=self._state_rng)
+        self._init_params, self._create_state = layout.init_params, layout.create_state
+        self.state_shardings = layout.shardings
         replicated = sharding_lib.replicated(self.mesh)
         self._train_step = jax.jit(
             functools.partial(train_step, model=self.model, optimizer=self.optimizer,
