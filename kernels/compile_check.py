@@ -82,14 +82,29 @@ def _quiet_libtpu(generation: str) -> None:
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 
 
-def tpu_mesh(generation: str) -> jax.sharding.Mesh:
-    """A one-chip mesh over the first device of ``generation``'s smallest slice."""
+def topology_devices(topology_name: str) -> list:
+    """The TPU devices of a slice named like ``"v5p:8x8x8"`` (no TPU needed, only libtpu).
+
+    Raises a ``ValueError`` naming the topology when libtpu does not know it.
+    """
     from jax.experimental import topologies
 
+    generation = topology_name.split(":", 1)[0]
+    if generation not in TOPOLOGIES:
+        raise ValueError(f"topology {topology_name!r}: the generation must be one of "
+                         f"{GENERATIONS} (e.g. v4:2x2x1, v5e:4x4, v5p:2x2x2)")
     _quiet_libtpu(generation)
-    topology = topologies.get_topology_desc(platform="tpu",
-                                            topology_name=TOPOLOGIES[generation])
-    return jax.sharding.Mesh(np.array(topology.devices[:1]), ("x",))
+    try:
+        return topologies.get_topology_desc(platform="tpu",
+                                            topology_name=topology_name).devices
+    except Exception as error:  # noqa: BLE001 - libtpu's errors are long and generic
+        raise ValueError(f"unknown TPU topology {topology_name!r}: {error}") from None
+
+
+def tpu_mesh(generation: str) -> jax.sharding.Mesh:
+    """A one-chip mesh over the first device of ``generation``'s smallest slice."""
+    devices = topology_devices(TOPOLOGIES[generation])
+    return jax.sharding.Mesh(np.array(devices[:1]), ("x",))
 
 
 def _mask(name: str, window, skip) -> MaskSpec:

@@ -24,7 +24,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.layers.common import HeadOutput, normal_init, per_head_dim, zeros_init
+from mmjax.layers.common import (
+    HeadOutput,
+    normal_init,
+    per_head_dim,
+    retrieval_sharding,
+    zeros_init,
+)
 from mmjax.ops import MaskSpec, retrieve
 
 Array = jax.Array
@@ -80,6 +86,7 @@ def causal_attention(
         mask=MaskSpec(window=window, skip=skip),
         query_offset=1,
         impl=impl,
+        sharding=retrieval_sharding(),
     )
 
 

@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.ops import select_long_term_skip
+from mmjax.ops import RetrievalSharding, select_long_term_skip
 
 Array = jax.Array
 
@@ -188,6 +188,19 @@ def run_blocks(block_cls: type, x_BxTxD: Array, *, num_layers: int, deterministi
                    deterministic=deterministic, name="blocks")
     x_BxTxD, _ = step(x_BxTxD, long_term_skip)
     return x_BxTxD
+
+
+def retrieval_sharding(*, queries_are_tokens: bool = False) -> RetrievalSharding:
+    """How a retrieval splits over the mesh, from the logical-axis rules in effect.
+
+    Batch rows follow the rule of ``"batch"`` and heads that of ``"heads"``. With
+    ``queries_are_tokens`` (the persistent memory: every token of the batch queries the same
+    slots) the query rows follow ``"batch"`` instead, and keys and values stay whole.
+    """
+    batch, heads = nn.logical_to_mesh_axes(("batch", "heads"))
+    if queries_are_tokens:
+        return RetrievalSharding(query_time=batch, heads=heads)
+    return RetrievalSharding(batch=batch, heads=heads)
 
 
 def check_input_ids(input_ids: Array, max_length: int | None = None) -> None:

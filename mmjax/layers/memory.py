@@ -46,7 +46,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.layers.common import HeadOutput, normal_init, zeros_init
+from mmjax.layers.common import HeadOutput, normal_init, retrieval_sharding, zeros_init
 from mmjax.ops import (
     EXP_PARAM_SCALE,
     MaskSpec,
@@ -194,7 +194,8 @@ class ContextualMemory(_MemoryUnit):
                                     init_std=self._init_std(d, c.init_std),
                                     use_bias=c.use_bias, dtype=c.dtype,
                                     param_dtype=c.param_dtype)
-        y_BxTxHxV = retrieve(k_BxTxHxK, v_BxTxHxV, mask=MaskSpec(), impl=c.impl)
+        y_BxTxHxV = retrieve(k_BxTxHxK, v_BxTxHxV, mask=MaskSpec(), impl=c.impl,
+                             sharding=retrieval_sharding())
         self.sow("intermediates", "keys", k_BxTxHxK)
         self.sow("intermediates", "values", v_BxTxHxV)
         self.sow("intermediates", "retrieved", y_BxTxHxV)
@@ -240,7 +241,8 @@ class PersistentMemory(_MemoryUnit):
                                    mv_PxSxHxV, preferred_element_type=jnp.float32)
         else:
             y_PxQxHxV = retrieve(mk_PxSxHxK, mv_PxSxHxV, queries=q_PxQxHxK, mask=MaskSpec(),
-                                 query_offset=s, impl=c.impl)
+                                 query_offset=s, impl=c.impl,
+                                 sharding=retrieval_sharding(queries_are_tokens=True))
         y_BxTxHxV = jnp.mean(y_PxQxHxV.astype(jnp.float32), axis=0).reshape(b, t, h, kdim)
         v_scale_H = jnp.exp(EXP_PARAM_SCALE * value_beta.astype(jnp.float32))
         y_BxTxHxV = y_BxTxHxV * v_scale_H[:, None]

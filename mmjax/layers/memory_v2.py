@@ -79,7 +79,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.layers.common import HeadOutput, normal_init
+from mmjax.layers.common import HeadOutput, normal_init, retrieval_sharding
 from mmjax.layers.memory import head_projection, per_head_param, value_extractor
 from mmjax.ops import (
     bandwidth_parameters,
@@ -153,7 +153,7 @@ class MemoryTier(nn.Module):
                             for name, value in zip(("beta0", "beta1", "alpha"), raw, strict=True))
         beta_TxH = tier_bandwidth(x.shape[1], mask, *bandwidth_parameters(p0_H, p1_H, pa_H))
         return retrieve(k_BxTxHxK.astype(c.dtype), v_BxTxHxK, bandwidth=beta_TxH, mask=mask,
-                        impl=c.impl)
+                        impl=c.impl, sharding=retrieval_sharding())
 
 
 class ThreeTierMemory(nn.Module):

@@ -28,17 +28,20 @@ from mmjax.ops.memory_v2 import (
 )
 from mmjax.ops.retrieval import (
     MaskSpec,
+    RetrievalSharding,
     default_impl,
     retrieval_weights,
     retrieve,
     retrieve_blocked,
     retrieve_reference,
+    target_platform,
     visible_count,
 )
 
 __all__ = [
     "EXP_PARAM_SCALE",
     "MaskSpec",
+    "RetrievalSharding",
     "adaptive_bandwidth",
     "bandwidth_parameters",
     "default_impl",
@@ -56,6 +59,7 @@ __all__ = [
     "retrieve",
     "retrieve_blocked",
     "retrieve_reference",
+    "target_platform",
     "select_long_term_skip",
     "tier_bandwidth",
     "tier_masks",

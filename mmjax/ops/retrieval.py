@@ -201,6 +201,7 @@ def retrieve(
     query_offset: Any = 0,
     impl: str = "auto",
     block_size: int | None = None,
+    sharding: RetrievalSharding | None = None,
 ) -> Array:
     """Masked kernel-regression retrieval.
 
@@ -215,6 +216,10 @@ def retrieve(
       impl: ``"auto" | "reference" | "xla" | "pallas_tpu" | "pallas_gpu"``.
       block_size: query and key tile size of the ``"xla"`` path (default 256, clipped to the
         lengths); small heads on CPU run faster with smaller tiles. The other paths ignore it.
+      sharding: how the Pallas kernels split over the devices of the current mesh
+        (:class:`RetrievalSharding`; Mosaic and Triton kernels cannot be partitioned by
+        XLA, so under a mesh of several devices they run in a ``shard_map``). Default:
+        every device computes the whole retrieval. The other paths let XLA partition.
 
     Returns:
       ``[batch, q_time, heads, dv]`` in the dtype of ``values``; rows with no visible pair
@@ -241,9 +246,75 @@ def retrieve(
         return retrieve_blocked(queries, keys, values, beta, mask, offset, **blocks)
     from mmjax import kernels  # Pallas kernels are imported only when asked for.
 
-    return kernels.retrieve_pallas(
-        queries, keys, values, beta, mask, offset, platform=impl.removeprefix("pallas_")
-    )
+    kernel = functools.partial(kernels.retrieve_pallas, platform=impl.removeprefix("pallas_"))
+    return _on_mesh(kernel, sharding or RetrievalSharding(), queries, keys, values, beta, mask,
+                    offset)
+
+
+@dataclasses.dataclass(frozen=True)
+class RetrievalSharding:
+    """Mesh axes (a name, a tuple of names, or None) that split a retrieval's work.
+
+    Attributes:
+      batch: the batch axis of queries, keys and values (data parallelism).
+      query_time: the queries' time axis, with keys and values whole on every device (the
+        persistent memory: its queries are every token of the batch, its keys the slots).
+      heads: the heads axis of queries, keys, values and bandwidth (tensor parallelism).
+
+    An axis whose devices do not divide the dimension is not split.
+    """
+
+    batch: Any = None
+    query_time: Any = None
+    heads: Any = None
+
+
+def _axis_size(mesh, axes) -> int:
+    if axes is None:
+        return 1
+    return int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)]))
+
+
+def _on_mesh(kernel, sharding: RetrievalSharding, q, k, v, beta_QxH, mask: MaskSpec, offset):
+    """``kernel(q, k, v, beta, mask, offset)``, in a ``shard_map`` under a multi-device mesh.
+
+    Each device runs the kernel on its block of batch rows, query rows and heads; a device
+    holding query rows ``j * Q_local ..`` shifts ``query_offset`` by ``j * Q_local``.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return kernel(q, k, v, beta_QxH, mask, offset)
+    fits = lambda axes, dim: axes if dim % _axis_size(mesh, axes) == 0 else None
+    batch = fits(sharding.batch, q.shape[0])
+    qtime = fits(sharding.query_time, q.shape[1])
+    heads = fits(sharding.heads, q.shape[2])
+    P = jax.sharding.PartitionSpec
+    q_spec, kv_spec, beta_spec = P(batch, qtime, heads, None), P(batch, None, heads, None), \
+        P(qtime, heads)
+    local_q = q.shape[1] // _axis_size(mesh, qtime)
+
+    def local(q, k, v, beta, window, skip, offset):
+        if qtime is not None:
+            offset = offset + jax.lax.axis_index(qtime) * local_q
+        return kernel(q, k, v, beta, MaskSpec(window=window, skip=skip), offset)
+
+    # Python-int windows and skips stay static (they size the TPU grid); traced ones go in.
+    static = lambda x: x is None or isinstance(x, (int, np.integer))
+    window, skip = mask.window, mask.skip
+    args, specs = [q, k, v, beta_QxH, offset], [q_spec, kv_spec, kv_spec, beta_spec, P()]
+    for value in (window, skip):
+        if not static(value):
+            args.append(value)
+            specs.append(P())
+
+    def body(q, k, v, beta, offset, *traced):
+        traced = list(traced)
+        w = window if static(window) else traced.pop(0)
+        s = skip if static(skip) else traced.pop(0)
+        return local(q, k, v, beta, w, s, offset)
+
+    return jax.shard_map(body, in_specs=tuple(specs), out_specs=q_spec,
+                         check_vma=False)(*args)
 
 
 def _kernel_supports(queries, keys, values, impl) -> bool:

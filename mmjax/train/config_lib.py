@@ -96,6 +96,7 @@ def paper_scale_config(model: dict, scale: str, presets: set[str]) -> ml_collect
     """A "Memory Mosaics at Scale" run: paper sizes, vocabulary 128256, untied embeddings,
     context 4096, with the ``finetune`` (context 32768) and ``tiny`` presets applied.
 
+    Layers are scanned and fully rematerialised (what fits a pod's HBM: see ``mmjax.aot``).
     CHOICE (the paper does not give them): LLaMA-3-like AdamW settings, 1T tokens = 238,419
     steps of 1024 x 4096 tokens, a pre-tokenised corpus named ``tokens``; fine-tuning keeps
     the tokens per step and runs a short cosine at a lower rate.
@@ -103,7 +104,8 @@ def paper_scale_config(model: dict, scale: str, presets: set[str]) -> ml_collect
     if scale not in PAPER_SCALES:
         raise ValueError(f"scale must be one of {sorted(PAPER_SCALES)}, got {scale!r}")
     model = dict(vocab_size=PAPER_VOCAB, **PAPER_SCALES[scale], tie_embeddings=False,
-                 dropout_rate=0.0, dtype="bfloat16", impl="auto") | model
+                 dropout_rate=0.0, dtype="bfloat16", impl="auto", scan_layers=True,
+                 remat="full") | model
     config = lm_config(
         model,
         optimizer=dict(learning_rate=3e-4, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8,

@@ -1,0 +1,228 @@
+"""Ahead-of-time compile of a config's full train step for a TPU slice, without the TPU.
+
+    python -m mmjax.aot --config configs/mmv2_large.py --topology v5p:8x8x8 \\
+        [--mesh 1,64,8] [--config.data.batch_size=512 ...]
+
+Needs libtpu (``pip install -e ".[tpu]"``). It builds the real mesh (``data, fsdp, tensor``)
+over the devices of the named topology (``jax.experimental.topologies``), lowers the train
+step exactly as the trainer jits it (model, loss, optimiser, shardings, donation, the Pallas
+TPU kernels) and compiles it with XLA:TPU and Mosaic. It prints, per chip: argument, output,
+temporary and total memory against the chip's HBM; the step's FLOPs from XLA's cost analysis
+against the ``6 N`` estimate (``N`` parameters, ``6 N`` per token for forward and backward;
+XLA does not count the FLOPs inside Pallas kernels, which is why a Memory Mosaic's retrieval
+is missing from its figure); and the compile time. Exit status: 0 when the step fits, 1 when
+it does not, 2 for bad arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from flax import linen as nn
+
+from mmjax.kernels import compile_check
+from mmjax.models import build_model
+from mmjax.train import sharding as sharding_lib
+from mmjax.train.config_lib import with_defaults
+from mmjax.train.optimizer import make_optimizer
+from mmjax.train.state import state_layout
+from mmjax.train.step import train_step
+
+GIB = 1 << 30
+# HBM per chip (published figures), by device kind.
+HBM_BYTES = {"TPU v4": 32 * GIB, "TPU v5 lite": 16 * GIB, "TPU v5": 95 * GIB,
+             "TPU v6 lite": 32 * GIB}
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    """What one compile says about one chip."""
+
+    topology: str
+    device_kind: str
+    mesh: dict
+    batch_per_chip: float
+    argument_bytes: int
+    output_bytes: int
+    alias_bytes: int
+    temp_bytes: int
+    code_bytes: int
+    hbm_bytes: int
+    flops: float  # per chip per step, XLA's count (Pallas kernels excluded)
+    flops_6n: float  # per chip per step
+    num_params: int
+    compile_seconds: float
+
+    @property
+    def total_bytes(self) -> int:
+        """Live at the step's peak: inputs, outputs not aliased to (donated) inputs, temps."""
+        return (self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+                + self.code_bytes)
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= self.hbm_bytes
+
+
+def hbm_bytes(device_kind: str) -> int:
+    if device_kind not in HBM_BYTES:
+        raise ValueError(f"no HBM size known for device kind {device_kind!r}; known: "
+                         f"{sorted(HBM_BYTES)}")
+    return HBM_BYTES[device_kind]
+
+
+def topology_mesh(topology: str, sizes) -> jax.sharding.Mesh:
+    """A ``(data, fsdp, tensor)`` mesh over the devices of ``topology`` (one ``-1`` allowed)."""
+    devices = compile_check.topology_devices(topology)
+    shape = sharding_lib.mesh_shape(sizes, len(devices))
+    from jax.experimental import mesh_utils
+
+    grid = mesh_utils.create_device_mesh(shape, devices=devices)
+    return jax.sharding.Mesh(grid, sharding_lib.MESH_AXES,
+                             axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+
+def compile_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+    """The trainer's train step for ``config``, lowered for ``mesh`` and compiled.
+
+    Returns ``(compiled, num_params, seconds)``; nothing is allocated on any device.
+    """
+    config = with_defaults(config)
+    model = build_model(config.model)
+    optimizer = make_optimizer(**config.optimizer)
+    rules = tuple(config.sharding.rules or sharding_lib.DEFAULT_RULES)
+    data = config.data
+    batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+    accum = config.train.grad_accum_steps
+    if data.batch_size % (batch_devices * accum):
+        raise ValueError(f"data.batch_size={data.batch_size} must be a multiple of "
+                         f"train.grad_accum_steps ({accum}) x the data x fsdp mesh size "
+                         f"({batch_devices})")
+    start = time.perf_counter()
+    key = jax.random.key(config.train.seed)
+    with nn.logical_axis_rules(rules):
+        layout = state_layout(model, optimizer, mesh, rules, length=data.context_length,
+                              init_rng=key, state_rng=key)
+    batch_sharding = sharding_lib.batch_sharding(mesh, rules)
+    tokens = jax.ShapeDtypeStruct((data.batch_size, data.context_length + 1), np.int32,
+                                  sharding=batch_sharding)
+    step = jax.jit(
+        functools.partial(train_step, model=model, optimizer=optimizer,
+                          grad_accum_steps=accum),
+        in_shardings=(layout.shardings, batch_sharding),
+        out_shardings=(layout.shardings, sharding_lib.replicated(mesh)),
+        donate_argnums=0)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        compiled = step.lower(layout.abstract, tokens).compile()
+    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(layout.abstract.params))
+    return compiled, num_params, time.perf_counter() - start
+
+
+def report(config: ml_collections.ConfigDict, topology: str, mesh_sizes=None) -> Report:
+    """Compile ``config``'s train step for ``topology``; the per-chip figures."""
+    config = with_defaults(config)
+    mesh = topology_mesh(topology, mesh_sizes or config.sharding.mesh)
+    compiled, num_params, seconds = compile_train_step(config, mesh)
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    chips = mesh.devices.size
+    tokens = config.data.batch_size * config.data.context_length
+    kind = mesh.devices.flat[0].device_kind
+    return Report(
+        topology=topology, device_kind=kind, mesh=dict(mesh.shape),
+        batch_per_chip=config.data.batch_size / (mesh.shape["data"] * mesh.shape["fsdp"]),
+        argument_bytes=memory.argument_size_in_bytes, output_bytes=memory.output_size_in_bytes,
+        alias_bytes=memory.alias_size_in_bytes, temp_bytes=memory.temp_size_in_bytes,
+        code_bytes=memory.generated_code_size_in_bytes, hbm_bytes=hbm_bytes(kind),
+        flops=float(cost.get("flops", 0.0)), flops_6n=6.0 * num_params * tokens / chips,
+        num_params=num_params, compile_seconds=seconds)
+
+
+def format_report(r: Report) -> str:
+    gib = lambda b: f"{b / GIB:.2f} GiB"
+    ratio = r.flops / r.flops_6n if r.flops_6n else float("nan")
+    lines = [
+        f"topology {r.topology} ({r.device_kind}, {np.prod(list(r.mesh.values()))} chips), "
+        f"mesh {r.mesh}, batch per data shard {r.batch_per_chip:g}",
+        f"parameters {r.num_params:,}",
+        f"per chip: arguments {gib(r.argument_bytes)}, outputs {gib(r.output_bytes)} "
+        f"({gib(r.alias_bytes)} aliased to donated inputs), temporaries {gib(r.temp_bytes)}, "
+        f"code {gib(r.code_bytes)}",
+        f"per chip: total {gib(r.total_bytes)} of {gib(r.hbm_bytes)} HBM "
+        f"({100 * r.total_bytes / r.hbm_bytes:.0f}%): {'fits' if r.fits else 'DOES NOT FIT'}",
+        f"per chip per step: {r.flops:.3e} FLOPs (XLA; Pallas kernels not counted), 6N estimate "
+        f"{r.flops_6n:.3e} (ratio {ratio:.2f})",
+        f"compile time {r.compile_seconds:.1f} s",
+    ]
+    return "\n".join(lines)
+
+
+def _first_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0][:400] if lines else type(error).__name__
+
+
+def _mesh_arg(text: str | None):
+    if text is None:
+        return None
+    try:
+        sizes = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"--mesh {text!r}: expected 3 integers data,fsdp,tensor (one may "
+                         "be -1)") from None
+    if len(sizes) != 3:
+        raise ValueError(f"--mesh {text!r}: expected 3 integers data,fsdp,tensor")
+    return sizes
+
+
+def main(argv) -> int:
+    from absl import flags
+
+    if len(argv) > 1:
+        print(f"unexpected arguments: {argv[1:]}", file=sys.stderr)
+        return 2
+    if not compile_check.libtpu_available():
+        print('libtpu is not installed: pip install -e ".[tpu]" (no TPU needed)',
+              file=sys.stderr)
+        return 2
+    jax.config.update("jax_platforms", "cpu")  # compile for the topology, never open a TPU
+    try:
+        result = report(flags.FLAGS.config, flags.FLAGS.topology, _mesh_arg(flags.FLAGS.mesh))
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except jax.errors.JaxRuntimeError as error:
+        if "RESOURCE_EXHAUSTED" not in str(error):
+            raise
+        print(f"DOES NOT FIT: {_first_line(error)}")
+        return 1
+    print(format_report(result))
+    return 0 if result.fits else 1
+
+
+def _define_flags():
+    from absl import flags
+    from ml_collections import config_flags
+
+    from mmjax.train import defaults
+
+    config_flags.DEFINE_config_file("config", defaults.__file__,
+                                    "Config file (Python, get_config(arg)); preset after ':'.",
+                                    lock_config=True)
+    flags.DEFINE_string("topology", "v5e:2x2", "TPU slice, e.g. v4:2x2x4, v5e:16x16, v5p:8x8x8")
+    flags.DEFINE_string("mesh", None, "data,fsdp,tensor sizes (default: the config's "
+                                      "sharding.mesh); one may be -1")
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _define_flags()
+    app.run(lambda argv: sys.exit(main(argv)))
