@@ -262,7 +262,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tpu.py", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     create = sub.add_parser("create", parents=[common, queued], help="create a slice")
-    create.add_argument("--generation", required=True, choices=sorted(GENERATIONS))
+    create.add_argument("--generation", required=True, help="v4, v5e or v5p")
     create.add_argument("--accelerator-type", required=True,
                         help="e.g. v4-32, v5litepod-256, v5p-128")
     create.add_argument("--runtime-version",
@@ -317,6 +317,8 @@ def _check(args) -> None:
         raise UsageError(f"arguments after -- are config overrides, for run only: "
                          f"{args.overrides}")
     if args.command == "create":
+        if args.generation not in GENERATIONS:
+            raise UsageError(f"unknown generation {args.generation!r}: v4, v5e or v5p")
         problem = GENERATIONS[args.generation].check(args.accelerator_type)
         if problem:
             raise UsageError(problem)
