@@ -143,6 +143,11 @@ def install_command() -> str:
     ])
 
 
+def unpack_command() -> str:
+    """Unpack the copied tarball over ``~/mmjax`` (its ``.venv`` stays)."""
+    return f"mkdir -p {REMOTE_DIR} && tar -xzf ~/{REMOTE_TARBALL} -C {REMOTE_DIR}"
+
+
 def setup_commands(args) -> list[list[str]]:
     if args.repo:
         ref = shlex.quote(args.ref or "main")
@@ -154,13 +159,12 @@ def setup_commands(args) -> list[list[str]]:
         ])
         return [_ssh(args, f"{fetch} && {install_command()}")]
     tarball = local_tarball(args.name)
-    unpack = f"mkdir -p {REMOTE_DIR} && tar -xzf ~/{REMOTE_TARBALL} -C {REMOTE_DIR}"
     return [
         ["git", "-C", str(REPO_ROOT), "archive", "--format=tar.gz", f"--output={tarball}",
          args.ref or "HEAD"],
         [*_gcloud("tpu-vm", "scp", tarball, f"{args.name}:{REMOTE_TARBALL}", args=args),
          "--worker=all"],
-        _ssh(args, f"{unpack} && {install_command()}"),
+        _ssh(args, f"{unpack_command()} && {install_command()}"),
     ]
 
 

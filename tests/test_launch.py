@@ -407,3 +407,24 @@ def test_remote_start_follow_stop_with_bash(tmp_path):
     finally:
         if pid is not None and _alive(pid):
             os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not (REPO_ROOT / ".git").exists(), reason="needs a git checkout")
+def test_setup_copy_ships_the_committed_tree(tmp_path):
+    """The printed git archive command, then the remote unpack, give ~/mmjax the tracked files
+    of HEAD (setup.cfg, launch/tpu.py) and no untracked ones (.venv)."""
+    name = f"t{os.getpid()}"
+    archive = tpu.setup_commands(tpu.parse_args(["setup", *WHERE[:2], f"--name={name}"]))[0]
+    tarball = pathlib.Path(tpu.local_tarball(name))
+    try:
+        subprocess.run(archive, check=True, capture_output=True)
+        home = tmp_path / "home"
+        home.mkdir()
+        tarball.rename(home / tpu.REMOTE_TARBALL)
+    finally:
+        tarball.unlink(missing_ok=True)
+    unpacked = _bash(tpu.unpack_command(), home)
+    assert unpacked.returncode == 0, unpacked.stderr
+    code = home / "mmjax"
+    assert (code / "setup.cfg").is_file() and (code / "launch" / "tpu.py").is_file()
+    assert not (code / ".venv").exists()
