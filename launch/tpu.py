@@ -7,6 +7,7 @@
         --workdir=/shared/run1 -- --config.train.num_steps=1000    # all hosts; follow worker 0
     python launch/tpu.py logs   --project=P --zone=Z --name=N       # follow worker 0 again
     python launch/tpu.py stop   --project=P --zone=Z --name=N       # SIGTERM: save, then exit
+    python launch/tpu.py stop   --project=P --zone=Z --name=N --kill    # SIGKILL: a hung run
     python launch/tpu.py delete --project=P --zone=Z --name=N [--queued]
     python launch/tpu.py status --project=P --zone=Z --name=N [--queued]
 
@@ -198,10 +199,12 @@ def follow_command() -> str:
             f"else tail -n +1 {LOG}; fi")
 
 
-def stop_command() -> str:
+def stop_command(signal_name: str = "TERM") -> str:
+    """SIGTERM (the run saves, then exits) or SIGKILL (for a run that hangs)."""
     return (f'if [ -f {PID} ] && kill -0 "$(cat {PID})" 2>/dev/null; then '
-            f'kill -TERM "$(cat {PID})" && echo "$(hostname): sent SIGTERM to mmjax.train '
-            f'(pid $(cat {PID}))"; else echo "$(hostname): mmjax.train is not running"; fi')
+            f'kill -{signal_name} "$(cat {PID})" && echo "$(hostname): sent SIG{signal_name} to '
+            f'mmjax.train (pid $(cat {PID}))"; else echo "$(hostname): mmjax.train is not '
+            f'running"; fi')
 
 
 def run_commands(args) -> list[list[str]]:
@@ -216,7 +219,7 @@ def logs_commands(args) -> list[list[str]]:
 
 
 def stop_commands(args) -> list[list[str]]:
-    return [_ssh(args, stop_command())]
+    return [_ssh(args, stop_command("KILL" if args.kill else "TERM"))]
 
 
 def delete_commands(args) -> list[list[str]]:
@@ -288,7 +291,9 @@ def make_parser() -> argparse.ArgumentParser:
 
     logs = sub.add_parser("logs", parents=[common], help="follow a worker's training log")
     logs.add_argument("--worker", type=int, default=0, help="worker index (default 0)")
-    sub.add_parser("stop", parents=[common], help="SIGTERM the run: it saves, then exits")
+    stop = sub.add_parser("stop", parents=[common], help="SIGTERM the run: it saves, then exits")
+    stop.add_argument("--kill", action="store_true",
+                      help="SIGKILL instead: for a run that does not stop (no save)")
     sub.add_parser("delete", parents=[common, queued], help="delete the slice")
     sub.add_parser("status", parents=[common, queued], help="describe the slice")
     return parser

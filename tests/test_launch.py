@@ -201,6 +201,8 @@ def test_logs_and_stop(capsys):
     assert dry_run(capsys, "logs", *WHERE_E, "--worker=63") == [
         ssh("mm-v5e", SUFFIX_E, "63", FOLLOW)]
     assert dry_run(capsys, "stop", *WHERE_E) == [ssh("mm-v5e", SUFFIX_E, "all", STOP)]
+    assert dry_run(capsys, "stop", *WHERE, "--kill") == [
+        ssh("mm-v4", SUFFIX, "all", STOP.replace("-TERM", "-KILL").replace("SIGTERM", "SIGKILL"))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,7 +231,8 @@ RUNS = [
     ["setup", *WHERE],
     ["run", *WHERE_E, "--config=configs/mmv2_large.py", "--workdir=/shared/x", "--",
      *OVERRIDES],
-    ["logs", *WHERE], ["stop", *WHERE], ["delete", *WHERE_E, "--queued"], ["status", *WHERE],
+    ["logs", *WHERE], ["stop", *WHERE], ["stop", *WHERE, "--kill"],
+    ["delete", *WHERE_E, "--queued"], ["status", *WHERE],
 ]
 
 
