@@ -1,0 +1,398 @@
+"""Run mmjax on a Cloud TPU VM slice (v4, v5e, v5p): create, set up, run, follow, stop, delete.
+
+    python launch/tpu.py create --project=P --zone=Z --name=N --generation=v4 \\
+        --accelerator-type=v4-32 [--spot] [--queued]
+    python launch/tpu.py setup  --project=P --zone=Z --name=N       # copy HEAD, install
+    python launch/tpu.py run    --project=P --zone=Z --name=N --config=configs/X.py \\
+        --workdir=/shared/run1 -- --config.train.num_steps=1000    # all hosts; follow worker 0
+    python launch/tpu.py logs   --project=P --zone=Z --name=N       # follow worker 0 again
+    python launch/tpu.py stop   --project=P --zone=Z --name=N       # SIGTERM: save, then exit
+    python launch/tpu.py stop   --project=P --zone=Z --name=N --kill    # SIGKILL: a hung run
+    python launch/tpu.py delete --project=P --zone=Z --name=N [--queued]
+    python launch/tpu.py status --project=P --zone=Z --name=N [--queued]
+
+Every subcommand takes ``--dry-run``: it prints the exact commands (``gcloud``, and ``git
+archive`` for ``setup``), one per line, ready to paste into a shell, and runs nothing. Without
+it, the same argument lists go to ``subprocess.run`` one after the other; the first that fails
+stops the script with its exit status. Bad arguments print one line and exit 2.
+
+On the workers the code lives in ``~/mmjax`` with its virtualenv in ``~/mmjax/.venv``; a run
+writes ``~/mmjax-train.log`` and ``~/mmjax-train.pid`` on each worker. ``launch/README.md``
+walks through a v4-32 and a v5e-256 run. This file needs only the Python standard library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import pathlib
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+REMOTE_DIR = "~/mmjax"  # the code on every worker (a shell word: ~ expands remotely)
+REMOTE_TARBALL = "mmjax-src.tar.gz"  # in the worker's home directory
+LOG = "~/mmjax-train.log"
+PID = "~/mmjax-train.pid"
+PYTHON_VERSION = "3.11"  # numpy 2.4 and jax 0.10 need >= 3.11; the TPU images ship 3.10
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """A TPU generation: how its accelerator types are spelled and counted.
+
+    ``runtime_version`` is the TPU VM software version that the Cloud TPU docs ("TPU software
+    versions", PyTorch and JAX) name for the generation. The number in an accelerator type
+    counts TensorCores on v4 and v5p (2 per chip, one JAX device per chip) and chips on v5e.
+    Multi-host slices have 4 chips per TPU VM (host, JAX process).
+    """
+
+    name: str
+    prefix: str
+    runtime_version: str
+    cores_per_chip: int
+    single_host_chips: int  # slices up to this many chips are one VM
+    sizes: tuple[int, ...] | None = None  # the valid numbers, when the docs give a closed list
+
+    def chips(self, accelerator_type: str) -> int:
+        return int(accelerator_type.removeprefix(self.prefix)) // self.cores_per_chip
+
+    def hosts(self, accelerator_type: str) -> int:
+        chips = self.chips(accelerator_type)
+        return 1 if chips <= self.single_host_chips else chips // CHIPS_PER_HOST
+
+    def check(self, accelerator_type: str) -> str | None:
+        """None if ``accelerator_type`` is a slice of this generation, else why not."""
+        match = re.fullmatch(re.escape(self.prefix) + r"([1-9][0-9]*)", accelerator_type)
+        example = {"v4": "v4-32", "v5e": "v5litepod-256", "v5p": "v5p-128"}[self.name]
+        if match is None:
+            return (f"accelerator type {accelerator_type!r} is not a {self.name} slice "
+                    f"({self.prefix}N, e.g. {example})")
+        number = int(match.group(1))
+        if self.sizes is not None and number not in self.sizes:
+            return (f"accelerator type {accelerator_type!r}: {self.name} slices are "
+                    f"{', '.join(self.prefix + str(s) for s in self.sizes)}")
+        if self.sizes is None and number % 8:
+            return (f"accelerator type {accelerator_type!r}: {self.name} slices count "
+                    f"TensorCores in multiples of 8 (e.g. {example})")
+        return None
+
+
+CHIPS_PER_HOST = 4
+GENERATIONS = {
+    "v4": Generation("v4", "v4-", "tpu-ubuntu2204-base", cores_per_chip=2,
+                     single_host_chips=4),
+    "v5e": Generation("v5e", "v5litepod-", "v2-alpha-tpuv5-lite", cores_per_chip=1,
+                      single_host_chips=8, sizes=(1, 4, 8, 16, 32, 64, 128, 256)),
+    "v5p": Generation("v5p", "v5p-", "v2-alpha-tpuv5", cores_per_chip=2, single_host_chips=4),
+}
+
+
+class UsageError(Exception):
+    """A bad argument: printed as one line, exit status 2."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Command builders: pure functions from options to argument lists.
+
+
+def _gcloud(*words: str, args) -> list[str]:
+    return ["gcloud", "compute", "tpus", *words, f"--zone={args.zone}",
+            f"--project={args.project}"]
+
+
+def _ssh(args, remote_command: str, worker: str = "all") -> list[str]:
+    return [*_gcloud("tpu-vm", "ssh", args.name, args=args), f"--worker={worker}",
+            f"--command={remote_command}"]
+
+
+def create_commands(args) -> list[list[str]]:
+    generation = GENERATIONS[args.generation]
+    runtime = args.runtime_version or generation.runtime_version
+    if args.queued:
+        command = [*_gcloud("queued-resources", "create", args.queued_resource_id or args.name,
+                            args=args),
+                   f"--node-id={args.name}", f"--accelerator-type={args.accelerator_type}",
+                   f"--runtime-version={runtime}"]
+    else:
+        command = [*_gcloud("tpu-vm", "create", args.name, args=args),
+                   f"--accelerator-type={args.accelerator_type}", f"--version={runtime}"]
+    if args.spot:
+        command.append("--spot")
+    return [command]
+
+
+def local_tarball(name: str) -> str:
+    return os.path.join(tempfile.gettempdir(), f"mmjax-{name}.tar.gz")
+
+
+def install_command() -> str:
+    """Python 3.11 venv (uv fetches the interpreter) and ``pip install -e '.[tpu]'``."""
+    return " && ".join([
+        f"cd {REMOTE_DIR}",
+        "python3 -m pip install --user --quiet uv",
+        f"{{ [ -x .venv/bin/python ] || ~/.local/bin/uv venv --seed --python {PYTHON_VERSION}"
+        " .venv; }",
+        '.venv/bin/pip install --quiet -e ".[tpu]"',
+        '.venv/bin/python -c "import jax, mmjax; print(jax.__version__)"',
+    ])
+
+
+def unpack_command() -> str:
+    """Unpack the copied tarball over ``~/mmjax`` (its ``.venv`` stays)."""
+    return f"mkdir -p {REMOTE_DIR} && tar -xzf ~/{REMOTE_TARBALL} -C {REMOTE_DIR}"
+
+
+def setup_commands(args) -> list[list[str]]:
+    if args.repo:
+        ref = shlex.quote(args.ref or "main")
+        fetch = " && ".join([
+            f"{{ [ -d {REMOTE_DIR}/.git ] || git clone --quiet {shlex.quote(args.repo)}"
+            f" {REMOTE_DIR}; }}",
+            f"git -C {REMOTE_DIR} fetch --quiet origin {ref}",
+            f"git -C {REMOTE_DIR} checkout --quiet --detach FETCH_HEAD",
+        ])
+        return [_ssh(args, f"{fetch} && {install_command()}")]
+    tarball = local_tarball(args.name)
+    return [
+        ["git", "-C", str(REPO_ROOT), "archive", "--format=tar.gz", f"--output={tarball}",
+         args.ref or "HEAD"],
+        [*_gcloud("tpu-vm", "scp", tarball, f"{args.name}:{REMOTE_TARBALL}", args=args),
+         "--worker=all"],
+        _ssh(args, f"{unpack_command()} && {install_command()}"),
+    ]
+
+
+def train_command(args) -> str:
+    """``python -m mmjax.train --distributed ...`` with each argument quoted for the shell."""
+    words = [".venv/bin/python", "-m", "mmjax.train", "--distributed",
+             f"--config={args.config}", f"--workdir={args.workdir}", *args.overrides]
+    return " ".join(shlex.quote(w) for w in words)
+
+
+def start_command(args) -> str:
+    """The remote shell command that starts training on one worker and returns at once.
+
+    It refuses while an earlier run still lives (its pid file names a live process). The
+    training process ignores SIGHUP (nohup) and writes only to the log, so a dropped ssh
+    connection does not stop it; the subshell around it appends its exit status to the log.
+    """
+    running = f'[ -f {PID} ] && kill -0 "$(cat {PID})" 2>/dev/null'
+    refuse = (f'echo "$(hostname): mmjax.train is already running (pid $(cat {PID})); '
+              f'stop it first" >&2; exit 1')
+    launch = (f'( trap "" HUP; nohup env PYTHONUNBUFFERED=1 {train_command(args)} & '
+              f"echo $! > {PID}; wait $!; "
+              f'echo "mmjax.train exited with status $?" ) > {LOG} 2>&1 < /dev/null &')
+    return (f"cd {REMOTE_DIR} || exit 1; if {running}; then {refuse}; fi; {launch} "
+            f'echo "$(hostname): started mmjax.train (log {LOG})"')
+
+
+def follow_command() -> str:
+    """Print the log from its start and follow it until the training process ends."""
+    return (f'if [ -f {PID} ]; then tail -n +1 -F --pid="$(cat {PID})" {LOG}; '
+            f"else tail -n +1 {LOG}; fi")
+
+
+def stop_command(signal_name: str = "TERM") -> str:
+    """SIGTERM (the run saves, then exits) or SIGKILL (for a run that hangs)."""
+    return (f'if [ -f {PID} ] && kill -0 "$(cat {PID})" 2>/dev/null; then '
+            f'kill -{signal_name} "$(cat {PID})" && echo "$(hostname): sent SIG{signal_name} to '
+            f'mmjax.train (pid $(cat {PID}))"; else echo "$(hostname): mmjax.train is not '
+            f'running"; fi')
+
+
+def run_commands(args) -> list[list[str]]:
+    commands = [_ssh(args, start_command(args))]
+    if args.follow:
+        commands.append(_ssh(args, follow_command(), worker="0"))
+    return commands
+
+
+def logs_commands(args) -> list[list[str]]:
+    return [_ssh(args, follow_command(), worker=str(args.worker))]
+
+
+def stop_commands(args) -> list[list[str]]:
+    return [_ssh(args, stop_command("KILL" if args.kill else "TERM"))]
+
+
+def delete_commands(args) -> list[list[str]]:
+    if args.queued:
+        return [[*_gcloud("queued-resources", "delete", args.queued_resource_id or args.name,
+                          args=args), "--force", "--quiet"]]
+    return [[*_gcloud("tpu-vm", "delete", args.name, args=args), "--quiet"]]
+
+
+def status_commands(args) -> list[list[str]]:
+    if args.queued:
+        return [_gcloud("queued-resources", "describe", args.queued_resource_id or args.name,
+                        args=args)]
+    return [_gcloud("tpu-vm", "describe", args.name, args=args)]
+
+
+BUILDERS: dict[str, Callable] = {
+    "create": create_commands, "setup": setup_commands, "run": run_commands,
+    "logs": logs_commands, "stop": stop_commands, "delete": delete_commands,
+    "status": status_commands,
+}
+
+# ---------------------------------------------------------------------------------------------
+# Arguments.
+
+_NAME = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")
+_OVERRIDE = re.compile(r"--config\.[A-Za-z_][A-Za-z0-9_.]*=.*", re.DOTALL)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not the usage block
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--project", required=True, help="Google Cloud project id")
+    common.add_argument("--zone", required=True, help="zone of the slice, e.g. us-central2-b")
+    common.add_argument("--name", required=True, help="name of the TPU VM slice (node id)")
+    common.add_argument("--dry-run", action="store_true",
+                        help="print the commands, one per line, and run nothing")
+    queued = argparse.ArgumentParser(add_help=False)
+    queued.add_argument("--queued", action="store_true",
+                        help="the slice comes from a queued resource")
+    queued.add_argument("--queued-resource-id", help="queued resource id (default: --name)")
+
+    parser = _Parser(prog="tpu.py", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    create = sub.add_parser("create", parents=[common, queued], help="create a slice")
+    create.add_argument("--generation", required=True, help="v4, v5e or v5p")
+    create.add_argument("--accelerator-type", required=True,
+                        help="e.g. v4-32, v5litepod-256, v5p-128")
+    create.add_argument("--runtime-version",
+                        help="TPU VM software version (default: the generation's)")
+    create.add_argument("--spot", action="store_true", help="Spot VMs (preemptible)")
+
+    setup = sub.add_parser("setup", parents=[common],
+                           help="copy (or clone) the code to every worker and install it")
+    setup.add_argument("--repo", help="clone this git URL on the workers instead of copying")
+    setup.add_argument("--ref", help="commit, branch or tag (default: HEAD; main with --repo)")
+
+    run = sub.add_parser("run", parents=[common], help="start mmjax.train on every worker",
+                         epilog="Config overrides go after --, e.g. -- --config.train.seed=1")
+    run.add_argument("--config", required=True, help="configs/NAME.py[:preset], from the repo")
+    run.add_argument("--workdir", required=True,
+                     help="gs://BUCKET/PATH or an absolute path shared by all workers")
+    run.add_argument("--no-follow", dest="follow", action="store_false",
+                     help="start and return, without following worker 0's log")
+
+    logs = sub.add_parser("logs", parents=[common], help="follow a worker's training log")
+    logs.add_argument("--worker", type=int, default=0, help="worker index (default 0)")
+    stop = sub.add_parser("stop", parents=[common], help="SIGTERM the run: it saves, then exits")
+    stop.add_argument("--kill", action="store_true",
+                      help="SIGKILL instead: for a run that does not stop (no save)")
+    sub.add_parser("delete", parents=[common, queued], help="delete the slice")
+    sub.add_parser("status", parents=[common, queued], help="describe the slice")
+    return parser
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    argv = list(argv)
+    overrides: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, overrides = argv[:cut], argv[cut + 1:]
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    args.overrides = overrides
+    try:
+        _check(args)
+    except UsageError as e:
+        parser.exit(2, f"tpu.py {args.command}: error: {e}\n")
+    return args
+
+
+def _check(args) -> None:
+    for key in ("project", "zone"):
+        if not getattr(args, key).strip():
+            raise UsageError(f"--{key} is empty")
+    if not _NAME.fullmatch(args.name):
+        raise UsageError(f"--name {args.name!r}: lowercase letters, digits and '-', starting "
+                         "with a letter, at most 63 characters")
+    if args.overrides and args.command != "run":
+        raise UsageError(f"arguments after -- are config overrides, for run only: "
+                         f"{args.overrides}")
+    if args.command == "create":
+        if args.generation not in GENERATIONS:
+            raise UsageError(f"unknown generation {args.generation!r}: v4, v5e or v5p")
+        problem = GENERATIONS[args.generation].check(args.accelerator_type)
+        if problem:
+            raise UsageError(problem)
+        if args.queued_resource_id and not args.queued:
+            raise UsageError("--queued-resource-id needs --queued")
+    if args.command == "setup" and args.ref is not None and not args.ref.strip():
+        raise UsageError("--ref is empty")
+    if args.command == "run":
+        _check_run(args)
+
+
+def _check_run(args) -> None:
+    if not (args.workdir.startswith("gs://") and len(args.workdir) > len("gs://")
+            or args.workdir.startswith("/")):
+        raise UsageError(f"--workdir {args.workdir!r} must be gs://BUCKET/PATH or an "
+                         "absolute path that all workers share")
+    config_file = args.config.split(":", 1)[0]
+    if os.path.isabs(config_file) or not (REPO_ROOT / config_file).is_file():
+        raise UsageError(f"--config {args.config!r}: no file {config_file!r} in the repository "
+                         "(give a path relative to its root, e.g. configs/mm_v1_small.py)")
+    for override in args.overrides:
+        if not _OVERRIDE.fullmatch(override):
+            raise UsageError(f"override {override!r} is not --config.KEY=VALUE")
+
+
+# ---------------------------------------------------------------------------------------------
+# Running.
+
+
+def subprocess_runner(argv: list[str]) -> int:
+    return subprocess.run(argv).returncode
+
+
+def main(argv: Sequence[str] | None = None,
+         runner: Callable[[list[str]], int] = subprocess_runner) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    commands = BUILDERS[args.command](args)
+    if args.command == "create":
+        generation = GENERATIONS[args.generation]
+        chips = generation.chips(args.accelerator_type)
+        hosts = generation.hosts(args.accelerator_type)
+        print(f"# {args.accelerator_type}: {chips} chips on {hosts} host(s)", file=sys.stderr)
+    if args.command == "run" and args.workdir.startswith("gs://"):
+        print("# warning: mmjax.train writes --workdir through pathlib, which makes gs:// "
+              "paths local; use a shared mount until it writes to GCS (launch/README.md)",
+              file=sys.stderr)
+    if args.dry_run:
+        for command in commands:
+            print(shlex.join(command))
+        return 0
+    for command in commands:
+        print(f"+ {shlex.join(command)}", file=sys.stderr, flush=True)
+        try:
+            status = runner(command)
+        except KeyboardInterrupt:
+            if args.command in ("run", "logs"):
+                print("# stopped following; training goes on (tpu.py logs follows again, "
+                      "tpu.py stop ends it)", file=sys.stderr)
+            return 130
+        if status != 0:
+            print(f"tpu.py {args.command}: error: {command[0]} exited with status {status}",
+                  file=sys.stderr)
+            return status
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
