@@ -70,11 +70,20 @@ def state_layout(model: nn.Module, optimizer: optax.GradientTransformation, mesh
     abstract_params = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
         nn.meta.unbox(abstract["params"]), shardings)
+    # The optimiser's copies of the parameters (Adam's moments) are laid out like the
+    # parameters; anything else (counts) is replicated. Left to XLA, zeros_like moments come
+    # out replicated, which would cost every chip the whole optimiser state.
+    replicated = sharding_lib.replicated(mesh)
+    opt_shardings = optax.tree_map_params(
+        optimizer, lambda _, sharding: sharding, jax.eval_shape(optimizer.init, abstract_params),
+        shardings, transform_non_params=lambda _: replicated)
+    state_shardings = TrainState(step=replicated, params=shardings, opt_state=opt_shardings,
+                                 rng=replicated)
     with jax.set_mesh(mesh):
-        create = jax.jit(functools.partial(create_train_state, optimizer=optimizer))
+        create = jax.jit(functools.partial(create_train_state, optimizer=optimizer),
+                         out_shardings=state_shardings)
         create_state = create.lower(abstract_params, rng=state_rng).compile()
         abstract_state = jax.eval_shape(create, abstract_params, rng=state_rng)
-    state_shardings = create_state.output_shardings
     abstract_state = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state,
         state_shardings)
