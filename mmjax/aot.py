@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import sys
 import time
 
@@ -79,13 +80,25 @@ def hbm_bytes(device_kind: str) -> int:
     return HBM_BYTES[device_kind]
 
 
+def devices_per_chip(devices) -> int:
+    """1, or 2 where a topology lists each TensorCore of a chip as a device (v4)."""
+    return len(devices) // len({tuple(d.coords) for d in devices})
+
+
 def topology_mesh(topology: str, sizes) -> jax.sharding.Mesh:
-    """A ``(data, fsdp, tensor)`` mesh over the devices of ``topology`` (one ``-1`` allowed)."""
+    """A ``(data, fsdp, tensor)`` mesh over the devices of ``topology`` (one ``-1`` allowed).
+
+    v4 slices are described with one device per TensorCore (two per chip); the mesh then
+    spans cores, each with half its chip's HBM.
+    """
     devices = compile_check.topology_devices(topology)
     shape = sharding_lib.mesh_shape(sizes, len(devices))
     from jax.experimental import mesh_utils
 
-    grid = mesh_utils.create_device_mesh(shape, devices=devices)
+    try:
+        grid = mesh_utils.create_device_mesh(shape, devices=devices)
+    except AssertionError:  # one device per core: keep the topology's order
+        grid = np.array(devices).reshape(shape)
     return jax.sharding.Mesh(grid, sharding_lib.MESH_AXES,
                              axis_types=(jax.sharding.AxisType.Auto,) * 3)
 
@@ -134,7 +147,7 @@ def report(config: ml_collections.ConfigDict, topology: str, mesh_sizes=None) ->
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    chips = mesh.devices.size
+    chips = mesh.devices.size  # devices: chips, or cores of v4 chips
     tokens = config.data.batch_size * config.data.context_length
     kind = mesh.devices.flat[0].device_kind
     return Report(
@@ -142,7 +155,8 @@ def report(config: ml_collections.ConfigDict, topology: str, mesh_sizes=None) ->
         batch_per_chip=config.data.batch_size / (mesh.shape["data"] * mesh.shape["fsdp"]),
         argument_bytes=memory.argument_size_in_bytes, output_bytes=memory.output_size_in_bytes,
         alias_bytes=memory.alias_size_in_bytes, temp_bytes=memory.temp_size_in_bytes,
-        code_bytes=memory.generated_code_size_in_bytes, hbm_bytes=hbm_bytes(kind),
+        code_bytes=memory.generated_code_size_in_bytes,
+        hbm_bytes=hbm_bytes(kind) // devices_per_chip(list(mesh.devices.flat)),
         flops=float(cost.get("flops", 0.0)), flops_6n=6.0 * num_params * tokens / chips,
         num_params=num_params, compile_seconds=seconds,
         scanned=bool(config.model.get("scan_layers", False)))
@@ -152,15 +166,15 @@ def format_report(r: Report) -> str:
     gib = lambda b: f"{b / GIB:.2f} GiB"
     ratio = r.flops / r.flops_6n if r.flops_6n else float("nan")
     lines = [
-        f"topology {r.topology} ({r.device_kind}, {np.prod(list(r.mesh.values()))} chips), "
+        f"topology {r.topology} ({r.device_kind}, {np.prod(list(r.mesh.values()))} devices), "
         f"mesh {r.mesh}, batch per data shard {r.batch_per_chip:g}",
         f"parameters {r.num_params:,}",
-        f"per chip: arguments {gib(r.argument_bytes)}, outputs {gib(r.output_bytes)} "
+        f"per device: arguments {gib(r.argument_bytes)}, outputs {gib(r.output_bytes)} "
         f"({gib(r.alias_bytes)} aliased to donated inputs), temporaries {gib(r.temp_bytes)}, "
         f"code {gib(r.code_bytes)}",
-        f"per chip: total {gib(r.total_bytes)} of {gib(r.hbm_bytes)} HBM "
+        f"per device: total {gib(r.total_bytes)} of {gib(r.hbm_bytes)} HBM "
         f"({100 * r.total_bytes / r.hbm_bytes:.0f}%): {'fits' if r.fits else 'DOES NOT FIT'}",
-        f"per chip per step: {r.flops:.3e} FLOPs (XLA; Pallas kernels not counted"
+        f"per device per step: {r.flops:.3e} FLOPs (XLA; Pallas kernels not counted"
         + ("; scanned layers: one layer's body counted once" if r.scanned else "")
         + f"), 6N estimate {r.flops_6n:.3e} (ratio {ratio:.2f})",
         f"compile time {r.compile_seconds:.1f} s",
@@ -208,6 +222,9 @@ def main(argv) -> int:
         print(f"DOES NOT FIT: {_first_line(error)}")
         return 1
     print(format_report(result))
+    if flags.FLAGS.json:
+        print(json.dumps({**dataclasses.asdict(result), "total_bytes": result.total_bytes,
+                          "fits": result.fits}))
     return 0 if result.fits else 1
 
 
@@ -221,6 +238,7 @@ def _define_flags():
                                     "Config file (Python, get_config(arg)); preset after ':'.",
                                     lock_config=True)
     flags.DEFINE_string("topology", "v5e:2x2", "TPU slice, e.g. v4:2x2x4, v5e:16x16, v5p:8x8x8")
+    flags.DEFINE_bool("json", False, "Also print the report as one JSON line.")
     flags.DEFINE_string("mesh", None, "data,fsdp,tensor sizes (default: the config's "
                                       "sharding.mesh); one may be -1")
 
