@@ -167,7 +167,7 @@ def load_params(path: str | pathlib.Path, abstract_params, *, cast: bool = True)
     for name, new in new_flat.items():
         old_shape = tuple(saved_flat[name].shape)
         if old_shape != tuple(new.shape):
-            raise ValueError(f"train.init_from={step_dir}: parameter {name} has shape "
+            raise ValueError(f"train.init_from={step_dir}: parameter params/{name} has shape "
                              f"{old_shape} in the checkpoint but {tuple(new.shape)} in this "
                              f"model")
     target = jax.tree.map(
