@@ -313,3 +313,26 @@ def test_v2_token_budgets_and_finetune_presets():
     tiny = load_config("mmv2_small.py:tiny_text")
     assert load_config("mmv2_small.py:tiny_text,finetune").data.context_length == (
         2 * tiny.data.context_length)
+
+
+def test_v2_finetune_preset_starts_from_a_pretrained_run(store, tmp_path):
+    """``mmv2_small.py:tiny_text`` pre-trained, then ``:tiny_text,finetune`` (twice the
+    context) from its parameters: the v2 paper's 4k -> 32k recipe in small."""
+    def v2(spec, steps):
+        config = load_config(spec)
+        config.data.update(dict(path=store["path"], batch_size=BATCH))
+        config.model.num_layers = 1
+        config.train.update(dict(num_steps=steps, log_every=1, eval_every=0, eval_batches=1))
+        config.checkpoint.save_every = steps
+        return config
+
+    pre = train_and_evaluate(v2("mmv2_small.py:tiny_text", 2), str(tmp_path / "pre"),
+                             progress=False)
+    config = v2("mmv2_small.py:tiny_text,finetune", 1)
+    assert config.data.context_length == 2 * pre["eval_loss_per_position"].shape[0]
+    config.train.init_from = str(tmp_path / "pre")
+    config.train.num_steps = 0
+    start = train_and_evaluate(config, None, progress=False)
+    assert int(start["state"].step) == 0
+    for a, b in zip(leaves(pre["state"].params), leaves(start["state"].params)):
+        np.testing.assert_array_equal(a, b)
