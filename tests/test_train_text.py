@@ -75,8 +75,9 @@ def test_resumed_text_run_equals_an_uninterrupted_one(store, tmp_path):
     assert straight["eval_loss"] == resumed["eval_loss"]
 
 
-def test_a_fresh_run_does_not_reuse_another_runs_batches(store, tmp_path):
-    """Without the iterator state the resumed run would restart the stream at batch 0."""
+def test_every_checkpoint_holds_the_loader_position(store, tmp_path):
+    """Each step's checkpoint holds the iterator state after that step's batch (without it a
+    resumed run would restart the stream at batch 0)."""
     config = text_config(store, num_steps=2)
     config.checkpoint.save_every = 1
     train_and_evaluate(config, str(tmp_path / "a"), progress=False)
@@ -163,7 +164,7 @@ def test_tokenizer_vocab_differs_from_the_model(store, delta, no_compile):
     config = text_config(store, vocab_size=store["vocab_size"] + delta)
     message = one_line_error(config, "vocabulary mismatch")
     assert f"model.vocab_size={store['vocab_size'] + delta}" in message
-    assert str(store["vocab_size"]) in message
+    assert f"--config.model.vocab_size={store['vocab_size']}" in message  # the fix
 
 
 def test_padding_accepts_a_larger_model_vocab_only(store, no_compile):
