@@ -9,23 +9,36 @@ tokenizer on them, then prints:
 - prepare: tokens/s of ``mmjax.data.prepare`` with 1 and 2 worker processes, end to end
   (hashing, worker start-up, writing) and of its tokenising phase alone, total and per
   worker (worker start-up is reported apart: spawned workers import jax with mmjax);
-- loader: batches/s and tokens/s of ``make_batches`` at context 256, batch 8 (random windows),
-  with 0 and 2 grain workers, as NumPy batches and as a ``jax.Array`` on a one-device
-  sharding (the first batch, which pays for worker start-up, is not timed);
-- train step: tokens/s of a jitted train step of the default tiny Memory Mosaic
-  (``mmjax.train.defaults``) at the same shape and the tokenizer's vocabulary, fed by the
-  loader, and the ratio loader tokens/s / train tokens/s (the loader must stay >= 10x).
+- loader: batches/s and tokens/s of ``make_batches`` at the ``mm_v1_small:tiny_text`` shape
+  (context 128, batch 16, random windows), with 0 and 2 grain workers, as NumPy batches and
+  as a ``jax.Array`` on a one-device sharding (the first batch, which pays for worker
+  start-up, is not timed);
+- train step: tokens/s of the ``configs/mm_v1_small.py:tiny_text`` preset's train step (the
+  ``Trainer`` that ``python -m mmjax.train`` builds, on all devices, fed by its own loader),
+  and the ratio slowest loader tokens/s / train tokens/s (the loader must stay >= 10x).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import pathlib
 import tempfile
 import time
 
-CONTEXT, BATCH = 256, 8
+PRESET = "mm_v1_small.py:tiny_text"
+CONTEXT, BATCH = 128, 16  # the preset's data.context_length and data.batch_size
+CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
+
+
+def preset_config(spec: str = PRESET):
+    """``configs/FILE.py:ARG`` loaded as ``--config`` loads it."""
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("benchmark_config", CONFIGS / path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None)
 
 
 def time_prepare(pattern: str, tok_path: pathlib.Path, root: pathlib.Path,
@@ -77,29 +90,27 @@ def time_loader(store: pathlib.Path, vocab_size: int, *, workers: int, batches: 
 def time_train_step(store: pathlib.Path, vocab_size: int, steps: int) -> dict:
     import jax
 
-    from mmjax.data import make_batches
-    from mmjax.train import defaults
     from mmjax.train.loop import Trainer
 
-    config = defaults.get_config()
-    config.model.vocab_size = vocab_size
-    if "vocab_size" in config.data:  # said twice before the config refactor of issue 10
-        config.data.vocab_size = vocab_size
-    config.data.context_length, config.data.batch_size = CONTEXT, BATCH
-    config.sharding.mesh = (1, 1, 1)
+    config = preset_config()
+    assert (config.data.context_length, config.data.batch_size) == (CONTEXT, BATCH)
+    config.data.path = str(store)
+    config.model.vocab_size = max(config.model.vocab_size, vocab_size)  # preset: 4096, padded
     trainer = Trainer(config)
-    state = trainer.init_state()
-    it = make_batches(dict(corpus="tokens", path=str(store), context_length=CONTEXT,
-                           batch_size=BATCH), vocab_size=vocab_size, seed=0,
-                      sharding=trainer.batch_sharding)
-    state, metrics = trainer.train_step(state, next(it))  # compile
-    jax.block_until_ready(metrics)
-    start = time.perf_counter()
-    for _ in range(steps):
-        state, metrics = trainer.train_step(state, next(it))
-    jax.block_until_ready(metrics)
-    seconds = time.perf_counter() - start
-    return {"stage": "train_step", "model": "defaults (tiny MM, 2 layers, width 64)",
+    try:
+        state = trainer.init_state()
+        state, metrics = trainer.train_step(state, trainer.next_batch())  # compile
+        jax.block_until_ready(metrics)
+        start = time.perf_counter()
+        for _ in range(steps):
+            state, metrics = trainer.train_step(state, trainer.next_batch())
+            jax.block_until_ready(metrics)  # one step in flight, as the loop keeps it
+        seconds = time.perf_counter() - start
+    finally:
+        trainer.close()
+    return {"stage": "train_step", "preset": PRESET,
+            "model": f"{config.model.name}, {config.model.num_layers} layers, width "
+                     f"{config.model.embed_dim}, vocab {config.model.vocab_size}",
             "steps_per_s": round(steps / seconds, 2),
             "tokens_per_s": round(steps * BATCH * CONTEXT / seconds),
             "loss": round(float(metrics["loss"]), 4)}

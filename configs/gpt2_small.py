@@ -6,18 +6,23 @@ betas (0.9, 0.95), weight decay 0.1, gradient clip 1, warm-up 2000 then cosine t
 80k steps, batch 512 (``docs/official_code.md``). Attention-probability dropout is
 applied to the head outputs instead (see :mod:`mmjax.layers.attention`).
 
+Data: a token store from ``python -m mmjax.data.prepare`` (``--config.data.path=DIR``), as
+``mm_v1_small.py`` (BabiStories in the v1 paper, GPT-2 tokenizer padded to 50304).
+
 Commands:
   python -m mmjax.flops --config configs/gpt2_small.py
-  python -m mmjax.train --config configs/gpt2_small.py --workdir DIR
+  python -m mmjax.train --config configs/gpt2_small.py --config.data.path=STORE --workdir DIR
   python -m mmjax.train --config configs/gpt2_small.py:tiny --workdir /tmp/gpt2_tiny  # CPU
+  python -m mmjax.train --config configs/gpt2_small.py:tiny_text --config.data.path=STORE
 Expected (mmjax.flops, last line):
   params=123980544 flops_per_token=247136256
-Presets: ``tiny`` (CPU smoke run).
+Presets: ``tiny`` (CPU smoke run on the synthetic corpus), ``tiny_text`` (a tiny GPT2 on a
+token store, vocabulary 4096, context 128: about a minute on CPU).
 """
 
-from mmjax.train.config_lib import lm_config, make_tiny, parse_presets
+from mmjax.train.config_lib import lm_config, make_tiny, make_tiny_text, parse_presets
 
-PRESETS = ("tiny",)
+PRESETS = ("tiny", "tiny_text")
 
 
 def get_config(arg=None):
@@ -29,9 +34,12 @@ def get_config(arg=None):
         # the official Library baseline's training settings (same as the v1 Memory Mosaic)
         optimizer=dict(learning_rate=5e-3, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8,
                        grad_clip=1.0, warmup_steps=2000, total_steps=80_000, min_lr=1e-4),
-        data=dict(context_length=512, batch_size=512, corpus="babistories"),
+        data=dict(context_length=512, batch_size=512, corpus="tokens", path="",
+                  allow_vocab_padding=True),
         train=dict(num_steps=80_000, log_every=100, seed=1337),
     )
     if "tiny" in presets:
         make_tiny(config, context_length=64)
+    if "tiny_text" in presets:
+        make_tiny_text(config, context_length=128, dropout_rate=0.0)
     return config

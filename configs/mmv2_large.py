@@ -14,13 +14,24 @@ Commands:
 Expected (mmjax.flops, last line):
   params=9926096896 flops_per_token=18800967680                (paper: 9.9B / 18.9B)
   :no_long_term  params=8307090432 flops_per_token=15562964992 (paper: 8.3B / 15.6B)
-Presets (comma-separated): ``tiny`` (CPU smoke run), ``no_long_term`` (the variant without
-long-term memory), ``finetune`` (context 32768).
+Presets (comma-separated): ``tiny`` (CPU smoke run), ``tiny_text`` (the tiny model on a
+token store, vocabulary 4096), ``no_long_term`` (the variant without long-term memory),
+``finetune`` (context 32768, from a pre-trained run: ``--config.train.init_from=WORKDIR``;
+with ``tiny``/``tiny_text``, twice the tiny context).
+
+Data: a token store from ``python -m mmjax.data.prepare`` (``--config.data.path=DIR``). The
+paper's training corpus is not public: train on a store of your own text, tokenised with a
+tokenizer of ``model.vocab_size`` ids (LLaMA-3's has 128256).
+Token budget: 1T tokens (the paper's large scale): 238,419 steps of 1024 x 4096 tokens.
+Fine-tuning (the paper's 4k -> 32k context extension)::
+
+  python -m mmjax.train --config configs/mmv2_large.py:finetune --config.data.path=STORE \
+      --config.train.init_from=PRETRAIN_WORKDIR --workdir FINETUNE_WORKDIR
 """
 
 from mmjax.train.config_lib import paper_scale_config, parse_presets
 
-PRESETS = ("tiny", "no_long_term", "finetune")
+PRESETS = ("tiny", "tiny_text", "no_long_term", "finetune")
 
 
 def get_config(arg=None):
@@ -32,7 +43,7 @@ def get_config(arg=None):
         long_term_skip_range=(64, 256),
         inference_long_term_skip=64,
     ), "large", presets)
-    if "tiny" in presets:
+    if "tiny" in presets or "tiny_text" in presets:
         config.model.update(short_term_window=16, long_term_skip_range=(4, 16),
                             inference_long_term_skip=4)
     return config

@@ -12,13 +12,25 @@ Commands:
   python -m mmjax.train --config configs/mmv2_small.py:tiny --workdir /tmp/mmv2_tiny  # CPU
 Expected (mmjax.flops, last line):
   params=2189530880 flops_per_token=3853516800
-Presets (comma-separated): ``tiny`` (CPU smoke run), ``no_long_term`` (the variant without
-long-term memory), ``finetune`` (context 32768).
+Presets (comma-separated): ``tiny`` (CPU smoke run), ``tiny_text`` (the tiny model on a
+token store, vocabulary 4096), ``no_long_term`` (the variant without long-term memory),
+``finetune`` (context 32768, from a pre-trained run: ``--config.train.init_from=WORKDIR``;
+with ``tiny``/``tiny_text``, twice the tiny context).
+
+Data: a token store from ``python -m mmjax.data.prepare`` (``--config.data.path=DIR``). The
+paper's training corpus is not public: train on a store of your own text, tokenised with a
+tokenizer of ``model.vocab_size`` ids (LLaMA-3's has 128256).
+Token budget: 200B tokens (the paper's small scale; the large trains on 1T): 47,684 steps of
+1024 x 4096 tokens.
+Fine-tuning (the paper's 4k -> 32k context extension)::
+
+  python -m mmjax.train --config configs/mmv2_small.py:finetune --config.data.path=STORE \
+      --config.train.init_from=PRETRAIN_WORKDIR --workdir FINETUNE_WORKDIR
 """
 
 from mmjax.train.config_lib import paper_scale_config, parse_presets
 
-PRESETS = ("tiny", "no_long_term", "finetune")
+PRESETS = ("tiny", "tiny_text", "no_long_term", "finetune")
 
 
 def get_config(arg=None):
@@ -30,7 +42,7 @@ def get_config(arg=None):
         long_term_skip_range=(64, 256),
         inference_long_term_skip=64,
     ), "small", presets)
-    if "tiny" in presets:
+    if "tiny" in presets or "tiny_text" in presets:
         config.model.update(short_term_window=16, long_term_skip_range=(4, 16),
                             inference_long_term_skip=4)
     return config

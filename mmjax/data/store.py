@@ -169,8 +169,9 @@ def check_vocab_size(model_vocab_size: int, data_vocab_size: int, *, source: str
         return
     raise DataError(
         f"vocabulary mismatch: model.vocab_size={model_vocab_size} but {source} has "
-        f"{data_vocab_size} token ids; set --config.model.vocab_size={data_vocab_size} "
-        f"(and data.vocab_size)")
+        f"{data_vocab_size} token ids; set --config.model.vocab_size={data_vocab_size}"
+        + (" (data.allow_vocab_padding accepts a larger one, never a smaller one)"
+           if allow_padding else ""))
 
 
 def write_store(directory: str | os.PathLike, documents: Mapping[str, Sequence[np.ndarray]], *,

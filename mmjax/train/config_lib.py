@@ -17,7 +17,8 @@ import ml_collections
 # Settings a language-model config may leave out, with their values: the training loop's
 # and every config's single source of defaults.
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "train": {"eval_every": 0, "eval_batches": 4, "grad_accum_steps": 1},
+    # init_from: a workdir or checkpoint step directory whose parameters start a new run
+    "train": {"eval_every": 0, "eval_batches": 4, "grad_accum_steps": 1, "init_from": ""},
     "sharding": {"mesh": (-1, 1, 1), "rules": None},  # (data, fsdp, tensor); rules: defaults
     "checkpoint": {"save_every": 0, "max_to_keep": 3},  # save only with --workdir
 }
@@ -32,6 +33,15 @@ PAPER_VOCAB = 128256
 
 # Sizes of the ``:tiny`` preset of every LM config: trains on CPU in seconds.
 TINY_MODEL = dict(vocab_size=256, num_layers=2, num_heads=4, embed_dim=64, dtype="float32")
+
+# The ``:tiny_text`` presets' vocabulary: fits a tokenizer of at most 4096 ids (the preset
+# sets data.allow_vocab_padding); override --config.model.vocab_size for a larger one.
+TINY_TEXT_VOCAB = 4096
+
+# "Memory Mosaics at Scale" token budgets: the small scale trains on 200B tokens, the large
+# on 1T (steps of 1024 x 4096 tokens).
+PAPER_TOKENS = {"small": 200 * 10**9, "large": 10**12}
+PAPER_TOKENS_PER_STEP = 1024 * 4096
 
 
 def parse_presets(arg: str | None, known: Iterable[str] = (),
@@ -94,24 +104,31 @@ def lm_config(model: dict, *, optimizer: dict, data: dict, train: dict,
 
 def paper_scale_config(model: dict, scale: str, presets: set[str]) -> ml_collections.ConfigDict:
     """A "Memory Mosaics at Scale" run: paper sizes, vocabulary 128256, untied embeddings,
-    context 4096, with the ``finetune`` (context 32768) and ``tiny`` presets applied.
+    context 4096, with the ``finetune`` (context 32768), ``tiny`` and ``tiny_text`` presets
+    applied.
 
     Layers are scanned and fully rematerialised (what fits a pod's HBM: see ``mmjax.aot``).
-    CHOICE (the paper does not give them): LLaMA-3-like AdamW settings, 1T tokens = 238,419
-    steps of 1024 x 4096 tokens, a pre-tokenised corpus named ``tokens``; fine-tuning keeps
-    the tokens per step and runs a short cosine at a lower rate.
+    The data is a token store (``corpus="tokens"``, ``--config.data.path=DIR`` from
+    ``python -m mmjax.data.prepare``); the paper's training corpus is not public. Token
+    budgets as in the paper: 200B tokens at the small scale (47,684 steps of 1024 x 4096
+    tokens), 1T at the large (238,419 steps). ``finetune`` starts from a pre-trained run's
+    parameters: give it ``--config.train.init_from=PRETRAIN_WORKDIR``.
+
+    CHOICE (the paper does not give them): LLaMA-3-like AdamW settings, 1024 x 4096 tokens per
+    step; fine-tuning keeps the tokens per step and runs a short cosine at a lower rate.
     """
     if scale not in PAPER_SCALES:
         raise ValueError(f"scale must be one of {sorted(PAPER_SCALES)}, got {scale!r}")
     model = dict(vocab_size=PAPER_VOCAB, **PAPER_SCALES[scale], tie_embeddings=False,
                  dropout_rate=0.0, dtype="bfloat16", impl="auto", scan_layers=True,
                  remat="full") | model
+    steps = -(-PAPER_TOKENS[scale] // PAPER_TOKENS_PER_STEP)  # 47,684 small, 238,419 large
     config = lm_config(
         model,
         optimizer=dict(learning_rate=3e-4, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8,
-                       grad_clip=1.0, warmup_steps=2000, total_steps=238_419, min_lr=3e-5),
-        data=dict(context_length=4096, batch_size=1024, corpus="tokens"),
-        train=dict(num_steps=238_419, log_every=100, seed=0),
+                       grad_clip=1.0, warmup_steps=2000, total_steps=steps, min_lr=3e-5),
+        data=dict(context_length=4096, batch_size=1024, corpus="tokens", path=""),
+        train=dict(num_steps=steps, log_every=100, seed=0),
     )
     if "finetune" in presets:
         config.data.update(context_length=32768, batch_size=128)
@@ -120,6 +137,14 @@ def paper_scale_config(model: dict, scale: str, presets: set[str]) -> ml_collect
         config.train.num_steps = 2000
     if "tiny" in presets:
         make_tiny(config, mlp_dim=224)
+    if "tiny_text" in presets:
+        make_tiny_text(config, mlp_dim=224)
+    if "finetune" in presets and ("tiny" in presets or "tiny_text" in presets):
+        # the tiny analogue of 4k -> 32k: twice the tiny context, a short low-rate run
+        config.data.context_length *= 2
+        config.optimizer.update(learning_rate=1e-3, warmup_steps=5, total_steps=50,
+                                min_lr=1e-4)
+        config.train.num_steps = 50
     return config
 
 
@@ -129,3 +154,19 @@ def make_tiny(config: ml_collections.ConfigDict, **model_overrides) -> None:
     config.data.update(context_length=64, batch_size=8, corpus="pfa")
     config.optimizer.update(learning_rate=3e-3, warmup_steps=10, total_steps=50, min_lr=3e-4)
     config.train.update(num_steps=50, log_every=10)
+
+
+def make_tiny_text(config: ml_collections.ConfigDict, **model_overrides) -> None:
+    """Shrink an LM config in place to the ``:tiny_text`` run: the :data:`TINY_MODEL` sizes
+    with vocabulary :data:`TINY_TEXT_VOCAB` (a store whose tokenizer has at most that many
+    ids), on a token store (``--config.data.path``), context 128, batch 16, 300 steps (about
+    a minute on 2 CPU cores)."""
+    config.model.update(TINY_MODEL | dict(vocab_size=TINY_TEXT_VOCAB) | model_overrides)
+    # padding: any tokenizer of at most 4096 ids fits (a larger one is a start-up error)
+    config.data.update(context_length=128, batch_size=16, corpus="tokens",
+                       allow_vocab_padding=True)
+    if "path" not in config.data:
+        config.data.path = ""
+    config.optimizer.update(learning_rate=3e-3, warmup_steps=20, total_steps=300, min_lr=3e-4)
+    config.train.update(num_steps=300, log_every=25, eval_every=100)
+    config.checkpoint.save_every = 100

@@ -1,11 +1,20 @@
 """The training loop: build from a config, shard, step, log, evaluate.
 
 ``train_and_evaluate(config, workdir)`` is what ``python -m mmjax.train`` calls. A
-:class:`Trainer` is ready when constructed: model, optimiser, corpus, mesh, the parameter and
-state shardings and the jitted steps all come from ``__init__``, so its methods may be called
-in any order. The loop reads each step's metrics one step late (:class:`Reporter`), so the
-host never waits on the device between steps. The data flow of one step is described in
-``docs/architecture.md``.
+:class:`Trainer` is ready when constructed: model, optimiser, mesh, the batch iterators
+(``mmjax.data.make_batches``: a synthetic corpus or a token store, one interface), the
+parameter and state shardings and the jitted steps all come from ``__init__``, so its methods
+may be called in any order. Data problems (a missing store, a vocabulary that differs from
+``model.vocab_size``, token ids outside it) stop ``__init__`` before anything is compiled.
+
+Checkpoints (with ``--workdir``) hold the train state and the train iterator's state, so a
+resumed run sees exactly the batches of an uninterrupted one. ``train.init_from`` (a workdir
+or a checkpoint step directory) starts a run without a checkpoint of its own from another
+run's parameters, with a fresh optimiser at step 0 (fine-tuning, e.g. at a longer context).
+
+The loop reads each step's metrics one step late (:class:`Reporter`), so the host never
+waits on the device between steps (and at most two steps are in flight). The data flow of one
+step is described in ``docs/architecture.md``.
 """
 
 from __future__ import annotations
@@ -21,10 +30,11 @@ import numpy as np
 from flax import linen as nn
 from tqdm.auto import tqdm
 
-from mmjax.data import make_corpus
+from mmjax.data import make_batches
+from mmjax.data.pipeline import TextBatches
 from mmjax.models import build_model
 from mmjax.train import sharding as sharding_lib
-from mmjax.train.checkpoint import Checkpointer
+from mmjax.train.checkpoint import Checkpointer, load_params
 from mmjax.train.config_lib import with_defaults
 from mmjax.train.metrics import MetricWriter
 from mmjax.train.optimizer import make_optimizer
@@ -33,12 +43,14 @@ from mmjax.train.step import eval_step, train_step
 
 
 class Trainer:
-    """Everything built from a config: model, optimiser, corpus, mesh, shardings, jitted steps.
+    """Everything built from a config: model, optimiser, data, mesh, shardings, jitted steps.
 
     Attributes set by ``__init__`` (all of them): ``config`` (with defaults filled in),
-    ``model``, ``optimizer``, ``corpus``, ``mesh``, ``rules``, ``batch_sharding``,
-    ``state_shardings``. Methods: :meth:`init_state`, :meth:`batch`, :meth:`train_step`,
-    :meth:`evaluate`.
+    ``model``, ``optimizer``, ``mesh``, ``rules``, ``batch_sharding``, ``train_batches`` and
+    ``val_batches`` (``make_batches`` iterators of the train and validation splits),
+    ``corpus`` (the synthetic corpus, None for a token store), ``state_shardings``. Methods:
+    :meth:`init_state`, :meth:`next_batch`, :meth:`batch` (synthetic corpora only),
+    :meth:`train_step`, :meth:`evaluate`, :meth:`close`.
     """
 
     def __init__(self, config: ml_collections.ConfigDict):
@@ -50,8 +62,6 @@ class Trainer:
                              "model.vocab_size")
         self.model = build_model(config.model)
         self.optimizer = make_optimizer(**config.optimizer)
-        self.corpus = make_corpus(data.corpus, vocab_size=config.model.vocab_size,
-                                  seed=config.train.seed, **dict(data.get("corpus_options", {})))
         self.mesh = sharding_lib.make_mesh(config.sharding.mesh)
         self.rules = tuple(config.sharding.rules or sharding_lib.DEFAULT_RULES)
         batch_devices = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
@@ -64,8 +74,24 @@ class Trainer:
                              f"{data.batch_size} must be a multiple of grad_accum_steps x the "
                              f"data x fsdp mesh size ({batch_devices})")
         self.batch_sharding = sharding_lib.batch_sharding(self.mesh, self.rules)
+        self._open_data()  # before compiling: bad data is an error in seconds
         self._init_rng, self._state_rng = jax.random.split(jax.random.key(config.train.seed))
         self._build_steps()
+
+    def _open_data(self) -> None:
+        """The train and validation iterators; a token store's first batch is read (and the
+        iterator rewound) so that ids outside the model vocabulary stop the run now."""
+        config = self.config
+        kwargs = dict(vocab_size=config.model.vocab_size, sharding=self.batch_sharding,
+                      seed=config.train.seed)
+        self.train_batches = make_batches(config.data, split="train", **kwargs)
+        self.val_batches = make_batches(config.data, split="val", **kwargs)
+        self._val_start = self.val_batches.get_state()
+        self.corpus = getattr(self.train_batches, "corpus", None)
+        if isinstance(self.train_batches, TextBatches):
+            start = self.train_batches.get_state()
+            self.train_batches.next_local()
+            self.train_batches.set_state(start)
 
     def _build_steps(self) -> None:
         """Shardings of the parameters (from their logical axes) and of the whole train state,
@@ -103,7 +129,15 @@ class Trainer:
         with self.mesh_context():
             return self._create_state(self._init_params(self._init_rng), rng=self._state_rng)
 
+    def next_batch(self) -> jax.Array:
+        """The next ``[batch, context + 1]`` train batch (its position is in checkpoints)."""
+        return next(self.train_batches)
+
     def batch(self, step: int, split: str = "train") -> jax.Array:
+        """Batch ``step`` of a synthetic corpus, out of order (a pure function of the step)."""
+        if self.corpus is None:
+            raise ValueError("Trainer.batch(step) needs a synthetic corpus; a token store is "
+                             "read in order: use next_batch()")
         d = self.config.data
         tokens = self.corpus.batch(step, d.batch_size, d.context_length + 1, split=split)
         # Every process makes the same global batch (a pure function of the step) and hands
@@ -116,15 +150,23 @@ class Trainer:
             return self._train_step(state, tokens)
 
     def evaluate(self, params) -> dict:
-        """Mean loss and per-position loss over ``train.eval_batches`` held-out batches."""
+        """Mean loss and per-position loss over the first ``train.eval_batches`` batches of
+        the validation split (the same batches at every evaluation)."""
         results = []
+        self.val_batches.set_state(self._val_start)
         with self.mesh_context():
-            for i in range(self.config.train.eval_batches):
-                results.append(jax.device_get(self._eval_step(params, self.batch(i, "eval"))))
+            for _ in range(self.config.train.eval_batches):
+                tokens = next(self.val_batches)
+                results.append(jax.device_get(self._eval_step(params, tokens)))
         weights = np.array([r["tokens"] for r in results], np.float64)
         loss = float(np.average([r["loss"] for r in results], weights=weights))
         per_position = np.mean([r["loss_per_position"] for r in results], axis=0)
         return {"eval_loss": loss, "eval_loss_per_position": per_position}
+
+    def close(self) -> None:
+        """Stop the iterators' reader threads and worker processes."""
+        for it in (self.train_batches, self.val_batches):
+            it.close()
 
 
 @dataclasses.dataclass
@@ -175,8 +217,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
     tcfg = config.train
     checkpointer = _make_checkpointer(config, workdir)
     if checkpointer is not None and checkpointer.latest_step() is not None:
-        state = checkpointer.restore(state)
+        state, data_restored = checkpointer.restore(state, trainer.train_batches)
+        if not data_restored:  # a checkpoint from before the iterator was saved
+            if trainer.corpus is None:
+                raise RuntimeError(f"checkpoint step {int(state.step)} in "
+                                   f"{checkpointer.directory} holds no data iterator state; "
+                                   f"cannot resume a token-store run at the right batch")
+            trainer.train_batches.set_state({"step": int(state.step)})
         _log(f"resumed from {checkpointer.directory} at step {int(state.step)}")
+    elif tcfg.get("init_from"):
+        params, source = load_params(tcfg.init_from, state.params)
+        state = state.replace(params=params)
+        _log(f"initialised the parameters from {source} (fresh optimiser, step 0)")
     writer = MetricWriter(workdir)
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     _log(f"model {config.model.name}: {num_params:,} parameters; mesh {dict(trainer.mesh.shape)}")
@@ -187,10 +239,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
     reporter = Reporter(writer, bar, tcfg.log_every,
                         config.data.batch_size * config.data.context_length)
     for step in bar:
-        state, metrics = trainer.train_step(state, trainer.batch(step))
+        state, metrics = trainer.train_step(state, trainer.next_batch())
         reporter.record(step + 1, metrics)
         if checkpointer is not None:
-            checkpointer.save(step + 1, state, force=checkpointer.preempted)
+            checkpointer.save(step + 1, state, data_iterator=trainer.train_batches,
+                              force=checkpointer.preempted)
             if checkpointer.preempted:
                 _log(f"SIGTERM: saved step {step + 1} and stopping")
                 break
@@ -205,8 +258,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
     writer.close()
     if checkpointer is not None:
         if not checkpointer.preempted:
-            checkpointer.save(int(state.step), state, force=True)
+            checkpointer.save(int(state.step), state, data_iterator=trainer.train_batches,
+                              force=True)
         checkpointer.close()
+    trainer.close()
     last = f"train_loss {history[-1]['loss']:.4f} " if history else ""
     _log(f"final (step {int(state.step)}): {last}eval_loss {final['eval_loss']:.4f}")
     per_position = final["eval_loss_per_position"]
