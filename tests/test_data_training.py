@@ -11,7 +11,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from mmjax.data import make_batches, prepare, stories, tokenizer
+from mmjax.data import make_batches, stories
 from mmjax.train import defaults
 from mmjax.train.loop import Trainer
 
@@ -21,10 +21,7 @@ CONTEXT, BATCH = 32, 8
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("text")
-    docs = stories.make_stories(600, seed=5)
-    stories.write_story_files(root / "in", docs)
-    tok = tokenizer.train_tokenizer(docs, root / "tok.model", vocab_size=512)
-    prepare.prepare(str(root / "in" / "*"), root / "tok.model", root / "store", progress=False)
+    store_dir, tok = stories.make_story_store(root, 600, seed=5)
     config = defaults.get_config()
     config.model.vocab_size = tok.vocab_size
     config.model.num_layers = 1
@@ -34,7 +31,7 @@ def setup(tmp_path_factory):
     if "vocab_size" in config.data:  # said twice before the config refactor of issue 10
         config.data.vocab_size = tok.vocab_size
     config.data.context_length, config.data.batch_size = CONTEXT, BATCH
-    data = dict(corpus="tokens", path=str(root / "store"), context_length=CONTEXT,
+    data = dict(corpus="tokens", path=str(store_dir), context_length=CONTEXT,
                 batch_size=BATCH)
     return {"trainer": Trainer(config), "data": data}
 

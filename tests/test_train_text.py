@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from config_loading import load_config
 
-from mmjax.data import DataError, prepare, stories, tokenizer
+from mmjax.data import DataError, stories
 from mmjax.data.store import write_store
 from mmjax.train import defaults
 from mmjax.train.loop import Trainer, train_and_evaluate
@@ -29,11 +29,8 @@ CONTEXT, BATCH = 32, 8
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     root = tmp_path_factory.mktemp("text")
-    docs = stories.make_stories(600, seed=3)
-    stories.write_story_files(root / "in", docs)
-    tok = tokenizer.train_tokenizer(docs, root / "tok.model", vocab_size=512)
-    prepare.prepare(str(root / "in" / "*"), root / "tok.model", root / "store", progress=False)
-    return {"path": str(root / "store"), "vocab_size": tok.vocab_size, "root": root}
+    store_dir, tok = stories.make_story_store(root, 600, seed=3)
+    return {"path": str(store_dir), "vocab_size": tok.vocab_size, "root": root}
 
 
 def text_config(store, num_steps=8, **model):

@@ -86,3 +86,19 @@ def write_story_files(directory: str | pathlib.Path, stories: list[str], *, num_
             path.write_text(f"\n{SEPARATOR}\n".join(docs), encoding="utf-8")
         paths.append(path)
     return paths
+
+
+def make_story_store(root: str | pathlib.Path, num_stories: int, *, seed: int = 0,
+                     vocab_size: int = 512):
+    """Generated stories -> a trained tokenizer -> a token store, all under ``root``.
+
+    Returns ``(store_directory, tokenizer)``: the test and benchmark corpus of a few seconds.
+    """
+    from mmjax.data import prepare, tokenizer  # they import this module's neighbours
+
+    root = pathlib.Path(root)
+    docs = make_stories(num_stories, seed=seed)
+    write_story_files(root / "in", docs)
+    tok = tokenizer.train_tokenizer(docs, root / "tok.model", vocab_size=vocab_size)
+    prepare.prepare(str(root / "in" / "*"), root / "tok.model", root / "store", progress=False)
+    return root / "store", tok
