@@ -55,6 +55,11 @@ class Checkpointer:
         self._previous_handler = None
 
     def install_sigterm_handler(self) -> None:
+        """SIGTERM sets ``preempted``; not where JAX's preemption service owns SIGTERM (a
+        multi-process run: see :meth:`preemption_agreed`)."""
+        if jax.process_count() > 1 and _preemption_service() is not None:
+            return
+
         def handler(signum, frame):
             del signum, frame
             self.preempted = True
@@ -70,15 +75,24 @@ class Checkpointer:
     def should_save(self, step: int) -> bool:
         return self.manager.should_save(step)
 
-    def preemption_agreed(self) -> bool:
-        """Whether any process got SIGTERM: every process must stop (and save) at the same
-        step, since the save is collective. One process: the local flag. Several: a cheap
-        all-host OR of the flags, every step (a host whose signal comes a step later is
-        carried along by the others)."""
+    def preemption_agreed(self, step: int) -> bool:
+        """Whether to save and stop after ``step``: every process must stop (and save) at
+        the same step, since the save is collective.
+
+        One process: its SIGTERM flag. Several, with JAX's preemption service (started by
+        ``jax.distributed.initialize``, which then owns SIGTERM):
+        ``multihost_utils.reached_preemption_sync_point(step)``, a step all hosts agree on
+        through the coordination service without touching the devices. Several without it:
+        an all-host OR of the flags every step (``process_allgather`` of one integer, a host
+        sync per step)."""
         if jax.process_count() == 1:
             return self.preempted
-        import numpy as np
         from jax.experimental import multihost_utils
+
+        if _preemption_service() is not None:
+            self.preempted = bool(multihost_utils.reached_preemption_sync_point(step))
+            return self.preempted
+        import numpy as np
 
         flags = multihost_utils.process_allgather(np.array([self.preempted], np.int32))
         self.preempted = bool(np.asarray(flags).any())
@@ -340,6 +354,18 @@ def _quiet_failed_readers() -> None:
     logging.getLogger("asyncio").addFilter(_FailedReaders())
 
 
+def _preemption_service():
+    """JAX's preemption sync manager when ``jax.distributed`` started one, else None."""
+    try:
+        from jax._src import distributed
+    except ImportError:
+        return None
+    state = distributed.global_state
+    if getattr(state, "client", None) is None:
+        return None
+    return getattr(state, "preemption_sync_manager", None)
+
+
 def _pid_alive(pid: int) -> bool:
     if pid <= 0:
         return False
@@ -349,7 +375,11 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # a killed process not yet reaped by its parent is a zombie: dead for us
+        stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return True
 
 
 def _warn(message: str) -> None:

@@ -376,7 +376,7 @@ def _run(trainer, state, checkpointer, workdir, *, progress, lock) -> dict:
             if lock is not None:
                 lock.heartbeat()
             if checkpointer is not None:
-                preempted = checkpointer.preemption_agreed()
+                preempted = checkpointer.preemption_agreed(step + 1)
                 if preempted or checkpointer.should_save(step + 1):
                     reporter.check()  # never save a non-finite step
                     checkpointer.save(step + 1, state, data_iterator=trainer.train_batches,
