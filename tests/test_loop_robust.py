@@ -402,3 +402,55 @@ def test_kill_9_at_random_moments_loses_nothing(tmp_path):
     train_steps = [r["step"] for r in strict_rows(pathlib.Path(workdir) / "metrics.jsonl")
                    if "loss" in r]
     assert train_steps == list(range(1, steps + 1))
+
+
+TWO_PROCESSES = """
+import os, sys
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(f"127.0.0.1:{os.environ['MP_PORT']}", num_processes=2,
+                           process_id=int(os.environ["MP_ID"]))
+sys.argv = ["mmjax.train"] + sys.argv[1:]
+from mmjax.train.__main__ import run
+run()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("second_delay", [2.0, None])
+def test_two_processes_agree_on_the_preemption_step(tmp_path, second_delay):
+    """Two CPU processes (gloo collectives) of one run: SIGTERM to process 0, and to process 1
+    2 s later (or never): both save the same step and exit 3, no hang."""
+    script = tmp_path / "run2.py"
+    script.write_text(TWO_PROCESSES)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [*TINY, "--config.train.num_steps=100000", "--config.checkpoint.save_every=100000",
+            "--workdir", str(tmp_path / "run")]
+    procs = []
+    for i in range(2):
+        env = dict(os.environ, MP_PORT=str(port), MP_ID=str(i), PYTHONUNBUFFERED="1",
+                   XLA_FLAGS="--xla_force_host_platform_device_count=2")
+        procs.append(subprocess.Popen(
+            [sys.executable, str(script), *args], cwd=REPO, env=env, text=True,
+            stdout=subprocess.PIPE if i == 0 else subprocess.DEVNULL,
+            stderr=open(tmp_path / f"err{i}", "w")))
+    try:
+        for line in procs[0].stdout:
+            if line.startswith("step 5:"):
+                break
+        procs[0].send_signal(signal.SIGTERM)
+        if second_delay is not None:
+            time.sleep(second_delay)
+            procs[1].send_signal(signal.SIGTERM)
+        out = procs[0].stdout.read()
+        codes = [p.wait(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert codes == [EXIT_PREEMPTED, EXIT_PREEMPTED], (tmp_path / "err0").read_text()[-2000:]
+    saved = [line for line in out.splitlines() if line.startswith("SIGTERM: saved step")]
+    step = int(saved[0].split()[3])
+    assert (tmp_path / "run" / "checkpoints" / str(step) / "state").is_dir()
