@@ -187,6 +187,17 @@ def test_cli_unknown_key_and_bad_value_give_one_line():
     assert "train.eval_batches=0: must be >= 1" in bad.stderr
 
 
+def test_cli_nonfinite_loss_exits_1_naming_the_step(tmp_path):
+    run = cli(*TINY, "--config.optimizer.learning_rate=1e6", "--config.train.num_steps=40",
+              "--config.checkpoint.save_every=2", "--workdir", str(tmp_path))
+    assert run.returncode == 1
+    last = run.stdout.strip().splitlines()[-1]
+    assert last.startswith("step ") and "non-finite training" in last, run.stdout[-2000:]
+    assert "last good checkpoint (step" in last
+    assert "Traceback" not in run.stderr
+    strict_rows(tmp_path / "metrics.jsonl")
+
+
 # ---------------------------------------------------------------------------- lock
 
 

@@ -4,9 +4,11 @@ Without ``--config`` it trains the embedded default (:mod:`mmjax.train.defaults`
 
 Exit status: 0 when the run finished; 1 for an error (a bad config, a workdir in use, a
 non-finite loss, no readable checkpoint: one line on stderr); 3 (``EXIT_PREEMPTED``) when
-SIGTERM stopped it after saving a checkpoint (the same command resumes).
+SIGTERM stopped it after saving a checkpoint (the same command resumes); 2 for an unknown
+``--config.*`` key. ``MMJAX_TRACEBACK=1`` shows the full traceback of an error instead.
 """
 
+import os
 import sys
 
 from absl import app, flags, logging
@@ -38,6 +40,8 @@ def main(argv):
     try:
         result = train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
     except (ValueError, RuntimeError, FileNotFoundError) as e:
+        if os.environ.get("MMJAX_TRACEBACK"):
+            raise
         if isinstance(e, NonFiniteLossError):
             sys.exit(1)  # its line is already logged
         print(f"error: {e}", file=sys.stderr, flush=True)
