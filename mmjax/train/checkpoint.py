@@ -14,9 +14,17 @@ function of the step) and refuses to guess the position of a text stream.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import os
 import pathlib
+import shutil
 import signal
+import socket
+import sys
+import tempfile
+import time
 
 import grain
 import jax
@@ -47,6 +55,11 @@ class Checkpointer:
         self._previous_handler = None
 
     def install_sigterm_handler(self) -> None:
+        """SIGTERM sets ``preempted``; not where JAX's preemption service owns SIGTERM (a
+        multi-process run: see :meth:`preemption_agreed`)."""
+        if jax.process_count() > 1 and _preemption_service() is not None:
+            return
+
         def handler(signum, frame):
             del signum, frame
             self.preempted = True
@@ -56,34 +69,139 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def should_save(self, step: int) -> bool:
+        return self.manager.should_save(step)
+
+    def preemption_agreed(self, step: int) -> bool:
+        """Whether to save and stop after ``step``: every process must stop (and save) at
+        the same step, since the save is collective.
+
+        One process: its SIGTERM flag. Several, with JAX's preemption service (started by
+        ``jax.distributed.initialize``, which then owns SIGTERM):
+        ``multihost_utils.reached_preemption_sync_point(step)``, a step all hosts agree on
+        through the coordination service without touching the devices. Several without it:
+        an all-host OR of the flags every step (``process_allgather`` of one integer, a host
+        sync per step)."""
+        if jax.process_count() == 1:
+            return self.preempted
+        from jax.experimental import multihost_utils
+
+        if _preemption_service() is not None:
+            self.preempted = bool(multihost_utils.reached_preemption_sync_point(step))
+            return self.preempted
+        import numpy as np
+
+        flags = multihost_utils.process_allgather(np.array([self.preempted], np.int32))
+        self.preempted = bool(np.asarray(flags).any())
+        return self.preempted
+
     def has_data_state(self, step: int) -> bool:
         """Whether checkpoint ``step`` holds a data iterator state (an item ``data``)."""
         return (self.directory / str(step) / "data").is_dir()
 
     def restore(self, abstract_state, data_iterator=None):
-        """Restore the latest checkpoint into ``abstract_state`` (shapes, dtypes, shardings).
+        """Restore the latest readable checkpoint into ``abstract_state`` (shapes, dtypes,
+        shardings).
+
+        A checkpoint that cannot be read (truncated or corrupt files) is reported in one line
+        and moved to ``WORKDIR/corrupt_checkpoints/``; the previous one is tried. Only when
+        none is readable does this raise, naming the directory. A checkpoint whose parameter
+        shapes differ from ``abstract_state`` (a config that changed a shape) is refused,
+        naming the config keys that differ.
 
         With ``data_iterator``, its state is restored too (in place) when the checkpoint holds
         one; returns ``(state, data_restored)``. Without it, returns the state.
         """
-        step = self.manager.latest_step()
-        if step is None:
+        steps = self.all_steps()
+        if not steps:
             return None
         target = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
             if hasattr(x, "sharding") else x, abstract_state)
-        items = {"state": ocp.args.StandardRestore(target)}
-        with_data = data_iterator is not None and self.has_data_state(step)
-        if with_data:
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        failures = []
+        _quiet_failed_readers()
+        for step in reversed(steps):
+            self._check_shapes(step, abstract_state)
+            items = {"state": ocp.args.StandardRestore(target)}
+            with_data = data_iterator is not None and self.has_data_state(step)
+            if with_data:
+                items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+            try:
+                with _stderr_held():
+                    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+            except Exception as e:  # corrupt or truncated files: try the previous one
+                reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+                failures.append(step)
+                _warn(f"checkpoint step {step} in {self.directory} is unreadable "
+                      f"({type(e).__name__}: {reason}); trying the previous one")
+                self._set_aside(step)
+                continue
+            if data_iterator is None:
+                return restored["state"]
+            return restored["state"], with_data
+        raise RuntimeError(f"no readable checkpoint in {self.directory} (steps {failures} "
+                           f"failed; moved to {self.directory.parent / 'corrupt_checkpoints'})")
+
+    def _set_aside(self, step: int) -> None:
+        """Move an unreadable step out of the manager's sight (process 0), so that the run
+        can save that step again."""
+        if jax.process_index() == 0:
+            aside = self.directory.parent / "corrupt_checkpoints"
+            aside.mkdir(exist_ok=True)
+            target = aside / f"{step}-{int(time.time())}"
+            shutil.move(str(self.directory / str(step)), str(target))
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("mmjax_checkpoint_set_aside")
+        self.manager.reload()
+
+    def _check_shapes(self, step: int, abstract_state) -> None:
+        """Refuse a checkpoint whose parameter shapes differ from the model's, naming the
+        ``model`` (and ``data``) config keys that changed since it was saved."""
         try:
-            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        except Exception as e:  # corrupt or incompatible files: say which checkpoint
-            raise RuntimeError(f"cannot restore checkpoint step {step} from {self.directory}: "
-                               f"{e}") from e
-        if data_iterator is None:
-            return restored["state"]
-        return restored["state"], with_data
+            with _stderr_held(drop=True):  # orbax warns of a metadata file it does not need
+                metadata = ocp.PyTreeCheckpointer().metadata(
+                    self.directory / str(step) / "state")
+            metadata = getattr(metadata, "item_metadata", metadata)
+            metadata = getattr(metadata, "tree", metadata)
+            saved = {_path_str(k): tuple(v.shape) for k, v in
+                     jax.tree_util.tree_flatten_with_path(metadata["params"])[0]}
+        except Exception:
+            return  # unreadable metadata: the restore reports it
+        new = {_path_str(k): tuple(v.shape) for k, v in
+               jax.tree_util.tree_flatten_with_path(abstract_state.params)[0]}
+        differ = sorted(k for k in set(saved) | set(new) if saved.get(k) != new.get(k))
+        if not differ:
+            return
+        keys = self._changed_keys(step)
+        name = differ[0]
+        raise ValueError(
+            f"checkpoint step {step} in {self.directory} was saved with another config: "
+            + (f"{', '.join(keys)} changed; " if keys else "")
+            + f"parameter params/{name} has shape {saved.get(name)} there but "
+            f"{new.get(name)} now ({len(differ)} parameters differ); use the saved config or "
+            f"a new --workdir (train.init_from cannot change shapes either)")
+
+    def _changed_keys(self, step: int) -> list[str]:
+        path = self.directory / str(step) / "config" / "metadata"
+        if self.config_json is None or not path.exists():
+            return []
+        try:
+            saved = json.loads(path.read_text())
+        except ValueError:
+            return []
+        now = json.loads(self.config_json)
+        keys = []
+        for section in ("model", "data"):
+            old, new = saved.get(section) or {}, now.get(section) or {}
+            for key in sorted(set(old) | set(new)):
+                if old.get(key) != new.get(key):
+                    keys.append(f"{section}.{key} ({old.get(key)!r} -> {new.get(key)!r})")
+        return keys
 
     def save(self, step: int, state, *, data_iterator=None, force: bool = False) -> bool:
         """Save if the interval says so (or ``force``); a step already on disk is skipped.
@@ -107,6 +225,166 @@ class Checkpointer:
         self.manager.close()
         if self._previous_handler is not None:
             signal.signal(signal.SIGTERM, self._previous_handler)
+
+
+LOCK_STALE_SECONDS = 600.0
+
+
+class WorkdirLock:
+    """``WORKDIR/lock``: one run per workdir (held by process 0 of a run).
+
+    The file holds the holder's host, pid and start time; the loop refreshes its mtime (a
+    heartbeat) at most every ``heartbeat_seconds``. A second run is refused with a message
+    naming the file and the holder. A lock left by a crashed run is taken over with a warning:
+    one whose pid is not alive on this host, or whose heartbeat is older than
+    ``stale_seconds`` (a holder on another host).
+    """
+
+    def __init__(self, workdir, *, stale_seconds: float = LOCK_STALE_SECONDS,
+                 heartbeat_seconds: float = 30.0):
+        self.path = pathlib.Path(workdir).absolute() / "lock"
+        self.stale_seconds = stale_seconds
+        self.heartbeat_seconds = heartbeat_seconds
+        self._held = False
+        self._last_beat = 0.0
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        record = json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                             "started": time.time()})
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder, stale = self._holder()
+                if not stale:
+                    raise RuntimeError(
+                        f"workdir {self.path.parent} is in use by another run: lock file "
+                        f"{self.path} held by {holder} (a crashed run's lock is taken over "
+                        f"once its pid is gone, or after {self.stale_seconds:.0f} s without a "
+                        f"heartbeat; delete the file if you are sure)") from None
+                _warn(f"taking over the stale lock {self.path} of {holder}")
+                with contextlib.suppress(OSError):
+                    self.path.unlink()
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(record)
+            self._held = True
+            self._last_beat = time.monotonic()
+            return
+        raise RuntimeError(f"could not take the lock {self.path}")
+
+    def _holder(self) -> tuple[str, bool]:
+        try:
+            info = json.loads(self.path.read_text())
+            age = time.time() - self.path.stat().st_mtime
+        except (OSError, ValueError):
+            return "an unreadable lock", True
+        holder = f"host {info.get('host')} pid {info.get('pid')}"
+        if info.get("host") == socket.gethostname():
+            return holder, not _pid_alive(int(info.get("pid", -1)))
+        return holder, age > self.stale_seconds
+
+    def heartbeat(self) -> None:
+        now = time.monotonic()
+        if self._held and now - self._last_beat >= self.heartbeat_seconds:
+            self._last_beat = now
+            with contextlib.suppress(OSError):
+                os.utime(self.path)
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+
+
+@contextlib.contextmanager
+def _stderr_held(*, drop: bool = False):
+    """Hold what is written to file descriptor 2 (C++ and Python alike) while a checkpoint is
+    read: a failed read of a corrupt checkpoint prints dozens of tracebacks from tensorstore's
+    callbacks (``Event loop is closed``) and orbax's readers; when the block raises they are
+    dropped (the caller reports one line; :func:`_quiet_failed_readers` drops what comes
+    later). A successful read's output is written out, unless ``drop``."""
+    held = tempfile.TemporaryFile()
+    keep = True
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(held.fileno(), 2)
+    try:
+        yield
+    except BaseException:
+        keep = False  # the caller reports the failure in one line
+        raise
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        if keep and not drop:
+            held.seek(0)
+            text = held.read()
+            if text:
+                os.write(2, text)
+        held.close()
+
+
+class _FailedReaders(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Task exception was never retrieved")
+
+
+def _quiet_failed_readers() -> None:
+    """Installed before a restore. After a failed one, tensorstore's reads still in flight
+    call back into orbax's closed asyncio loop (``RuntimeError: Event loop is closed``,
+    through ``sys.unraisablehook``) and asyncio logs their never-retrieved errors at garbage
+    collection: dozens of tracebacks for one unreadable checkpoint, already reported in one
+    line. Drop exactly those from now on; everything else still prints."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_mmjax_quiet", False):
+        return
+
+    def hook(unraisable):
+        value = unraisable.exc_value
+        if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook._mmjax_quiet = True
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(_FailedReaders())
+
+
+def _preemption_service():
+    """JAX's preemption sync manager when ``jax.distributed`` started one, else None."""
+    try:
+        from jax._src import distributed
+    except ImportError:
+        return None
+    state = distributed.global_state
+    if getattr(state, "client", None) is None:
+        return None
+    return getattr(state, "preemption_sync_manager", None)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a killed process not yet reaped by its parent is a zombie: dead for us
+        stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return True
+
+
+def _warn(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, file=sys.stderr, flush=True)
 
 
 class _FrozenState:

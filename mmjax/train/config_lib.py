@@ -18,7 +18,10 @@ import ml_collections
 # and every config's single source of defaults.
 DEFAULTS: dict[str, dict[str, Any]] = {
     # init_from: a workdir or checkpoint step directory whose parameters start a new run
-    "train": {"eval_every": 0, "eval_batches": 4, "grad_accum_steps": 1, "init_from": ""},
+    # skip_nonfinite_steps: a step whose loss or gradient norm is NaN/inf leaves the parameters
+    # and optimiser state unchanged (counted in the metrics) instead of stopping the run
+    "train": {"eval_every": 0, "eval_batches": 4, "grad_accum_steps": 1, "init_from": "",
+              "skip_nonfinite_steps": False},
     "sharding": {"mesh": (-1, 1, 1), "rules": None},  # (data, fsdp, tensor); rules: defaults
     "checkpoint": {"save_every": 0, "max_to_keep": 3},  # save only with --workdir
 }
@@ -170,3 +173,36 @@ def make_tiny_text(config: ml_collections.ConfigDict, **model_overrides) -> None
     config.optimizer.update(learning_rate=3e-3, warmup_steps=20, total_steps=300, min_lr=3e-4)
     config.train.update(num_steps=300, log_every=25, eval_every=100)
     config.checkpoint.save_every = 100
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Check the loop's settings before anything is built; raises one ``ValueError`` listing
+    every problem, one line each (``config`` with :data:`DEFAULTS` filled in)."""
+    problems = []
+
+    def check(section: str, key: str, ok, rule: str) -> None:
+        if section not in config or key not in config[section]:
+            return
+        value = config[section][key]
+        try:
+            good = ok(value)
+        except TypeError:
+            good = False
+        if not good:
+            problems.append(f"{section}.{key}={value!r}: must be {rule}")
+
+    positive = (lambda v: v >= 1), ">= 1"
+    non_negative = (lambda v: v >= 0), ">= 0"
+    check("train", "num_steps", *non_negative)
+    check("train", "log_every", *positive)
+    check("train", "eval_every", *non_negative)
+    check("train", "seed", *non_negative)
+    check("train", "grad_accum_steps", *positive)
+    # the final evaluation always runs: eval_batches=0 would divide by zero after training
+    check("train", "eval_batches", *positive)
+    check("checkpoint", "save_every", *non_negative)
+    check("checkpoint", "max_to_keep", *positive)
+    check("data", "context_length", *positive)
+    check("data", "batch_size", *positive)
+    if problems:
+        raise ValueError("invalid config:\n  " + "\n  ".join(problems))

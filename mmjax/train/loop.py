@@ -22,9 +22,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
+import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import linen as nn
@@ -34,8 +37,8 @@ from mmjax.data import make_batches
 from mmjax.data.pipeline import TextBatches
 from mmjax.models import build_model
 from mmjax.train import sharding as sharding_lib
-from mmjax.train.checkpoint import Checkpointer, load_params
-from mmjax.train.config_lib import with_defaults
+from mmjax.train.checkpoint import Checkpointer, WorkdirLock, load_params
+from mmjax.train.config_lib import validate_config, with_defaults
 from mmjax.train.metrics import MetricWriter
 from mmjax.train.optimizer import make_optimizer
 from mmjax.train.state import state_layout
@@ -55,6 +58,7 @@ class Trainer:
 
     def __init__(self, config: ml_collections.ConfigDict):
         config = with_defaults(config)
+        validate_config(config)
         self.config = config
         data = config.data
         if "vocab_size" in data:
@@ -104,8 +108,10 @@ class Trainer:
         self.state_shardings = layout.shardings
         replicated = sharding_lib.replicated(self.mesh)
         self._train_step = jax.jit(
-            functools.partial(train_step, model=self.model, optimizer=self.optimizer,
-                              grad_accum_steps=self.config.train.grad_accum_steps),
+            functools.partial(guarded_train_step, model=self.model, optimizer=self.optimizer,
+                              grad_accum_steps=self.config.train.grad_accum_steps,
+                              vocab_size=self.config.model.vocab_size,
+                              skip_nonfinite=bool(self.config.train.skip_nonfinite_steps)),
             in_shardings=(self.state_shardings, self.batch_sharding),
             out_shardings=(self.state_shardings, replicated),
             donate_argnums=0,
@@ -169,12 +175,68 @@ class Trainer:
             it.close()
 
 
+# Exit status of ``python -m mmjax.train`` when SIGTERM (preemption, ``launch stop``) stopped
+# the run after saving: not 0, so that a scheduler does not read it as a finished job.
+EXIT_PREEMPTED = 3
+
+
+class NonFiniteLossError(RuntimeError):
+    """A train step gave a NaN or inf loss or gradient norm (``train.skip_nonfinite_steps``
+    off): the run stops without saving that step's parameters."""
+
+
+def guarded_train_step(state, tokens, *, vocab_size: int, skip_nonfinite: bool, **kwargs):
+    """:func:`mmjax.train.step.train_step` plus the NaN/inf guard's metrics.
+
+    ``finite`` (loss, gradient norm and the new parameters all finite) and ``bad_token_ids``
+    (ids outside ``[0, vocab)``; ``-1`` is allowed as an ignored target only). With
+    ``skip_nonfinite`` a non-finite step returns the old parameters and optimiser state (the
+    step counter and rng move on, the batch is consumed) and ``skipped`` = 1.
+    """
+    new_state, metrics = train_step(state, tokens, **kwargs)
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+    for leaf in jax.tree.leaves(new_state.params):
+        finite &= jnp.all(jnp.isfinite(leaf))
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    bad = (jnp.sum((inputs < 0) | (inputs >= vocab_size))
+           + jnp.sum((targets < -1) | (targets >= vocab_size)))
+    metrics = dict(metrics, finite=finite, bad_token_ids=bad)
+    if skip_nonfinite:
+        kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                            (new_state.params, new_state.opt_state),
+                            (state.params, state.opt_state))
+        new_state = new_state.replace(params=kept[0], opt_state=kept[1])
+        metrics["skipped"] = (~finite).astype(jnp.int32)
+    return new_state, metrics
+
+
+def _nonfinite_message(step: int, metrics: dict, checkpointer) -> str:
+    loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+    what = f"loss {loss} grad_norm {grad_norm}" if not (math.isfinite(loss)
+                                                        and math.isfinite(grad_norm)) \
+        else "non-finite parameters after the update"
+    message = f"step {step}: non-finite training ({what}); stopping"
+    bad = int(metrics.get("bad_token_ids", 0))
+    if bad:
+        message += (f"; the batch held {bad} token ids outside the vocabulary "
+                    f"[0, model.vocab_size)")
+    if checkpointer is not None:
+        last = checkpointer.latest_step()
+        message += (f"; the last good checkpoint (step {last}) in {checkpointer.directory} is "
+                    f"kept" if last is not None else "; no checkpoint was written")
+    message += ("; lower optimizer.learning_rate, or set train.skip_nonfinite_steps=True to "
+                "skip such steps")
+    return message
+
+
 @dataclasses.dataclass
 class Reporter:
     """The loop's reporting state: metrics read one step late, the history, throughput.
 
     ``record(step, metrics)`` keeps the device metrics of ``step`` and reports the previous
-    ones (no host sync on the current step); ``flush()`` reports the last.
+    ones (no host sync on the current step); ``flush()`` reports the last. A non-finite step
+    (metric ``finite`` false, not skipped) raises :class:`NonFiniteLossError` when reported.
+    Tokens/s counts from the end of the first reported step (its compilation excluded).
     """
 
     writer: MetricWriter
@@ -185,6 +247,10 @@ class Reporter:
     pending: tuple | None = None
     tokens_seen: int = 0
     start: float = dataclasses.field(default_factory=time.perf_counter)
+    skipped_steps: int = 0
+    checkpointer: object = None
+    _timed_tokens: int = 0
+    _timer: float | None = None
 
     def record(self, step: int, metrics) -> None:
         if self.pending is not None:
@@ -194,29 +260,91 @@ class Reporter:
 
     def flush(self) -> None:
         if self.pending is not None:
-            self._report(*self.pending, every=1)
-            self.pending = None
+            pending, self.pending = self.pending, None
+            self._report(*pending, every=1)
+
+    def check(self) -> None:
+        """Report the pending step now (a host sync): before a save, so that a non-finite
+        step is never written."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            self._report(*pending, every=self.log_every)
+
+    def _rate(self) -> float:
+        now = time.perf_counter()
+        if self._timer is None:  # the first reported step: compilation, not throughput
+            self._timer, self._timed_tokens = now, self.tokens_seen
+            return float("nan")
+        return (self.tokens_seen - self._timed_tokens) / max(now - self._timer, 1e-9)
 
     def _report(self, step: int, metrics, *, every: int) -> None:
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        finite = bool(metrics.pop("finite", 1.0))
+        bad = metrics.pop("bad_token_ids", 0.0)
+        skipped = metrics.pop("skipped", None)
+        if not finite and skipped is None:
+            raise NonFiniteLossError(_nonfinite_message(
+                step, dict(metrics, bad_token_ids=bad), self.checkpointer))
+        if skipped:
+            self.skipped_steps += 1
+            _log(f"step {step}: non-finite step skipped (loss {metrics['loss']}, grad_norm "
+                 f"{metrics['grad_norm']}, or the updated parameters; {self.skipped_steps} "
+                 f"so far)"
+                 + (f"; the batch held {int(bad)} token ids outside the vocabulary"
+                    if bad else ""))
+        if skipped is not None:
+            metrics["skipped_steps"] = float(self.skipped_steps)
         self.history.append({"step": step, **metrics})
         self.bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+        rate = self._rate()
         if step % every == 0 or step == 1:
-            rate = self.tokens_seen / max(time.perf_counter() - self.start, 1e-9)
             self.writer.write(step, {**metrics, "tokens_per_second": rate})
+            tokens = "compiling" if math.isnan(rate) else f"{rate:,.0f}"
             _log(f"step {step}: loss {metrics['loss']:.4f} grad_norm "
-                 f"{metrics['grad_norm']:.3f} tokens/s {rate:,.0f}")
+                 f"{metrics['grad_norm']:.3f} tokens/s {tokens}")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = None,
                        *, progress: bool = True) -> dict:
-    """Train ``config.train.num_steps`` steps; returns the final train and eval metrics."""
+    """Train ``config.train.num_steps`` steps; returns the final train and eval metrics.
+
+    With ``workdir``, process 0 holds ``WORKDIR/lock`` for the run (a second run on the same
+    workdir is refused). The returned dict has ``preempted`` (SIGTERM stopped the run after
+    saving). A non-finite step raises :class:`NonFiniteLossError` (nothing of it is saved).
+    """
+    lock = WorkdirLock(workdir) if workdir is not None and jax.process_index() == 0 else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        return _train(config, workdir, progress=progress, lock=lock)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(config, workdir, *, progress, lock) -> dict:
     trainer = Trainer(config)
+    try:
+        return _train_loop(trainer, workdir, progress=progress, lock=lock)
+    finally:
+        trainer.close()
+
+
+def _train_loop(trainer: Trainer, workdir, *, progress, lock) -> dict:
     config = trainer.config
     state = trainer.init_state()
-    tcfg = config.train
     checkpointer = _make_checkpointer(config, workdir)
-    if checkpointer is not None and checkpointer.latest_step() is not None:
+    try:
+        return _run(trainer, state, checkpointer, workdir, progress=progress, lock=lock)
+    finally:
+        if checkpointer is not None:
+            checkpointer.close()
+
+
+def _run(trainer, state, checkpointer, workdir, *, progress, lock) -> dict:
+    config = trainer.config
+    tcfg = config.train
+    if checkpointer is not None and checkpointer.all_steps():
         state, data_restored = checkpointer.restore(state, trainer.train_batches)
         if not data_restored:  # a checkpoint from before the iterator was saved
             if trainer.corpus is None:
@@ -229,46 +357,68 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
         params, source = load_params(tcfg.init_from, state.params)
         state = state.replace(params=params)
         _log(f"initialised the parameters from {source} (fresh optimiser, step 0)")
-    writer = MetricWriter(workdir)
+    start_step = int(state.step)
+    writer = MetricWriter(workdir, after_step=start_step)
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     _log(f"model {config.model.name}: {num_params:,} parameters; mesh {dict(trainer.mesh.shape)}")
-    start_step = int(state.step)
     bar = tqdm(range(start_step, tcfg.num_steps), initial=start_step, total=tcfg.num_steps,
-               disable=not progress or jax.process_index() != 0, desc="train",
-               dynamic_ncols=True)
+               disable=(not progress or jax.process_index() != 0
+                        or not _is_terminal(sys.stderr)),
+               desc="train", dynamic_ncols=True)
     reporter = Reporter(writer, bar, tcfg.log_every,
-                        config.data.batch_size * config.data.context_length)
-    for step in bar:
-        state, metrics = trainer.train_step(state, trainer.next_batch())
-        reporter.record(step + 1, metrics)
-        if checkpointer is not None:
-            checkpointer.save(step + 1, state, data_iterator=trainer.train_batches,
-                              force=checkpointer.preempted)
-            if checkpointer.preempted:
-                _log(f"SIGTERM: saved step {step + 1} and stopping")
-                break
-        if tcfg.eval_every and (step + 1) % tcfg.eval_every == 0 and step + 1 < tcfg.num_steps:
-            ev = trainer.evaluate(state.params)
-            writer.write(step + 1, {"eval_loss": ev["eval_loss"]})
-            _log(f"step {step + 1}: eval_loss {ev['eval_loss']:.4f}")
-    reporter.flush()
+                        config.data.batch_size * config.data.context_length,
+                        checkpointer=checkpointer)
+    preempted = False
+    try:
+        for step in bar:
+            state, metrics = trainer.train_step(state, trainer.next_batch())
+            reporter.record(step + 1, metrics)
+            if lock is not None:
+                lock.heartbeat()
+            if checkpointer is not None:
+                preempted = checkpointer.preemption_agreed(step + 1)
+                if preempted or checkpointer.should_save(step + 1):
+                    reporter.check()  # never save a non-finite step
+                    checkpointer.save(step + 1, state, data_iterator=trainer.train_batches,
+                                      force=preempted)
+                if preempted:
+                    _log(f"SIGTERM: saved step {step + 1} and stopping (exit status "
+                         f"{EXIT_PREEMPTED})")
+                    break
+            if (tcfg.eval_every and (step + 1) % tcfg.eval_every == 0
+                    and step + 1 < tcfg.num_steps):
+                reporter.check()
+                ev = trainer.evaluate(state.params)
+                writer.write(step + 1, {"eval_loss": ev["eval_loss"]})
+                _log(f"step {step + 1}: eval_loss {ev['eval_loss']:.4f}")
+        reporter.flush()
+    except NonFiniteLossError as e:
+        writer.close()
+        _log(str(e))
+        raise
     history = reporter.history
     final = trainer.evaluate(state.params)
     writer.write(int(state.step), {"eval_loss": final["eval_loss"]})
     writer.close()
-    if checkpointer is not None:
-        if not checkpointer.preempted:
-            checkpointer.save(int(state.step), state, data_iterator=trainer.train_batches,
-                              force=True)
-        checkpointer.close()
-    trainer.close()
+    if checkpointer is not None and not preempted:
+        checkpointer.save(int(state.step), state, data_iterator=trainer.train_batches,
+                          force=True)
     last = f"train_loss {history[-1]['loss']:.4f} " if history else ""
-    _log(f"final (step {int(state.step)}): {last}eval_loss {final['eval_loss']:.4f}")
+    _log(f"{'preempted' if preempted else 'final'} (step {int(state.step)}): {last}"
+         f"eval_loss {final['eval_loss']:.4f}")
     per_position = final["eval_loss_per_position"]
     quarter = max(1, len(per_position) // 4)
     _log(f"eval loss by position (in-context learning): first quarter "
          f"{per_position[:quarter].mean():.4f}, last quarter {per_position[-quarter:].mean():.4f}")
-    return {"history": history, "state": state, **final}
+    return {"history": history, "state": state, "preempted": preempted,
+            "skipped_steps": reporter.skipped_steps, **final}
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def _make_checkpointer(config, workdir):
@@ -286,4 +436,5 @@ def _log(message: str) -> None:
         tqdm.write(message)
 
 
-__all__ = ["Reporter", "Trainer", "train_and_evaluate"]
+__all__ = ["EXIT_PREEMPTED", "NonFiniteLossError", "Reporter", "Trainer", "guarded_train_step",
+           "train_and_evaluate"]
