@@ -12,14 +12,9 @@ Commands:
   python -m mmjax.train --config configs/mmv2_small.py:tiny --workdir /tmp/mmv2_tiny  # CPU
 Expected (mmjax.flops, last line):
   params=2189530880 flops_per_token=3853516800
-Presets (comma-separated): ``tiny`` (CPU smoke run), ``tiny_text`` (the tiny model on a
-token store, vocabulary 4096), ``no_long_term`` (the variant without long-term memory),
-``finetune`` (context 32768, from a pre-trained run: ``--config.train.init_from=WORKDIR``;
-with ``tiny``/``tiny_text``, twice the tiny context).
-
-Data: a token store from ``python -m mmjax.data.prepare`` (``--config.data.path=DIR``). The
-paper's training corpus is not public: train on a store of your own text, tokenised with a
-tokenizer of ``model.vocab_size`` ids (LLaMA-3's has 128256).
+Presets (comma-separated): ``tiny``, ``tiny_text``, ``no_long_term``, ``finetune``. Presets,
+data (a token store of your own text: the paper's corpus is not public) and fine-tuning are
+those of every paper-scale config: see ``mmjax.train.config_lib.paper_scale_config``.
 Token budget: 200B tokens (the paper's small scale; the large trains on 1T): 47,684 steps of
 1024 x 4096 tokens.
 Fine-tuning (the paper's 4k -> 32k context extension)::

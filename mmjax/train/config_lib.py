@@ -111,8 +111,12 @@ def paper_scale_config(model: dict, scale: str, presets: set[str]) -> ml_collect
     applied.
 
     Layers are scanned and fully rematerialised (what fits a pod's HBM: see ``mmjax.aot``).
-    The data is a token store (``corpus="tokens"``, ``--config.data.path=DIR`` from
-    ``python -m mmjax.data.prepare``); the paper's training corpus is not public. Token
+    Presets: ``tiny`` (CPU smoke run), ``tiny_text`` (the tiny model on a token store,
+    vocabulary 4096), ``finetune`` (context 32768; with ``tiny``/``tiny_text``, twice the tiny
+    context); the v2 files add ``no_long_term``. The data is a token store
+    (``corpus="tokens"``, ``--config.data.path=DIR`` from ``python -m mmjax.data.prepare``,
+    tokenised with a tokenizer of ``model.vocab_size`` ids; LLaMA-3's has 128256); the
+    paper's training corpus is not public. Token
     budgets as in the paper: 200B tokens at the small scale (47,684 steps of 1024 x 4096
     tokens), 1T at the large (238,419 steps). ``finetune`` starts from a pre-trained run's
     parameters: give it ``--config.train.init_from=PRETRAIN_WORKDIR``.
