@@ -194,8 +194,17 @@ def start_command(args) -> str:
 
 
 def follow_command() -> str:
-    """Print the log from its start and follow it until the training process ends."""
-    return (f'if [ -f {PID} ]; then tail -n +1 -F --pid="$(cat {PID})" {LOG}; '
+    """Print the log from its start and follow it until the training process ends.
+
+    `tail --pid` stops once the trainer is gone, which can be just before the shell around it
+    appends the exit status; the lines tail has not shown are printed after it (waiting up
+    to 5 s for the status line), so the follower always ends with it.
+    """
+    status = '^mmjax.train exited with status'
+    return (f'if [ -f {PID} ]; then seen="$(mktemp)"; '
+            f'tail -n +1 -F --pid="$(cat {PID})" {LOG} | tee "$seen"; '
+            f"for _ in $(seq 50); do grep -q '{status}' {LOG} && break; sleep 0.1; done; "
+            f'tail -n +"$(($(wc -l < "$seen") + 1))" {LOG}; rm -f "$seen"; '
             f"else tail -n +1 {LOG}; fi")
 
 

@@ -33,8 +33,12 @@ INSTALL = ('cd ~/mmjax && python3 -m pip install --user --quiet uv && '
            '{ [ -x .venv/bin/python ] || ~/.local/bin/uv venv --seed --python 3.11 .venv; } && '
            '.venv/bin/pip install --quiet -e ".[tpu]" && '
            '.venv/bin/python -c "import jax, mmjax; print(jax.__version__)"')
-FOLLOW = ('if [ -f ~/mmjax-train.pid ]; then tail -n +1 -F --pid="$(cat ~/mmjax-train.pid)" '
-          '~/mmjax-train.log; else tail -n +1 ~/mmjax-train.log; fi')
+FOLLOW = ('if [ -f ~/mmjax-train.pid ]; then seen="$(mktemp)"; '
+          'tail -n +1 -F --pid="$(cat ~/mmjax-train.pid)" ~/mmjax-train.log | tee "$seen"; '
+          "for _ in $(seq 50); do grep -q '^mmjax.train exited with status' ~/mmjax-train.log "
+          "&& break; sleep 0.1; done; "
+          'tail -n +"$(($(wc -l < "$seen") + 1))" ~/mmjax-train.log; rm -f "$seen"; '
+          "else tail -n +1 ~/mmjax-train.log; fi")
 STOP = ('if [ -f ~/mmjax-train.pid ] && kill -0 "$(cat ~/mmjax-train.pid)" 2>/dev/null; then '
         'kill -TERM "$(cat ~/mmjax-train.pid)" && echo "$(hostname): sent SIGTERM to '
         'mmjax.train (pid $(cat ~/mmjax-train.pid))"; else echo "$(hostname): mmjax.train is '
@@ -410,6 +414,27 @@ def test_remote_start_follow_stop_with_bash(tmp_path):
     finally:
         if pid is not None and _alive(pid):
             os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="GNU tail, as on a TPU VM")
+def test_follow_waits_for_the_exit_status_written_after_the_trainer_died(tmp_path):
+    """The trainer is gone (tail --pid returns at once) but the shell around it appends the
+    exit status a moment later: the follower still ends with that line, each line once."""
+    home = tmp_path / "home"
+    home.mkdir()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (home / "mmjax-train.pid").write_text(f"{dead.pid}\n")
+    log = home / "mmjax-train.log"
+    log.write_text("train: step 1\nSIGTERM: saved step 7 and stopping\n")
+    late = subprocess.Popen(["bash", "-c", f"sleep 1; echo 'mmjax.train exited with status 3' "
+                             f">> '{log}'"])
+    try:
+        followed = _bash(tpu.follow_command(), home)
+    finally:
+        late.wait()
+    assert followed.stdout == ("train: step 1\nSIGTERM: saved step 7 and stopping\n"
+                               "mmjax.train exited with status 3\n")
 
 
 @pytest.mark.skipif(not (REPO_ROOT / ".git").exists(), reason="needs a git checkout")
