@@ -1,0 +1,397 @@
+"""Train-step speed: mmjax's v1 Memory Mosaic and GPT2 side by side, optionally next to the
+official PyTorch code, with model FLOPs utilisation against a measured matmul peak.
+
+    python benchmarks/train_step.py                        # the built-in pair below
+    python benchmarks/train_step.py --official ~/MemoryMosaics   # + the official MM and GPT
+    python benchmarks/train_step.py --config configs/mm_v1_small.py --batch 16 --context 512
+
+The built-in pair (the performance issue's configuration): 4 layers, 4 heads, width 256,
+context 256, vocabulary 8192, batch 8, fp32, no dropout, no biases; the Memory Mosaic has 1024
+persistent-memory slots per head, the GPT2 a 4x MLP. ``--config FILE[:preset]`` (repeatable)
+measures those configs instead (``--batch``/``--context``/``--dtype`` still apply).
+
+What is timed, per system, in interleaved rounds (``--rounds`` x ``--steps`` steps, after
+``--warmup`` steps that include compilation):
+
+* train: the trainer's own jitted step (``mmjax.train.loop.Trainer``: forward, full
+  logits, cross-entropy, backward, clipping, AdamW, shardings, donation) on batches made
+  beforehand, so data loading is not counted;
+* forward: the trainer's eval step (forward + loss, no gradients).
+
+The official systems (``--official DIR``: a checkout of
+github.com/facebookresearch/MemoryMosaics; torch from ``pip install -e ".[compare]"``) are
+``nanoMosaics/mosaic_model.py`` ``MemoryMosaic`` and ``nanoMosaics/gpt_model.py`` ``GPT`` with
+the same sizes, run as their ``train.py`` runs them on CPU: eager, ``loss.backward()``,
+``clip_grad_norm_(1.0)``, ``AdamW`` from ``configure_optimizers``, ``torch.set_num_threads``
+= the cores; forward under ``torch.no_grad()`` with targets (full logits).
+
+Figures: the median over rounds of tokens/s, step time, and MFU = (3 x forward FLOPs per
+token from :mod:`mmjax.flops`, retrieval/attention terms included) x tokens/s / peak. The
+peak is measured here, a large matmul (``--gemm-size``) in the benchmark's dtype, for JAX
+and for torch; on a TPU or GPU the chip's published bf16 peak is printed too and used.
+Then the ratios the performance issue tracks. ``--json`` adds one JSON line at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import functools
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Dense bf16 peaks (FLOP/s per device as JAX lists devices) from the vendors' data sheets.
+# A v4 chip (275 TFLOP/s) is two devices when JAX lists TensorCores.
+PUBLISHED_PEAKS = {
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
+    "TPU v5": 459e12, "TPU v6 lite": 918e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12,
+    "NVIDIA A100": 312e12,
+}
+
+
+@dataclasses.dataclass
+class Figures:
+    name: str
+    tokens_per_step: int
+    train_flops_per_token: float
+    peak: float
+    train_s: list[float] = dataclasses.field(default_factory=list)
+    forward_s: list[float] = dataclasses.field(default_factory=list)
+
+    def median(self, kind: str) -> float:
+        return statistics.median(getattr(self, f"{kind}_s"))
+
+    def tokens_per_s(self, kind: str) -> float:
+        return self.tokens_per_step / self.median(kind)
+
+    def mfu(self) -> float:
+        return self.train_flops_per_token * self.tokens_per_s("train") / self.peak
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def builtin_configs(args) -> list:
+    """The issue's pair as mmjax configs: a v1 Memory Mosaic and an equal-width GPT2."""
+    from mmjax.train.config_lib import lm_config
+
+    common = dict(vocab_size=args.vocab, num_layers=args.layers, num_heads=args.heads,
+                  embed_dim=args.width, use_bias=False, dtype=args.dtype,
+                  impl="auto")
+    models = [dict(name="memory_mosaic", pmem_size=args.pmem, pmem_count=1, ic_dropout=0.0,
+                   hd_dropout=0.0, **common),
+              dict(name="gpt2", context_length=args.context, mlp_ratio=4, dropout_rate=0.0,
+                   **common)]
+    return [lm_config(m, optimizer=dict(learning_rate=1e-3, weight_decay=0.1, b1=0.9,
+                                        b2=0.95, eps=1e-8, grad_clip=1.0),
+                      data=dict(corpus="pfa", context_length=args.context,
+                                batch_size=args.batch),
+                      train=dict(num_steps=1, log_every=1, seed=0)) for m in models]
+
+
+def load_config(spec: str, args):
+    """``FILE[:preset]`` -> its config, with the benchmark's batch, context and dtype, on the
+    synthetic corpus (the benchmark never reads a token store)."""
+    path, _, preset = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("bench_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    config = module.get_config(preset or None)
+    config.data.update(corpus="pfa", context_length=args.context, batch_size=args.batch)
+    if "path" in config.data:
+        del config.data["path"]
+    if "context_length" in config.model:
+        config.model.context_length = max(config.model.context_length, args.context)
+    config.model.dtype = args.dtype
+    return config
+
+
+def train_flops_per_token(model_config, context: int) -> float:
+    from mmjax import flops
+
+    forward = flops.count(model_config).total_flops
+    forward += flops.retrieval_flops_per_token(model_config, context)
+    return 3.0 * forward
+
+
+# ----------------------------------------------------------------------------- peaks
+
+
+def jax_gemm_peak(n: int, dtype: str, repeats: int = 5) -> float:
+    """FLOP/s of an ``n x n x n`` matmul on JAX's default device (best of ``repeats``)."""
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+    mm = jax.jit(lambda x, y: x @ y)
+    mm(a, b).block_until_ready()
+    best = min(_timed(lambda: mm(a, b).block_until_ready()) for _ in range(repeats))
+    return 2.0 * n**3 / best
+
+
+def torch_gemm_peak(n: int, dtype: str, repeats: int = 5) -> float:
+    import torch
+
+    dt = getattr(torch, dtype)
+    a, b = torch.randn(n, n, dtype=dt), torch.randn(n, n, dtype=dt)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2.0 * n**3 / best
+
+
+def published_peak() -> float | None:
+    kind = jax.devices()[0].device_kind
+    matches = [peak for name, peak in PUBLISHED_PEAKS.items() if kind.startswith(name)]
+    return max(matches) if matches else None
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+# ----------------------------------------------------------------------------- systems
+
+
+class MmjaxSystem:
+    """One mmjax config: the trainer's jitted train and eval steps on pre-made batches."""
+
+    def __init__(self, config, peak: float):
+        from mmjax.train.loop import Trainer
+        from mmjax.train.step import eval_step
+
+        self.trainer = trainer = Trainer(config)
+        self.state = trainer.init_state()
+        self.batches = [trainer.batch(i) for i in range(4)]
+        with trainer.mesh_context():
+            self._forward = jax.jit(functools.partial(eval_step, model=trainer.model))
+        m = config.model
+        d = config.data
+        self.figures = Figures(f"mmjax {m.name}", d.batch_size * d.context_length,
+                               train_flops_per_token(m, d.context_length), peak)
+        self.steps_done = 0
+
+    def train(self, steps: int) -> float:
+        start = time.perf_counter()
+        for _ in range(steps):
+            tokens = self.batches[self.steps_done % len(self.batches)]
+            self.state, metrics = self.trainer.train_step(self.state, tokens)
+            self.steps_done += 1
+        jax.block_until_ready((self.state, metrics))
+        loss = float(metrics["loss"])
+        if not np.isfinite(loss):
+            raise FloatingPointError(f"{self.figures.name}: loss {loss} at step "
+                                     f"{self.steps_done}")
+        return (time.perf_counter() - start) / steps
+
+    def forward(self, steps: int) -> float:
+        start = time.perf_counter()
+        with self.trainer.mesh_context():
+            for i in range(steps):
+                out = self._forward(self.state.params, self.batches[i % len(self.batches)])
+            jax.block_until_ready(out)
+        return (time.perf_counter() - start) / steps
+
+
+class OfficialSystem:
+    """The official nanoMosaics model of the same sizes, run eagerly as its train.py does."""
+
+    def __init__(self, official_dir: str, model_config, data_config, peak: float):
+        import torch
+
+        module_dir = os.path.join(official_dir, "nanoMosaics")
+        if not os.path.isfile(os.path.join(module_dir, "mosaic_model.py")):
+            raise FileNotFoundError(f"--official {official_dir}: no nanoMosaics/mosaic_model.py "
+                                    "(expected a checkout of facebookresearch/MemoryMosaics)")
+        if module_dir not in sys.path:
+            sys.path.insert(0, module_dir)
+        m, d = model_config, data_config
+        sizes = dict(block_size=d.context_length, vocab_size=m.vocab_size, n_layer=m.num_layers,
+                     n_head=m.num_heads, n_embd=m.embed_dim, dropout=0.0,
+                     bias=bool(m.get("use_bias", False)))
+        torch.manual_seed(0)
+        with contextlib.redirect_stdout(None):  # the official constructors print counts
+            self.model, name = self._build(m, sizes)
+            self.optimizer = self.model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+        gen = torch.Generator().manual_seed(0)
+        tokens = [torch.randint(0, m.vocab_size, (d.batch_size, d.context_length + 1),
+                                generator=gen) for _ in range(4)]
+        # contiguous inputs and targets, as train.py's get_batch makes them
+        self.batches = [(t[:, :-1].contiguous(), t[:, 1:].contiguous()) for t in tokens]
+        self.figures = Figures(name, d.batch_size * d.context_length,
+                               train_flops_per_token(m, d.context_length), peak)
+        self.steps_done = 0
+
+    @staticmethod
+    def _build(m, sizes):
+        if m.name == "memory_mosaic":
+            import mosaic_model
+
+            return mosaic_model.MemoryMosaic(mosaic_model.MemoryMosaicConfig(
+                pmem_size=m.pmem_size, pmem_count=m.pmem_count, **sizes)), "official MemoryMosaic"
+        if m.name == "gpt2":
+            import gpt_model
+
+            return gpt_model.GPT(gpt_model.GPTConfig(**sizes)), "official GPT"
+        raise ValueError(f"no official counterpart of model {m.name!r}")
+
+    def train(self, steps: int) -> float:
+        import torch
+
+        self.model.train()
+        start = time.perf_counter()
+        for _ in range(steps):
+            inputs, targets = self.batches[self.steps_done % len(self.batches)]
+            _, loss = self.model(inputs, targets)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.steps_done += 1
+        return (time.perf_counter() - start) / steps
+
+    def forward(self, steps: int) -> float:
+        import torch
+
+        self.model.eval()
+        start = time.perf_counter()
+        with torch.no_grad():
+            for i in range(steps):
+                self.model(*self.batches[i % len(self.batches)])
+        return (time.perf_counter() - start) / steps
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def measure(systems, *, rounds: int, steps: int, warmup: int) -> None:
+    for s in systems:  # compilation (mmjax) and allocator warm-up (torch)
+        s.train(warmup)
+        s.forward(warmup)
+    for _ in range(rounds):
+        for s in systems:
+            s.figures.train_s.append(s.train(steps))
+            s.figures.forward_s.append(s.forward(steps))
+
+
+def ratio_lines(figures: dict[str, Figures]) -> list[tuple[str, float]]:
+    """The ratios of the performance issue, where both sides were measured."""
+    pairs = [("mmjax MM / official MM, train", "mmjax memory_mosaic", "official MemoryMosaic",
+              "train"),
+             ("mmjax MM / official MM, forward", "mmjax memory_mosaic",
+              "official MemoryMosaic", "forward"),
+             ("mmjax GPT2 / official GPT, train", "mmjax gpt2", "official GPT", "train"),
+             ("mmjax GPT2 / official GPT, forward", "mmjax gpt2", "official GPT", "forward"),
+             ("mmjax MM / mmjax GPT2, train", "mmjax memory_mosaic", "mmjax gpt2", "train"),
+             ("official MM / official GPT, train", "official MemoryMosaic", "official GPT",
+              "train")]
+    return [(label, figures[a].tokens_per_s(kind) / figures[b].tokens_per_s(kind))
+            for label, a, b, kind in pairs if a in figures and b in figures]
+
+
+def format_table(figures: list[Figures]) -> str:
+    lines = [f"{'system':<24} {'train tok/s':>12} {'step ms':>9} {'fwd tok/s':>11} "
+             f"{'fwd ms':>8} {'MFU':>6}"]
+    for f in figures:
+        lines.append(f"{f.name:<24} {f.tokens_per_s('train'):>12,.0f} "
+                     f"{1e3 * f.median('train'):>9.1f} {f.tokens_per_s('forward'):>11,.0f} "
+                     f"{1e3 * f.median('forward'):>8.1f} {f.mfu():>6.1%}")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", action="append", default=[],
+                   help="FILE[:preset] of an mmjax config (repeatable); default: the built-in "
+                        "MM/GPT2 pair")
+    p.add_argument("--official", default=None,
+                   help="a checkout of facebookresearch/MemoryMosaics: add its nanoMosaics "
+                        "MemoryMosaic and GPT (needs torch: the 'compare' extra)")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--width", type=int, default=256)
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--pmem", type=int, default=1024)
+    p.add_argument("--context", type=int, default=256)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--steps", type=int, default=10, help="steps per round and system")
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--gemm-size", type=int, default=2048)
+    p.add_argument("--threads", type=int, default=os.cpu_count(),
+                   help="torch threads (the official code); JAX uses every core")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    for name in ("layers", "heads", "width", "vocab", "pmem", "context", "batch", "steps",
+                 "rounds", "warmup", "gemm_size", "threads"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.official is not None:
+        if importlib.util.find_spec("torch") is None:
+            p.error("--official needs torch: pip install -e '.[compare]'")
+        if not os.path.isfile(os.path.join(args.official, "nanoMosaics", "mosaic_model.py")):
+            p.error(f"--official {args.official}: no nanoMosaics/mosaic_model.py there "
+                    "(expected a checkout of facebookresearch/MemoryMosaics)")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    configs = ([load_config(spec, args) for spec in args.config] if args.config
+               else builtin_configs(args))
+    device = jax.devices()[0]
+    gemm = jax_gemm_peak(args.gemm_size, args.dtype)
+    chip = published_peak()
+    jax_peak = chip if chip is not None else gemm
+    print(f"device: {device.device_kind} x {jax.device_count()} ({jax.default_backend()}), "
+          f"jax {jax.__version__}")
+    print(f"measured {args.dtype} matmul {args.gemm_size}^3, JAX: {gemm / 1e9:,.1f} GFLOP/s"
+          + (f"; published peak {chip / 1e12:,.0f} TFLOP/s (MFU against it)" if chip else
+             " (MFU against it)"))
+    systems = [MmjaxSystem(c, jax_peak) for c in configs]
+    if args.official:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        torch_peak = torch_gemm_peak(args.gemm_size, args.dtype)
+        print(f"measured {args.dtype} matmul {args.gemm_size}^3, torch {torch.__version__} "
+              f"({args.threads} threads): {torch_peak / 1e9:,.1f} GFLOP/s")
+        systems += [OfficialSystem(args.official, c.model, c.data, torch_peak)
+                    for c in configs if c.model.name in ("memory_mosaic", "gpt2")]
+    c = configs[0]
+    print(f"batch {c.data.batch_size} x context {c.data.context_length}, {args.dtype}; "
+          f"{args.rounds} interleaved rounds of {args.steps} steps after {args.warmup} warm-up "
+          "steps; medians")
+    measure(systems, rounds=args.rounds, steps=args.steps, warmup=args.warmup)
+    figures = {s.figures.name: s.figures for s in systems}
+    print(format_table(list(figures.values())))
+    ratios = ratio_lines(figures)
+    for label, value in ratios:
+        print(f"{label:<38} {value:.2f}x")
+    result = {"device": device.device_kind, "gemm_flops": gemm, "published_peak": chip,
+              "systems": {name: {"train_tokens_per_s": f.tokens_per_s("train"),
+                                 "forward_tokens_per_s": f.tokens_per_s("forward"),
+                                 "train_step_s": f.median("train"), "mfu": f.mfu()}
+                          for name, f in figures.items()},
+              "ratios": dict(ratios)}
+    if args.json:
+        print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, REPO)
+    jnp.zeros(())  # initialise the backend before anything is timed
+    main()

@@ -1,0 +1,127 @@
+"""benchmarks/train_step.py runs end to end on tiny sizes and reports sane figures.
+
+No timing is asserted: only that every system ran, that the figures are finite and
+consistent (MFU within (0, 1]: a FLOP count that is too high would push it over), that the
+ratio lines are those of the systems measured, and that bad arguments are one-line errors.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import pathlib
+import sys
+import textwrap
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = ["--layers", "1", "--heads", "2", "--width", "32", "--vocab", "97", "--pmem", "16",
+        "--context", "16", "--batch", "8", "--steps", "1", "--rounds", "2", "--warmup", "1",
+        "--gemm-size", "128"]
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_train_step",
+                                                  REPO / "benchmarks" / "train_step.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_builtin_pair_prints_table_and_ratio(capsys):
+    result = _bench().main(TINY)
+    out = capsys.readouterr().out
+    assert set(result["systems"]) == {"mmjax memory_mosaic", "mmjax gpt2"}
+    for figures in result["systems"].values():
+        assert figures["train_tokens_per_s"] > 0 and figures["forward_tokens_per_s"] > 0
+        assert 0 < figures["mfu"] <= 1
+    assert list(result["ratios"]) == ["mmjax MM / mmjax GPT2, train"]
+    ratio = result["ratios"]["mmjax MM / mmjax GPT2, train"]
+    mm, gpt = result["systems"]["mmjax memory_mosaic"], result["systems"]["mmjax gpt2"]
+    assert math.isclose(ratio, mm["train_tokens_per_s"] / gpt["train_tokens_per_s"])
+    assert "matmul 128^3, JAX:" in out and "mmjax MM / mmjax GPT2, train" in out
+
+
+def test_config_files_are_measured_at_the_benchmark_sizes(capsys):
+    result = _bench().main([*TINY, "--config", str(REPO / "configs" / "llama_small.py:tiny")])
+    assert list(result["systems"]) == ["mmjax llama"]
+    assert "batch 8 x context 16" in capsys.readouterr().out
+
+
+def test_train_flops_count_the_retrieval_terms():
+    bench = _bench()
+    args = bench.parse_args(TINY)
+    mm, gpt = bench.builtin_configs(args)
+    from mmjax import flops
+
+    for c in (mm, gpt):
+        forward = flops.count(c.model).total_flops
+        assert bench.train_flops_per_token(c.model, 16) > 3 * forward
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch", "0"], "--batch must be >= 1, got 0"),
+    (["--official", "/nonexistent"], "/nonexistent"),
+])
+def test_bad_arguments_are_one_line_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _bench().parse_args(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+FAKE_MODELS = '''
+from dataclasses import dataclass
+import torch
+from torch.nn import functional as F
+
+
+@dataclass
+class {config}:
+    block_size: int = 8
+    vocab_size: int = 11
+    n_layer: int = 1
+    n_head: int = 1
+    n_embd: int = 8
+    dropout: float = 0.0
+    bias: bool = True
+    pmem_size: int = 4
+    pmem_count: int = 1
+
+
+class {model}(torch.nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        print("number of parameters: a line the benchmark must swallow")
+        self.wte = torch.nn.Embedding(config.vocab_size, config.n_embd)
+        self.head = torch.nn.Linear(config.n_embd, config.vocab_size, bias=False)
+
+    def forward(self, idx, targets):
+        logits = self.head(self.wte(idx))
+        return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        return torch.optim.AdamW(self.parameters(), lr=learning_rate, betas=betas,
+                                 weight_decay=weight_decay)
+'''
+
+
+def test_official_systems_run_next_to_mmjax(tmp_path, capsys):
+    """The --official plumbing, with stand-ins for nanoMosaics' two model files (the real
+    checkout is the user's; it is never downloaded)."""
+    pytest.importorskip("torch")
+    nano = tmp_path / "nanoMosaics"
+    nano.mkdir()
+    (nano / "mosaic_model.py").write_text(textwrap.dedent(
+        FAKE_MODELS.format(config="MemoryMosaicConfig", model="MemoryMosaic")))
+    (nano / "gpt_model.py").write_text(textwrap.dedent(
+        FAKE_MODELS.format(config="GPTConfig", model="GPT")))
+    result = _bench().main([*TINY, "--official", str(tmp_path), "--threads", "1"])
+    out = capsys.readouterr().out
+    assert set(result["systems"]) == {"mmjax memory_mosaic", "mmjax gpt2",
+                                      "official MemoryMosaic", "official GPT"}
+    assert len(result["ratios"]) == 6
+    assert "a line the benchmark must swallow" not in out
+    assert "torch" in out and "official GPT" in out
