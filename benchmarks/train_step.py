@@ -30,6 +30,15 @@ token from :mod:`mmjax.flops`, retrieval/attention terms included) x tokens/s / 
 peak is measured here, a large matmul (``--gemm-size``) in the benchmark's dtype, for JAX
 and for torch; on a TPU or GPU the chip's published bf16 peak is printed too and used.
 Then the ratios the performance issue tracks. ``--json`` adds one JSON line at the end.
+
+``--compile-for TOPOLOGY`` (e.g. ``v5e:2x2``; needs libtpu, no TPU) times nothing: it
+compiles each system's train step for that TPU slice with the real compiler
+(:func:`mmjax.aot.report`) and prints XLA's FLOPs per step against the model's matmul FLOPs,
+and the temporary memory per chip: a ratio well above 1 is hidden recomputation, and the
+temporaries should not grow from one change to the next. XLA counts neither Pallas kernels
+nor more than one trip of a loop, so this compiles with ``model.impl="reference"`` (dense
+retrieval: the model FLOPs then count every query against every key, masked or not),
+unscanned layers and no rematerialisation.
 """
 
 from __future__ import annotations
@@ -123,6 +132,33 @@ def train_flops_per_token(model_config, context: int) -> float:
     forward = flops.count(model_config).total_flops
     forward += flops.retrieval_flops_per_token(model_config, context)
     return 3.0 * forward
+
+
+def dense_retrieval_flops_per_token(model_config, context: int) -> float:
+    """Forward FLOPs per token of the dense reference retrieval: every query against all
+    ``context`` keys, ``4 context D`` per retrieval tier and layer."""
+    from mmjax import flops
+
+    tiers = len(flops.retrieval_tiers(model_config))
+    return 4.0 * context * model_config["embed_dim"] * tiers * model_config["num_layers"]
+
+
+def compiled_step_figures(config, topology: str) -> dict:
+    """The train step of ``config`` compiled for ``topology`` (dense retrieval, unscanned, no
+    remat): XLA's FLOPs and temporaries per chip against the model's matmul FLOPs."""
+    from mmjax import aot, flops
+
+    config = config.copy_and_resolve_references()
+    config.model.update(impl="reference", scan_layers=False, remat="none")
+    r = aot.report(config, topology, (-1, 1, 1))
+    d = config.data
+    chips = int(np.prod(list(r.mesh.values())))
+    per_token = 3.0 * (flops.count(config.model).total_flops
+                       + dense_retrieval_flops_per_token(config.model, d.context_length))
+    model = per_token * d.batch_size * d.context_length / chips
+    return {"xla_flops": r.flops, "model_flops": model, "ratio": r.flops / model,
+            "temp_bytes": r.temp_bytes, "total_bytes": r.total_bytes,
+            "device_kind": r.device_kind, "chips": chips}
 
 
 # ----------------------------------------------------------------------------- peaks
@@ -332,6 +368,9 @@ def parse_args(argv=None):
     p.add_argument("--gemm-size", type=int, default=2048)
     p.add_argument("--threads", type=int, default=os.cpu_count(),
                    help="torch threads (the official code); JAX uses every core")
+    p.add_argument("--compile-for", default=None, metavar="TOPOLOGY",
+                   help="compile for this TPU slice (e.g. v5e:2x2) and print XLA's FLOPs "
+                        "against the model's and the temporaries, instead of timing")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     for name in ("layers", "heads", "width", "vocab", "pmem", "context", "batch", "steps",
@@ -347,10 +386,30 @@ def parse_args(argv=None):
     return args
 
 
+def compile_for(configs, args) -> dict:
+    print(f"train step compiled for {args.compile_for} (dense retrieval, unscanned, no remat); "
+          f"batch {args.batch} x context {args.context}, {args.dtype}")
+    print(f"{'system':<24} {'XLA FLOPs/chip':>15} {'model FLOPs/chip':>17} {'ratio':>6} "
+          f"{'temp MiB':>9} {'total MiB':>10}")
+    result = {}
+    for c in configs:
+        f = compiled_step_figures(c, args.compile_for)
+        name = f"mmjax {c.model.name}"
+        result[name] = f
+        print(f"{name:<24} {f['xla_flops']:>15.4e} {f['model_flops']:>17.4e} "
+              f"{f['ratio']:>6.3f} {f['temp_bytes'] / 2**20:>9.1f} "
+              f"{f['total_bytes'] / 2**20:>10.1f}")
+    if args.json:
+        print(json.dumps(result))
+    return result
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     configs = ([load_config(spec, args) for spec in args.config] if args.config
                else builtin_configs(args))
+    if args.compile_for:
+        return compile_for(configs, args)
     device = jax.devices()[0]
     gemm = jax_gemm_peak(args.gemm_size, args.dtype)
     chip = published_peak()

@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 import pathlib
 import sys
 import textwrap
 
 import pytest
+from mmjax.kernels import compile_check
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+needs_libtpu = pytest.mark.skipif(
+    not compile_check.libtpu_available() and not os.environ.get("CI"),
+    reason='libtpu not installed: pip install -e ".[tpu]"')
 TINY = ["--layers", "1", "--heads", "2", "--width", "32", "--vocab", "97", "--pmem", "16",
         "--context", "16", "--batch", "8", "--steps", "1", "--rounds", "2", "--warmup", "1",
         "--gemm-size", "128"]
@@ -125,3 +130,17 @@ def test_official_systems_run_next_to_mmjax(tmp_path, capsys):
     assert len(result["ratios"]) == 6
     assert "a line the benchmark must swallow" not in out
     assert "torch" in out and "official GPT" in out
+
+
+@needs_libtpu
+def test_compile_for_a_tpu_slice_counts_no_hidden_flops(capsys):
+    """The real TPU compiler's FLOPs for a small pair are the model's matmul FLOPs (within
+    15%: the norms, softmaxes and optimiser are the rest)."""
+    result = _bench().main(["--compile-for", "v5e:2x2", "--layers", "2", "--width", "128",
+                            "--vocab", "1024", "--pmem", "256", "--context", "64",
+                            "--batch", "8"])
+    assert set(result) == {"mmjax memory_mosaic", "mmjax gpt2"}
+    for figures in result.values():
+        assert figures["chips"] == 4 and figures["device_kind"].startswith("TPU v5")
+        assert 1.0 <= figures["ratio"] < 1.15, figures
+    assert "XLA FLOPs/chip" in capsys.readouterr().out
