@@ -294,7 +294,8 @@ def make_parser() -> argparse.ArgumentParser:
                          epilog="Config overrides go after --, e.g. -- --config.train.seed=1")
     run.add_argument("--config", required=True, help="configs/NAME.py[:preset], from the repo")
     run.add_argument("--workdir", required=True,
-                     help="gs://BUCKET/PATH or an absolute path shared by all workers")
+                     help="an absolute path that all workers share (NFS, or a bucket mounted "
+                          "with gcsfuse)")
     run.add_argument("--no-follow", dest="follow", action="store_false",
                      help="start and return, without following worker 0's log")
 
@@ -349,10 +350,13 @@ def _check(args) -> None:
 
 
 def _check_run(args) -> None:
-    if not (args.workdir.startswith("gs://") and len(args.workdir) > len("gs://")
-            or args.workdir.startswith("/")):
-        raise UsageError(f"--workdir {args.workdir!r} must be gs://BUCKET/PATH or an "
-                         "absolute path that all workers share")
+    if "://" in args.workdir:
+        raise UsageError(f"--workdir {args.workdir!r}: mmjax.train takes no URLs; mount the "
+                         "bucket on every worker with gcsfuse (launch/README.md) and pass the "
+                         "mounted path")
+    if not args.workdir.startswith("/"):
+        raise UsageError(f"--workdir {args.workdir!r} must be an absolute path that all "
+                         "workers share")
     config_file = args.config.split(":", 1)[0]
     if os.path.isabs(config_file) or not (REPO_ROOT / config_file).is_file():
         raise UsageError(f"--config {args.config!r}: no file {config_file!r} in the repository "
@@ -379,10 +383,6 @@ def main(argv: Sequence[str] | None = None,
         chips = generation.chips(args.accelerator_type)
         hosts = generation.hosts(args.accelerator_type)
         print(f"# {args.accelerator_type}: {chips} chips on {hosts} host(s)", file=sys.stderr)
-    if args.command == "run" and args.workdir.startswith("gs://"):
-        print("# warning: mmjax.train writes --workdir through pathlib, which makes gs:// "
-              "paths local; use a shared mount until it writes to GCS (launch/README.md)",
-              file=sys.stderr)
     if args.dry_run:
         for command in commands:
             print(shlex.join(command))

@@ -169,14 +169,14 @@ def test_run_v4_starts_everywhere_then_follows_worker_0(capsys):
     assert out == [ssh("mm-v4", SUFFIX, "all", start(train)), ssh("mm-v4", SUFFIX, "0", FOLLOW)]
 
 
-def test_run_v5e_gcs_workdir_no_follow(capsys):
+def test_run_v5e_gcsfuse_workdir_no_follow(capsys):
     out, notes = dry_run_with_notes(capsys, "run", *WHERE_E,
                                     "--config=configs/mmv2_large.py:finetune",
-                                    "--workdir=gs://my-bucket/mmv2/large", "--no-follow")
+                                    "--workdir=/gcs/my-bucket/mmv2/large", "--no-follow")
     train = (".venv/bin/python -m mmjax.train --distributed "
-             "--config=configs/mmv2_large.py:finetune --workdir=gs://my-bucket/mmv2/large")
+             "--config=configs/mmv2_large.py:finetune --workdir=/gcs/my-bucket/mmv2/large")
     assert out == [ssh("mm-v5e", SUFFIX_E, "all", start(train))]
-    assert notes.startswith("# warning: mmjax.train writes --workdir through pathlib")
+    assert notes == ""
 
 
 OVERRIDES = ["--config.data.corpus=it's \"quoted\" $HOME `x` a  b",
@@ -305,14 +305,15 @@ def test_the_script_runs_from_a_shell():
     (["create", *WHERE, "--generation=v4", "--accelerator-type=v4-8",
       "--queued-resource-id=q"], "tpu.py create: error: --queued-resource-id needs --queued"),
     (["run", *WHERE, "--config=configs/mm_v1_small.py", "--workdir=runs/x"],
-     "tpu.py run: error: --workdir 'runs/x' must be gs://BUCKET/PATH or an absolute path that "
-     "all workers share"),
+     "tpu.py run: error: --workdir 'runs/x' must be an absolute path that all workers share"),
     (["run", *WHERE, "--config=configs/mm_v1_small.py", "--workdir=~/runs"],
-     "tpu.py run: error: --workdir '~/runs' must be gs://BUCKET/PATH or an absolute path that "
-     "all workers share"),
+     "tpu.py run: error: --workdir '~/runs' must be an absolute path that all workers share"),
     (["run", *WHERE, "--config=configs/mm_v1_small.py", "--workdir=s3://b/x"],
-     "tpu.py run: error: --workdir 's3://b/x' must be gs://BUCKET/PATH or an absolute path "
-     "that all workers share"),
+     "tpu.py run: error: --workdir 's3://b/x': mmjax.train takes no URLs; mount the bucket on "
+     "every worker with gcsfuse (launch/README.md) and pass the mounted path"),
+    (["run", *WHERE, "--config=configs/mm_v1_small.py", "--workdir=gs://b/x"],
+     "tpu.py run: error: --workdir 'gs://b/x': mmjax.train takes no URLs; mount the bucket on "
+     "every worker with gcsfuse (launch/README.md) and pass the mounted path"),
     (["run", *WHERE, "--config=configs/nope.py:tiny", "--workdir=/x"],
      "tpu.py run: error: --config 'configs/nope.py:tiny': no file 'configs/nope.py' in the "
      "repository (give a path relative to its root, e.g. configs/mm_v1_small.py)"),

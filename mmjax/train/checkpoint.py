@@ -33,7 +33,8 @@ import orbax.checkpoint as ocp
 
 
 class Checkpointer:
-    """Saves every ``save_every`` steps (async), keeps ``max_to_keep``, restores the latest.
+    """Saves every ``save_every`` steps (async; 0: only the final step and on SIGTERM), keeps
+    ``max_to_keep``, restores the latest.
 
     Also turns SIGTERM (TPU preemption) into a flag that the loop checks: the loop then saves
     the current step and stops cleanly.
@@ -41,13 +42,14 @@ class Checkpointer:
 
     def __init__(self, workdir: str | pathlib.Path, *, save_every: int, max_to_keep: int,
                  config: ml_collections.ConfigDict | None = None):
-        if save_every < 1:
-            raise ValueError(f"checkpoint save_every must be >= 1, got {save_every}")
+        if save_every < 0:
+            raise ValueError(f"checkpoint save_every must be >= 0, got {save_every}")
+        self.save_every = save_every
         self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=max_to_keep, save_interval_steps=save_every,
+                max_to_keep=max_to_keep, save_interval_steps=max(save_every, 1),
                 enable_async_checkpointing=True),
         )
         self.config_json = config.to_json_best_effort() if config is not None else None
@@ -73,7 +75,7 @@ class Checkpointer:
         return sorted(self.manager.all_steps())
 
     def should_save(self, step: int) -> bool:
-        return self.manager.should_save(step)
+        return self.save_every > 0 and self.manager.should_save(step)
 
     def preemption_agreed(self, step: int) -> bool:
         """Whether to save and stop after ``step``: every process must stop (and save) at

@@ -23,7 +23,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "train": {"eval_every": 0, "eval_batches": 4, "grad_accum_steps": 1, "init_from": "",
               "skip_nonfinite_steps": False},
     "sharding": {"mesh": (-1, 1, 1), "rules": None},  # (data, fsdp, tensor); rules: defaults
-    "checkpoint": {"save_every": 0, "max_to_keep": 3},  # save only with --workdir
+    # with --workdir only; save_every=0: the final step and a SIGTERM's step only
+    "checkpoint": {"save_every": 1000, "max_to_keep": 3},
 }
 
 # Model sizes of "Memory Mosaics at Scale" (arXiv 2507.03285). Small: the paper gives layers,
@@ -161,6 +162,7 @@ def make_tiny(config: ml_collections.ConfigDict, **model_overrides) -> None:
     config.data.update(context_length=64, batch_size=8, corpus="pfa")
     config.optimizer.update(learning_rate=3e-3, warmup_steps=10, total_steps=50, min_lr=3e-4)
     config.train.update(num_steps=50, log_every=10)
+    config.checkpoint.save_every = 25
 
 
 def make_tiny_text(config: ml_collections.ConfigDict, **model_overrides) -> None:

@@ -251,6 +251,20 @@ class Reporter:
     checkpointer: object = None
     _timed_tokens: int = 0
     _timer: float | None = None
+    _paused_seconds: float = 0.0
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent inside (evaluation, checkpointing) counts neither in tokens/s nor in the
+        bar's rate and ETA. Enter after :meth:`check`, so that the train steps dispatched
+        before are finished and timed."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self._timer is not None:
+                self._paused_seconds += time.perf_counter() - start
+            self.bar.unpause()  # the bar's rate restarts from now: no jump in the ETA
 
     def record(self, step: int, metrics) -> None:
         if self.pending is not None:
@@ -275,7 +289,8 @@ class Reporter:
         if self._timer is None:  # the first reported step: compilation, not throughput
             self._timer, self._timed_tokens = now, self.tokens_seen
             return float("nan")
-        return (self.tokens_seen - self._timed_tokens) / max(now - self._timer, 1e-9)
+        elapsed = now - self._timer - self._paused_seconds
+        return (self.tokens_seen - self._timed_tokens) / max(elapsed, 1e-9)
 
     def _report(self, step: int, metrics, *, every: int) -> None:
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -312,6 +327,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
     workdir is refused). The returned dict has ``preempted`` (SIGTERM stopped the run after
     saving). A non-finite step raises :class:`NonFiniteLossError` (nothing of it is saved).
     """
+    check_workdir(workdir)
     lock = WorkdirLock(workdir) if workdir is not None and jax.process_index() == 0 else None
     if lock is not None:
         lock.acquire()
@@ -320,6 +336,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
     finally:
         if lock is not None:
             lock.release()
+
+
+def check_workdir(workdir: str | None) -> None:
+    """A workdir is a POSIX path (local, NFS, or a bucket mounted with gcsfuse); a URL such
+    as ``gs://bucket/run`` is refused in one line instead of being mangled into a local
+    ``gs:/bucket/run`` (the lock and the metrics need a file system)."""
+    if workdir is not None and "://" in str(workdir):
+        raise ValueError(f"--workdir {workdir}: URLs are not supported; mount the bucket "
+                         "(gcsfuse, see launch/README.md) and pass the mounted path")
 
 
 def _train(config, workdir, *, progress, lock) -> dict:
@@ -379,8 +404,10 @@ def _run(trainer, state, checkpointer, workdir, *, progress, lock) -> dict:
                 preempted = checkpointer.preemption_agreed(step + 1)
                 if preempted or checkpointer.should_save(step + 1):
                     reporter.check()  # never save a non-finite step
-                    checkpointer.save(step + 1, state, data_iterator=trainer.train_batches,
-                                      force=preempted)
+                    with reporter.paused():
+                        checkpointer.save(step + 1, state,
+                                          data_iterator=trainer.train_batches,
+                                          force=preempted)
                 if preempted:
                     _log(f"SIGTERM: saved step {step + 1} and stopping (exit status "
                          f"{EXIT_PREEMPTED})")
@@ -388,7 +415,8 @@ def _run(trainer, state, checkpointer, workdir, *, progress, lock) -> dict:
             if (tcfg.eval_every and (step + 1) % tcfg.eval_every == 0
                     and step + 1 < tcfg.num_steps):
                 reporter.check()
-                ev = trainer.evaluate(state.params)
+                with reporter.paused():
+                    ev = trainer.evaluate(state.params)
                 writer.write(step + 1, {"eval_loss": ev["eval_loss"]})
                 _log(f"step {step + 1}: eval_loss {ev['eval_loss']:.4f}")
         reporter.flush()
@@ -422,8 +450,10 @@ def _is_terminal(stream) -> bool:
 
 
 def _make_checkpointer(config, workdir):
+    """With a workdir every run checkpoints: every ``save_every`` steps (0: only the final
+    step and on SIGTERM), so the same command always resumes."""
     ckpt = config.checkpoint
-    if workdir is None or not ckpt.save_every:
+    if workdir is None:
         return None
     checkpointer = Checkpointer(workdir, save_every=ckpt.save_every,
                                 max_to_keep=ckpt.max_to_keep, config=config)
