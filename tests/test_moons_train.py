@@ -139,3 +139,59 @@ def test_plots_and_their_errors(tmp_path):
     assert (tmp_path / "c.png").exists() and (tmp_path / "w.png").exists()
     with pytest.raises(ValueError, match="at least one curve"):
         plot_error_curves({})
+
+
+def test_interrupted_training_resumes_to_the_same_net(tmp_path):
+    """Stopped after step 3 (state saved at step 2), run again: the same parameters and
+    losses as an uninterrupted run, bit for bit."""
+    from mmjax.moons.train import train
+
+    config = tiny_config(heads=1, steps=6)
+    _, straight, straight_losses = train(config, progress=False)
+    path = tmp_path / "train_state.npz"
+
+    def interrupt(step, loss):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config, progress=False, log=interrupt, state_path=path, save_every=2)
+    assert int(np.load(path)["step"]) == 2
+    _, resumed, losses = train(config, progress=False, state_path=path, save_every=2)
+    assert losses == straight_losses
+    for name in straight:
+        np.testing.assert_array_equal(resumed[name], straight[name])
+    assert int(np.load(path)["step"]) == 6
+
+
+def test_training_state_of_another_config_or_corrupt_is_refused(tmp_path):
+    from mmjax.moons.train import train
+
+    path = tmp_path / "train_state.npz"
+    train(tiny_config(heads=1, steps=2), progress=False, state_path=path)
+    with pytest.raises(ValueError, match="saved by a run with another config"):
+        train(tiny_config(heads=1, steps=3), progress=False, state_path=path)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match="cannot read the training state"):
+        train(tiny_config(heads=1, steps=2), progress=False, state_path=path)
+
+
+def test_experiment_saves_the_net_before_evaluating_and_prints_losses(tmp_path, monkeypatch,
+                                                                       capsys):
+    from mmjax.moons import experiment
+
+    config = tiny_config(heads=1, steps=4)
+    monkeypatch.setattr(experiment, "LOG_EVERY", 2)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(experiment, "error_curve", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        experiment.run_experiment(config, tmp_path, progress=False, figures=False)
+    assert set(np.load(tmp_path / "params.npz").files) == {"W_k", "W_v", "W_z"}
+    err = capsys.readouterr().err
+    assert "step 2: loss " in err and "step 4: loss " in err
+    monkeypatch.undo()
+    result = run_experiment(config, tmp_path, progress=False, figures=False)  # no retraining
+    assert len(result["losses"]) == 4 and "step 2: loss" not in capsys.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import sys
 import time
 
 import numpy as np
@@ -33,15 +34,30 @@ def summarize(curve: dict, params) -> dict:
     }
 
 
+# Training losses are printed every this many steps.
+LOG_EVERY = 50
+
+
 def run_experiment(config, workdir, *, progress: bool = True, figures: bool = True) -> dict:
     """Train and evaluate the net of ``config``; write to ``workdir``:
-    ``curve.json`` (``{"context", "error", "periods_in_steps", "lcm_in_steps", ...}``),
-    ``summary.json``, ``params.npz``, and with ``figures`` ``error_vs_context.png`` and
-    ``weights.png``. Returns ``{"curve", "summary", "params", "losses"}``."""
+    ``train_state.npz`` (during training, every :data:`mmjax.moons.train.SAVE_EVERY` steps:
+    an interrupted run resumes from it when run again with the same config and workdir),
+    ``params.npz`` (as soon as training ends, before the evaluation), ``curve.json``
+    (``{"context", "error", "periods_in_steps", "lcm_in_steps", ...}``), ``summary.json``,
+    and with ``figures`` ``error_vs_context.png`` and ``weights.png``. The training loss is
+    printed every :data:`LOG_EVERY` steps. Returns ``{"curve", "summary", "params",
+    "losses"}``."""
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    model, params, losses = train(config, progress=progress)
+
+    def log(step: int, loss: float) -> None:
+        if (step + 1) % LOG_EVERY == 0 or step + 1 == config.train.steps:
+            _print(f"step {step + 1}: loss {loss:.5f}")
+
+    model, params, losses = train(config, progress=progress, log=log,
+                                  state_path=workdir / "train_state.npz")
+    np.savez(workdir / "params.npz", **{k: np.asarray(v) for k, v in params.items()})
     train_seconds = time.perf_counter() - start
     start = time.perf_counter()
     curve = error_curve(model, params, config.eval, config.data, progress=progress)
@@ -52,7 +68,6 @@ def run_experiment(config, workdir, *, progress: bool = True, figures: bool = Tr
                    train_seconds=train_seconds, eval_seconds=eval_seconds)
     (workdir / "curve.json").write_text(json.dumps(curve))
     (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
-    np.savez(workdir / "params.npz", **{k: np.asarray(v) for k, v in params.items()})
     if figures:
         import matplotlib.pyplot as plt
 
@@ -65,3 +80,10 @@ def run_experiment(config, workdir, *, progress: bool = True, figures: bool = Tr
         fig = plot_weights(params, workdir / "weights.png", title=f"learned moduli, {heads}")
         plt.close(fig)
     return {"curve": curve, "summary": summary, "params": params, "losses": losses}
+
+
+def _print(message: str) -> None:
+    """A line on stderr, beside (not through) the progress bar."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(message, file=sys.stderr)

@@ -13,6 +13,10 @@ the same batch match the official MLX code to 2e-7 (``tests/test_moons_official.
 from __future__ import annotations
 
 import functools
+import json
+import os
+import pathlib
+import zipfile
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -59,8 +63,54 @@ def make_train_step(model: MoonsMemory, optimizer: optax.GradientTransformation,
     return step
 
 
-def train(config, *, progress: bool = True, log: Callable[[int, float], None] | None = None):
+# Steps between two saves of the training state by :func:`train` (a few seconds on CPU).
+SAVE_EVERY = 50
+
+
+def save_state(path: pathlib.Path, step: int, params, opt_state, losses: list[float],
+               rng: np.random.Generator, config_json: str) -> None:
+    """Write the training state after ``step`` steps to ``path`` atomically (a temporary
+    file, then a rename): a run killed mid-write keeps the previous state."""
+    leaves = jax.tree.leaves((params, opt_state))
+    arrays = {f"leaf_{i}": np.asarray(x) for i, x in enumerate(leaves)}
+    arrays.update(step=np.int64(step), losses=np.asarray(losses, np.float64),
+                  rng=np.array(json.dumps(rng.bit_generator.state)),
+                  config=np.array(config_json))
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
+
+
+def load_state(path: pathlib.Path, params, opt_state, rng: np.random.Generator,
+               config_json: str):
+    """The state saved by :func:`save_state`, shaped like ``(params, opt_state)``; ``rng`` is
+    set to the saved position. Returns ``(step, params, opt_state, losses)``."""
+    try:
+        with np.load(path) as saved:
+            if str(saved["config"]) != config_json:
+                raise ValueError(f"{path} was saved by a run with another config; use another "
+                                 "--workdir or delete the file")
+            treedef = jax.tree.structure((params, opt_state))
+            leaves = [jnp.asarray(saved[f"leaf_{i}"]) for i in range(treedef.num_leaves)]
+            step, losses = int(saved["step"]), saved["losses"].tolist()
+            rng.bit_generator.state = json.loads(str(saved["rng"]))
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        if isinstance(e, ValueError) and "another config" in str(e):
+            raise
+        raise ValueError(f"cannot read the training state {path}: {e}") from None
+    params, opt_state = jax.tree.unflatten(treedef, leaves)
+    return step, params, opt_state, losses
+
+
+def train(config, *, progress: bool = True, log: Callable[[int, float], None] | None = None,
+          state_path: str | pathlib.Path | None = None, save_every: int = SAVE_EVERY):
     """Train one net from ``config`` (see ``configs/moons.py``).
+
+    With ``state_path``, the training state (parameters, Adam's moments, the data sampler's
+    position, the losses) is saved there every ``save_every`` steps and at the end, and a
+    run that finds it resumes from it: the same net as an uninterrupted run, bit for bit.
+    ``log(step, loss)`` is called for every step (one step late: no host sync).
 
     Returns:
       ``(model, params, losses)``: unboxed parameters and the loss of every step.
@@ -75,12 +125,19 @@ def train(config, *, progress: bool = True, log: Callable[[int, float], None] | 
     optimizer = make_optimizer(**config.optimizer, total_steps=config.train.steps)
     opt_state = optimizer.init(params)
     step_fn = make_train_step(model, optimizer, config.train.clip)
-    losses = []
-    steps = range(config.train.steps)
+    losses: list[float] = []
+    first = 0
+    config_json = config.to_json_best_effort(sort_keys=True)
+    state_path = pathlib.Path(state_path) if state_path is not None else None
+    if state_path is not None and state_path.exists():
+        first, params, opt_state, losses = load_state(state_path, params, opt_state, rng,
+                                                      config_json)
+    steps = range(first, config.train.steps)
     if progress:
         from tqdm.auto import tqdm
 
-        steps = tqdm(steps, desc=f"train {config.model.num_heads} head(s)")
+        steps = tqdm(steps, desc=f"train {config.model.num_heads} head(s)",
+                     initial=first, total=config.train.steps)
     pending = None
     for i in steps:
         x_BxTxD, y_BxTxD = sample(batch_size=config.train.batch_size)
@@ -90,6 +147,16 @@ def train(config, *, progress: bool = True, log: Callable[[int, float], None] | 
             if log is not None:
                 log(i - 1, losses[-1])
         pending = loss
+        if state_path is not None and (i + 1) % save_every == 0 and i + 1 < config.train.steps:
+            losses.append(float(pending))
+            if log is not None:
+                log(i, losses[-1])
+            pending = None
+            save_state(state_path, i + 1, params, opt_state, losses, rng, config_json)
     if pending is not None:
         losses.append(float(pending))
+        if log is not None:
+            log(config.train.steps - 1, losses[-1])
+    if state_path is not None and first < config.train.steps:
+        save_state(state_path, config.train.steps, params, opt_state, losses, rng, config_json)
     return model, params, losses
