@@ -38,7 +38,8 @@ and the temporary memory per chip: a ratio well above 1 is hidden recomputation,
 temporaries should not grow from one change to the next. XLA counts neither Pallas kernels
 nor more than one trip of a loop, so this compiles with ``model.impl="reference"`` (dense
 retrieval: the model FLOPs then count every query against every key, masked or not),
-unscanned layers and no rematerialisation.
+unscanned layers, no rematerialisation, and the fused loss in one chunk (its backward's
+recomputed logits are counted: they are part of the step's cost).
 """
 
 from __future__ import annotations
@@ -150,6 +151,8 @@ def compiled_step_figures(config, topology: str) -> dict:
 
     config = config.copy_and_resolve_references()
     config.model.update(impl="reference", scan_layers=False, remat="none")
+    # one chunk of the fused loss: its scan then runs once, and XLA counts all of it
+    config.train.loss_chunk = config.data.context_length
     r = aot.report(config, topology, (-1, 1, 1))
     d = config.data
     chips = int(np.prod(list(r.mesh.values())))
@@ -210,7 +213,8 @@ class MmjaxSystem:
         self.state = trainer.init_state()
         self.batches = [trainer.batch(i) for i in range(4)]
         with trainer.mesh_context():
-            self._forward = jax.jit(functools.partial(eval_step, model=trainer.model))
+            self._forward = jax.jit(functools.partial(
+                eval_step, model=trainer.model, loss_chunk=trainer.config.train.loss_chunk))
         m = config.model
         d = config.data
         self.figures = Figures(f"mmjax {m.name}", d.batch_size * d.context_length,

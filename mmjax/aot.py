@@ -129,7 +129,7 @@ def compile_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mes
                                   sharding=batch_sharding)
     step = jax.jit(
         functools.partial(train_step, model=model, optimizer=optimizer,
-                          grad_accum_steps=accum),
+                          grad_accum_steps=accum, loss_chunk=config.train.loss_chunk),
         in_shardings=(layout.shardings, batch_sharding),
         out_shardings=(layout.shardings, sharding_lib.replicated(mesh)),
         donate_argnums=0)

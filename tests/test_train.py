@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mmjax.ops import cross_entropy
 from mmjax.train import defaults
 from mmjax.train.loop import Reporter, Trainer, train_and_evaluate
-from mmjax.train.step import cross_entropy
 
 
 def small_config(num_steps=20, mesh=(-1, 1, 1)):

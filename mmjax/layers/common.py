@@ -90,12 +90,27 @@ class TokenEmbedding(nn.Module):
         chex.assert_rank(input_ids_BxT, 2)
         return jnp.take(self.wte, input_ids_BxT, axis=0).astype(self.dtype)
 
+    def head(self) -> Array:
+        """The output matrix ``[D, N]`` in the compute dtype (``wte.T`` when tied)."""
+        w_DxN = self.wte.T if self.tie_embeddings else self.lm_head
+        return jnp.asarray(w_DxN, self.dtype)
+
     def logits(self, x_BxTxD: Array) -> Array:
         """fp32 logits ``[B, T, N]``."""
         chex.assert_rank(x_BxTxD, 3)
-        w_DxN = self.wte.T if self.tie_embeddings else self.lm_head
-        return jnp.einsum("btd,dn->btn", x_BxTxD.astype(self.dtype),
-                          jnp.asarray(w_DxN, self.dtype), preferred_element_type=jnp.float32)
+        return jnp.einsum("btd,dn->btn", x_BxTxD.astype(self.dtype), self.head(),
+                          preferred_element_type=jnp.float32)
+
+    def output(self, x_BxTxD: Array, *, logit_scale: float = 1.0, return_head: bool = False):
+        """A model's result from its final hidden states ``[B, T, D]``: fp32 logits
+        ``logit_scale * x @ head`` ``[B, T, N]``, or with ``return_head`` what the fused loss
+        (:func:`mmjax.ops.lm_head_loss`) takes instead: ``(x [B, T, D] in the compute dtype,
+        head [D, N], logit_scale)``."""
+        chex.assert_rank(x_BxTxD, 3)
+        if return_head:
+            return x_BxTxD.astype(self.dtype), self.head(), logit_scale
+        logits_BxTxN = self.logits(x_BxTxD)
+        return logits_BxTxN * logit_scale if logit_scale != 1.0 else logits_BxTxN
 
 
 class HeadOutput(nn.Module):

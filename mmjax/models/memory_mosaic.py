@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -114,8 +113,10 @@ class MemoryMosaic(nn.Module):
             pmem_size=self.pmem_size, pmem_count=self.pmem_count, ic_dropout=self.ic_dropout)
 
     @nn.compact
-    def __call__(self, input_ids_BxT: Array, deterministic: bool = True) -> Array:
-        """Integer ``[batch, time]`` token ids -> fp32 logits ``[batch, time, vocab]``."""
+    def __call__(self, input_ids_BxT: Array, deterministic: bool = True,
+                 return_head: bool = False):
+        """Integer ``[batch, time]`` token ids -> fp32 logits ``[batch, time, vocab]`` (with
+        ``return_head``: :meth:`mmjax.layers.common.TokenEmbedding.output`)."""
         self._check_fields()
         check_input_ids(input_ids_BxT)
         config = self.unit_config()
@@ -129,6 +130,4 @@ class MemoryMosaic(nn.Module):
                              remat=self.remat, config=config)
         x_BxTxD = layer_norm("final_norm", use_bias=self.use_bias, dtype=config.dtype,
                              param_dtype=config.param_dtype)(x_BxTxD)
-        logits_BxTxN = embed.logits(x_BxTxD) * (d**-0.5)
-        chex.assert_shape(logits_BxTxN, (*input_ids_BxT.shape, self.vocab_size))
-        return logits_BxTxN
+        return embed.output(x_BxTxD, logit_scale=d**-0.5, return_head=return_head)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -103,7 +102,7 @@ class MemoryMosaicV2(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids: Array, deterministic: bool = True,
-                 long_term_skip=None) -> Array:
+                 long_term_skip=None, return_head: bool = False):
         check_input_ids(input_ids)
         validate_skip_schedule(self.short_term_window, tuple(self.long_term_skip_range),
                                self.inference_long_term_skip)
@@ -119,6 +118,4 @@ class MemoryMosaicV2(nn.Module):
                              scan=self.scan_layers, remat=self.remat, memory=memory,
                              mlp_dim=self.mlp_dim, norm_eps=self.norm_eps)
         x_BxTxD = rms_norm("final_norm", eps=self.norm_eps, dtype=memory.dtype)(x_BxTxD)
-        logits_BxTxN = embed.logits(x_BxTxD)
-        chex.assert_shape(logits_BxTxN, (*input_ids.shape, self.vocab_size))
-        return logits_BxTxN
+        return embed.output(x_BxTxD, return_head=return_head)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -103,7 +102,8 @@ class GPT2(nn.Module):
     scan_layers: bool = False
 
     @nn.compact
-    def __call__(self, input_ids: Array, deterministic: bool = True) -> Array:
+    def __call__(self, input_ids: Array, deterministic: bool = True,
+                 return_head: bool = False):
         check_input_ids(input_ids, self.context_length)
         per_head_dim(self.embed_dim, self.num_heads)
         dtype = jnp.dtype(self.dtype)
@@ -120,9 +120,7 @@ class GPT2(nn.Module):
             mlp_dim=self.mlp_ratio * self.embed_dim, dropout_rate=self.dropout_rate,
             use_bias=self.use_bias, out_init_std=out_std, dtype=dtype, impl=self.impl)
         x_BxTxD = layer_norm("final_norm", use_bias=self.use_bias, dtype=dtype)(x_BxTxD)
-        logits_BxTxN = embed.logits(x_BxTxD)
-        chex.assert_shape(logits_BxTxN, (*input_ids.shape, self.vocab_size))
-        return logits_BxTxN
+        return embed.output(x_BxTxD, return_head=return_head)
 
 
 # ----------------------------------------------------------------------------- LLaMA
@@ -233,7 +231,7 @@ class Llama(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids: Array, deterministic: bool = True,
-                 long_term_skip=None) -> Array:
+                 long_term_skip=None, return_head: bool = False):
         check_input_ids(input_ids)
         per_head_dim(self.embed_dim, self.num_heads)
         dtype = jnp.dtype(self.dtype)
@@ -250,9 +248,7 @@ class Llama(nn.Module):
             norm_eps=self.norm_eps, dropout_rate=self.dropout_rate, init_std=self.init_std,
             out_init_std=out_std, dtype=dtype, impl=self.impl, **self._block_kwargs())
         x_BxTxD = rms_norm("final_norm", eps=self.norm_eps, dtype=dtype)(x_BxTxD)
-        logits_BxTxN = embed.logits(x_BxTxD)
-        chex.assert_shape(logits_BxTxN, (*input_ids.shape, self.vocab_size))
-        return logits_BxTxN
+        return embed.output(x_BxTxD, return_head=return_head)
 
 
 @register("llama_short_long")

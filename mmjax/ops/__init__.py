@@ -1,7 +1,8 @@
 """Pure JAX functions (no Flax): reusable in any JAX project.
 
 ``retrieve`` is the one core operation; the feature extractors and the v2 bandwidth, tier
-and skip-schedule functions are the rest of the math of both papers. Importing this package
+and skip-schedule functions are the rest of the math of both papers; ``lm_head_loss`` is the
+language-model loss. Importing this package
 does not import Flax.
 """
 
@@ -17,6 +18,7 @@ from mmjax.ops.features import (
     linear_recurrence,
     peek_ahead_values,
 )
+from mmjax.ops.loss import cross_entropy, lm_head_loss
 from mmjax.ops.memory_v2 import (
     adaptive_bandwidth,
     bandwidth_parameters,
@@ -44,6 +46,7 @@ __all__ = [
     "RetrievalSharding",
     "adaptive_bandwidth",
     "bandwidth_parameters",
+    "cross_entropy",
     "default_impl",
     "extract_values",
     "gated_keys",
@@ -54,6 +57,7 @@ __all__ = [
     "leaky_average",
     "leaky_keys",
     "linear_recurrence",
+    "lm_head_loss",
     "peek_ahead_values",
     "retrieval_weights",
     "retrieve",

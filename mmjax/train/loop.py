@@ -110,6 +110,7 @@ class Trainer:
         self._train_step = jax.jit(
             functools.partial(guarded_train_step, model=self.model, optimizer=self.optimizer,
                               grad_accum_steps=self.config.train.grad_accum_steps,
+                              loss_chunk=self.config.train.loss_chunk,
                               vocab_size=self.config.model.vocab_size,
                               skip_nonfinite=bool(self.config.train.skip_nonfinite_steps)),
             in_shardings=(self.state_shardings, self.batch_sharding),
@@ -117,7 +118,8 @@ class Trainer:
             donate_argnums=0,
         )
         self._eval_step = jax.jit(
-            functools.partial(eval_step, model=self.model),
+            functools.partial(eval_step, model=self.model,
+                              loss_chunk=self.config.train.loss_chunk),
             in_shardings=(self.state_shardings.params, self.batch_sharding),
             out_shardings=replicated,
         )

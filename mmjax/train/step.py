@@ -7,29 +7,20 @@ import jax.numpy as jnp
 import optax
 from flax import linen as nn
 
+from mmjax.ops.loss import lm_head_loss
 from mmjax.train.state import TrainState
 
-IGNORE = -1
 # Rng streams a model may draw from in training: dropout, and v2's long-term skip.
 RNG_STREAMS = ("dropout", "skip")
 
 
-def cross_entropy(logits_BxTxN: jax.Array, targets_BxT: jax.Array):
-    """Mean next-token cross-entropy over positions whose target is not ``-1``.
-
-    Returns:
-      ``(loss, loss_per_position_T, tokens)``: the scalar mean, the mean over the batch at
-      each position (for in-context-learning curves), and the number of counted targets.
-    """
-    logits = logits_BxTxN.astype(jnp.float32)
-    valid_BxT = targets_BxT != IGNORE
-    safe = jnp.where(valid_BxT, targets_BxT, 0)
-    nll_BxT = optax.softmax_cross_entropy_with_integer_labels(logits, safe)
-    nll_BxT = jnp.where(valid_BxT, nll_BxT, 0.0)
-    tokens = jnp.sum(valid_BxT)
-    loss = jnp.sum(nll_BxT) / jnp.maximum(tokens, 1)
-    per_position_T = jnp.sum(nll_BxT, 0) / jnp.maximum(jnp.sum(valid_BxT, 0), 1)
-    return loss, per_position_T, tokens
+def lm_loss(model: nn.Module, variables, inputs_BxT, targets_BxT, *, loss_chunk: int,
+            **apply_kwargs):
+    """The model's next-token loss ``(loss, loss_per_position_T, tokens)``: the LM head and
+    the cross-entropy fused, ``loss_chunk`` positions at a time
+    (:func:`mmjax.ops.lm_head_loss`; 0: dense logits)."""
+    hidden, head, scale = model.apply(variables, inputs_BxT, return_head=True, **apply_kwargs)
+    return lm_head_loss(hidden, head, targets_BxT, logit_scale=scale, chunk=loss_chunk)
 
 
 def split_batch(tokens_BxT1: jax.Array):
@@ -38,8 +29,11 @@ def split_batch(tokens_BxT1: jax.Array):
 
 
 def train_step(state: TrainState, tokens_BxT1: jax.Array, *, model: nn.Module,
-               optimizer: optax.GradientTransformation, grad_accum_steps: int = 1):
+               optimizer: optax.GradientTransformation, grad_accum_steps: int = 1,
+               loss_chunk: int = 0):
     """One optimiser step on a ``[batch, time + 1]`` token batch. Returns (state, metrics).
+
+    ``loss_chunk``: positions per chunk of the fused LM head + cross-entropy (:func:`lm_loss`).
 
     With ``grad_accum_steps = k > 1`` the batch is cut into ``k`` micro-batches of
     ``batch / k`` rows (rows ``i, i + k, i + 2k, ..``, so each micro-batch stays spread over
@@ -62,9 +56,8 @@ def train_step(state: TrainState, tokens_BxT1: jax.Array, *, model: nn.Module,
         micro_rngs = dict(rngs)
         if grad_accum_steps > 1:  # fresh dropout per micro-batch; one long-term skip per step
             micro_rngs["dropout"] = jax.random.fold_in(rngs["dropout"], micro_index)
-        logits = model.apply({"params": params}, inputs, deterministic=False,
-                             rngs=micro_rngs)
-        loss, _, tokens = cross_entropy(logits, targets)
+        loss, _, tokens = lm_loss(model, {"params": params}, inputs, targets,
+                                  loss_chunk=loss_chunk, deterministic=False, rngs=micro_rngs)
         return loss * tokens, tokens
 
     grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
@@ -95,9 +88,9 @@ def train_step(state: TrainState, tokens_BxT1: jax.Array, *, model: nn.Module,
     return new_state, metrics
 
 
-def eval_step(params, tokens_BxT1: jax.Array, *, model: nn.Module):
+def eval_step(params, tokens_BxT1: jax.Array, *, model: nn.Module, loss_chunk: int = 0):
     """Loss and per-position loss of a batch, in inference mode."""
     inputs, targets = split_batch(tokens_BxT1)
-    logits = model.apply({"params": params}, inputs, deterministic=True)
-    loss, per_position, tokens = cross_entropy(logits, targets)
+    loss, per_position, tokens = lm_loss(model, {"params": params}, inputs, targets,
+                                         loss_chunk=loss_chunk, deterministic=True)
     return {"loss": loss, "loss_per_position": per_position, "tokens": tokens}
