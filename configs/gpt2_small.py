@@ -30,7 +30,7 @@ def get_config(arg=None):
     config = lm_config(
         dict(name="gpt2", vocab_size=50304, context_length=512, num_layers=12, num_heads=12,
              embed_dim=768, mlp_ratio=4, dropout_rate=0.05, use_bias=False, dtype="bfloat16",
-             impl="auto"),
+             impl="auto", scan_layers=False, remat="none"),
         # the official Library baseline's training settings (same as the v1 Memory Mosaic)
         optimizer=dict(learning_rate=5e-3, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8,
                        grad_clip=1.0, warmup_steps=2000, total_steps=80_000, min_lr=1e-4),

@@ -56,7 +56,8 @@ def get_config(arg: str | None = None):
     config = lm_config(
         dict(name="memory_mosaic", vocab_size=50304, num_layers=12, num_heads=12, embed_dim=768,
              pmem_size=2688, pmem_count=1, use_bias=False, ic_dropout=0.05, hd_dropout=0.05,
-             context_length=512, dtype="bfloat16", param_dtype="float32", impl="auto"),
+             context_length=512, dtype="bfloat16", param_dtype="float32", impl="auto",
+             scan_layers=False, remat="none"),
         optimizer=dict(learning_rate=5e-3, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8,
                        grad_clip=1.0, warmup_steps=2000, total_steps=80_000, min_lr=1e-4),
         data=dict(corpus="tokens", path="", context_length=512, batch_size=512,
