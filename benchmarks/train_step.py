@@ -383,11 +383,11 @@ def parse_args(argv=None):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.official is not None:
-        if importlib.util.find_spec("torch") is None:
-            p.error("--official needs torch: pip install -e '.[compare]'")
         if not os.path.isfile(os.path.join(args.official, "nanoMosaics", "mosaic_model.py")):
             p.error(f"--official {args.official}: no nanoMosaics/mosaic_model.py there "
                     "(expected a checkout of facebookresearch/MemoryMosaics)")
+        if importlib.util.find_spec("torch") is None:
+            p.error("--official needs torch: pip install -e '.[compare]'")
     return args
 
 

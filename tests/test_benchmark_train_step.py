@@ -77,6 +77,18 @@ def test_bad_arguments_are_one_line_errors(argv, message, capsys):
     assert message in capsys.readouterr().err.strip().splitlines()[-1]
 
 
+def test_official_without_torch_names_the_extra_to_install(tmp_path, monkeypatch, capsys):
+    (tmp_path / "nanoMosaics").mkdir()
+    (tmp_path / "nanoMosaics" / "mosaic_model.py").write_text("")
+    bench = _bench()
+    real_find_spec = bench.importlib.util.find_spec
+    monkeypatch.setattr(bench.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "torch" else real_find_spec(name, *a))
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--official", str(tmp_path)])
+    assert "pip install -e '.[compare]'" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
 FAKE_MODELS = '''
 from dataclasses import dataclass
 import torch
