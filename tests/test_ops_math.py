@@ -32,7 +32,7 @@ class OpsTest(chex.TestCase, parameterized.TestCase):
     def test_tier_bandwidth_counts_the_visible_pairs(self):
         params = (jnp.array([0.1]), jnp.array([1.0]), jnp.array([0.5]))
         short, long = ops.tier_masks(3, 2)
-        fn = self.variant(lambda m: ops.tier_bandwidth(8, m, *params))
+        fn = self.variant(lambda m: ops.tier_bandwidth(jnp.arange(8), m, *params))
         for mask in (short, long):
             n = [sum(1 for i in range(8) if i <= t - 1 - mask.skip
                      and (mask.window is None or i >= t - mask.window)) for t in range(8)]
@@ -102,7 +102,7 @@ class OpsTest(chex.TestCase, parameterized.TestCase):
 
     def test_bad_shapes_fail_at_the_entry_point(self):
         with pytest.raises(AssertionError):
-            ops.adaptive_bandwidth(jnp.zeros((2, 2)), jnp.ones(3), jnp.ones(3), jnp.ones(3))
+            ops.adaptive_bandwidth(jnp.zeros((2, 2)), jnp.ones(3), jnp.ones(2), jnp.ones(3))
         with pytest.raises(AssertionError):
             ops.extract_values(jnp.zeros((1, 4, 3, 2)), jnp.zeros(2), jnp.zeros(3))
         with pytest.raises(AssertionError):

@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mmjax.layers.cache import DecodeStep, retrieve_with_cache
 from mmjax.layers.common import (
     HeadOutput,
     normal_init,
@@ -36,30 +37,37 @@ from mmjax.ops import MaskSpec, retrieve
 Array = jax.Array
 
 
-def rope_angles(positions_T: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
-    """Cosines and sines ``[T, head_dim // 2]`` of the rotary embedding (fp32)."""
+def rope_angles(positions: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
+    """Cosines and sines ``positions.shape + [head_dim // 2]`` of the rotary embedding (fp32)."""
     if head_dim % 2:
         raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
     freqs_R = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-    angles_TxR = positions_T.astype(jnp.float32)[:, None] * freqs_R[None, :]
-    return jnp.cos(angles_TxR), jnp.sin(angles_TxR)
+    angles = positions.astype(jnp.float32)[..., None] * freqs_R
+    return jnp.cos(angles), jnp.sin(angles)
 
 
-def apply_rope(x_BxTxHxK: Array, positions_T: Array, theta: float) -> Array:
+def apply_rope(x_BxTxHxK: Array, positions: Array, theta: float) -> Array:
     """Rotary position embedding (rotate-half pairing: dim ``j`` pairs with ``j + K/2``).
 
     Rotates each pair by ``position * theta^(-2j/K)``; scores then depend on positions only
-    through their difference. Computed in fp32, returned in the input dtype.
+    through their difference. ``positions``: ``[T]``, or ``[B, T]`` (one row per batch row,
+    when decoding). Computed in fp32, returned in the input dtype.
     """
     k = x_BxTxHxK.shape[-1]
-    cos_TxR, sin_TxR = rope_angles(positions_T, k, theta)
-    cos_1xTx1xR, sin_1xTx1xR = cos_TxR[None, :, None, :], sin_TxR[None, :, None, :]
+    cos, sin = rope_angles(positions, k, theta)
+    cos_1xTx1xR = jnp.expand_dims(cos, -2) if cos.ndim == 3 else cos[None, :, None, :]
+    sin_1xTx1xR = jnp.expand_dims(sin, -2) if sin.ndim == 3 else sin[None, :, None, :]
     x = x_BxTxHxK.astype(jnp.float32)
     x1, x2 = x[..., : k // 2], x[..., k // 2:]
     out = jnp.concatenate(
         [x1 * cos_1xTx1xR - x2 * sin_1xTx1xR, x2 * cos_1xTx1xR + x1 * sin_1xTx1xR], axis=-1
     )
     return out.astype(x_BxTxHxK.dtype)
+
+
+def attention_bandwidth(num_heads: int, head_dim: int) -> Array:
+    """The scale ``1/sqrt(head_dim)`` of attention scores as a ``[heads]`` bandwidth."""
+    return jnp.full((num_heads,), 1.0 / jnp.sqrt(head_dim), jnp.float32)
 
 
 def causal_attention(
@@ -76,8 +84,7 @@ def causal_attention(
     Query ``t`` sees keys ``max(0, t + 1 - window) <= i <= t - skip`` with scores scaled by
     ``1/sqrt(K)``. Returns ``[B, T, H, V]``.
     """
-    h, dk = q_BxTxHxK.shape[2], q_BxTxHxK.shape[3]
-    bandwidth_H = jnp.full((h,), 1.0 / jnp.sqrt(dk), jnp.float32)
+    bandwidth_H = attention_bandwidth(q_BxTxHxK.shape[2], q_BxTxHxK.shape[3])
     return retrieve(
         k_BxTxHxK,
         v_BxTxHxV,
@@ -112,7 +119,9 @@ class AttentionHeads(nn.Module):
     impl: str = "auto"
 
     @nn.compact
-    def __call__(self, x_BxTxD: Array, *, skip=0) -> Array:
+    def __call__(self, x_BxTxD: Array, *, skip=0, step: DecodeStep | None = None) -> Array:
+        """``[B, T, D] -> [B, T, H, K]``; with ``step`` a cached call (an ordinary KV cache,
+        :mod:`mmjax.layers.cache`)."""
         d = x_BxTxD.shape[-1]
         shape = (d, self.num_heads, self.head_dim)
         names = ("embed", "heads", "head_dim")
@@ -126,10 +135,18 @@ class AttentionHeads(nn.Module):
                 y_BxTxHxK = y_BxTxHxK + jnp.asarray(b_HxK, self.dtype)
             qkv.append(y_BxTxHxK)
         q_BxTxHxK, k_BxTxHxK, v_BxTxHxK = qkv
+        t = x.shape[1]
+        positions = jnp.arange(t, dtype=jnp.int32) if step is None else step.query_positions(t)
         if self.rope_theta is not None:
-            positions_T = jnp.arange(x.shape[1], dtype=jnp.int32)
-            q_BxTxHxK = apply_rope(q_BxTxHxK, positions_T, self.rope_theta)
-            k_BxTxHxK = apply_rope(k_BxTxHxK, positions_T, self.rope_theta)
+            q_BxTxHxK = apply_rope(q_BxTxHxK, positions, self.rope_theta)
+            k_BxTxHxK = apply_rope(k_BxTxHxK, positions, self.rope_theta)
+        if step is not None:
+            bandwidth_H = attention_bandwidth(self.num_heads, self.head_dim)
+            return retrieve_with_cache(self, step, k_BxTxHxK, v_BxTxHxK, q_BxTxHxK,
+                                       query_offset=1, mask=MaskSpec(window=self.window,
+                                                                     skip=skip),
+                                       bandwidth=lambda _: bandwidth_H, ring=None,
+                                       impl=self.impl)
         return causal_attention(
             q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, window=self.window, skip=skip, impl=self.impl
         )
@@ -159,7 +176,8 @@ class CausalSelfAttention(nn.Module):
     impl: str = "auto"
 
     @nn.compact
-    def __call__(self, x_BxTxD: Array, *, deterministic: bool = True, skip=0) -> Array:
+    def __call__(self, x_BxTxD: Array, *, deterministic: bool = True, skip=0,
+                 step: DecodeStep | None = None) -> Array:
         d = x_BxTxD.shape[-1]
         head_dim = self.head_dim or per_head_dim(d, self.num_heads)
         y_BxTxHxK = AttentionHeads(
@@ -167,7 +185,7 @@ class CausalSelfAttention(nn.Module):
             rope_theta=self.rope_theta,
             use_bias=self.use_bias, init_std=self.init_std, dtype=self.dtype, impl=self.impl,
             name="heads",
-        )(x_BxTxD, skip=skip)
+        )(x_BxTxD, skip=skip, step=step)
         y_BxTxHxK = nn.Dropout(self.attention_dropout)(y_BxTxHxK, deterministic=deterministic)
         out_BxTxD = HeadOutput(features=d, use_bias=self.use_bias, init_std=self.out_init_std,
                                dtype=self.dtype, name="out")(y_BxTxHxK)

@@ -157,32 +157,34 @@ def check_remat(remat: str) -> None:
 
 
 class _ScanStep(nn.Module):
-    """One layer as a scan step: ``(x, long_term_skip) -> (x, None)``."""
+    """One layer as a scan step: ``(x, long_term_skip, step) -> (x, None)``."""
 
     block: Any  # a block class (possibly rematerialised)
     block_kwargs: Any  # its fields, as a tuple of (name, value)
     deterministic: bool
 
     @nn.compact
-    def __call__(self, x_BxTxD: Array, long_term_skip):
+    def __call__(self, x_BxTxD: Array, long_term_skip, step):
         block = self.block(**dict(self.block_kwargs), name="layer")
-        return block(x_BxTxD, self.deterministic, long_term_skip), None
+        return block(x_BxTxD, self.deterministic, long_term_skip, step), None
 
 
 def run_blocks(block_cls: type, x_BxTxD: Array, *, num_layers: int, deterministic: bool,
-               long_term_skip=None, scan: bool = False, remat: str = "none",
+               long_term_skip=None, step=None, scan: bool = False, remat: str = "none",
                **block_kwargs) -> Array:
     """Apply ``num_layers`` residual blocks ``block_cls(**block_kwargs)`` to ``x_BxTxD``.
 
     Call inside a model's ``nn.compact`` method. Blocks are called as
-    ``block(x, deterministic, long_term_skip)`` (``deterministic`` static).
+    ``block(x, deterministic, long_term_skip, step)`` (``deterministic`` static; ``step``: a
+    :class:`mmjax.layers.cache.DecodeStep` for a cached call, else ``None``).
 
     * ``scan=False``: ``block_0 .. block_{L-1}`` one after the other (the names
       :mod:`mmjax.convert` and :mod:`mmjax.flops` read).
     * ``scan=True``: one ``nn.scan`` over a ``blocks/layer`` whose parameters carry a leading
       ``[num_layers]`` axis (logical name ``"layers"``): the step is traced and compiled once,
       so compile time does not grow with depth. Same function as ``scan=False``, other
-      parameter layout.
+      parameter layout. Cache variables are stacked on axis 1 (``[batch, layers, ...]``), so
+      that the batch is axis 0 of every cache array whatever the layout.
     * ``remat``: a name of :data:`REMAT_POLICIES`; each block's activations are recomputed in
       the backward pass except what the policy saves.
     """
@@ -193,15 +195,15 @@ def run_blocks(block_cls: type, x_BxTxD: Array, *, num_layers: int, deterministi
     if not scan:
         for i in range(num_layers):
             x_BxTxD = block_cls(**block_kwargs, name=f"block_{i}")(x_BxTxD, deterministic,
-                                                                   long_term_skip)
+                                                                   long_term_skip, step)
         return x_BxTxD
-    scanned = nn.scan(_ScanStep, variable_axes={"params": 0}, split_rngs={"params": True,
-                                                                          "dropout": True},
+    scanned = nn.scan(_ScanStep, variable_axes={"params": 0, "cache": 1},
+                      split_rngs={"params": True, "dropout": True},
                       in_axes=nn.broadcast, length=num_layers,
                       metadata_params={nn.PARTITION_NAME: "layers"})
-    step = scanned(block=block_cls, block_kwargs=tuple(sorted(block_kwargs.items())),
-                   deterministic=deterministic, name="blocks")
-    x_BxTxD, _ = step(x_BxTxD, long_term_skip)
+    layers = scanned(block=block_cls, block_kwargs=tuple(sorted(block_kwargs.items())),
+                     deterministic=deterministic, name="blocks")
+    x_BxTxD, _ = layers(x_BxTxD, long_term_skip, step)
     return x_BxTxD
 
 

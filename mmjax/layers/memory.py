@@ -46,14 +46,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mmjax.layers.cache import DecodeStep, key_state, memory_step
 from mmjax.layers.common import HeadOutput, normal_init, retrieval_sharding, zeros_init
 from mmjax.ops import (
     EXP_PARAM_SCALE,
     MaskSpec,
     extract_values,
-    leaky_keys,
+    leaky_key_average,
     retrieval_weights,
     retrieve,
+    scaled_unit_keys,
 )
 
 Array = jax.Array
@@ -90,10 +92,16 @@ def head_projection(module: nn.Module, name: str, x_BxTxD: Array, *, num_heads: 
 
 def value_extractor(module: nn.Module, x_BxTxD: Array, *, num_heads: int, head_dim: int,
                     init_std: float, use_bias: bool = False, dtype=jnp.float32,
-                    param_dtype=jnp.float32) -> Array:
-    """The values of a v1 contextual memory or a v2 tier, with the parameters ``value``,
-    ``value_bias``, ``value_mix`` (``c_h ~ U(0, 1)``) and ``value_beta`` (``-0.05``) declared
-    on ``module``: :func:`mmjax.ops.extract_values` of ``u_t = W_v x_t (+ b_v)``."""
+                    param_dtype=jnp.float32) -> tuple[Array, Any]:
+    """The value extractor of a v1 contextual memory or a v2 tier, with the parameters
+    ``value``, ``value_bias``, ``value_mix`` (``c_h ~ U(0, 1)``) and ``value_beta``
+    (``-0.05``) declared on ``module``.
+
+    Returns:
+      ``(u, extract)``: the value inputs ``u_t = W_v x_t (+ b_v)`` ``[B, T, H, V]`` and
+      ``extract(u) -> values``, :func:`mmjax.ops.extract_values` with the parameters (apart,
+      because decoding completes a value with the next call's first input).
+    """
     u_BxTxHxV = head_projection(module, "value", x_BxTxD, num_heads=num_heads,
                                 head_dim=head_dim, init_std=init_std, use_bias=use_bias,
                                 dtype=dtype, param_dtype=param_dtype)
@@ -101,7 +109,7 @@ def value_extractor(module: nn.Module, x_BxTxD: Array, *, num_heads: int, head_d
                            param_dtype)
     value_beta_H = per_head_param(module, "value_beta", nn.initializers.constant(VALUE_BETA_INIT),
                                   num_heads, param_dtype)
-    return extract_values(u_BxTxHxV, mix_H, value_beta_H)
+    return u_BxTxHxV, lambda u: extract_values(u, mix_H, value_beta_H)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,7 +165,7 @@ class _MemoryUnit(nn.Module):
         c = self.config
         return per_head_param(self, name, init, c.num_heads, c.param_dtype)
 
-    def _keys(self, x_BxTxD: Array, power: int) -> Array:
+    def _keys(self, x_BxTxD: Array, power: int, step: DecodeStep | None) -> Array:
         c = self.config
         d, k = self._check_input(x_BxTxD)
         k_BxTxHxK = head_projection(self, "key", x_BxTxD, num_heads=c.num_heads, head_dim=k,
@@ -167,7 +175,10 @@ class _MemoryUnit(nn.Module):
         leaky_key_beta = self._heads_param("leaky_key_beta", leaky_key_beta_init)
         kernel_beta = self._heads_param("kernel_beta",
                                         nn.initializers.constant(1.0 / EXP_PARAM_SCALE))
-        return leaky_keys(k_BxTxHxK, leaky_key_beta, kernel_beta, power).astype(c.dtype)
+        kbar_BxTxHxK = key_state(
+            self, step, lambda init: leaky_key_average(k_BxTxHxK, leaky_key_beta, init),
+            (x_BxTxD.shape[0], c.num_heads, k))
+        return scaled_unit_keys(kbar_BxTxHxK, kernel_beta, power).astype(c.dtype)
 
     def _output(self, y_BxTxHxV: Array, deterministic: bool) -> Array:
         c = self.config
@@ -185,15 +196,24 @@ class ContextualMemory(_MemoryUnit):
     """
 
     @nn.compact
-    def __call__(self, x_BxTxD: Array, *, deterministic: bool = True) -> Array:
-        """``[batch, time, embed] -> [batch, time, embed]``."""
+    def __call__(self, x_BxTxD: Array, *, deterministic: bool = True,
+                 step: DecodeStep | None = None) -> Array:
+        """``[batch, time, embed] -> [batch, time, embed]`` (with ``step``: a cached call,
+        :mod:`mmjax.layers.cache`)."""
         c = self.config
         d, kdim = self._check_input(x_BxTxD)
-        k_BxTxHxK = self._keys(x_BxTxD, power=1)
-        v_BxTxHxV = value_extractor(self, x_BxTxD, num_heads=c.num_heads, head_dim=kdim,
-                                    init_std=self._init_std(d, c.init_std),
-                                    use_bias=c.use_bias, dtype=c.dtype,
-                                    param_dtype=c.param_dtype)
+        k_BxTxHxK = self._keys(x_BxTxD, power=1, step=step)
+        u_BxTxHxV, extract = value_extractor(self, x_BxTxD, num_heads=c.num_heads,
+                                             head_dim=kdim,
+                                             init_std=self._init_std(d, c.init_std),
+                                             use_bias=c.use_bias, dtype=c.dtype,
+                                             param_dtype=c.param_dtype)
+        if step is not None:
+            y_BxTxHxV = memory_step(self, step, keys_BxCxHxK=k_BxTxHxK, u_BxCxHxV=u_BxTxHxV,
+                                    extract=extract, mask=MaskSpec(),
+                                    bandwidth=lambda _: None, ring=None, impl=c.impl)
+            return self._output(y_BxTxHxV, deterministic)
+        v_BxTxHxV = extract(u_BxTxHxV)
         y_BxTxHxV = retrieve(k_BxTxHxK, v_BxTxHxV, mask=MaskSpec(), impl=c.impl,
                              sharding=retrieval_sharding())
         self.sow("intermediates", "keys", k_BxTxHxK)
@@ -211,8 +231,10 @@ class PersistentMemory(_MemoryUnit):
     """
 
     @nn.compact
-    def __call__(self, x_BxTxD: Array, *, deterministic: bool = True) -> Array:
-        """``[batch, time, embed] -> [batch, time, embed]``."""
+    def __call__(self, x_BxTxD: Array, *, deterministic: bool = True,
+                 step: DecodeStep | None = None) -> Array:
+        """``[batch, time, embed] -> [batch, time, embed]`` (with ``step``: a cached call;
+        only the key state is cached, the slots are parameters)."""
         c = self.config
         _, kdim = self._check_input(x_BxTxD)
         if c.pmem_size < 1 or c.pmem_count < 1:
@@ -221,7 +243,7 @@ class PersistentMemory(_MemoryUnit):
             )
         b, t, _ = x_BxTxD.shape
         h, s, p = c.num_heads, c.pmem_size, c.pmem_count
-        k_BxTxHxK = self._keys(x_BxTxD, power=2)
+        k_BxTxHxK = self._keys(x_BxTxD, power=2, step=step)
         shape = (p, s, h, kdim)
         names = ("banks", "slots", "heads", "head_dim")
         mk_PxSxHxK = self.param("memory_keys", normal_init(kdim**-0.5, names), shape,

@@ -3,7 +3,7 @@
 "Memory Mosaics at Scale" (Zhang & Bottou, arXiv 2507.03285) has no public code; this is
 its reference implementation in mmjax. Formulas from the paper (``docs/architecture.md``),
 then every choice the paper leaves open, marked CHOICE. The math is pure functions in
-:mod:`mmjax.ops` (:func:`~mmjax.ops.gated_keys`, :func:`~mmjax.ops.extract_values`,
+:mod:`mmjax.ops` (:func:`~mmjax.ops.gated_key_average`, :func:`~mmjax.ops.extract_values`,
 :func:`~mmjax.ops.tier_bandwidth`, :func:`~mmjax.ops.tier_masks`); the modules here own the
 parameters.
 
@@ -79,12 +79,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mmjax.layers.cache import DecodeStep, key_state, memory_step
 from mmjax.layers.common import HeadOutput, normal_init, retrieval_sharding
 from mmjax.layers.memory import head_projection, per_head_param, value_extractor
 from mmjax.ops import (
     bandwidth_parameters,
-    gated_keys,
+    gated_key_average,
     inverse_bandwidth_parameters,
+    l2_normalize,
     retrieve,
     tier_bandwidth,
     tier_masks,
@@ -124,13 +126,15 @@ class MemoryTier(nn.Module):
     """One associative-memory tier of ``H`` heads: ``[B, T, D] -> [B, T, H, K]`` head outputs.
 
     ``mask`` (a :class:`mmjax.ops.MaskSpec`, from :func:`mmjax.ops.tier_masks`) says which
-    pairs the tier sees; its skip may be a traced scalar.
+    pairs the tier sees; its skip may be a traced scalar. With ``step`` (a cached call,
+    :mod:`mmjax.layers.cache`) a windowed tier keeps its pairs in a ring buffer of ``window``
+    slots, the others in a linear buffer.
     """
 
     config: MemoryConfig
 
     @nn.compact
-    def __call__(self, x_BxTxD: Array, *, mask) -> Array:
+    def __call__(self, x_BxTxD: Array, *, mask, step: DecodeStep | None = None) -> Array:
         c = self.config
         if c.gate_cap <= 0:
             raise ValueError(f"gate_cap must be > 0, got {c.gate_cap}")
@@ -144,15 +148,26 @@ class MemoryTier(nn.Module):
             w_DxH = self.param(name, normal_init(d ** -0.5, ("embed", "heads")), (d, h))
             return jnp.einsum("btd,dh->bth", x, jnp.asarray(w_DxH, c.dtype))
 
-        k_BxTxHxK = gated_keys(project("key"), gate("gate"), gate("decay"), c.gate_cap)
-        v_BxTxHxK = value_extractor(self, x, num_heads=h, head_dim=k, init_std=c.init_std,
-                                    dtype=c.dtype)
+        k_proj, gate_logit, decay_logit = project("key"), gate("gate"), gate("decay")
+        kbar_BxTxHxK = key_state(
+            self, step,
+            lambda init: gated_key_average(k_proj, gate_logit, decay_logit, c.gate_cap, init),
+            (x.shape[0], h, k))
+        k_BxTxHxK = l2_normalize(kbar_BxTxHxK).astype(c.dtype)
+        u_BxTxHxK, extract = value_extractor(self, x, num_heads=h, head_dim=k,
+                                             init_std=c.init_std, dtype=c.dtype)
         raw = inverse_bandwidth_parameters(*c.bandwidth_init)
         p0_H, p1_H, pa_H = (per_head_param(self, name, nn.initializers.constant(value), h,
                                            jnp.float32)
                             for name, value in zip(("beta0", "beta1", "alpha"), raw, strict=True))
-        beta_TxH = tier_bandwidth(x.shape[1], mask, *bandwidth_parameters(p0_H, p1_H, pa_H))
-        return retrieve(k_BxTxHxK.astype(c.dtype), v_BxTxHxK, bandwidth=beta_TxH, mask=mask,
+        beta = bandwidth_parameters(p0_H, p1_H, pa_H)
+        if step is not None:
+            return memory_step(self, step, keys_BxCxHxK=k_BxTxHxK, u_BxCxHxV=u_BxTxHxK,
+                               extract=extract, mask=mask,
+                               bandwidth=lambda pos: tier_bandwidth(pos, mask, *beta),
+                               ring=mask.window, impl=c.impl)
+        beta_TxH = tier_bandwidth(jnp.arange(x.shape[1]), mask, *beta)
+        return retrieve(k_BxTxHxK, extract(u_BxTxHxK), bandwidth=beta_TxH, mask=mask,
                         impl=c.impl, sharding=retrieval_sharding())
 
 
@@ -165,12 +180,14 @@ class ThreeTierMemory(nn.Module):
     config: MemoryConfig
 
     @nn.compact
-    def __call__(self, x_BxTxD: Array, *, deterministic: bool, long_term_skip) -> Array:
+    def __call__(self, x_BxTxD: Array, *, deterministic: bool, long_term_skip,
+                 step: DecodeStep | None = None) -> Array:
         c = self.config
         short_mask, long_mask = tier_masks(c.short_term_window, long_term_skip)
-        heads = [MemoryTier(config=c, name="short_term")(x_BxTxD, mask=short_mask)]
+        heads = [MemoryTier(config=c, name="short_term")(x_BxTxD, mask=short_mask, step=step)]
         if c.long_term:
-            heads.append(MemoryTier(config=c, name="long_term")(x_BxTxD, mask=long_mask))
+            heads.append(MemoryTier(config=c, name="long_term")(x_BxTxD, mask=long_mask,
+                                                                step=step))
         y_BxTxGxK = jnp.concatenate(heads, axis=2)
         y_BxTxGxK = nn.Dropout(c.dropout_rate)(y_BxTxGxK, deterministic=deterministic)
         return HeadOutput(features=x_BxTxD.shape[-1], init_std=c.out_init_std, dtype=c.dtype,

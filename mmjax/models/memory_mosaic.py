@@ -40,15 +40,16 @@ class MemoryMosaicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x_BxTxD: Array, deterministic: bool = True,
-                 long_term_skip=None) -> Array:
+                 long_term_skip=None, step=None) -> Array:
         del long_term_skip  # v1 has no long-term tier; the argument keeps one block signature
         c = self.config
         norm = lambda name: layer_norm(name, use_bias=c.use_bias, dtype=c.dtype,
                                        param_dtype=c.param_dtype)
         mixer = ContextualMemory(config=c, name="mixer")
-        x_BxTxD = x_BxTxD + mixer(norm("norm_1")(x_BxTxD), deterministic=deterministic)
+        x_BxTxD = x_BxTxD + mixer(norm("norm_1")(x_BxTxD), deterministic=deterministic,
+                                  step=step)
         ffn = PersistentMemory(config=c, name="ffn")
-        return x_BxTxD + ffn(norm("norm_2")(x_BxTxD), deterministic=deterministic)
+        return x_BxTxD + ffn(norm("norm_2")(x_BxTxD), deterministic=deterministic, step=step)
 
 
 @register("memory_mosaic")
@@ -114,9 +115,10 @@ class MemoryMosaic(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids_BxT: Array, deterministic: bool = True,
-                 return_head: bool = False):
+                 return_head: bool = False, step=None):
         """Integer ``[batch, time]`` token ids -> fp32 logits ``[batch, time, vocab]`` (with
-        ``return_head``: :meth:`mmjax.layers.common.TokenEmbedding.output`)."""
+        ``return_head``: :meth:`mmjax.layers.common.TokenEmbedding.output`; with ``step``, a
+        cached call: :mod:`mmjax.layers.cache`)."""
         self._check_fields()
         check_input_ids(input_ids_BxT)
         config = self.unit_config()
@@ -126,7 +128,7 @@ class MemoryMosaic(nn.Module):
                                param_dtype=config.param_dtype, name="embedding")
         x_BxTxD = embed(input_ids_BxT)
         x_BxTxD = run_blocks(MemoryMosaicBlock, x_BxTxD, num_layers=self.num_layers,
-                             deterministic=deterministic, scan=self.scan_layers,
+                             deterministic=deterministic, step=step, scan=self.scan_layers,
                              remat=self.remat, config=config)
         x_BxTxD = layer_norm("final_norm", use_bias=self.use_bias, dtype=config.dtype,
                              param_dtype=config.param_dtype)(x_BxTxD)

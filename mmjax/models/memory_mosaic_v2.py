@@ -54,12 +54,13 @@ class MemoryMosaicV2Block(nn.Module):
     norm_eps: float = 1e-5
 
     @nn.compact
-    def __call__(self, x_BxTxD: Array, deterministic: bool, long_term_skip) -> Array:
+    def __call__(self, x_BxTxD: Array, deterministic: bool, long_term_skip,
+                 step=None) -> Array:
         c = self.memory
         norm = lambda name: rms_norm(name, eps=self.norm_eps, dtype=c.dtype)
         mixer = ThreeTierMemory(config=c, name="mixer")
         x_BxTxD = x_BxTxD + mixer(norm("norm_1")(x_BxTxD), deterministic=deterministic,
-                                  long_term_skip=long_term_skip)
+                                  long_term_skip=long_term_skip, step=step)
         ffn = SwiGLU(hidden_dim=self.mlp_dim, dropout_rate=c.dropout_rate,
                      init_std=c.init_std, out_init_std=c.out_init_std, dtype=c.dtype,
                      name="ffn")
@@ -102,7 +103,7 @@ class MemoryMosaicV2(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids: Array, deterministic: bool = True,
-                 long_term_skip=None, return_head: bool = False):
+                 long_term_skip=None, return_head: bool = False, step=None):
         check_input_ids(input_ids)
         validate_skip_schedule(self.short_term_window, tuple(self.long_term_skip_range),
                                self.inference_long_term_skip)
@@ -114,7 +115,7 @@ class MemoryMosaicV2(nn.Module):
         skip = resolve_long_term_skip(self, long_term_skip, deterministic,
                                       self.long_term_skip_range, self.inference_long_term_skip)
         x_BxTxD = run_blocks(MemoryMosaicV2Block, x_BxTxD, num_layers=self.num_layers,
-                             deterministic=deterministic, long_term_skip=skip,
+                             deterministic=deterministic, long_term_skip=skip, step=step,
                              scan=self.scan_layers, remat=self.remat, memory=memory,
                              mlp_dim=self.mlp_dim, norm_eps=self.norm_eps)
         x_BxTxD = rms_norm("final_norm", eps=self.norm_eps, dtype=memory.dtype)(x_BxTxD)

@@ -68,14 +68,16 @@ class GPT2Block(nn.Module):
     impl: str
 
     @nn.compact
-    def __call__(self, x_BxTxD: Array, deterministic: bool, long_term_skip=None) -> Array:
+    def __call__(self, x_BxTxD: Array, deterministic: bool, long_term_skip=None,
+                 step=None) -> Array:
         del long_term_skip  # one block signature for every model
         norm = lambda name: layer_norm(name, use_bias=self.use_bias, dtype=self.dtype)
         attn = CausalSelfAttention(
             num_heads=self.num_heads, attention_dropout=self.dropout_rate,
             residual_dropout=self.dropout_rate, use_bias=self.use_bias,
             out_init_std=self.out_init_std, dtype=self.dtype, impl=self.impl, name="mixer")
-        x_BxTxD = x_BxTxD + attn(norm("norm_1")(x_BxTxD), deterministic=deterministic)
+        x_BxTxD = x_BxTxD + attn(norm("norm_1")(x_BxTxD), deterministic=deterministic,
+                                 step=step)
         mlp = MLP(hidden_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
                   use_bias=self.use_bias, out_init_std=self.out_init_std, dtype=self.dtype,
                   name="ffn")
@@ -103,7 +105,7 @@ class GPT2(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids: Array, deterministic: bool = True,
-                 return_head: bool = False):
+                 return_head: bool = False, step=None):
         check_input_ids(input_ids, self.context_length)
         per_head_dim(self.embed_dim, self.num_heads)
         dtype = jnp.dtype(self.dtype)
@@ -111,12 +113,18 @@ class GPT2(nn.Module):
                                tie_embeddings=True, dtype=dtype, name="embedding")
         wpe = self.param("wpe", normal_init(0.02, (None, "embed")),
                          (self.context_length, self.embed_dim))
-        x_BxTxD = embed(input_ids) + jnp.asarray(wpe[: input_ids.shape[1]], dtype)[None]
+        t = input_ids.shape[1]
+        if step is None:
+            pos_embed = wpe[:t][None]
+        else:  # [C, D] or [B, C, D]; positions past the table are the caller's to refuse
+            pos_embed = jnp.take(wpe, step.query_positions(t), axis=0, mode="clip")
+            pos_embed = pos_embed if pos_embed.ndim == 3 else pos_embed[None]
+        x_BxTxD = embed(input_ids) + jnp.asarray(pos_embed, dtype)
         x_BxTxD = nn.Dropout(self.dropout_rate)(x_BxTxD, deterministic=deterministic)
         out_std = 0.02 / math.sqrt(2 * self.num_layers)
         x_BxTxD = run_blocks(
             GPT2Block, x_BxTxD, num_layers=self.num_layers, deterministic=deterministic,
-            scan=self.scan_layers, remat=self.remat, num_heads=self.num_heads,
+            step=step, scan=self.scan_layers, remat=self.remat, num_heads=self.num_heads,
             mlp_dim=self.mlp_ratio * self.embed_dim, dropout_rate=self.dropout_rate,
             use_bias=self.use_bias, out_init_std=out_std, dtype=dtype, impl=self.impl)
         x_BxTxD = layer_norm("final_norm", use_bias=self.use_bias, dtype=dtype)(x_BxTxD)
@@ -144,7 +152,8 @@ class ShortLongAttention(nn.Module):
     impl: str = "auto"
 
     @nn.compact
-    def __call__(self, x_BxTxD: Array, *, deterministic: bool, long_term_skip) -> Array:
+    def __call__(self, x_BxTxD: Array, *, deterministic: bool, long_term_skip,
+                 step=None) -> Array:
         short_mask, long_mask = tier_masks(self.short_term_window, long_term_skip)
 
         def heads(mask, name):
@@ -153,8 +162,8 @@ class ShortLongAttention(nn.Module):
                                   init_std=self.init_std, dtype=self.dtype, impl=self.impl,
                                   name=name)
 
-        short_BxTxHxK = heads(short_mask, "short_term")(x_BxTxD)
-        long_BxTxHxK = heads(long_mask, "long_term")(x_BxTxD, skip=long_mask.skip)
+        short_BxTxHxK = heads(short_mask, "short_term")(x_BxTxD, step=step)
+        long_BxTxHxK = heads(long_mask, "long_term")(x_BxTxD, skip=long_mask.skip, step=step)
         y_BxTxGxK = jnp.concatenate([short_BxTxHxK, long_BxTxHxK], axis=2)
         y_BxTxGxK = nn.Dropout(self.dropout_rate)(y_BxTxGxK, deterministic=deterministic)
         return HeadOutput(features=x_BxTxD.shape[-1], init_std=self.out_init_std,
@@ -174,7 +183,8 @@ class LlamaBlock(nn.Module):
     short_term_window: int | None = None  # set: the separate short/long ablation
 
     @nn.compact
-    def __call__(self, x_BxTxD: Array, deterministic: bool, long_term_skip=None) -> Array:
+    def __call__(self, x_BxTxD: Array, deterministic: bool, long_term_skip=None,
+                 step=None) -> Array:
         d = x_BxTxD.shape[-1]
         norm = lambda name: rms_norm(name, eps=self.norm_eps, dtype=self.dtype)
         h_BxTxD = norm("norm_1")(x_BxTxD)
@@ -183,14 +193,15 @@ class LlamaBlock(nn.Module):
                 num_heads=self.num_heads, rope_theta=self.rope_theta,
                 attention_dropout=self.dropout_rate, init_std=self.init_std,
                 out_init_std=self.out_init_std, dtype=self.dtype, impl=self.impl, name="mixer")
-            h_BxTxD = mixer(h_BxTxD, deterministic=deterministic)
+            h_BxTxD = mixer(h_BxTxD, deterministic=deterministic, step=step)
         else:
             mixer = ShortLongAttention(
                 num_heads=self.num_heads, head_dim=per_head_dim(d, self.num_heads),
                 short_term_window=self.short_term_window, rope_theta=self.rope_theta,
                 dropout_rate=self.dropout_rate, init_std=self.init_std,
                 out_init_std=self.out_init_std, dtype=self.dtype, impl=self.impl, name="mixer")
-            h_BxTxD = mixer(h_BxTxD, deterministic=deterministic, long_term_skip=long_term_skip)
+            h_BxTxD = mixer(h_BxTxD, deterministic=deterministic, long_term_skip=long_term_skip,
+                            step=step)
         x_BxTxD = x_BxTxD + h_BxTxD
         ffn = SwiGLU(hidden_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
                      init_std=self.init_std, out_init_std=self.out_init_std, dtype=self.dtype,
@@ -231,7 +242,7 @@ class Llama(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids: Array, deterministic: bool = True,
-                 long_term_skip=None, return_head: bool = False):
+                 long_term_skip=None, return_head: bool = False, step=None):
         check_input_ids(input_ids)
         per_head_dim(self.embed_dim, self.num_heads)
         dtype = jnp.dtype(self.dtype)
@@ -243,7 +254,7 @@ class Llama(nn.Module):
         out_std = self.init_std / math.sqrt(2 * self.num_layers)
         x_BxTxD = run_blocks(
             LlamaBlock, x_BxTxD, num_layers=self.num_layers, deterministic=deterministic,
-            long_term_skip=skip, scan=self.scan_layers, remat=self.remat,
+            long_term_skip=skip, step=step, scan=self.scan_layers, remat=self.remat,
             num_heads=self.num_heads, mlp_dim=self.mlp_dim, rope_theta=self.rope_theta,
             norm_eps=self.norm_eps, dropout_rate=self.dropout_rate, init_std=self.init_std,
             out_init_std=out_std, dtype=dtype, impl=self.impl, **self._block_kwargs())

@@ -22,19 +22,25 @@ EXP_PARAM_SCALE = 10.0
 KERNEL_BETA_MAX = 5.0
 
 
-def linear_recurrence(decay_BxTxHx1: Array, inputs_BxTxHxK: Array) -> Array:
-    """``h_t = decay_t * h_{t-1} + inputs_t`` along axis 1, with ``h_{-1} = 0``.
+def linear_recurrence(decay_BxTxHx1: Array, inputs_BxTxHxK: Array,
+                      initial_BxHxK: Array | None = None) -> Array:
+    """``h_t = decay_t * h_{t-1} + inputs_t`` along axis 1, with ``h_{-1} = initial`` (0).
 
     Args:
       decay_BxTxHx1: per-step multipliers, broadcastable to ``inputs`` (e.g. ``[1, T, H, 1]``
         or ``[B, T, H, 1]``).
       inputs_BxTxHxK: the driving terms.
+      initial_BxHxK: the state before the first step (decoding carries it from one chunk to
+        the next); ``None`` is 0.
     Returns:
       ``[batch, time, heads, dim]`` in fp32 (the scan runs in fp32 whatever the input dtype).
     """
     chex.assert_rank([decay_BxTxHx1, inputs_BxTxHxK], 4)
     b = inputs_BxTxHxK.astype(jnp.float32)
     a = jnp.broadcast_to(decay_BxTxHx1.astype(jnp.float32), b.shape)
+    if initial_BxHxK is not None:
+        chex.assert_shape(initial_BxHxK, (b.shape[0],) + b.shape[2:])
+        b = b.at[:, 0].add(a[:, 0] * initial_BxHxK.astype(jnp.float32))
 
     def combine(left, right):
         a_l, b_l = left
@@ -44,7 +50,8 @@ def linear_recurrence(decay_BxTxHx1: Array, inputs_BxTxHxK: Array) -> Array:
     return jax.lax.associative_scan(combine, (a, b), axis=1)[1]
 
 
-def leaky_average(x_BxTxHxK: Array, decay_H: Array) -> Array:
+def leaky_average(x_BxTxHxK: Array, decay_H: Array,
+                  initial_BxHxK: Array | None = None) -> Array:
     """Per-head exponential moving average (v1 key extractor).
 
     ``kbar_t = decay_h * kbar_{t-1} + (1 - decay_h) * x_t`` with ``decay_h = exp(-lam_h)``.
@@ -53,6 +60,7 @@ def leaky_average(x_BxTxHxK: Array, decay_H: Array) -> Array:
     Args:
       x_BxTxHxK: ``[batch, time, heads, dim]``.
       decay_H: ``[heads]`` in (0, 1].
+      initial_BxHxK: ``kbar_{-1}`` (default 0).
     Returns:
       fp32 ``[batch, time, heads, dim]``.
     """
@@ -60,23 +68,26 @@ def leaky_average(x_BxTxHxK: Array, decay_H: Array) -> Array:
     chex.assert_shape(decay_H, (x_BxTxHxK.shape[2],))
     decay_H = decay_H.astype(jnp.float32)
     gain_1x1xHx1 = (1.0 - decay_H)[None, None, :, None]
-    return linear_recurrence(decay_H[None, None, :, None], gain_1x1xHx1 * x_BxTxHxK)
+    return linear_recurrence(decay_H[None, None, :, None], gain_1x1xHx1 * x_BxTxHxK,
+                             initial_BxHxK)
 
 
-def gated_leaky_average(x_BxTxHxK: Array, gate_BxTxH: Array, decay_BxTxH: Array) -> Array:
+def gated_leaky_average(x_BxTxHxK: Array, gate_BxTxH: Array, decay_BxTxH: Array,
+                        initial_BxHxK: Array | None = None) -> Array:
     """Time-varying leaky average (v2 key extractor): ``kbar_t = g_t x_t + lam_t kbar_{t-1}``.
 
     Args:
       x_BxTxHxK: ``[batch, time, heads, dim]``.
       gate_BxTxH: input gates ``g_t`` (one per head and step).
       decay_BxTxH: forget factors ``lam_t`` in (0, 1].
+      initial_BxHxK: ``kbar_{-1}`` (default 0).
     Returns:
       fp32 ``[batch, time, heads, dim]``.
     """
     chex.assert_rank(x_BxTxHxK, 4)
     chex.assert_shape([gate_BxTxH, decay_BxTxH], x_BxTxHxK.shape[:3])
     inputs = gate_BxTxH.astype(jnp.float32)[..., None] * x_BxTxHxK.astype(jnp.float32)
-    return linear_recurrence(decay_BxTxH[..., None], inputs)
+    return linear_recurrence(decay_BxTxH[..., None], inputs, initial_BxHxK)
 
 
 def peek_ahead_values(u_BxTxHxV: Array, mix_H: Array) -> Array:
@@ -120,26 +131,37 @@ def key_scale(kernel_beta_H: Array, power: int) -> Array:
     return s**power
 
 
+def leaky_key_average(k_BxTxHxK: Array, leaky_key_beta_H: Array,
+                      initial_BxHxK: Array | None = None) -> Array:
+    """The v1 key state ``kbar_t = e^{-lam_h} kbar_{t-1} + (1 - e^{-lam_h}) k~_t`` with
+    ``lam_h = 10 |leaky_key_beta_h|``, from ``kbar_{-1} = initial`` (default 0); fp32."""
+    chex.assert_shape(leaky_key_beta_H, (k_BxTxHxK.shape[2],))
+    decay_H = jnp.exp(-EXP_PARAM_SCALE * jnp.abs(leaky_key_beta_H.astype(jnp.float32)))
+    return leaky_average(k_BxTxHxK, decay_H, initial_BxHxK)
+
+
+def scaled_unit_keys(kbar_BxTxHxK: Array, kernel_beta_H: Array, power: int) -> Array:
+    """v1 keys from the key state: ``k_t = kbar_t / |kbar_t| * key_scale`` (fp32)."""
+    chex.assert_shape(kernel_beta_H, (kbar_BxTxHxK.shape[2],))
+    return l2_normalize(kbar_BxTxHxK) * key_scale(kernel_beta_H, power)[:, None]
+
+
 def leaky_keys(k_BxTxHxK: Array, leaky_key_beta_H: Array, kernel_beta_H: Array,
                power: int) -> Array:
-    """v1 keys from projected inputs ``k~_t = W_k x_t``: leaky average, unit norm, key scale.
-
-    ``kbar_t = e^{-lam_h} kbar_{t-1} + (1 - e^{-lam_h}) k~_t`` with
-    ``lam_h = 10 |leaky_key_beta_h|``, then ``k_t = kbar_t / |kbar_t| * key_scale``.
+    """v1 keys from projected inputs ``k~_t = W_k x_t``: leaky average, unit norm, key scale
+    (:func:`leaky_key_average` then :func:`scaled_unit_keys`).
 
     Returns:
       fp32 ``[batch, time, heads, dim]``.
     """
     chex.assert_rank(k_BxTxHxK, 4)
-    chex.assert_shape([leaky_key_beta_H, kernel_beta_H], (k_BxTxHxK.shape[2],))
-    decay_H = jnp.exp(-EXP_PARAM_SCALE * jnp.abs(leaky_key_beta_H.astype(jnp.float32)))
-    kbar_BxTxHxK = leaky_average(k_BxTxHxK, decay_H)
-    return l2_normalize(kbar_BxTxHxK) * key_scale(kernel_beta_H, power)[:, None]
+    return scaled_unit_keys(leaky_key_average(k_BxTxHxK, leaky_key_beta_H), kernel_beta_H,
+                            power)
 
 
-def gated_keys(k_BxTxHxK: Array, gate_logit_BxTxH: Array, decay_logit_BxTxH: Array,
-               gate_cap: float) -> Array:
-    """v2 unit keys from the gated recurrence ``kbar_t = g_t k~_t + lam_t kbar_{t-1}``.
+def gated_key_average(k_BxTxHxK: Array, gate_logit_BxTxH: Array, decay_logit_BxTxH: Array,
+                      gate_cap: float, initial_BxHxK: Array | None = None) -> Array:
+    """The v2 key state ``kbar_t = g_t k~_t + lam_t kbar_{t-1}`` from ``kbar_{-1} = initial``.
 
     Args:
       k_BxTxHxK: projected keys ``k~_t = W_k x_t``.
@@ -147,15 +169,24 @@ def gated_keys(k_BxTxHxK: Array, gate_logit_BxTxH: Array, decay_logit_BxTxH: Arr
         (the soft cap keeps ``e^-cap <= g_t <= e^cap``, see ``docs/architecture.md``).
       decay_logit_BxTxH: ``W_lam x_t``; ``lam_t = exp(-|W_lam x_t|)``.
       gate_cap: bound on ``|log g_t|`` (> 0).
+      initial_BxHxK: the state before the first step (default 0).
     Returns:
-      fp32 ``[B, T, H, K]``, unit norm (0 where ``kbar_t = 0``).
+      fp32 ``[B, T, H, K]``.
     """
     if gate_cap <= 0:
         raise ValueError(f"gate_cap must be > 0, got {gate_cap}")
     z = gate_logit_BxTxH.astype(jnp.float32)
     gate_BxTxH = jnp.exp(gate_cap * jnp.tanh(z / gate_cap))
     decay_BxTxH = jnp.exp(-jnp.abs(decay_logit_BxTxH.astype(jnp.float32)))
-    return l2_normalize(gated_leaky_average(k_BxTxHxK, gate_BxTxH, decay_BxTxH))
+    return gated_leaky_average(k_BxTxHxK, gate_BxTxH, decay_BxTxH, initial_BxHxK)
+
+
+def gated_keys(k_BxTxHxK: Array, gate_logit_BxTxH: Array, decay_logit_BxTxH: Array,
+               gate_cap: float) -> Array:
+    """v2 unit keys ``k_t = kbar_t / |kbar_t|`` of :func:`gated_key_average` (0 where
+    ``kbar_t = 0``); fp32 ``[B, T, H, K]``."""
+    return l2_normalize(gated_key_average(k_BxTxHxK, gate_logit_BxTxH, decay_logit_BxTxH,
+                                          gate_cap))
 
 
 def extract_values(u_BxTxHxV: Array, mix_H: Array, value_beta_H: Array) -> Array:

@@ -50,31 +50,32 @@ def inverse_bandwidth_parameters(beta0: float, beta1: float, alpha: float):
     return softplus_inv(beta0), softplus_inv(beta1 - BETA1_FLOOR), math.log(a / (1.0 - a))
 
 
-def adaptive_bandwidth(count_Q: Array, beta0_H: Array, beta1_H: Array, alpha_H: Array) -> Array:
-    """``beta_t = beta1 * n_t^alpha + beta0`` as fp32 ``[Q, H]`` (``n^alpha = 0`` at ``n = 0``).
+def adaptive_bandwidth(count: Array, beta0_H: Array, beta1_H: Array, alpha_H: Array) -> Array:
+    """``beta_t = beta1 * n_t^alpha + beta0`` as fp32 ``[..., H]`` (``n^alpha = 0`` at ``n = 0``).
 
     Args:
-      count_Q: visible counts ``n_t`` (integers >= 0), e.g. from :func:`visible_count`.
+      count: visible counts ``n_t`` (integers >= 0, any shape, e.g. ``[Q]`` or ``[B, Q]``),
+        e.g. from :func:`visible_count`.
       beta0_H, beta1_H, alpha_H: per-head constrained parameters
         (:func:`bandwidth_parameters`).
     Returns:
-      fp32 ``[Q, H]``, ready for ``retrieve(..., bandwidth=...)``.
+      fp32 ``count.shape + [H]``, ready for ``retrieve(..., bandwidth=...)``.
     """
-    chex.assert_rank(count_Q, 1)
     chex.assert_equal_shape([beta0_H, beta1_H, alpha_H])
     chex.assert_rank(beta0_H, 1)
-    n_Qx1 = count_Q.astype(jnp.float32)[:, None]
-    log_n_Qx1 = jnp.log(jnp.maximum(n_Qx1, 1.0))  # safe: no -inf * 0 in the gradient
-    power_QxH = jnp.where(n_Qx1 > 0, jnp.exp(alpha_H[None, :] * log_n_Qx1), 0.0)
-    return beta1_H[None, :] * power_QxH + beta0_H[None, :]
+    n_x1 = jnp.asarray(count).astype(jnp.float32)[..., None]
+    log_n_x1 = jnp.log(jnp.maximum(n_x1, 1.0))  # safe: no -inf * 0 in the gradient
+    power = jnp.where(n_x1 > 0, jnp.exp(alpha_H * log_n_x1), 0.0)
+    return beta1_H * power + beta0_H
 
 
-def tier_bandwidth(q_time: int, mask: MaskSpec, beta0_H: Array, beta1_H: Array,
+def tier_bandwidth(query_positions: Array, mask: MaskSpec, beta0_H: Array, beta1_H: Array,
                    alpha_H: Array) -> Array:
-    """The adaptive bandwidth ``[q_time, H]`` of a memory whose queries sit at ``0..q_time-1``
-    and see the pairs ``mask`` lets through."""
-    count_Q = visible_count(jnp.arange(q_time), window=mask.window, skip=mask.skip)
-    return adaptive_bandwidth(count_Q, beta0_H, beta1_H, alpha_H)
+    """The adaptive bandwidth ``query_positions.shape + [H]`` of a memory whose queries sit at
+    the absolute positions ``query_positions`` (``arange(T)`` in training; a chunk or one
+    step per row when decoding) and see the pairs ``mask`` lets through."""
+    count = visible_count(query_positions, window=mask.window, skip=mask.skip)
+    return adaptive_bandwidth(count, beta0_H, beta1_H, alpha_H)
 
 
 def tier_masks(short_term_window: int, long_term_skip) -> tuple[MaskSpec, MaskSpec]:

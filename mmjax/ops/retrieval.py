@@ -125,10 +125,14 @@ def visible_count(t: Array, window=None, skip=0) -> Array:
 
 
 def visible_mask(q_pos: Array, k_pos: Array, mask: MaskSpec) -> Array:
-    """Boolean ``[q, k]`` visibility of keys at ``k_pos`` for queries at ``q_pos``."""
-    q = q_pos[:, None]
-    k = k_pos[None, :]
-    return (k <= q - 1 - mask.skip_scalar()) & (k >= q - mask.window_scalar())
+    """Boolean ``[..., q, k]`` visibility of keys at ``k_pos [..., k]`` for queries at
+    ``q_pos [..., q]`` (leading axes broadcast, e.g. one row of positions per batch row).
+
+    A negative key position marks an empty cache slot: never visible.
+    """
+    q = q_pos[..., :, None]
+    k = k_pos[..., None, :]
+    return (k <= q - 1 - mask.skip_scalar()) & (k >= q - mask.window_scalar()) & (k >= 0)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -349,18 +353,60 @@ def retrieval_weights(
     with no visible pair are all 0.
     """
     tq, tk = q_BxQxHxK.shape[1], k_BxTxHxK.shape[1]
+    q_pos_Q = query_offset + jnp.arange(tq, dtype=jnp.int32)
+    return _dense_weights(q_BxQxHxK, k_BxTxHxK, beta_QxH[None], mask, q_pos_Q[None],
+                          jnp.arange(tk, dtype=jnp.int32)[None])
+
+
+def _dense_weights(q_BxQxHxK, k_BxTxHxK, beta_BxQxH, mask, q_pos_BxQ, k_pos_BxT) -> Array:
+    """fp32 ``[B, H, Q, T]`` weights with positions per row (leading axes may be 1)."""
     s_BxHxQxT = jnp.einsum(
         "bqhk,bthk->bhqt", q_BxQxHxK, k_BxTxHxK, preferred_element_type=jnp.float32
     )
-    s_BxHxQxT = s_BxHxQxT * beta_QxH.T[None, :, :, None]
-    q_pos = query_offset + jnp.arange(tq, dtype=jnp.int32)
-    visible_QxT = visible_mask(q_pos, jnp.arange(tk, dtype=jnp.int32), mask)
-    s_BxHxQxT = jnp.where(visible_QxT, s_BxHxQxT, -jnp.inf)
+    s_BxHxQxT = s_BxHxQxT * jnp.transpose(beta_BxQxH, (0, 2, 1))[..., None]
+    visible_Bx1xQxT = visible_mask(q_pos_BxQ, k_pos_BxT, mask)[:, None]
+    s_BxHxQxT = jnp.where(visible_Bx1xQxT, s_BxHxQxT, -jnp.inf)
     m_BxHxQ = jax.lax.stop_gradient(jnp.max(s_BxHxQxT, axis=-1))
     m_BxHxQ = jnp.where(jnp.isfinite(m_BxHxQ), m_BxHxQ, 0.0)
     p_BxHxQxT = jnp.exp(s_BxHxQxT - m_BxHxQ[..., None])
     l_BxHxQ = jnp.sum(p_BxHxQxT, axis=-1)
     return p_BxHxQxT / jnp.where(l_BxHxQ > 0, l_BxHxQ, 1.0)[..., None]
+
+
+def retrieve_dense(
+    q_BxQxHxK: Array,
+    k_BxTxHxK: Array,
+    v_BxTxHxV: Array,
+    *,
+    query_positions: Array,
+    key_positions: Array,
+    mask: MaskSpec = MaskSpec(),
+    bandwidth: Array | None = None,
+) -> Array:
+    """Dense retrieval with explicit absolute positions, possibly different for each row.
+
+    The decoding path (:mod:`mmjax.layers.cache`): rows of a batch sit at different
+    positions, and ring-buffer caches hold keys out of order. Same mask rule as
+    :func:`retrieve`; keys at negative positions (empty slots) are hidden.
+
+    Args:
+      q_BxQxHxK, k_BxTxHxK, v_BxTxHxV: queries, keys, values.
+      query_positions: int ``[Q]`` or ``[B, Q]``; key_positions: int ``[T]`` or ``[B, T]``.
+      mask: a :class:`MaskSpec`.
+      bandwidth: ``None`` (1), ``[H]``, ``[Q, H]`` or ``[B, Q, H]``.
+    Returns:
+      ``[B, Q, H, V]`` in the dtype of ``values``; rows with no visible pair are 0.
+    """
+    b, tq, h, _ = q_BxQxHxK.shape
+    tk = k_BxTxHxK.shape[1]
+    rows = lambda x, n: jnp.broadcast_to(jnp.asarray(x, jnp.int32), (b, n))
+    beta = jnp.ones((h,), jnp.float32) if bandwidth is None else bandwidth
+    beta_BxQxH = jnp.broadcast_to(jnp.asarray(beta, jnp.float32), (b, tq, h))
+    p_BxHxQxT = _dense_weights(q_BxQxHxK, k_BxTxHxK, beta_BxQxH, mask,
+                               rows(query_positions, tq), rows(key_positions, tk))
+    y_BxQxHxV = jnp.einsum("bhqt,bthv->bqhv", p_BxHxQxT.astype(v_BxTxHxV.dtype), v_BxTxHxV,
+                           preferred_element_type=jnp.float32)
+    return y_BxQxHxV.astype(v_BxTxHxV.dtype)
 
 
 def retrieve_reference(

@@ -1,0 +1,219 @@
+"""Decoding caches: what each layer keeps between calls when a model generates.
+
+A model called with ``step=DecodeStep(...)`` and ``mutable=["cache"]`` processes a *chunk* of
+``C`` new tokens per row (a prompt chunk, or one token) on top of what its ``"cache"``
+collection holds, and updates it. :mod:`mmjax.generate` drives it; this module is the part
+the layers share.
+
+Positions. Every row of the batch owns its positions. ``step.position`` is the absolute
+position of the chunk's first token: a scalar when every row sits at the same position
+(prefill of right-padded prompts: the retrieval then runs on :func:`mmjax.ops.retrieve`, the
+blocked or Pallas path), or ``[B]`` when rows differ (decoding after prompts of different
+lengths: the retrieval runs on :func:`mmjax.ops.retrieve_dense`). ``step.lengths[b]`` is the
+number of real tokens of row ``b`` once the call is done: tokens at positions
+``>= lengths[b]`` are padding; they never reach a cache and never move a state.
+
+What a contextual memory keeps (v1, and each v2 tier):
+
+* the key state ``kbar`` of the leaky (v1) or gated (v2) average at the row's last token, so
+  that the next key costs O(1);
+* the *pending* pair: values peek one step ahead (``v_t`` needs ``u_{t+1} = W_v x_{t+1}``), so
+  the newest key has no value yet. The cache keeps that key and ``u_t``; the next call
+  completes ``v_t`` with its first token and stores the pair. Query ``t`` sees pairs
+  ``i <= t - 1``, which are all complete: exactly the training-time mask.
+* the completed pairs: a linear buffer of ``cache_length`` slots (slot ``i`` = position ``i``)
+  or, for a memory that only looks ``h`` pairs back (the v2 short-term tier), a ring buffer of
+  ``h`` slots with the position each slot holds.
+
+Attention (the baselines) keeps an ordinary linear KV cache: the pair of token ``t`` is
+complete at once, and query ``t`` sees ``i <= t`` (``query_offset=1`` in the mask arithmetic
+of :mod:`mmjax.ops.retrieval`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmjax.ops import MaskSpec, retrieve, retrieve_dense
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeStep:
+    """Where the tokens of one cached call sit.
+
+    Attributes:
+      position: int32 scalar (every row at the same position) or ``[B]``: absolute position
+        of the call's first token.
+      lengths: int32 ``[B]``: real tokens of each row after this call (later positions are
+        padding).
+      cache_length: slots of the linear caches: positions ``0 .. cache_length - 1`` can be
+        stored (static).
+    """
+
+    position: Any
+    lengths: Any
+    cache_length: int
+
+    def __post_init__(self):
+        if not isinstance(self.cache_length, int) or self.cache_length < 1:
+            raise ValueError(f"cache_length must be an integer >= 1, got {self.cache_length!r}")
+
+    @property
+    def aligned(self) -> bool:
+        """Whether every row sits at the same position (``position`` is a scalar)."""
+        return jnp.ndim(self.position) == 0
+
+    def query_positions(self, chunk: int) -> Array:
+        """Absolute positions of the call's tokens: ``[C]`` when aligned, else ``[B, C]``."""
+        position = jnp.asarray(self.position, jnp.int32)
+        return position[..., None] + jnp.arange(chunk, dtype=jnp.int32)
+
+    def rows(self, batch: int) -> Array:
+        """``position`` as ``[B]``."""
+        return jnp.broadcast_to(jnp.asarray(self.position, jnp.int32), (batch,))
+
+    def last_index(self, batch: int, chunk: int) -> Array:
+        """``[B]``: index in the call of each row's last real token, ``-1`` when it has none."""
+        real_B = jnp.clip(jnp.asarray(self.lengths, jnp.int32) - self.rows(batch), 0, chunk)
+        return real_B - 1
+
+
+jax.tree_util.register_dataclass(DecodeStep, data_fields=["position", "lengths"],
+                                 meta_fields=["cache_length"])
+
+
+def carry_last(old_BxX: Array, new_BxCxX: Array, step: DecodeStep) -> Array:
+    """Each row's value at its last real token of the call; the old value where it has none.
+
+    Args:
+      old_BxX: the carried state ``[B, ...]``.
+      new_BxCxX: the state after each token of the call ``[B, C, ...]``.
+    """
+    b, c = new_BxCxX.shape[:2]
+    last_B = step.last_index(b, c)
+    picked_BxX = jnp.take_along_axis(
+        new_BxCxX, jnp.maximum(last_B, 0).reshape((b, 1) + (1,) * (new_BxCxX.ndim - 2)),
+        axis=1)[:, 0]
+    keep = (last_B >= 0).reshape((b,) + (1,) * (old_BxX.ndim - 1))
+    return jnp.where(keep, picked_BxX.astype(old_BxX.dtype), old_BxX)
+
+
+def key_state(module: nn.Module, step: DecodeStep | None,
+              average: Callable[[Array | None], Array], shape: tuple) -> Array:
+    """A key recurrence that continues across cached calls.
+
+    ``average(initial)`` returns the states ``kbar [B, C, H, K]`` of the call's tokens from
+    the state before them. Without ``step`` it starts from 0; with one it starts from the
+    cache variable ``kbar`` (fp32 ``shape = [B, H, K]``) and leaves there the state at each
+    row's last real token.
+    """
+    if step is None:
+        return average(None)
+    var = module.variable("cache", "kbar", jnp.zeros, shape, jnp.float32)
+    kbar_BxCxHxK = average(var.value)
+    var.value = carry_last(var.value, kbar_BxCxHxK, step)
+    return kbar_BxCxHxK
+
+
+def memory_step(module: nn.Module, step: DecodeStep, *, keys_BxCxHxK: Array,
+                u_BxCxHxV: Array, extract: Callable[[Array], Array], mask: MaskSpec,
+                bandwidth: Callable[[Array], Array | None], ring: int | None,
+                impl: str) -> Array:
+    """One cached call of a contextual memory (v1, or a v2 tier) after its keys.
+
+    Completes the pending pair with the call's first token, stores the pairs that are
+    complete, retrieves for the call's queries (the keys themselves), and keeps the newest
+    key and ``u_t`` as the next pending pair (cache variables ``pending_key`` and
+    ``pending_input``, 0 at first).
+
+    Args:
+      keys_BxCxHxK: keys of the call's tokens.
+      u_BxCxHxV: value inputs ``W_v x_t`` of the call's tokens.
+      extract: ``u -> values`` (:func:`mmjax.ops.extract_values` with the layer's parameters).
+      mask, bandwidth, ring, impl: see :func:`retrieve_with_cache`.
+    Returns:
+      ``[B, C, H, V]`` retrieved values.
+    """
+    b, _, h, dk = keys_BxCxHxK.shape
+    var = lambda name, shape, dt: module.variable("cache", name, jnp.zeros, shape, dt)
+    pending_key = var("pending_key", (b, h, dk), keys_BxCxHxK.dtype)
+    pending_input = var("pending_input", (b, h, u_BxCxHxV.shape[-1]), u_BxCxHxV.dtype)
+    pairs_k = jnp.concatenate([pending_key.value[:, None], keys_BxCxHxK[:, :-1]], axis=1)
+    inputs_u = jnp.concatenate([pending_input.value[:, None], u_BxCxHxV], axis=1)
+    pairs_v = extract(inputs_u)[:, :-1]
+    y = retrieve_with_cache(module, step, pairs_k, pairs_v, keys_BxCxHxK, query_offset=0,
+                            mask=mask, bandwidth=bandwidth, ring=ring, impl=impl)
+    pending_key.value = carry_last(pending_key.value, keys_BxCxHxK, step)
+    pending_input.value = carry_last(pending_input.value, u_BxCxHxV, step)
+    return y
+
+
+def retrieve_with_cache(module: nn.Module, step: DecodeStep, pairs_k_BxCxHxK: Array,
+                        pairs_v_BxCxHxV: Array, queries_BxCxHxK: Array, *, query_offset: int,
+                        mask: MaskSpec, bandwidth: Callable[[Array], Array | None],
+                        ring: int | None, impl: str) -> Array:
+    """Store ``C`` new pairs in ``module``'s cache and retrieve for the call's ``C`` queries.
+
+    In the mask arithmetic of :func:`mmjax.ops.retrieve` the query of token ``t`` sits at
+    ``t + query_offset`` and the new pairs at ``position + query_offset - 1 + c``: a memory
+    (``query_offset=0``) stores the pairs ``t - 1`` it completes, attention
+    (``query_offset=1``) the pairs of its own tokens. A pair is stored when its position is
+    ``>= 0`` and belongs to a real token.
+
+    Args:
+      pairs_k_BxCxHxK, pairs_v_BxCxHxV: the new pairs; queries_BxCxHxK: the call's queries.
+      mask: which stored pairs a query sees.
+      bandwidth: query positions (``[C]`` or ``[B, C]``, mask arithmetic) -> ``None``,
+        ``[H]`` or ``positions.shape + [H]``.
+      ring: ``None`` (a linear buffer of ``step.cache_length`` slots) or the slots of a ring
+        buffer; a ring serves a mask whose window is at most ``ring`` pairs.
+      impl: retrieval implementation of the aligned path.
+    Returns:
+      ``[B, C, H, V]`` in the dtype of the values.
+    """
+    b, c, h, dk = pairs_k_BxCxHxK.shape
+    dv = pairs_v_BxCxHxV.shape[-1]
+    q_pos = step.query_positions(c) + query_offset
+    pair_pos_BxC = (step.rows(b) + query_offset - 1)[:, None] + jnp.arange(c, dtype=jnp.int32)
+    last_pair_B = jnp.asarray(step.lengths, jnp.int32) + query_offset - 2
+    valid_BxC = (pair_pos_BxC >= 0) & (pair_pos_BxC <= last_pair_B[:, None])
+    rows_Bx1 = jnp.arange(b)[:, None]
+    slots = ring if ring is not None else step.cache_length
+    var = lambda name, shape, dt: module.variable("cache", name, jnp.zeros, shape, dt)
+    keys = var("keys", (b, slots, h, dk), pairs_k_BxCxHxK.dtype)
+    values = var("values", (b, slots, h, dv), pairs_v_BxCxHxV.dtype)
+    if ring is None:
+        slot_BxC = jnp.where(valid_BxC, pair_pos_BxC, slots)  # out of range: dropped
+        keys.value = keys.value.at[rows_Bx1, slot_BxC].set(pairs_k_BxCxHxK, mode="drop")
+        values.value = values.value.at[rows_Bx1, slot_BxC].set(pairs_v_BxCxHxV, mode="drop")
+        if step.aligned:
+            return retrieve(keys.value, values.value, queries=queries_BxCxHxK,
+                            bandwidth=bandwidth(q_pos), mask=mask,
+                            query_offset=step.position + query_offset, impl=impl)
+        return retrieve_dense(queries_BxCxHxK, keys.value, values.value,
+                              query_positions=q_pos, key_positions=jnp.arange(slots),
+                              mask=mask, bandwidth=bandwidth(q_pos))
+    # Ring: positions + 1 of the pairs held (0: empty slot).
+    held = var("positions", (b, slots), jnp.int32)
+    new_pos_BxC = jnp.where(valid_BxC, pair_pos_BxC, -1)
+    y = retrieve_dense(queries_BxCxHxK,
+                       jnp.concatenate([keys.value, pairs_k_BxCxHxK], axis=1),
+                       jnp.concatenate([values.value, pairs_v_BxCxHxV], axis=1),
+                       query_positions=q_pos,
+                       key_positions=jnp.concatenate([held.value - 1, new_pos_BxC], axis=1),
+                       mask=mask, bandwidth=bandwidth(q_pos))
+    newest_B = jnp.max(new_pos_BxC, axis=1)
+    keep_BxC = valid_BxC & (pair_pos_BxC > newest_B[:, None] - slots)
+    slot_BxC = jnp.where(keep_BxC, pair_pos_BxC % slots, slots)
+    keys.value = keys.value.at[rows_Bx1, slot_BxC].set(pairs_k_BxCxHxK, mode="drop")
+    values.value = values.value.at[rows_Bx1, slot_BxC].set(pairs_v_BxCxHxV, mode="drop")
+    held.value = held.value.at[rows_Bx1, slot_BxC].set(pair_pos_BxC + 1, mode="drop")
+    return y
