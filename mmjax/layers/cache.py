@@ -1,7 +1,7 @@
 """Decoding caches: what each layer keeps between calls when a model generates.
 
 A model called with ``step=DecodeStep(...)`` and ``mutable=["cache"]`` processes a *chunk* of
-``C`` new tokens per row (a prompt chunk, or one token) on top of what its ``"cache"``
+``T`` new tokens per row (a prompt chunk, or one token) on top of what its ``"cache"``
 collection holds, and updates it. :mod:`mmjax.generate` drives it; this module is the part
 the layers share.
 
@@ -72,7 +72,7 @@ class DecodeStep:
         return jnp.ndim(self.position) == 0
 
     def query_positions(self, chunk: int) -> Array:
-        """Absolute positions of the call's tokens: ``[C]`` when aligned, else ``[B, C]``."""
+        """Absolute positions of the call's tokens: ``[T]`` when aligned, else ``[B, T]``."""
         position = jnp.asarray(self.position, jnp.int32)
         return position[..., None] + jnp.arange(chunk, dtype=jnp.int32)
 
@@ -90,27 +90,27 @@ jax.tree_util.register_dataclass(DecodeStep, data_fields=["position", "lengths"]
                                  meta_fields=["cache_length"])
 
 
-def carry_last(old_BxX: Array, new_BxCxX: Array, step: DecodeStep) -> Array:
+def carry_last(old_Bx: Array, new_BxTx: Array, step: DecodeStep) -> Array:
     """Each row's value at its last real token of the call; the old value where it has none.
 
     Args:
-      old_BxX: the carried state ``[B, ...]``.
-      new_BxCxX: the state after each token of the call ``[B, C, ...]``.
+      old_Bx: the carried state ``[B, ...]``.
+      new_BxTx: the state after each token of the call ``[B, T, ...]``.
     """
-    b, c = new_BxCxX.shape[:2]
+    b, c = new_BxTx.shape[:2]
     last_B = step.last_index(b, c)
-    picked_BxX = jnp.take_along_axis(
-        new_BxCxX, jnp.maximum(last_B, 0).reshape((b, 1) + (1,) * (new_BxCxX.ndim - 2)),
+    picked_Bx = jnp.take_along_axis(
+        new_BxTx, jnp.maximum(last_B, 0).reshape((b, 1) + (1,) * (new_BxTx.ndim - 2)),
         axis=1)[:, 0]
-    keep = (last_B >= 0).reshape((b,) + (1,) * (old_BxX.ndim - 1))
-    return jnp.where(keep, picked_BxX.astype(old_BxX.dtype), old_BxX)
+    keep = (last_B >= 0).reshape((b,) + (1,) * (old_Bx.ndim - 1))
+    return jnp.where(keep, picked_Bx.astype(old_Bx.dtype), old_Bx)
 
 
 def key_state(module: nn.Module, step: DecodeStep | None,
               average: Callable[[Array | None], Array], shape: tuple) -> Array:
     """A key recurrence that continues across cached calls.
 
-    ``average(initial)`` returns the states ``kbar [B, C, H, K]`` of the call's tokens from
+    ``average(initial)`` returns the states ``kbar [B, T, H, K]`` of the call's tokens from
     the state before them. Without ``step`` it starts from 0; with one it starts from the
     cache variable ``kbar`` (fp32 ``shape = [B, H, K]``) and leaves there the state at each
     row's last real token.
@@ -118,13 +118,13 @@ def key_state(module: nn.Module, step: DecodeStep | None,
     if step is None:
         return average(None)
     var = module.variable("cache", "kbar", jnp.zeros, shape, jnp.float32)
-    kbar_BxCxHxK = average(var.value)
-    var.value = carry_last(var.value, kbar_BxCxHxK, step)
-    return kbar_BxCxHxK
+    kbar_BxTxHxK = average(var.value)
+    var.value = carry_last(var.value, kbar_BxTxHxK, step)
+    return kbar_BxTxHxK
 
 
-def memory_step(module: nn.Module, step: DecodeStep, *, keys_BxCxHxK: Array,
-                u_BxCxHxV: Array, extract: Callable[[Array], Array], mask: MaskSpec,
+def memory_step(module: nn.Module, step: DecodeStep, *, keys_BxTxHxK: Array,
+                u_BxTxHxV: Array, extract: Callable[[Array], Array], mask: MaskSpec,
                 bandwidth: Callable[[Array], Array | None], ring: int | None,
                 impl: str) -> Array:
     """One cached call of a contextual memory (v1, or a v2 tier) after its keys.
@@ -135,85 +135,85 @@ def memory_step(module: nn.Module, step: DecodeStep, *, keys_BxCxHxK: Array,
     ``pending_input``, 0 at first).
 
     Args:
-      keys_BxCxHxK: keys of the call's tokens.
-      u_BxCxHxV: value inputs ``W_v x_t`` of the call's tokens.
+      keys_BxTxHxK: keys of the call's tokens.
+      u_BxTxHxV: value inputs ``W_v x_t`` of the call's tokens.
       extract: ``u -> values`` (:func:`mmjax.ops.extract_values` with the layer's parameters).
       mask, bandwidth, ring, impl: see :func:`retrieve_with_cache`.
     Returns:
-      ``[B, C, H, V]`` retrieved values.
+      ``[B, T, H, V]`` retrieved values.
     """
-    b, _, h, dk = keys_BxCxHxK.shape
+    b, _, h, dk = keys_BxTxHxK.shape
     var = lambda name, shape, dt: module.variable("cache", name, jnp.zeros, shape, dt)
-    pending_key = var("pending_key", (b, h, dk), keys_BxCxHxK.dtype)
-    pending_input = var("pending_input", (b, h, u_BxCxHxV.shape[-1]), u_BxCxHxV.dtype)
-    pairs_k = jnp.concatenate([pending_key.value[:, None], keys_BxCxHxK[:, :-1]], axis=1)
-    inputs_u = jnp.concatenate([pending_input.value[:, None], u_BxCxHxV], axis=1)
+    pending_key = var("pending_key", (b, h, dk), keys_BxTxHxK.dtype)
+    pending_input = var("pending_input", (b, h, u_BxTxHxV.shape[-1]), u_BxTxHxV.dtype)
+    pairs_k = jnp.concatenate([pending_key.value[:, None], keys_BxTxHxK[:, :-1]], axis=1)
+    inputs_u = jnp.concatenate([pending_input.value[:, None], u_BxTxHxV], axis=1)
     pairs_v = extract(inputs_u)[:, :-1]
-    y = retrieve_with_cache(module, step, pairs_k, pairs_v, keys_BxCxHxK, query_offset=0,
+    y = retrieve_with_cache(module, step, pairs_k, pairs_v, keys_BxTxHxK, query_offset=0,
                             mask=mask, bandwidth=bandwidth, ring=ring, impl=impl)
-    pending_key.value = carry_last(pending_key.value, keys_BxCxHxK, step)
-    pending_input.value = carry_last(pending_input.value, u_BxCxHxV, step)
+    pending_key.value = carry_last(pending_key.value, keys_BxTxHxK, step)
+    pending_input.value = carry_last(pending_input.value, u_BxTxHxV, step)
     return y
 
 
-def retrieve_with_cache(module: nn.Module, step: DecodeStep, pairs_k_BxCxHxK: Array,
-                        pairs_v_BxCxHxV: Array, queries_BxCxHxK: Array, *, query_offset: int,
+def retrieve_with_cache(module: nn.Module, step: DecodeStep, pairs_k_BxTxHxK: Array,
+                        pairs_v_BxTxHxV: Array, queries_BxTxHxK: Array, *, query_offset: int,
                         mask: MaskSpec, bandwidth: Callable[[Array], Array | None],
                         ring: int | None, impl: str) -> Array:
-    """Store ``C`` new pairs in ``module``'s cache and retrieve for the call's ``C`` queries.
+    """Store ``T`` new pairs in ``module``'s cache and retrieve for the call's ``T`` queries.
 
     In the mask arithmetic of :func:`mmjax.ops.retrieve` the query of token ``t`` sits at
-    ``t + query_offset`` and the new pairs at ``position + query_offset - 1 + c``: a memory
+    ``t + query_offset`` and the new pairs at ``position + query_offset - 1 + j``: a memory
     (``query_offset=0``) stores the pairs ``t - 1`` it completes, attention
     (``query_offset=1``) the pairs of its own tokens. A pair is stored when its position is
     ``>= 0`` and belongs to a real token.
 
     Args:
-      pairs_k_BxCxHxK, pairs_v_BxCxHxV: the new pairs; queries_BxCxHxK: the call's queries.
+      pairs_k_BxTxHxK, pairs_v_BxTxHxV: the new pairs; queries_BxTxHxK: the call's queries.
       mask: which stored pairs a query sees.
-      bandwidth: query positions (``[C]`` or ``[B, C]``, mask arithmetic) -> ``None``,
+      bandwidth: query positions (``[T]`` or ``[B, T]``, mask arithmetic) -> ``None``,
         ``[H]`` or ``positions.shape + [H]``.
       ring: ``None`` (a linear buffer of ``step.cache_length`` slots) or the slots of a ring
         buffer; a ring serves a mask whose window is at most ``ring`` pairs.
       impl: retrieval implementation of the aligned path.
     Returns:
-      ``[B, C, H, V]`` in the dtype of the values.
+      ``[B, T, H, V]`` in the dtype of the values.
     """
-    b, c, h, dk = pairs_k_BxCxHxK.shape
-    dv = pairs_v_BxCxHxV.shape[-1]
+    b, c, h, dk = pairs_k_BxTxHxK.shape
+    dv = pairs_v_BxTxHxV.shape[-1]
     q_pos = step.query_positions(c) + query_offset
-    pair_pos_BxC = (step.rows(b) + query_offset - 1)[:, None] + jnp.arange(c, dtype=jnp.int32)
+    pair_pos_BxT = (step.rows(b) + query_offset - 1)[:, None] + jnp.arange(c, dtype=jnp.int32)
     last_pair_B = jnp.asarray(step.lengths, jnp.int32) + query_offset - 2
-    valid_BxC = (pair_pos_BxC >= 0) & (pair_pos_BxC <= last_pair_B[:, None])
+    valid_BxT = (pair_pos_BxT >= 0) & (pair_pos_BxT <= last_pair_B[:, None])
     rows_Bx1 = jnp.arange(b)[:, None]
     slots = ring if ring is not None else step.cache_length
     var = lambda name, shape, dt: module.variable("cache", name, jnp.zeros, shape, dt)
-    keys = var("keys", (b, slots, h, dk), pairs_k_BxCxHxK.dtype)
-    values = var("values", (b, slots, h, dv), pairs_v_BxCxHxV.dtype)
+    keys = var("keys", (b, slots, h, dk), pairs_k_BxTxHxK.dtype)
+    values = var("values", (b, slots, h, dv), pairs_v_BxTxHxV.dtype)
     if ring is None:
-        slot_BxC = jnp.where(valid_BxC, pair_pos_BxC, slots)  # out of range: dropped
-        keys.value = keys.value.at[rows_Bx1, slot_BxC].set(pairs_k_BxCxHxK, mode="drop")
-        values.value = values.value.at[rows_Bx1, slot_BxC].set(pairs_v_BxCxHxV, mode="drop")
+        slot_BxT = jnp.where(valid_BxT, pair_pos_BxT, slots)  # out of range: dropped
+        keys.value = keys.value.at[rows_Bx1, slot_BxT].set(pairs_k_BxTxHxK, mode="drop")
+        values.value = values.value.at[rows_Bx1, slot_BxT].set(pairs_v_BxTxHxV, mode="drop")
         if step.aligned:
-            return retrieve(keys.value, values.value, queries=queries_BxCxHxK,
+            return retrieve(keys.value, values.value, queries=queries_BxTxHxK,
                             bandwidth=bandwidth(q_pos), mask=mask,
                             query_offset=step.position + query_offset, impl=impl)
-        return retrieve_dense(queries_BxCxHxK, keys.value, values.value,
+        return retrieve_dense(queries_BxTxHxK, keys.value, values.value,
                               query_positions=q_pos, key_positions=jnp.arange(slots),
                               mask=mask, bandwidth=bandwidth(q_pos))
     # Ring: positions + 1 of the pairs held (0: empty slot).
     held = var("positions", (b, slots), jnp.int32)
-    new_pos_BxC = jnp.where(valid_BxC, pair_pos_BxC, -1)
-    y = retrieve_dense(queries_BxCxHxK,
-                       jnp.concatenate([keys.value, pairs_k_BxCxHxK], axis=1),
-                       jnp.concatenate([values.value, pairs_v_BxCxHxV], axis=1),
+    new_pos_BxT = jnp.where(valid_BxT, pair_pos_BxT, -1)
+    y = retrieve_dense(queries_BxTxHxK,
+                       jnp.concatenate([keys.value, pairs_k_BxTxHxK], axis=1),
+                       jnp.concatenate([values.value, pairs_v_BxTxHxV], axis=1),
                        query_positions=q_pos,
-                       key_positions=jnp.concatenate([held.value - 1, new_pos_BxC], axis=1),
+                       key_positions=jnp.concatenate([held.value - 1, new_pos_BxT], axis=1),
                        mask=mask, bandwidth=bandwidth(q_pos))
-    newest_B = jnp.max(new_pos_BxC, axis=1)
-    keep_BxC = valid_BxC & (pair_pos_BxC > newest_B[:, None] - slots)
-    slot_BxC = jnp.where(keep_BxC, pair_pos_BxC % slots, slots)
-    keys.value = keys.value.at[rows_Bx1, slot_BxC].set(pairs_k_BxCxHxK, mode="drop")
-    values.value = values.value.at[rows_Bx1, slot_BxC].set(pairs_v_BxCxHxV, mode="drop")
-    held.value = held.value.at[rows_Bx1, slot_BxC].set(pair_pos_BxC + 1, mode="drop")
+    newest_B = jnp.max(new_pos_BxT, axis=1)
+    keep_BxT = valid_BxT & (pair_pos_BxT > newest_B[:, None] - slots)
+    slot_BxT = jnp.where(keep_BxT, pair_pos_BxT % slots, slots)
+    keys.value = keys.value.at[rows_Bx1, slot_BxT].set(pairs_k_BxTxHxK, mode="drop")
+    values.value = values.value.at[rows_Bx1, slot_BxT].set(pairs_v_BxTxHxV, mode="drop")
+    held.value = held.value.at[rows_Bx1, slot_BxT].set(pair_pos_BxT + 1, mode="drop")
     return y

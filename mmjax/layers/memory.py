@@ -209,7 +209,7 @@ class ContextualMemory(_MemoryUnit):
                                              use_bias=c.use_bias, dtype=c.dtype,
                                              param_dtype=c.param_dtype)
         if step is not None:
-            y_BxTxHxV = memory_step(self, step, keys_BxCxHxK=k_BxTxHxK, u_BxCxHxV=u_BxTxHxV,
+            y_BxTxHxV = memory_step(self, step, keys_BxTxHxK=k_BxTxHxK, u_BxTxHxV=u_BxTxHxV,
                                     extract=extract, mask=MaskSpec(),
                                     bandwidth=lambda _: None, ring=None, impl=c.impl)
             return self._output(y_BxTxHxV, deterministic)

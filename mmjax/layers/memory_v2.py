@@ -162,7 +162,7 @@ class MemoryTier(nn.Module):
                             for name, value in zip(("beta0", "beta1", "alpha"), raw, strict=True))
         beta = bandwidth_parameters(p0_H, p1_H, pa_H)
         if step is not None:
-            return memory_step(self, step, keys_BxCxHxK=k_BxTxHxK, u_BxCxHxV=u_BxTxHxK,
+            return memory_step(self, step, keys_BxTxHxK=k_BxTxHxK, u_BxTxHxV=u_BxTxHxK,
                                extract=extract, mask=mask,
                                bandwidth=lambda pos: tier_bandwidth(pos, mask, *beta),
                                ring=mask.window, impl=c.impl)
