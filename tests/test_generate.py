@@ -1,0 +1,294 @@
+"""Generation: cached calls equal the full forward pass; sampling, beam search, batches."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmjax.generate import Decoder, Sampling, beam_search, filter_logits, generate, sample
+from mmjax.layers.cache import DecodeStep
+from mmjax.models import build_model
+
+VOCAB = 64
+SMALL = dict(vocab_size=VOCAB, num_layers=2, num_heads=2, embed_dim=16)
+MODELS = {
+    "v1": dict(name="memory_mosaic", pmem_size=8, context_length=32, **SMALL),
+    "v1_scanned": dict(name="memory_mosaic", pmem_size=8, context_length=32, scan_layers=True,
+                       **SMALL),
+    # window 5 and skip 3: the test lengths cross the ring buffer and the long-term edge
+    "v2": dict(name="memory_mosaic_v2", mlp_dim=32, short_term_window=5,
+               long_term_skip_range=(2, 4), inference_long_term_skip=3, **SMALL),
+    "v2_short_only": dict(name="memory_mosaic_v2", mlp_dim=32, short_term_window=4,
+                          long_term=False, **SMALL),
+    "gpt2": dict(name="gpt2", context_length=32, **SMALL),
+    "llama": dict(name="llama", mlp_dim=32, **SMALL),
+    "llama_short_long": dict(name="llama_short_long", mlp_dim=32, short_term_window=5,
+                             long_term_skip_range=(2, 4), inference_long_term_skip=3, **SMALL),
+}
+
+
+def _model(name):
+    model = build_model(MODELS[name])
+    params = model.init(jax.random.key(1), jnp.zeros((1, 8), jnp.int32))["params"]
+    return model, params
+
+
+@functools.cache
+def _jitted(model):
+    """``(params, tokens, cache=None, step=None) -> (logits, cache)``, jitted."""
+
+    def call(params, tokens, cache, step):
+        if step is None:
+            return model.apply({"params": params}, tokens), None
+        logits, v = model.apply({"params": params, "cache": cache}, tokens, step=step,
+                                mutable=["cache"])
+        return logits, v["cache"]
+
+    return jax.jit(call)
+
+
+def _empty_cache(model, params, batch, cache_length):
+    step = DecodeStep(jnp.int32(0), jnp.zeros((batch,), jnp.int32), cache_length)
+    shapes = jax.eval_shape(lambda p: model.apply({"params": p}, jnp.zeros((batch, 1), jnp.int32),
+                                                  step=step, mutable=["cache"])[1]["cache"],
+                            params)
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def _cached_logits(model, params, tokens, chunks, cache_length):
+    """Logits of every position from aligned prefill calls of sizes ``chunks``, then one
+    token per call with per-row positions."""
+    b, t = tokens.shape
+    cache = _empty_cache(model, params, b, cache_length)
+    outs, pos = [], 0
+    call = _jitted(model)
+    for c in chunks:
+        step = DecodeStep(jnp.int32(pos), jnp.full((b,), pos + c, jnp.int32), cache_length)
+        logits, cache = call(params, tokens[:, pos:pos + c], cache, step)
+        pos += c
+        outs.append(logits)
+    while pos < t:
+        step = DecodeStep(jnp.full((b,), pos, jnp.int32), jnp.full((b,), pos + 1, jnp.int32),
+                          cache_length)
+        logits, cache = call(params, tokens[:, pos:pos + 1], cache, step)
+        pos += 1
+        outs.append(logits)
+    return jnp.concatenate(outs, axis=1)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("chunks", [(), (7, 4), (3, 9)])
+def test_prefill_and_steps_equal_the_full_forward_at_every_position(name, chunks):
+    model, params = _model(name)
+    tokens = jax.random.randint(jax.random.key(0), (2, 23), 0, VOCAB)
+    full = _jitted(model)(params, tokens, None, None)[0]
+    got = _cached_logits(model, params, tokens, chunks, cache_length=26)
+    np.testing.assert_allclose(got, full, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["v1", "v2", "gpt2", "llama_short_long"])
+def test_padding_never_reaches_a_cache(name):
+    """Right-padded rows of different lengths: each row's logits equal its own forward pass,
+    through a prefill of the padded batch and per-row decoding steps."""
+    model, params = _model(name)
+    call = _jitted(model)
+    lengths = [3, 11, 7]
+    tokens = np.asarray(jax.random.randint(jax.random.key(2), (3, 20), 0, VOCAB))
+    padded = tokens.copy()
+    for row, n in enumerate(lengths):
+        padded[row, n:] = 5  # padding: must not matter
+    full = call(params, tokens, None, None)[0]  # causal: position t sees tokens <= t only
+    cache = _empty_cache(model, params, 3, 24)
+    lengths_B = jnp.asarray(lengths, jnp.int32)
+    for start in (0, 6):  # two aligned prefill chunks of 6 (rows end in either)
+        step = DecodeStep(jnp.int32(start), lengths_B, 24)
+        _, cache = call(params, padded[:, start:start + 6], cache, step)
+    positions = np.asarray(lengths)
+    for _ in range(6):
+        step = DecodeStep(jnp.asarray(positions, jnp.int32),
+                          jnp.asarray(positions + 1, jnp.int32), 24)
+        feed = tokens[np.arange(3), positions][:, None]
+        logits, cache = call(params, feed, cache, step)
+        np.testing.assert_allclose(logits[:, 0], full[np.arange(3), positions], atol=1e-5,
+                                   rtol=0)
+        positions = positions + 1
+
+
+def test_ring_buffer_holds_only_the_window():
+    model, params = _model("v2")
+    cache = _empty_cache(model, params, 2, 40)
+    ring = cache["block_0"]["mixer"]["short_term"]
+    assert ring["keys"].shape == (2, 5, 2, 8) and ring["positions"].shape == (2, 5)
+    assert cache["block_0"]["mixer"]["long_term"]["keys"].shape == (2, 40, 2, 8)
+
+
+def test_scanned_caches_keep_the_batch_first():
+    model, params = _model("v1_scanned")
+    cache = _empty_cache(model, params, 3, 10)
+    for leaf in jax.tree.leaves(cache):
+        assert leaf.shape[:2] == (3, 2)  # [batch, layers, ...]
+
+
+# ----------------------------------------------------------------------------- Decoder
+
+
+@pytest.fixture(scope="module")
+def v2():
+    return _model("v2")
+
+
+PROMPTS = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [5], [7, 8, 9, 10, 11, 12]]
+
+
+def _recompute_greedy(model, params, prompt, n):
+    """Greedy decoding by a full forward pass per token (causal: a fixed-length buffer)."""
+    seq = np.zeros((1, len(prompt) + n), np.int32)
+    seq[0, :len(prompt)] = prompt
+    for t in range(len(prompt), len(prompt) + n):
+        seq[0, t] = int(jnp.argmax(_jitted(model)(params, seq, None, None)[0][0, t - 1]))
+    return seq[0, len(prompt):].tolist()
+
+
+def test_greedy_generation_equals_recomputation_and_batches_equal_single_prompts(v2):
+    model, params = v2
+    greedy = Sampling(temperature=0)
+    batched = generate(Decoder(model, params, batch_size=4, cache_length=40, prefill_chunk=4),
+                       PROMPTS, max_new_tokens=10, sampling=greedy)
+    single = Decoder(model, params, batch_size=1, cache_length=40, prefill_chunk=8)
+    for prompt, got in zip(PROMPTS, batched, strict=True):
+        assert generate(single, [prompt], max_new_tokens=10, sampling=greedy) == [got]
+        assert got == _recompute_greedy(model, params, prompt, 10)
+
+
+def test_sampled_batches_equal_single_prompts_and_seeds_repeat(v2):
+    model, params = v2
+    decoder = Decoder(model, params, batch_size=3, cache_length=40)
+    sampling = Sampling(temperature=1.2, top_k=10, top_p=0.9)
+    a = generate(decoder, PROMPTS, max_new_tokens=8, sampling=sampling, seed=7)
+    assert a == generate(decoder, PROMPTS, max_new_tokens=8, sampling=sampling, seed=7)
+    assert a != generate(decoder, PROMPTS, max_new_tokens=8, sampling=sampling, seed=8)
+    first = generate(Decoder(model, params, batch_size=1, cache_length=40), PROMPTS[:1],
+                     max_new_tokens=8, sampling=sampling, seed=7)
+    assert first == a[:1]
+
+
+def test_generation_stops_at_the_end_of_text_id_and_streams(v2):
+    model, params = v2
+    decoder = Decoder(model, params, batch_size=3, cache_length=40)
+    free = generate(decoder, PROMPTS, max_new_tokens=10, sampling=Sampling(temperature=0))
+    eos = free[0][3]
+    seen = []
+    out = generate(decoder, PROMPTS, max_new_tokens=10, sampling=Sampling(temperature=0),
+                   eos_id=eos, on_token=lambda row, token: seen.append((row, token)))
+    assert out[0] == free[0][:free[0].index(eos) + 1]
+    for row in range(3):
+        assert [t for r, t in seen if r == row] == out[row]
+
+
+def test_beam_width_1_is_greedy_and_width_2_scores_at_least_as_well(v2):
+    model, params = v2
+    decoder = Decoder(model, params, batch_size=6, cache_length=40)
+    greedy = generate(decoder, PROMPTS, max_new_tokens=6, sampling=Sampling(temperature=0))
+    beams1 = beam_search(decoder, PROMPTS, beam_width=1, max_new_tokens=6)
+    assert [list(h.tokens) for h in beams1] == greedy
+    beams2 = beam_search(decoder, PROMPTS, beam_width=2, max_new_tokens=6, length_penalty=0.0)
+
+    def logprob(prompt, tokens):
+        logits = _jitted(model)(params, jnp.array([list(prompt) + list(tokens)]), None, None)[0]
+        logp = jax.nn.log_softmax(logits[0], axis=-1)
+        return sum(float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(tokens))
+
+    for prompt, h1, h2 in zip(PROMPTS, beams1, beams2, strict=True):
+        np.testing.assert_allclose(h2.score, logprob(prompt, h2.tokens), rtol=1e-4)
+        assert h2.score >= logprob(prompt, h1.tokens) - 1e-4
+
+
+def test_beam_search_finishes_hypotheses_at_the_end_of_text_id(v2):
+    model, params = v2
+    decoder = Decoder(model, params, batch_size=2, cache_length=40)
+    greedy = beam_search(decoder, PROMPTS[:1], beam_width=1, max_new_tokens=6)[0]
+    eos = greedy.tokens[2]
+    found = beam_search(decoder, PROMPTS[:1], beam_width=2, max_new_tokens=6, eos_id=eos)[0]
+    assert eos not in found.tokens[:-1]
+
+
+def test_the_step_donates_the_cache(v2):
+    model, params = v2
+    decoder = Decoder(model, params, batch_size=2, cache_length=16)
+    cache = decoder.init_cache()
+    _, cache = decoder.prefill(cache, np.array([[1, 2, 3], [4, 5, 0]]), np.array([3, 2]))
+    sizes = [x.nbytes for x in jax.tree.leaves(cache)]
+    old = jax.tree.leaves(cache)
+    _, cache = decoder.step(cache, np.array([1, 2]), np.array([3, 2]))
+    assert all(x.is_deleted() for x in old)
+    assert [x.nbytes for x in jax.tree.leaves(cache)] == sizes
+
+
+@pytest.mark.parametrize("prompts, max_new, message", [
+    ([[]], 4, "prompt 0 is empty"),
+    ([], 4, "no prompts"),
+    ([[1, 2, VOCAB]], 4, f"token id {VOCAB} outside the model vocabulary [0, {VOCAB})"),
+    ([[1, -1]], 4, "token id -1 outside"),
+    ([list(range(10))], 4, "needs 14 cache slots but the cache holds 12"),
+    ([[1]], 0, "max_new_tokens must be an integer >= 1"),
+    ([[1]] * 3, 2, "3 prompts x 1 rows exceed the decoder's batch_size=2"),
+])
+def test_bad_prompts_are_one_line_errors(v2, prompts, max_new, message):
+    model, params = v2
+    decoder = Decoder(model, params, batch_size=2, cache_length=12)
+    with pytest.raises(ValueError) as info:
+        generate(decoder, prompts, max_new_tokens=max_new)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_gpt2_cache_cannot_outgrow_its_learned_positions():
+    model, params = _model("gpt2")
+    with pytest.raises(ValueError, match="exceeds the 32 learned positions"):
+        Decoder(model, params, batch_size=1, cache_length=33)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def test_top_k_and_top_p_never_sample_outside_their_support():
+    logits = jax.random.normal(jax.random.key(0), (4, 50)) * 2.0
+    probs = np.asarray(jax.nn.softmax(logits, axis=-1))
+    keys = jax.random.split(jax.random.key(1), 2000)
+    draw = jax.jit(jax.vmap(lambda k: sample(jnp.stack([k] * 4), logits,
+                                             Sampling(temperature=1.0, top_k=5))))
+    drawn = np.asarray(draw(keys))
+    top5 = np.argsort(-probs, axis=-1)[:, :5]
+    for row in range(4):
+        assert set(drawn[:, row]) <= set(top5[row])
+        assert len(set(drawn[:, row])) > 1
+    draw = jax.jit(jax.vmap(lambda k: sample(jnp.stack([k] * 4), logits,
+                                             Sampling(temperature=1.0, top_p=0.5))))
+    drawn = np.asarray(draw(keys))
+    for row in range(4):
+        order = np.argsort(-probs[row])
+        before = np.cumsum(probs[row][order]) - probs[row][order]
+        nucleus = set(order[before < 0.5])
+        assert set(drawn[:, row]) <= nucleus
+        assert set(drawn[:, row]) == nucleus  # every member shows up in 2000 draws
+
+
+def test_filter_logits_keeps_exactly_k_and_at_least_one():
+    logits = jnp.array([[1.0, 1.0, 1.0, 0.0], [5.0, 0.0, 0.0, 0.0]])
+    kept = np.isfinite(np.asarray(filter_logits(logits, top_k=2)))
+    assert kept.sum(axis=1).tolist() == [2, 2]
+    kept = np.isfinite(np.asarray(filter_logits(logits, top_p=1e-6)))
+    assert kept.sum(axis=1).tolist() == [1, 1]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(temperature=-1.0), "temperature must be >= 0"),
+    (dict(top_k=-2), "top_k must be an integer >= 0"),
+    (dict(top_p=0.0), "top_p must be in (0, 1]"),
+    (dict(top_p=1.5), "top_p must be in (0, 1]"),
+])
+def test_bad_sampling_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")
+                       .replace("[", r"\[").replace("]", r"\]")):
+        Sampling(**kwargs)
