@@ -231,6 +231,38 @@ class Checkpointer:
 
 LOCK_STALE_SECONDS = 600.0
 
+# Where a workdir keeps the tokenizer of its token store (copied there by the training loop),
+# so that the workdir alone is enough to generate text.
+TOKENIZER_FILE = "tokenizer.model"
+
+
+def keep_tokenizer(workdir: str | pathlib.Path, source: str | None,
+                   sha256: str | None = None) -> pathlib.Path | None:
+    """Copy the tokenizer file ``source`` into ``workdir`` as :data:`TOKENIZER_FILE`.
+
+    Returns the copy, or ``None`` (with a warning) when ``source`` is missing or no longer the
+    file of checksum ``sha256`` the token store was made with. An identical copy is kept.
+    """
+    from mmjax.data.tokenizer import file_sha256
+
+    if not source:
+        return None
+    source_path, dest = pathlib.Path(source), pathlib.Path(workdir) / TOKENIZER_FILE
+    if not source_path.is_file():
+        _warn(f"the token store's tokenizer {source} is gone; pass --tokenizer to generate")
+        return None
+    digest = file_sha256(source_path)
+    if sha256 and digest != sha256:
+        _warn(f"the tokenizer {source} changed since the token store was made; not copied")
+        return None
+    if dest.is_file() and file_sha256(dest) == digest:
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_suffix(".tmp")
+    shutil.copyfile(source_path, tmp)
+    os.replace(tmp, dest)
+    return dest
+
 
 class WorkdirLock:
     """``WORKDIR/lock``: one run per workdir (held by process 0 of a run).
@@ -401,8 +433,9 @@ class _FrozenState:
         return self._state
 
 
-def _find_step_dir(path: pathlib.Path) -> pathlib.Path:
-    """The step directory ``path`` names: a workdir, its ``checkpoints/`` or a step in it."""
+def find_step_dir(path: str | pathlib.Path, source: str = "train.init_from") -> pathlib.Path:
+    """The step directory ``path`` names: a workdir (its latest step), its ``checkpoints/`` or
+    a step in it; ``source`` names the setting in the error message."""
     path = pathlib.Path(path).absolute()
     if (path / "state").is_dir():
         return path
@@ -413,20 +446,21 @@ def _find_step_dir(path: pathlib.Path) -> pathlib.Path:
             if steps:
                 return directory / str(steps[-1])
     raise FileNotFoundError(
-        f"train.init_from={str(path)!r}: no checkpoint there (expected a workdir with "
+        f"{source}={str(path)!r}: no checkpoint there (expected a workdir with "
         f"checkpoints/<step>/state, its checkpoints/ directory, or a step directory)")
 
 
-def load_params(path: str | pathlib.Path, abstract_params, *, cast: bool = True):
+def load_params(path: str | pathlib.Path, abstract_params, *, cast: bool = True,
+                source: str = "train.init_from"):
     """The parameters of another run's checkpoint, laid out as ``abstract_params``.
 
     ``path``: a workdir (its latest checkpoint), its ``checkpoints/`` directory, or one step
     directory. Only ``params`` are read (not the optimiser state). Every parameter's path and
     shape must match ``abstract_params`` (a tree of arrays or ``ShapeDtypeStruct`` with
-    shardings); a mismatch raises one line naming the parameter and both shapes. Returns
-    ``(params, step_dir)``.
+    shardings); a mismatch raises one line naming the parameter and both shapes (``source``
+    names the setting in it). Returns ``(params, step_dir)``.
     """
-    step_dir = _find_step_dir(pathlib.Path(path))
+    step_dir = find_step_dir(pathlib.Path(path), source)
     checkpointer = ocp.PyTreeCheckpointer()
     try:
         metadata = checkpointer.metadata(step_dir / "state")
@@ -441,13 +475,13 @@ def load_params(path: str | pathlib.Path, abstract_params, *, cast: bool = True)
     missing = sorted(set(new_flat) - set(saved_flat))
     extra = sorted(set(saved_flat) - set(new_flat))
     if missing or extra:
-        raise ValueError(f"train.init_from={step_dir}: parameters differ: the model has "
+        raise ValueError(f"{source}={step_dir}: parameters differ: the model has "
                          f"{missing[:3]} not in the checkpoint, the checkpoint has {extra[:3]} "
                          f"not in the model")
     for name, new in new_flat.items():
         old_shape = tuple(saved_flat[name].shape)
         if old_shape != tuple(new.shape):
-            raise ValueError(f"train.init_from={step_dir}: parameter params/{name} has shape "
+            raise ValueError(f"{source}={step_dir}: parameter params/{name} has shape "
                              f"{old_shape} in the checkpoint but {tuple(new.shape)} in this "
                              f"model")
     target = jax.tree.map(

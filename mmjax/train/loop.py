@@ -37,7 +37,7 @@ from mmjax.data import make_batches
 from mmjax.data.pipeline import TextBatches
 from mmjax.models import build_model
 from mmjax.train import sharding as sharding_lib
-from mmjax.train.checkpoint import Checkpointer, WorkdirLock, load_params
+from mmjax.train.checkpoint import Checkpointer, WorkdirLock, keep_tokenizer, load_params
 from mmjax.train.config_lib import validate_config, with_defaults
 from mmjax.train.metrics import MetricWriter
 from mmjax.train.optimizer import make_optimizer
@@ -359,6 +359,10 @@ def _train(config, workdir, *, progress, lock) -> dict:
 
 def _train_loop(trainer: Trainer, workdir, *, progress, lock) -> dict:
     config = trainer.config
+    store = getattr(trainer.train_batches, "store", None)
+    if workdir is not None and store is not None and jax.process_index() == 0:
+        tokenizer = store.manifest["tokenizer"]
+        keep_tokenizer(workdir, tokenizer.get("path"), tokenizer.get("sha256"))
     state = trainer.init_state()
     checkpointer = _make_checkpointer(config, workdir)
     try:

@@ -1,0 +1,98 @@
+"""``python -m mmjax.generate``: a trained workdir (checkpoint, config, tokenizer) to text."""
+
+import shutil
+
+import pytest
+
+from mmjax.data import stories
+from mmjax.generate import Decoder, Sampling, generate
+from mmjax.generate.__main__ import main
+from mmjax.generate.workdir import load_workdir
+from mmjax.train import defaults
+from mmjax.train.loop import train_and_evaluate
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A 1-layer v1 model trained 2 steps on a story store, with its workdir."""
+    root = tmp_path_factory.mktemp("generate")
+    store_dir, tok = stories.make_story_store(root / "data", 300, seed=3)
+    config = defaults.get_config()
+    config.model.vocab_size = tok.vocab_size
+    config.model.num_layers, config.model.embed_dim, config.model.pmem_size = 1, 32, 32
+    config.data = dict(corpus="tokens", path=str(store_dir), context_length=32, batch_size=8)
+    config.train.num_steps = 2
+    train_and_evaluate(config, str(root / "run"), progress=False)
+    return root / "run"
+
+
+def _run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err.strip().splitlines()[-1] if out.err.strip() else ""
+
+
+def test_training_keeps_the_tokenizer_in_the_workdir(workdir):
+    trained = load_workdir(workdir)
+    assert (workdir / "tokenizer.model").is_file()
+    assert trained.tokenizer is not None and trained.tokenizer.vocab_size <= \
+        trained.model.vocab_size
+    assert trained.step_dir.name == "2"
+
+
+def test_a_text_prompt_is_continued_as_the_api_continues_it(workdir, capsys):
+    code, out, _ = _run(capsys, "--workdir", workdir, "--prompt", "Once upon a time",
+                        "--max_new_tokens", 6, "--temperature", 0)
+    assert code == 0
+    trained = load_workdir(workdir)
+    ids = [trained.tokenizer.eos_id] + trained.tokenizer.encode(["Once upon a time"])[0]
+    decoder = Decoder(trained.model, trained.params, batch_size=1, cache_length=len(ids) + 6)
+    tokens = generate(decoder, [ids], max_new_tokens=6, sampling=Sampling(temperature=0),
+                      eos_id=trained.tokenizer.eos_id)[0]
+    assert out.strip() == trained.tokenizer.decode([tokens])[0].strip()
+
+
+def test_prompts_file_beam_search_and_ids(workdir, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The cat\n\nA dog sat\n")
+    code, out, _ = _run(capsys, "--workdir", workdir, "--prompts", prompts,
+                        "--max_new_tokens", 4, "--top_k", 5, "--top_p", 0.9, "--seed", 1)
+    assert code == 0 and out.startswith("[0]\n") and "\n[1]\n" in out and "[2]" not in out
+    code, out, _ = _run(capsys, "--workdir", workdir, "--prompt", "The cat", "--beam", 2,
+                        "--max_new_tokens", 4)
+    assert code == 0 and out.strip()
+    code, out, _ = _run(capsys, "--workdir", workdir, "--prompt_ids", "5 6 7",
+                        "--max_new_tokens", 3, "--temperature", 0)
+    assert code == 0 and all(x.isdigit() for x in out.split())
+
+
+def test_bad_input_is_one_line(workdir, tmp_path, capsys):
+    bare = tmp_path / "bare"
+    shutil.copytree(workdir, bare)
+    (bare / "tokenizer.model").unlink()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    vocab = load_workdir(workdir).model.vocab_size
+    cases = [
+        ((bare, "--prompt", "hi"), "has no tokenizer"),
+        ((empty, "--prompt", "hi"), "no checkpoint"),
+        ((tmp_path / "nowhere", "--prompt", "hi"), "no such directory"),
+        ((workdir, "--prompt", "  "), "prompt 0 is empty"),
+        ((workdir, "--prompt", "Once upon a time", "--cache_length", 4),
+         "but the cache holds 4"),
+        ((workdir, "--prompt_ids", f"1 {vocab}"), f"token id {vocab} outside"),
+        ((workdir, "--prompt_ids", "1 x"), "--prompt_ids must be integers"),
+        ((workdir, "--prompts", tmp_path / "missing.txt"), "no such file"),
+        ((workdir, "--prompt", "hi", "--step", 7), "no checkpoint of step 7"),
+    ]
+    for (wd, *rest), message in cases:
+        code, _, err = _run(capsys, "--workdir", wd, *rest)
+        assert code == 1 and message in err, (rest, err)
+
+
+def test_bad_flags_exit_2(workdir, capsys):
+    for argv in (["--temperature", "-1"], ["--top_p", "2"], ["--max_new_tokens", "0"]):
+        with pytest.raises(SystemExit) as info:
+            main(["--workdir", str(workdir), "--prompt", "x", *argv])
+        assert info.value.code == 2
+    capsys.readouterr()
