@@ -120,15 +120,17 @@ def test_ring_buffer_holds_only_the_window():
     model, params = _model("v2")
     cache = _empty_cache(model, params, 2, 40)
     ring = cache["block_0"]["mixer"]["short_term"]
-    assert ring["keys"].shape == (2, 5, 2, 8) and ring["positions"].shape == (2, 5)
-    assert cache["block_0"]["mixer"]["long_term"]["keys"].shape == (2, 40, 2, 8)
+    assert ring["keys"].shape == (2 * 2, 5 + 1, 8) and ring["positions"].shape == (2, 5)
+    assert cache["block_0"]["mixer"]["long_term"]["keys"].shape == (2 * 2, 40 + 1, 8)
 
 
 def test_scanned_caches_keep_the_batch_first():
+    """[batch, layers, ...], or [batch * heads, layers, ...] for the key/value buffers."""
     model, params = _model("v1_scanned")
     cache = _empty_cache(model, params, 3, 10)
-    for leaf in jax.tree.leaves(cache):
-        assert leaf.shape[:2] == (3, 2)  # [batch, layers, ...]
+    for path, leaf in jax.tree_util.tree_leaves_with_path(cache):
+        folded = path[-1].key in ("keys", "values")
+        assert leaf.shape[:2] == ((3 * 2 if folded else 3), 2), path
 
 
 # ----------------------------------------------------------------------------- Decoder

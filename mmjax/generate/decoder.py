@@ -85,8 +85,9 @@ class Decoder:
         self.vocab_size = int(model.vocab_size)
         call = functools.partial(_apply_cached, model, cache_length)
         self._call = jax.jit(call, donate_argnums=(1,))
-        self._reorder = jax.jit(lambda cache, rows: jax.tree.map(lambda x: x[rows], cache),
-                                donate_argnums=(0,))
+        self._reorder = jax.jit(
+            lambda cache, rows: jax.tree.map(lambda x: _take_rows(x, rows), cache),
+            donate_argnums=(0,))
 
     def init_cache(self):
         """Zeroed caches for ``batch_size`` rows of ``cache_length`` tokens."""
@@ -152,6 +153,15 @@ class Decoder:
                     f"prompt {i} has {len(prompt)} tokens; with max_new_tokens="
                     f"{max_new_tokens} it needs {len(prompt) + max_new_tokens} cache slots but "
                     f"the cache holds {self.cache_length} (raise cache_length)")
+
+
+def _take_rows(x, rows_B):
+    """Rows ``rows_B`` of a cache array whose axis 0 is the batch, or the batch folded with
+    the heads (``[B * H, ...]``, the key/value buffers of :mod:`mmjax.layers.cache`)."""
+    b = rows_B.shape[0]
+    if x.shape[0] == b:
+        return x[rows_B]
+    return x.reshape((b, x.shape[0] // b) + x.shape[1:])[rows_B].reshape(x.shape)
 
 
 def model_has_position_table(model) -> bool:

@@ -156,6 +156,29 @@ def memory_step(module: nn.Module, step: DecodeStep, *, keys_BxTxHxK: Array,
     return y
 
 
+def _write_slots(buffer_NxSxD: Array, new_BxTxHxD: Array, slot_BxT: Array) -> Array:
+    """``buffer[b * H + h, slot[b, j]] = new[b, j, h]``.
+
+    The buffer folds batch and heads (``N = B * H``) and ends with a sink slot that takes
+    the writes to skip and is never read. One token per row (a decoding step) is then an
+    unconditional in-place ``dynamic_update_slice`` per row: a scatter, a vmapped update, a
+    read of the old entry or a 4-D buffer of batch 1 each made XLA CPU copy the whole buffer
+    around the update, every step.
+    """
+    b, t, h, d = new_BxTxHxD.shape
+    s = buffer_NxSxD.shape[1]
+    new_BxTxHxD = new_BxTxHxD.astype(buffer_NxSxD.dtype)
+    if t > 1:
+        buffer_BxHxSxD = buffer_NxSxD.reshape(b, h, s, d)
+        buffer_BxHxSxD = buffer_BxHxSxD.at[jnp.arange(b)[:, None], :, slot_BxT].set(
+            new_BxTxHxD, mode="promise_in_bounds")
+        return buffer_BxHxSxD.reshape(b * h, s, d)
+    for row in range(b):  # unrolled: each an in-place update of the donated buffer
+        buffer_NxSxD = jax.lax.dynamic_update_slice(
+            buffer_NxSxD, new_BxTxHxD[row, 0, :, None, :], (row * h, slot_BxT[row, 0], 0))
+    return buffer_NxSxD
+
+
 def retrieve_with_cache(module: nn.Module, step: DecodeStep, pairs_k_BxTxHxK: Array,
                         pairs_v_BxTxHxV: Array, queries_BxTxHxK: Array, *, query_offset: int,
                         mask: MaskSpec, bandwidth: Callable[[Array], Array | None],
@@ -179,41 +202,54 @@ def retrieve_with_cache(module: nn.Module, step: DecodeStep, pairs_k_BxTxHxK: Ar
     Returns:
       ``[B, T, H, V]`` in the dtype of the values.
     """
-    b, c, h, dk = pairs_k_BxTxHxK.shape
+    b, t, h, dk = pairs_k_BxTxHxK.shape
     dv = pairs_v_BxTxHxV.shape[-1]
-    q_pos = step.query_positions(c) + query_offset
-    pair_pos_BxT = (step.rows(b) + query_offset - 1)[:, None] + jnp.arange(c, dtype=jnp.int32)
+    q_pos = step.query_positions(t) + query_offset
+    pair_pos_BxT = (step.rows(b) + query_offset - 1)[:, None] + jnp.arange(t, dtype=jnp.int32)
     last_pair_B = jnp.asarray(step.lengths, jnp.int32) + query_offset - 2
     valid_BxT = (pair_pos_BxT >= 0) & (pair_pos_BxT <= last_pair_B[:, None])
     rows_Bx1 = jnp.arange(b)[:, None]
     slots = ring if ring is not None else step.cache_length
     var = lambda name, shape, dt: module.variable("cache", name, jnp.zeros, shape, dt)
-    keys = var("keys", (b, slots, h, dk), pairs_k_BxTxHxK.dtype)
-    values = var("values", (b, slots, h, dv), pairs_v_BxTxHxV.dtype)
-    if ring is None:
-        slot_BxT = jnp.where(valid_BxT, pair_pos_BxT, slots)  # out of range: dropped
-        keys.value = keys.value.at[rows_Bx1, slot_BxT].set(pairs_k_BxTxHxK, mode="drop")
-        values.value = values.value.at[rows_Bx1, slot_BxT].set(pairs_v_BxTxHxV, mode="drop")
-        if step.aligned:
-            return retrieve(keys.value, values.value, queries=queries_BxTxHxK,
-                            bandwidth=bandwidth(q_pos), mask=mask,
-                            query_offset=step.position + query_offset, impl=impl)
-        return retrieve_dense(queries_BxTxHxK, keys.value, values.value,
-                              query_positions=q_pos, key_positions=jnp.arange(slots),
-                              mask=mask, bandwidth=bandwidth(q_pos))
-    # Ring: positions + 1 of the pairs held (0: empty slot).
-    held = var("positions", (b, slots), jnp.int32)
+    # Heads-major buffers [B * H, slots + 1, dim] (batch and heads folded, and a last sink
+    # slot: see _write_slots): a decoding step reads each head's keys in order.
+    keys = var("keys", (b * h, slots + 1, dk), pairs_k_BxTxHxK.dtype)
+    values = var("values", (b * h, slots + 1, dv), pairs_v_BxTxHxV.dtype)
+    unfold = lambda x: jnp.transpose(x.reshape(b, h, slots + 1, x.shape[-1]), (0, 2, 1, 3))
+    fold = lambda x: jnp.transpose(x, (0, 2, 1, 3)).reshape(b * h, t, x.shape[-1])
     new_pos_BxT = jnp.where(valid_BxT, pair_pos_BxT, -1)
-    y = retrieve_dense(queries_BxTxHxK,
-                       jnp.concatenate([keys.value, pairs_k_BxTxHxK], axis=1),
-                       jnp.concatenate([values.value, pairs_v_BxTxHxV], axis=1),
-                       query_positions=q_pos,
-                       key_positions=jnp.concatenate([held.value - 1, new_pos_BxT], axis=1),
-                       mask=mask, bandwidth=bandwidth(q_pos))
-    newest_B = jnp.max(new_pos_BxT, axis=1)
-    keep_BxT = valid_BxT & (pair_pos_BxT > newest_B[:, None] - slots)
-    slot_BxT = jnp.where(keep_BxT, pair_pos_BxT % slots, slots)
-    keys.value = keys.value.at[rows_Bx1, slot_BxT].set(pairs_k_BxTxHxK, mode="drop")
-    values.value = values.value.at[rows_Bx1, slot_BxT].set(pairs_v_BxTxHxV, mode="drop")
-    held.value = held.value.at[rows_Bx1, slot_BxT].set(pair_pos_BxT + 1, mode="drop")
-    return y
+    if ring is None:
+        slot_BxT = jnp.where(valid_BxT, pair_pos_BxT, slots)  # skipped: to the sink
+        # unwritten slots and the sink (position cache_length) are hidden by the causal mask
+        held_pos = lambda: jnp.arange(slots + 1)
+    else:
+        # Ring: positions + 1 of the pairs held (0: empty slot); only the newest ``slots``
+        # pairs of the call are kept.
+        held = var("positions", (b, slots), jnp.int32)
+        newest_B = jnp.max(new_pos_BxT, axis=1)
+        keep_BxT = valid_BxT & (pair_pos_BxT > newest_B[:, None] - slots)
+        slot_BxT = jnp.where(keep_BxT, pair_pos_BxT % slots, slots)  # skipped: to the sink
+        held_pos = lambda: jnp.pad(held.value - 1, ((0, 0), (0, 1)), constant_values=-1)
+
+    def store():
+        keys.value = _write_slots(keys.value, pairs_k_BxTxHxK, slot_BxT)
+        values.value = _write_slots(values.value, pairs_v_BxTxHxV, slot_BxT)
+        if ring is not None:
+            held.value = held.value.at[rows_Bx1, slot_BxT].set(pair_pos_BxT + 1, mode="drop")
+
+    if ring is not None and t > 1:
+        # A prefill chunk on a ring may overwrite pairs its first queries need: read the ring
+        # and the chunk's pairs together, then store.
+        y = retrieve_dense(queries_BxTxHxK,
+                           [(keys.value, values.value, held_pos()),
+                            (fold(pairs_k_BxTxHxK), fold(pairs_v_BxTxHxV), new_pos_BxT)],
+                           query_positions=q_pos, mask=mask, bandwidth=bandwidth(q_pos))
+        store()
+        return y
+    store()
+    if ring is None and step.aligned:  # prefill: the blocked (or Pallas) retrieval
+        return retrieve(unfold(keys.value), unfold(values.value), queries=queries_BxTxHxK,
+                        bandwidth=bandwidth(q_pos), mask=mask,
+                        query_offset=step.position + query_offset, impl=impl)
+    return retrieve_dense(queries_BxTxHxK, [(keys.value, values.value, held_pos())],
+                          query_positions=q_pos, mask=mask, bandwidth=bandwidth(q_pos))

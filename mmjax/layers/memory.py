@@ -62,6 +62,10 @@ Array = jax.Array
 
 VALUE_BETA_INIT = -0.5 / EXP_PARAM_SCALE
 
+# Cached calls with at most this many tokens (batch x time) retrieve from the persistent
+# memory densely (``impl="reference"``).
+DENSE_DECODE_QUERIES = 256
+
 
 def leaky_key_beta_init(key, shape, dtype=jnp.float32):
     """Official init of the per-head leaky-average rates: ``linspace(0.5, 5, H) / 10``."""
@@ -262,8 +266,10 @@ class PersistentMemory(_MemoryUnit):
             y_PxQxHxV = jnp.einsum("phqs,pshv->pqhv", w_PxHxQxS.astype(c.dtype),
                                    mv_PxSxHxV, preferred_element_type=jnp.float32)
         else:
+            # A decoding step has a handful of queries: two small matmuls beat the blocked loop.
+            impl = "reference" if step is not None and b * t <= DENSE_DECODE_QUERIES else c.impl
             y_PxQxHxV = retrieve(mk_PxSxHxK, mv_PxSxHxV, queries=q_PxQxHxK, mask=MaskSpec(),
-                                 query_offset=s, impl=c.impl,
+                                 query_offset=s, impl=impl,
                                  sharding=retrieval_sharding(queries_are_tokens=True))
         y_BxTxHxV = jnp.mean(y_PxQxHxV.astype(jnp.float32), axis=0).reshape(b, t, h, kdim)
         v_scale_H = jnp.exp(EXP_PARAM_SCALE * value_beta.astype(jnp.float32))
