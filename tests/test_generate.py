@@ -1,11 +1,14 @@
 """Generation: cached calls equal the full forward pass; sampling, beam search, batches."""
 
 import functools
+import os
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from mmjax.kernels import compile_check
 
 from mmjax.generate import Decoder, Sampling, beam_search, filter_logits, generate, sample
 from mmjax.layers.cache import DecodeStep
@@ -294,3 +297,39 @@ def test_bad_sampling_settings(kwargs, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")
                        .replace("[", r"\[").replace("]", r"\]")):
         Sampling(**kwargs)
+
+
+# ----------------------------------------------------------------------------- TPU
+
+
+@pytest.mark.skipif(not compile_check.libtpu_available() and not os.environ.get("CI"),
+                    reason='libtpu not installed: pip install -e ".[tpu]"')
+def test_prefill_and_steps_compile_for_a_tpu_chip_with_the_kernels():
+    """The real TPU compiler (libtpu, no TPU): a prefill chunk retrieves with the Pallas
+    kernel, a decoding step compiles and its scratch memory does not scale with the cache."""
+    from mmjax import aot
+    from mmjax.generate.decoder import _apply_cached, _cache_shapes
+
+    mesh = aot.topology_mesh("v5e:2x2", (4, 1, 1))
+    model = build_model(dict(name="memory_mosaic_v2", vocab_size=256, num_layers=1,
+                             num_heads=2, embed_dim=256, mlp_dim=512, short_term_window=128))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    place = lambda tree: jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), tree)
+    i32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=replicated)
+    params = flax.linen.meta.unbox(jax.eval_shape(model.init, jax.random.key(0),
+                                                  jnp.zeros((1, 1), jnp.int32))["params"])
+    temps = {}
+    for length in (512, 2048):
+        cache = jax.eval_shape(functools.partial(_cache_shapes, model, length), params,
+                               jnp.zeros((4, 1), jnp.int32))
+        call = jax.jit(functools.partial(_apply_cached, model, length), donate_argnums=(1,))
+        with jax.set_mesh(mesh):
+            step = call.lower(place(params), place(cache), i32((4, 1)), i32((4,)),
+                              i32((4,))).compile()
+            if length == 512:
+                prefill = call.lower(place(params), place(cache), i32((4, 256)), i32(()),
+                                     i32((4,))).compile()
+                assert "mmjax_retrieve_fwd_tpu" in prefill.as_text()
+        temps[length] = step.memory_analysis().temp_size_in_bytes
+    assert temps[2048] < 2 * temps[512] + (1 << 20), temps
