@@ -26,6 +26,10 @@ Dropout on the attention probabilities (the Library's ``ic_dropout``):
   O(T)-memory retrieval. This matches the official EFT variant (the one the official training
   script uses); see ``docs/official_code.md``. In evaluation both agree exactly.
 
+Decoding: called with ``step`` (a :class:`mmjax.layers.cache.DecodeStep`) and
+``mutable=["cache"]``, both units continue their key recurrence from the cached state; the
+contextual memory also keeps the pending pair and the stored pairs (:mod:`mmjax.layers.cache`).
+
 With ``mutable=["intermediates"]`` both units sow ``keys`` and ``retrieved`` (the input of
 ``out``, ``[B, T, H, V]``); the contextual memory also sows ``values``.
 
