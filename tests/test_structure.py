@@ -21,7 +21,7 @@ PACKAGE = REPO_ROOT / "mmjax"
 # Rank of each subpackage (or top-level module) of mmjax; kernels/ is installed as
 # mmjax.kernels and sits with ops (retrieve dispatches to it, it reuses the mask arithmetic).
 RANKS = {"ops": 0, "kernels": 0, "layers": 1, "models": 2, "train": 3, "moons": 3,
-         "flops": 3, "convert": 3, "data": 3, "generate": 4}
+         "flops": 3, "convert": 3, "data": 3, "generate": 4, "eval": 5}
 
 
 def _part_of(module: str) -> str | None:
