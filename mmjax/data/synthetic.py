@@ -19,6 +19,8 @@ import dataclasses
 
 import numpy as np
 
+from mmjax.data.icll import ICLLCorpus
+
 
 @dataclasses.dataclass(frozen=True)
 class PFACorpus:
@@ -74,11 +76,12 @@ class PFACorpus:
         return self.sample(rng, batch_size, length)
 
 
-_CORPORA = {"pfa": PFACorpus}
+_CORPORA = {"pfa": PFACorpus, "icll": ICLLCorpus}
 
 
 def make_corpus(name: str, **kwargs):
-    """Build a synthetic corpus by name (``"pfa"``); unknown names and keys raise clearly."""
+    """Build a synthetic corpus by name (``"pfa"``, ``"icll"``: :mod:`mmjax.data.icll`);
+    unknown names and keys raise clearly."""
     if name not in _CORPORA:
         raise ValueError(f"unknown corpus {name!r}; known: {sorted(_CORPORA)}")
     cls = _CORPORA[name]

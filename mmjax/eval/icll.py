@@ -1,21 +1,7 @@
-"""In-context language learning (the v1 paper's figure 9, after Akyurek et al. 2024, REGBENCH).
+"""In-context language learning (the v1 paper's figure 9): metrics, the oracle, in-context
+n-gram predictors.
 
-Every example is a language of its own: a random probabilistic finite automaton, and 10-19
-strings it generates, joined by a separator. A model that predicts the next letter well must
-infer the automaton from the strings before it, in context.
-
-Automata (:func:`random_automaton`): 4-12 states; each state has 1-3 outgoing edges with
-distinct letters from an alphabet of 18, never to itself; a string starts at state 0 and
-takes each allowed letter with equal probability. Every state has an edge, so a string can
-always go on; its length, 1-49 letters, is drawn first (CHOICE: the papers leave the start
-state and the stopping rule open; a fixed start state and a drawn length keep every letter
-of a string a draw from the automaton).
-
-Token ids: letters ``0..17``, the separator ``18``, padding ``19`` (vocabulary 20). An
-example is ``s_1 SEP s_2 SEP ... s_n SEP`` (CHOICE: a separator also closes the last string),
-padded to a fixed length. Targets that are the separator or padding are not scored (nor
-trained on): the end of a string is a draw of its length, not of the automaton.
-
+The data (random automata, examples, held-out languages) is :mod:`mmjax.data.icll`.
 Metrics, at each scored position (:func:`score`): accuracy (the model's most likely token is
 one the automaton allows next) and the total variation distance between the model's
 next-token distribution and the automaton's (probability on the separator or padding counts
@@ -25,117 +11,19 @@ as error). The oracle (:func:`oracle_probs`) scores 1 and 0; in-context n-gram p
 
 from __future__ import annotations
 
-import dataclasses
+import json
+import pathlib
+import warnings
 
+import jax
 import numpy as np
 
-NUM_LETTERS = 18
-SEPARATOR = NUM_LETTERS
-PAD = NUM_LETTERS + 1
-VOCAB_SIZE = NUM_LETTERS + 2
+from mmjax.data.icll import NUM_LETTERS, SEPARATOR, VOCAB_SIZE, Example, ICLLCorpus
 
-
-@dataclasses.dataclass(frozen=True)
-class Automaton:
-    """A probabilistic finite automaton: ``edges[s]`` maps each allowed letter to the next
-    state; letters are drawn uniformly among the allowed ones; strings start at state 0."""
-
-    edges: tuple  # tuple of dicts {letter: next_state}
-
-    @property
-    def num_states(self) -> int:
-        return len(self.edges)
-
-    def key(self) -> tuple:
-        """A hashable identity (held-out languages must differ from the training ones)."""
-        return tuple(tuple(sorted(e.items())) for e in self.edges)
-
-    def next_probs(self, state: int) -> np.ndarray:
-        """The exact next-token distribution over the vocabulary ``[VOCAB_SIZE]``."""
-        p = np.zeros(VOCAB_SIZE)
-        letters = list(self.edges[state])
-        p[letters] = 1.0 / len(letters)
-        return p
-
-
-def random_automaton(rng: np.random.Generator, *, min_states: int = 4, max_states: int = 12,
-                     max_edges: int = 3) -> Automaton:
-    """A random automaton: ``min_states..max_states`` states, ``1..max_edges`` edges per
-    state with distinct letters, no self loops."""
-    if not 2 <= min_states <= max_states:
-        raise ValueError(f"need 2 <= min_states <= max_states, got {min_states}, {max_states}")
-    if not 1 <= max_edges <= NUM_LETTERS:
-        raise ValueError(f"max_edges must be in [1, {NUM_LETTERS}], got {max_edges}")
-    n = int(rng.integers(min_states, max_states + 1))
-    edges = []
-    for state in range(n):
-        k = int(rng.integers(1, max_edges + 1))
-        letters = rng.choice(NUM_LETTERS, size=k, replace=False)
-        others = [s for s in range(n) if s != state]
-        targets = rng.choice(others, size=k, replace=True)
-        edges.append({int(a): int(b) for a, b in zip(letters, targets, strict=True)})
-    return Automaton(tuple(edges))
-
-
-def sample_string(rng: np.random.Generator, automaton: Automaton, length: int) -> list[int]:
-    """``length`` letters from state 0."""
-    state, letters = 0, []
-    for _ in range(length):
-        options = list(automaton.edges[state])
-        letter = options[int(rng.integers(len(options)))]
-        letters.append(letter)
-        state = automaton.edges[state][letter]
-    return letters
-
-
-@dataclasses.dataclass(frozen=True)
-class Example:
-    """One language's tokens ``[length]`` (padded) and the automaton's state before each
-    letter (``-1`` where the position is a separator or padding)."""
-
-    tokens: np.ndarray
-    states: np.ndarray
-    automaton: Automaton
-
-
-def make_example(rng: np.random.Generator, automaton: Automaton, length: int, *,
-                 min_strings: int = 10, max_strings: int = 19, min_letters: int = 1,
-                 max_letters: int = 49) -> Example:
-    """``min_strings..max_strings`` strings of ``min_letters..max_letters`` letters, each
-    closed by the separator, truncated or padded to ``length`` tokens."""
-    tokens, states = [], []
-    for _ in range(int(rng.integers(min_strings, max_strings + 1))):
-        string = sample_string(rng, automaton, int(rng.integers(min_letters, max_letters + 1)))
-        state = 0
-        for letter in string:
-            tokens.append(letter)
-            states.append(state)
-            state = automaton.edges[state][letter]
-        tokens.append(SEPARATOR)
-        states.append(-1)
-    tokens, states = tokens[:length], states[:length]
-    pad = length - len(tokens)
-    return Example(np.array(tokens + [PAD] * pad, np.int32),
-                   np.array(states + [-1] * pad, np.int32), automaton)
-
-
-def make_dataset(seed: int, num_languages: int, length: int, *, exclude=frozenset(),
-                 **example_kwargs) -> list[Example]:
-    """``num_languages`` examples, one per fresh automaton, none of whose identity is in
-    ``exclude`` (pass the training set's keys to hold languages out)."""
-    if num_languages < 1:
-        raise ValueError(f"num_languages must be >= 1, got {num_languages}")
-    if length < 2:
-        raise ValueError(f"length must be >= 2, got {length}")
-    rng = np.random.default_rng(seed)
-    examples, seen = [], set(exclude)
-    while len(examples) < num_languages:
-        automaton = random_automaton(rng)
-        if automaton.key() in seen:
-            continue
-        seen.add(automaton.key())
-        examples.append(make_example(rng, automaton, length, **example_kwargs))
-    return examples
+# The v1 paper's figure 9 (held-out accuracy at N = 100 / 1000 / 2500 training languages).
+PAPER_ACCURACY = {"memory_mosaic": {100: 0.925, 1000: 0.934, 2500: 0.941},
+                  "transformer": {100: 0.523, 1000: 0.533, 2500: 0.925}}
+MODELS = ("mm", "gpt2")
 
 
 def targets_and_truth(example: Example) -> tuple[np.ndarray, np.ndarray]:
@@ -191,3 +79,117 @@ def score(probs: np.ndarray, example: Example) -> dict[str, np.ndarray]:
     accuracy = allowed[np.arange(len(greedy)), greedy].astype(float)
     tvd = 0.5 * np.abs(probs - truth).sum(axis=-1)
     return {"accuracy": np.where(scored, accuracy, np.nan), "tvd": np.where(scored, tvd, np.nan)}
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def icll_config(model: str = "mm", *, languages: int = 1000, steps: int = 600, seed: int = 0,
+                width: int = 64, context: int = 512, eval_languages: int = 256):
+    """The training config of one run (``configs/icll.py`` is this, with presets).
+
+    ``model``: ``"mm"`` (v1 Memory Mosaic, 3.5 x width persistent slots per head: the GPT2
+    MLP's budget) or ``"gpt2"`` (4 x width MLP, learned positions); 2 layers, 4 heads.
+    """
+    from mmjax.train.config_lib import lm_config
+
+    if model not in MODELS:
+        raise ValueError(f"model must be one of {MODELS}, got {model!r}")
+    sizes = dict(vocab_size=VOCAB_SIZE, num_layers=2, num_heads=4, embed_dim=width,
+                 context_length=context)
+    model_config = (dict(name="gpt2", **sizes) if model == "gpt2" else
+                    dict(name="memory_mosaic", pmem_size=int(3.5 * width), **sizes))
+    return lm_config(
+        model_config,
+        data=dict(corpus="icll", context_length=context, batch_size=16,
+                  corpus_options=dict(num_languages=languages,
+                                      eval_languages=eval_languages)),
+        optimizer=dict(learning_rate=3e-3, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8,
+                       grad_clip=1.0, warmup_steps=min(50, steps // 2), total_steps=steps,
+                       min_lr=1e-4),
+        train=dict(num_steps=steps, log_every=max(steps // 4, 1), eval_every=0,
+                   eval_batches=1, seed=seed),
+    )
+
+
+def model_probs(model, params, examples: list[Example], batch_size: int = 16) -> np.ndarray:
+    """Next-token distributions ``[examples, length - 1, VOCAB_SIZE]`` of a trained model."""
+    apply = jax.jit(lambda p, x: jax.nn.softmax(model.apply({"params": p}, x), axis=-1))
+    tokens = np.stack([ex.tokens for ex in examples])
+    out = [np.asarray(apply(params, tokens[i:i + batch_size, :-1]))[..., :VOCAB_SIZE]
+           for i in range(0, len(tokens), batch_size)]
+    return np.concatenate(out)
+
+
+def mean_scores(probs: np.ndarray, examples: list[Example]) -> dict:
+    """Mean accuracy and TVD over every scored position, and their curves by position."""
+    scores = [score(p, ex) for p, ex in zip(probs, examples, strict=True)]
+    acc = np.stack([s["accuracy"] for s in scores])
+    tvd = np.stack([s["tvd"] for s in scores])
+    with warnings.catch_warnings():  # positions no example scores: NaN, not a warning
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return {"accuracy": float(np.nanmean(acc)), "tvd": float(np.nanmean(tvd)),
+                "accuracy_by_position": np.nanmean(acc, axis=0).tolist(),
+                "tvd_by_position": np.nanmean(tvd, axis=0).tolist()}
+
+
+def run(*, languages=(100, 1000, 2500), seeds=(0,), steps: int = 600, models=MODELS,
+        width: int = 64, context: int = 512, eval_languages: int = 256,
+        output: str | None = None, log=print) -> list[dict]:
+    """Train each model on each N with each seed; score it on held-out languages.
+
+    Returns one row per (model, N, seed) and per (n-gram baseline, N, seed); with
+    ``output`` writes ``icll.json`` there (rows with per-position curves).
+    """
+    from mmjax.models import build_model
+    from mmjax.train.loop import train_and_evaluate
+
+    rows = []
+    for seed in seeds:
+        for n in languages:
+            corpus = ICLLCorpus(num_languages=n, eval_languages=eval_languages, seed=seed)
+            held_out = corpus.examples("eval", context + 1)
+            for k in (2, 3):
+                probs = np.stack([ngram_probs(ex, k) for ex in held_out])
+                rows.append({"model": f"in-context {k}-gram", "languages": n, "seed": seed,
+                             **mean_scores(probs, held_out)})
+            for name in models:
+                config = icll_config(name, languages=n, steps=steps, seed=seed, width=width,
+                                     context=context, eval_languages=eval_languages)
+                result = train_and_evaluate(config, None, progress=False)
+                model = build_model(config.model)
+                probs = model_probs(model, result["state"].params, held_out)
+                row = {"model": config.model.name, "languages": n, "seed": seed,
+                       "eval_loss": float(result["eval_loss"]),
+                       "params": int(sum(x.size for x in
+                                         jax.tree.leaves(result["state"].params))),
+                       **mean_scores(probs, held_out)}
+                rows.append(row)
+                log(f"N={n} seed={seed} {row['model']}: accuracy {row['accuracy']:.3f} "
+                    f"TVD {row['tvd']:.3f} ({row['params']:,} parameters)")
+    if output is not None:
+        path = pathlib.Path(output)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "icll.json").write_text(json.dumps(rows))
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """Mean (and spread over seeds) of accuracy and TVD per model and N, with the paper's
+    accuracy beside."""
+    names = list(dict.fromkeys(r["model"] for r in rows))
+    ns = sorted({r["languages"] for r in rows})
+    paper = {"memory_mosaic": "memory_mosaic", "gpt2": "transformer"}
+    lines = ["| model | N | accuracy | TVD | seeds | paper accuracy |", "|---|---|---|---|---|---|"]
+    for name in names:
+        for n in ns:
+            sel = [r for r in rows if r["model"] == name and r["languages"] == n]
+            if not sel:
+                continue
+            acc = np.array([r["accuracy"] for r in sel])
+            tvd = np.array([r["tvd"] for r in sel])
+            ref = PAPER_ACCURACY.get(paper.get(name, ""), {}).get(n)
+            lines.append(f"| {name} | {n} | {acc.mean():.3f} +- {acc.std():.3f} | "
+                         f"{tvd.mean():.3f} +- {tvd.std():.3f} | {len(sel)} | "
+                         f"{'' if ref is None else f'{ref:.3f}'} |")
+    return "\n".join(lines)

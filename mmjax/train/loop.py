@@ -92,6 +92,8 @@ class Trainer:
         self.val_batches = make_batches(config.data, split="val", **kwargs)
         self._val_start = self.val_batches.get_state()
         self.corpus = getattr(self.train_batches, "corpus", None)
+        # target ids a corpus does not train on (the icll corpus: separator and padding)
+        self.ignore_targets = tuple(getattr(self.corpus, "ignore_targets", ()))
         if isinstance(self.train_batches, TextBatches):
             start = self.train_batches.get_state()
             self.train_batches.next_local()
@@ -111,6 +113,7 @@ class Trainer:
             functools.partial(guarded_train_step, model=self.model, optimizer=self.optimizer,
                               grad_accum_steps=self.config.train.grad_accum_steps,
                               loss_chunk=self.config.train.loss_chunk,
+                              ignore_targets=self.ignore_targets,
                               vocab_size=self.config.model.vocab_size,
                               skip_nonfinite=bool(self.config.train.skip_nonfinite_steps)),
             in_shardings=(self.state_shardings, self.batch_sharding),
@@ -119,7 +122,8 @@ class Trainer:
         )
         self._eval_step = jax.jit(
             functools.partial(eval_step, model=self.model,
-                              loss_chunk=self.config.train.loss_chunk),
+                              loss_chunk=self.config.train.loss_chunk,
+                              ignore_targets=self.ignore_targets),
             in_shardings=(self.state_shardings.params, self.batch_sharding),
             out_shardings=replicated,
         )

@@ -23,17 +23,22 @@ def lm_loss(model: nn.Module, variables, inputs_BxT, targets_BxT, *, loss_chunk:
     return lm_head_loss(hidden, head, targets_BxT, logit_scale=scale, chunk=loss_chunk)
 
 
-def split_batch(tokens_BxT1: jax.Array):
-    """``[batch, time + 1]`` tokens -> inputs ``[batch, time]`` and shifted targets."""
-    return tokens_BxT1[:, :-1], tokens_BxT1[:, 1:]
+def split_batch(tokens_BxT1: jax.Array, ignore_targets: tuple = ()):
+    """``[batch, time + 1]`` tokens -> inputs ``[batch, time]`` and shifted targets; targets
+    whose id is in ``ignore_targets`` become -1 (not trained on, not counted)."""
+    inputs, targets = tokens_BxT1[:, :-1], tokens_BxT1[:, 1:]
+    if ignore_targets:
+        targets = jnp.where(jnp.isin(targets, jnp.asarray(ignore_targets)), -1, targets)
+    return inputs, targets
 
 
 def train_step(state: TrainState, tokens_BxT1: jax.Array, *, model: nn.Module,
                optimizer: optax.GradientTransformation, grad_accum_steps: int = 1,
-               loss_chunk: int = 0):
+               loss_chunk: int = 0, ignore_targets: tuple = ()):
     """One optimiser step on a ``[batch, time + 1]`` token batch. Returns (state, metrics).
 
     ``loss_chunk``: positions per chunk of the fused LM head + cross-entropy (:func:`lm_loss`).
+    ``ignore_targets``: target ids that are not trained on (:func:`split_batch`).
 
     With ``grad_accum_steps = k > 1`` the batch is cut into ``k`` micro-batches of
     ``batch / k`` rows (rows ``i, i + k, i + 2k, ..``, so each micro-batch stays spread over
@@ -52,7 +57,7 @@ def train_step(state: TrainState, tokens_BxT1: jax.Array, *, model: nn.Module,
     rngs = dict(zip(RNG_STREAMS, jax.random.split(step_rng, len(RNG_STREAMS))))
 
     def summed_loss(params, tokens_MxT1, micro_index):
-        inputs, targets = split_batch(tokens_MxT1)
+        inputs, targets = split_batch(tokens_MxT1, ignore_targets)
         micro_rngs = dict(rngs)
         if grad_accum_steps > 1:  # fresh dropout per micro-batch; one long-term skip per step
             micro_rngs["dropout"] = jax.random.fold_in(rngs["dropout"], micro_index)
@@ -88,9 +93,10 @@ def train_step(state: TrainState, tokens_BxT1: jax.Array, *, model: nn.Module,
     return new_state, metrics
 
 
-def eval_step(params, tokens_BxT1: jax.Array, *, model: nn.Module, loss_chunk: int = 0):
+def eval_step(params, tokens_BxT1: jax.Array, *, model: nn.Module, loss_chunk: int = 0,
+              ignore_targets: tuple = ()):
     """Loss and per-position loss of a batch, in inference mode."""
-    inputs, targets = split_batch(tokens_BxT1)
+    inputs, targets = split_batch(tokens_BxT1, ignore_targets)
     loss, per_position, tokens = lm_loss(model, {"params": params}, inputs, targets,
                                          loss_chunk=loss_chunk, deterministic=True)
     return {"loss": loss, "loss_per_position": per_position, "tokens": tokens}

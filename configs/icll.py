@@ -1,0 +1,33 @@
+"""In-context language learning (the v1 paper's figure 9): a 2-layer Memory Mosaic and a
+2-layer GPT2 of about the same size, trained on N random-automaton languages.
+
+The data is :mod:`mmjax.data.icll` (vocabulary 20: 18 letters, separator, padding; the
+separator and padding targets are not trained on). ``python -m mmjax.eval icll`` trains both
+models for several N and prints accuracy and total variation distance on held-out languages;
+this file is one of its runs (:func:`mmjax.eval.icll.icll_config`)::
+
+    python -m mmjax.train --config configs/icll.py:mm,languages=1000 --workdir /tmp/icll_mm
+    python -m mmjax.train --config configs/icll.py:gpt2,languages=1000
+
+Presets: ``mm`` (default) or ``gpt2``; ``languages=N`` (default 1000), ``steps=S`` (default
+600), ``seed=K`` (default 0). Both models: 2 layers, width 64, 4 heads, context 512, batch
+16, AdamW 3e-3 with 50 warm-up steps and a cosine decay. The Memory Mosaic has 224
+persistent slots per head (3.5 x width, the GPT2 MLP's budget, as the official Library sizes
+it); GPT2 has a 4 x width MLP and 512 learned positions. ``python -m mmjax.flops --config
+configs/icll.py:mm`` (and ``:gpt2``) print the parameter counts.
+"""
+
+from mmjax.eval.icll import icll_config
+from mmjax.train.config_lib import parse_presets
+
+PRESETS = ("mm", "gpt2")
+VALUES = ("languages", "steps", "seed")
+
+
+def get_config(arg: str | None = None):
+    presets = parse_presets(arg, PRESETS, VALUES)
+    if "mm" in presets and "gpt2" in presets:
+        raise ValueError("choose one model preset: mm or gpt2")
+    return icll_config("gpt2" if "gpt2" in presets else "mm",
+                       languages=presets.get("languages", 1000),
+                       steps=presets.get("steps", 600), seed=presets.get("seed", 0))
