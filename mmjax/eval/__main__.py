@@ -1,13 +1,24 @@
 """``python -m mmjax.eval NAME [flags]``: the papers' in-context evaluations.
 
-``icll``: in-context language learning (the v1 paper's figure 9). Trains a 2-layer v1 Memory
-Mosaic and a 2-layer GPT2 (:func:`mmjax.eval.icll.icll_config`) on N random-automaton
-languages for each ``--languages`` and ``--seeds``, scores both and the in-context 2-/3-gram
-predictors on held-out languages, and prints the table next to the paper's accuracies::
+* ``icll``: in-context language learning (the v1 paper's figure 9). Trains a 2-layer v1
+  Memory Mosaic and a 2-layer GPT2 (:func:`mmjax.eval.icll.icll_config`) on N
+  random-automaton languages for each ``--languages`` and ``--seeds``, scores both and the
+  in-context 2-/3-gram predictors on held-out languages, prints the table next to the
+  paper's accuracies, and writes ``icll.json``::
 
-    python -m mmjax.eval icll --languages 100,1000,2500 --seeds 0,1,2 --output /tmp/icll
+      python -m mmjax.eval icll --languages 100,1000,2500 --seeds 0,1,2 --output /tmp/icll
 
-Exit status 0, 2 for bad flags, 1 with one line on stderr for other bad input.
+* ``per_position``: the loss at each position of several checkpoints on one plot (the v1
+  paper's figure 8), on a token store (``--data``) or their own validation data::
+
+      python -m mmjax.eval per_position --workdir /tmp/mm --workdir /tmp/gpt2 --output /tmp/pp
+
+* ``extrapolate``: one checkpoint at 1, 2, 4 and 8 times its training context::
+
+      python -m mmjax.eval extrapolate --workdir /tmp/mm --factors 1,2,4,8 --output /tmp/ex
+
+Exit status 0, 2 for bad flags, 1 with one line on stderr for other bad input (a workdir
+without a checkpoint, a context a model cannot take, a missing store).
 """
 
 from __future__ import annotations
@@ -15,8 +26,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-
-EVALUATIONS = ("icll",)
 
 
 def _ints(text: str) -> list[int]:
@@ -32,45 +41,83 @@ def _ints(text: str) -> list[int]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m mmjax.eval", description=__doc__.split("\n")[0])
-    p.add_argument("name", choices=EVALUATIONS)
-    p.add_argument("--languages", type=_ints, default=[100, 1000, 2500],
-                   help="training languages N (comma-separated)")
-    p.add_argument("--seeds", type=_ints, default=[0])
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--models", default="mm,gpt2")
-    p.add_argument("--width", type=int, default=64)
-    p.add_argument("--context", type=int, default=512)
-    p.add_argument("--eval_languages", type=int, default=256)
-    p.add_argument("--output", default=None, help="directory for icll.json")
+    sub = p.add_subparsers(dest="name", required=True)
+    icll = sub.add_parser("icll", help="in-context language learning (v1 figure 9)")
+    icll.add_argument("--languages", type=_ints, default=[100, 1000, 2500],
+                      help="training languages N (comma-separated)")
+    icll.add_argument("--seeds", type=_ints, default=[0])
+    icll.add_argument("--steps", type=int, default=600)
+    icll.add_argument("--models", default="mm,gpt2")
+    icll.add_argument("--width", type=int, default=64)
+    icll.add_argument("--context", type=int, default=512)
+    icll.add_argument("--eval_languages", type=int, default=256)
+    icll.add_argument("--output", default=None, help="directory for icll.json")
+    for name, text in (("per_position", "loss by position of several checkpoints"),
+                       ("extrapolate", "loss by position at multiples of the context")):
+        q = sub.add_parser(name, help=text)
+        q.add_argument("--workdir", action="append", required=True,
+                       help="a training workdir" + (" (repeat)" if name == "per_position"
+                                                    else ""))
+        q.add_argument("--data", default=None, help="a token store (default: the run's own)")
+        q.add_argument("--batches", type=int, default=8)
+        q.add_argument("--output", required=True, help="directory for the PNG and JSON")
+        if name == "per_position":
+            q.add_argument("--context", type=int, default=None)
+        else:
+            q.add_argument("--factors", type=_ints, default=[1, 2, 4, 8])
     args = p.parse_args(argv)
-    args.models = [m for m in args.models.split(",") if m]
-    from mmjax.eval.icll import MODELS
+    if args.name == "icll":
+        args.models = [m for m in args.models.split(",") if m]
+        from mmjax.eval.icll import MODELS
 
-    for m in args.models:
-        if m not in MODELS:
-            p.error(f"--models: unknown model {m!r}; choose from {MODELS}")
-    for name in ("steps", "width", "context", "eval_languages"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if min(args.languages) < 1:
-        p.error(f"--languages must be >= 1, got {args.languages}")
+        for m in args.models:
+            if m not in MODELS:
+                p.error(f"--models: unknown model {m!r}; choose from {MODELS}")
+        for name in ("steps", "width", "context", "eval_languages"):
+            if getattr(args, name) < 1:
+                p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+        if min(args.languages) < 1:
+            p.error(f"--languages must be >= 1, got {args.languages}")
+    else:
+        if args.batches < 1:
+            p.error(f"--batches must be >= 1, got {args.batches}")
+        if args.name == "extrapolate" and (len(args.workdir) != 1 or min(args.factors) < 1):
+            p.error("extrapolate takes one --workdir and --factors >= 1")
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from mmjax.eval import icll
-
     try:
-        rows = icll.run(languages=args.languages, seeds=args.seeds, steps=args.steps,
-                        models=args.models, width=args.width, context=args.context,
-                        eval_languages=args.eval_languages, output=args.output)
+        if args.name == "icll":
+            from mmjax.eval import icll
+
+            rows = icll.run(languages=args.languages, seeds=args.seeds, steps=args.steps,
+                            models=args.models, width=args.width, context=args.context,
+                            eval_languages=args.eval_languages, output=args.output)
+            print(icll.format_table(rows), flush=True)
+            return 0
+        from mmjax.eval import positions
+
+        if args.name == "per_position":
+            curves = positions.per_position(args.workdir, store=args.data,
+                                            context=args.context, batches=args.batches,
+                                            output=args.output)
+        else:
+            curves = positions.extrapolate(args.workdir[0], factors=args.factors,
+                                           store=args.data, batches=args.batches,
+                                           output=args.output)
+        for label, curve in curves.items():
+            values = [v for v in curve if v is not None]
+            quarter = max(1, len(values) // 4)
+            print(f"{label}: loss first quarter {sum(values[:quarter]) / quarter:.4f}, "
+                  f"last quarter {sum(values[-quarter:]) / quarter:.4f}", flush=True)
+        print(f"wrote {args.output}/{args.name}.png and .json", flush=True)
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         if os.environ.get("MMJAX_TRACEBACK"):
             raise
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
-    print(icll.format_table(rows), flush=True)
     return 0
 
 
