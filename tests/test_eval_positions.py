@@ -1,7 +1,9 @@
-"""``python -m mmjax.eval per_position`` and ``extrapolate`` on tiny trained workdirs."""
+"""``python -m mmjax.eval per_position``, ``extrapolate`` and ``attention`` on tiny trained
+workdirs."""
 
 import json
 
+import numpy as np
 import pytest
 
 from mmjax.eval.__main__ import main
@@ -24,7 +26,9 @@ def _train(root, name, **model):
 def workdirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("positions")
     return (_train(root, "memory_mosaic", pmem_size=16, context_length=32),
-            _train(root, "gpt2", context_length=48))
+            _train(root, "gpt2", context_length=48),
+            _train(root, "memory_mosaic_v2", mlp_dim=32, short_term_window=8,
+                   long_term_skip_range=(2, 4), inference_long_term_skip=3, scan_layers=True))
 
 
 def _run(capsys, *argv):
@@ -34,7 +38,7 @@ def _run(capsys, *argv):
 
 
 def test_per_position_plots_every_checkpoint(workdirs, tmp_path, capsys):
-    mm, gpt2 = workdirs
+    mm, gpt2, _ = workdirs
     code, out, _ = _run(capsys, "per_position", "--workdir", mm, "--workdir", gpt2,
                         "--batches", 2, "--output", tmp_path)
     assert code == 0, out
@@ -54,10 +58,35 @@ def test_extrapolate_runs_at_multiples_of_the_context(workdirs, tmp_path, capsys
     assert (tmp_path / "extrapolate.png").stat().st_size > 1000
 
 
+def test_attention_maps_follow_each_memory_s_mask(workdirs, tmp_path, capsys):
+    mm, gpt2, v2 = workdirs
+    for workdir in (mm, gpt2, v2):
+        factors = "1" if workdir == gpt2 else "1,2"  # GPT2's 48 positions: not 2 x 32
+        code, out, _ = _run(capsys, "attention", "--workdir", workdir, "--factors", factors,
+                            "--output", tmp_path / workdir.name)
+        assert code == 0
+        assert (tmp_path / workdir.name / "attention.png").stat().st_size > 1000
+    maps = {w.name: json.loads((tmp_path / w.name / "attention.json").read_text())["maps"]
+            for w in workdirs}
+    assert set(maps["memory_mosaic"]) == {"32", "64"}
+    for heads in maps["memory_mosaic"]["64"].values():  # v1: the diagonal is excluded
+        w = np.array(heads)
+        assert w.shape == (2, 64) and np.allclose(w.sum(-1), 1) and np.all(w[:, -1] == 0)
+    for heads in maps["gpt2"]["32"].values():  # attention sees its own position
+        assert np.all(np.array(heads)[:, -1] > 0)
+    v2_maps = maps["memory_mosaic_v2"]["64"]
+    assert set(v2_maps) == {"layer_0/mixer/short_term", "layer_0/mixer/long_term"}
+    short, long = np.array(v2_maps["layer_0/mixer/short_term"]), \
+        np.array(v2_maps["layer_0/mixer/long_term"])
+    assert np.all(short[:, :64 - 1 - 8] == 0) and np.allclose(short.sum(-1), 1)  # window 8
+    assert np.all(long[:, 64 - 1 - 3:] == 0) and np.allclose(long.sum(-1), 1)  # skip 3
+
+
 def test_bad_input_is_one_line(workdirs, tmp_path, capsys):
-    mm, gpt2 = workdirs
+    mm, gpt2, _ = workdirs
     cases = [
         (("extrapolate", "--workdir", gpt2, "--factors", "1,2"), "exceeds the 48 learned"),
+        (("attention", "--workdir", gpt2, "--factors", "2"), "exceeds the 48 learned"),
         (("per_position", "--workdir", tmp_path / "none"), "no such directory"),
         (("per_position", "--workdir", mm, "--data", tmp_path / "nostore"),
          "no such token store"),

@@ -17,6 +17,11 @@
 
       python -m mmjax.eval extrapolate --workdir /tmp/mm --factors 1,2,4,8 --output /tmp/ex
 
+* ``attention``: the last position's retrieval weights over earlier positions, per layer and
+  head, at 1 and 3 times the training context (the v1 paper's figures 14-16)::
+
+      python -m mmjax.eval attention --workdir /tmp/mm --factors 1,3 --output /tmp/att
+
 Exit status 0, 2 for bad flags, 1 with one line on stderr for other bad input (a workdir
 without a checkpoint, a context a model cannot take, a missing store).
 """
@@ -53,7 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     icll.add_argument("--eval_languages", type=int, default=256)
     icll.add_argument("--output", default=None, help="directory for icll.json")
     for name, text in (("per_position", "loss by position of several checkpoints"),
-                       ("extrapolate", "loss by position at multiples of the context")):
+                       ("extrapolate", "loss by position at multiples of the context"),
+                       ("attention", "retrieval weights of the last position")):
         q = sub.add_parser(name, help=text)
         q.add_argument("--workdir", action="append", required=True,
                        help="a training workdir" + (" (repeat)" if name == "per_position"
@@ -64,7 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         if name == "per_position":
             q.add_argument("--context", type=int, default=None)
         else:
-            q.add_argument("--factors", type=_ints, default=[1, 2, 4, 8])
+            q.add_argument("--factors", type=_ints,
+                           default=[1, 2, 4, 8] if name == "extrapolate" else [1, 3])
     args = p.parse_args(argv)
     if args.name == "icll":
         args.models = [m for m in args.models.split(",") if m]
@@ -81,8 +88,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     else:
         if args.batches < 1:
             p.error(f"--batches must be >= 1, got {args.batches}")
-        if args.name == "extrapolate" and (len(args.workdir) != 1 or min(args.factors) < 1):
-            p.error("extrapolate takes one --workdir and --factors >= 1")
+        if args.name != "per_position" and (len(args.workdir) != 1 or min(args.factors) < 1):
+            p.error(f"{args.name} takes one --workdir and --factors >= 1")
     return args
 
 
@@ -99,6 +106,18 @@ def main(argv=None) -> int:
             return 0
         from mmjax.eval import positions
 
+        if args.name == "attention":
+            from mmjax.eval.attention import attention_maps
+
+            maps = attention_maps(args.workdir[0], factors=args.factors, store=args.data,
+                                  batches=args.batches, output=args.output)
+            for context, by_memory in maps.items():
+                for name, heads in by_memory.items():
+                    near = [sum(h[-len(h) // 8:]) for h in heads]
+                    print(f"context {context} {name}: weight on the last eighth per head "
+                          + " ".join(f"{x:.2f}" for x in near), flush=True)
+            print(f"wrote {args.output}/attention.png and .json", flush=True)
+            return 0
         if args.name == "per_position":
             curves = positions.per_position(args.workdir, store=args.data,
                                             context=args.context, batches=args.batches,

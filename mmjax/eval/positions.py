@@ -54,7 +54,7 @@ def loss_by_position(trained: Trained, data: dict, context: int, batches: int,
         return sums / counts
 
 
-def _data_config(trained: Trained, store: str | None) -> dict:
+def data_config(trained: Trained, store: str | None) -> dict:
     if store is not None:
         if not pathlib.Path(store).is_dir():
             raise FileNotFoundError(f"--data {store}: no such token store directory")
@@ -68,7 +68,7 @@ def per_position(workdirs, *, store: str | None = None, context: int | None = No
     if not workdirs:
         raise ValueError("give at least one --workdir")
     loaded = [load_workdir(w) for w in workdirs]
-    data = _data_config(loaded[0], store)
+    data = data_config(loaded[0], store)
     context = context or int(loaded[0].config["data"]["context_length"])
     for w, trained in zip(workdirs, loaded, strict=True):
         check_context(trained, context, str(w))
@@ -83,7 +83,7 @@ def extrapolate(workdir, *, factors=(1, 2, 4, 8), store: str | None = None,
                 batches: int = 8, output: str) -> dict:
     """The loss by position of one checkpoint at ``factor x`` its training context."""
     trained = load_workdir(workdir)
-    data = _data_config(trained, store)
+    data = data_config(trained, store)
     base = int(trained.config["data"]["context_length"])
     for f in factors:
         check_context(trained, base * f, str(workdir))

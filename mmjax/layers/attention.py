@@ -30,6 +30,7 @@ from mmjax.layers.common import (
     normal_init,
     per_head_dim,
     retrieval_sharding,
+    sow_retrieval,
     zeros_init,
 )
 from mmjax.ops import MaskSpec, retrieve
@@ -147,6 +148,9 @@ class AttentionHeads(nn.Module):
                                                                      skip=skip),
                                        bandwidth=lambda _: bandwidth_H, ring=None,
                                        impl=self.impl)
+        sow_retrieval(self, q_BxTxHxK, k_BxTxHxK,
+                      bandwidth=attention_bandwidth(self.num_heads, self.head_dim),
+                      mask=MaskSpec(window=self.window, skip=skip), query_offset=1)
         return causal_attention(
             q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, window=self.window, skip=skip, impl=self.impl
         )

@@ -197,7 +197,7 @@ def run_blocks(block_cls: type, x_BxTxD: Array, *, num_layers: int, deterministi
             x_BxTxD = block_cls(**block_kwargs, name=f"block_{i}")(x_BxTxD, deterministic,
                                                                    long_term_skip, step)
         return x_BxTxD
-    scanned = nn.scan(_ScanStep, variable_axes={"params": 0, "cache": 1},
+    scanned = nn.scan(_ScanStep, variable_axes={"params": 0, "cache": 1, "intermediates": 0},
                       split_rngs={"params": True, "dropout": True},
                       in_axes=nn.broadcast, length=num_layers,
                       metadata_params={nn.PARTITION_NAME: "layers"})
@@ -218,6 +218,23 @@ def retrieval_sharding(*, queries_are_tokens: bool = False) -> RetrievalSharding
     if queries_are_tokens:
         return RetrievalSharding(query_time=batch, heads=heads)
     return RetrievalSharding(batch=batch, heads=heads)
+
+
+def sow_retrieval(module: nn.Module, queries_BxTxHxK: Array, keys_BxTxHxK: Array, *,
+                  bandwidth=None, mask=None, query_offset: int = 0) -> None:
+    """Record what a retrieval saw (``mutable=["intermediates"]``, name ``"retrieval"``): its
+    queries, keys, bandwidth (``None``, ``[H]`` or ``[T, H]``), mask window and skip (-1: none)
+    and query offset, so that an evaluation can recompute the weights of chosen rows
+    (:mod:`mmjax.eval.attention`). Without that collection mutable it costs nothing."""
+    h = keys_BxTxHxK.shape[2]
+    beta = jnp.ones((h,), jnp.float32) if bandwidth is None else bandwidth
+    window = -1 if mask is None or mask.window is None else mask.window
+    skip = 0 if mask is None else mask.skip
+    module.sow("intermediates", "retrieval", {
+        "queries": queries_BxTxHxK, "keys": keys_BxTxHxK,
+        "bandwidth": jnp.asarray(beta, jnp.float32),
+        "window": jnp.asarray(window, jnp.int32), "skip": jnp.asarray(skip, jnp.int32),
+        "query_offset": jnp.asarray(query_offset, jnp.int32)})
 
 
 def check_input_ids(input_ids: Array, max_length: int | None = None) -> None:

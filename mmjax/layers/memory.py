@@ -51,7 +51,13 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.layers.cache import DecodeStep, key_state, memory_step
-from mmjax.layers.common import HeadOutput, normal_init, retrieval_sharding, zeros_init
+from mmjax.layers.common import (
+    HeadOutput,
+    normal_init,
+    retrieval_sharding,
+    sow_retrieval,
+    zeros_init,
+)
 from mmjax.ops import (
     EXP_PARAM_SCALE,
     MaskSpec,
@@ -227,6 +233,7 @@ class ContextualMemory(_MemoryUnit):
         self.sow("intermediates", "keys", k_BxTxHxK)
         self.sow("intermediates", "values", v_BxTxHxV)
         self.sow("intermediates", "retrieved", y_BxTxHxV)
+        sow_retrieval(self, k_BxTxHxK, k_BxTxHxK, mask=MaskSpec())
         return self._output(y_BxTxHxV, deterministic)
 
 

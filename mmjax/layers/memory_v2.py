@@ -80,7 +80,7 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.layers.cache import DecodeStep, key_state, memory_step
-from mmjax.layers.common import HeadOutput, normal_init, retrieval_sharding
+from mmjax.layers.common import HeadOutput, normal_init, retrieval_sharding, sow_retrieval
 from mmjax.layers.memory import head_projection, per_head_param, value_extractor
 from mmjax.ops import (
     bandwidth_parameters,
@@ -167,6 +167,7 @@ class MemoryTier(nn.Module):
                                bandwidth=lambda pos: tier_bandwidth(pos, mask, *beta),
                                ring=mask.window, impl=c.impl)
         beta_TxH = tier_bandwidth(jnp.arange(x.shape[1]), mask, *beta)
+        sow_retrieval(self, k_BxTxHxK, k_BxTxHxK, bandwidth=beta_TxH, mask=mask)
         return retrieve(k_BxTxHxK, extract(u_BxTxHxK), bandwidth=beta_TxH, mask=mask,
                         impl=c.impl, sharding=retrieval_sharding())
 
