@@ -11,10 +11,11 @@ this file is one of its runs (:func:`mmjax.eval.icll.icll_config`)::
 
 Presets: ``mm`` (default) or ``gpt2``; ``languages=N`` (default 1000), ``steps=S`` (default
 600), ``seed=K`` (default 0). Both models: 2 layers, width 64, 4 heads, context 512, batch
-16, AdamW 3e-3 with 50 warm-up steps and a cosine decay. The Memory Mosaic has 224
-persistent slots per head (3.5 x width, the GPT2 MLP's budget, as the official Library sizes
-it); GPT2 has a 4 x width MLP and 512 learned positions. ``python -m mmjax.flops --config
-configs/icll.py:mm`` (and ``:gpt2``) print the parameter counts.
+16, AdamW 3e-3 with 50 warm-up steps and a cosine decay. GPT2 has a 4 x width MLP and 512
+learned positions; the Memory Mosaic 352 persistent slots per head (3.5 x width, the GPT2
+MLP's budget, plus 128 for the parameters of the position table): 132,728 parameters against
+GPT2's 132,672. ``python -m mmjax.flops --config configs/icll.py:mm`` (and ``:gpt2``) print
+them.
 """
 
 from mmjax.eval.icll import icll_config

@@ -147,3 +147,13 @@ def test_bad_flags_exit_2(argv, capsys):
         main(argv)
     assert info.value.code == 2
     capsys.readouterr()
+
+
+@pytest.mark.parametrize("width, context", [(64, 512), (32, 128)])
+def test_the_two_models_have_the_same_number_of_parameters(width, context):
+    from mmjax import flops
+    from mmjax.eval.icll import icll_config
+
+    mm, gpt2 = (flops.count(icll_config(m, width=width, context=context).model).total_params
+                for m in ("mm", "gpt2"))
+    assert abs(mm - gpt2) / gpt2 < 1e-3, (mm, gpt2)

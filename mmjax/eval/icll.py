@@ -88,8 +88,11 @@ def icll_config(model: str = "mm", *, languages: int = 1000, steps: int = 600, s
                 width: int = 64, context: int = 512, eval_languages: int = 256):
     """The training config of one run (``configs/icll.py`` is this, with presets).
 
-    ``model``: ``"mm"`` (v1 Memory Mosaic, 3.5 x width persistent slots per head: the GPT2
-    MLP's budget) or ``"gpt2"`` (4 x width MLP, learned positions); 2 layers, 4 heads.
+    ``model``: ``"mm"`` (v1 Memory Mosaic) or ``"gpt2"`` (4 x width MLP, learned positions);
+    2 layers, 4 heads. The Memory Mosaic's persistent memory has ``3.5 x width`` slots per head
+    (the GPT2 MLP's budget, as the official Library sizes it) plus ``context / (2 x layers)``
+    more: the parameters of GPT2's position table, so that both models have the same number
+    of parameters (within 0.1 %).
     """
     from mmjax.train.config_lib import lm_config
 
@@ -97,8 +100,10 @@ def icll_config(model: str = "mm", *, languages: int = 1000, steps: int = 600, s
         raise ValueError(f"model must be one of {MODELS}, got {model!r}")
     sizes = dict(vocab_size=VOCAB_SIZE, num_layers=2, num_heads=4, embed_dim=width,
                  context_length=context)
+    layers = sizes["num_layers"]
     model_config = (dict(name="gpt2", **sizes) if model == "gpt2" else
-                    dict(name="memory_mosaic", pmem_size=int(3.5 * width), **sizes))
+                    dict(name="memory_mosaic", pmem_size=int(3.5 * width) + context // (2 * layers),
+                         **sizes))
     return lm_config(
         model_config,
         data=dict(corpus="icll", context_length=context, batch_size=16,
