@@ -92,7 +92,7 @@ def icll_config(model: str = "mm", *, languages: int = 1000, steps: int = 600, s
     2 layers, 4 heads. The Memory Mosaic's persistent memory has ``3.5 x width`` slots per head
     (the GPT2 MLP's budget, as the official Library sizes it) plus ``context / (2 x layers)``
     more: the parameters of GPT2's position table, so that both models have the same number
-    of parameters (within 0.1 %).
+    of parameters up to the Memory Mosaic's per-head scalars (7 per head and layer).
     """
     from mmjax.train.config_lib import lm_config
 
