@@ -96,3 +96,23 @@ def test_bad_flags_exit_2(workdir, capsys):
             main(["--workdir", str(workdir), "--prompt", "x", *argv])
         assert info.value.code == 2
     capsys.readouterr()
+
+
+def test_question_answering_on_a_jsonl(workdir, tmp_path, capsys):
+    """``python -m mmjax.eval retrieval --qa``: runs on a text model; the matching rule."""
+    import json
+
+    from mmjax.eval.__main__ import main as eval_main
+    from mmjax.eval.retrieval import qa_match
+
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("\n".join(json.dumps({"context": "Tom has a red ball.", "question": q,
+                                         "answers": ["red"]}) for q in
+                            ("What colour is the ball?", "What does Tom have?")))
+    assert eval_main(["retrieval", "--workdir", str(workdir), "--qa", str(qa),
+                      "--output", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "retrieval.json").read_text())
+    assert rows[0]["questions"] == 2 and 0.0 <= rows[0]["accuracy"] <= 1.0
+    capsys.readouterr()
+    assert qa_match(" Red, of course.", ["red"]) and qa_match("the  Big dog", ["The big"])
+    assert not qa_match("blue", ["red"]) and not qa_match("", ["red"])

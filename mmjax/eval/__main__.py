@@ -22,6 +22,12 @@
 
       python -m mmjax.eval attention --workdir /tmp/mm --factors 1,3 --output /tmp/att
 
+* ``retrieval``: facts scattered through filler and queried at the end (RULER-style needle
+  and multi-key tasks), exact-match accuracy by context length; ``--qa FILE.jsonl`` runs
+  question answering on your own ``{context, question, answers}`` lines instead::
+
+      python -m mmjax.eval retrieval --workdir /tmp/mm --contexts 256,1024 --facts 1,4
+
 Exit status 0, 2 for bad flags, 1 with one line on stderr for other bad input (a workdir
 without a checkpoint, a context a model cannot take, a missing store).
 """
@@ -72,7 +78,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         else:
             q.add_argument("--factors", type=_ints,
                            default=[1, 2, 4, 8] if name == "extrapolate" else [1, 3])
+    r = sub.add_parser("retrieval", help="long-context retrieval and question answering")
+    r.add_argument("--workdir", required=True)
+    r.add_argument("--contexts", type=_ints, default=[256, 1024])
+    r.add_argument("--facts", type=_ints, default=[1, 4])
+    r.add_argument("--tasks", type=int, default=20)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--qa", default=None, help="a JSONL of {context, question, answers}")
+    r.add_argument("--output", default=None, help="directory for retrieval.json")
     args = p.parse_args(argv)
+    if args.name == "retrieval":
+        if args.tasks < 1 or min(args.contexts) < 1 or min(args.facts) < 1:
+            p.error("--tasks, --contexts and --facts must be >= 1")
+        return args
     if args.name == "icll":
         args.models = [m for m in args.models.split(",") if m]
         from mmjax.eval.icll import MODELS
@@ -106,6 +124,8 @@ def main(argv=None) -> int:
             return 0
         from mmjax.eval import positions
 
+        if args.name == "retrieval":
+            return _retrieval(args)
         if args.name == "attention":
             from mmjax.eval.attention import attention_maps
 
@@ -137,6 +157,29 @@ def main(argv=None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
+    return 0
+
+
+def _retrieval(args) -> int:
+    import json
+    import pathlib
+
+    from mmjax.eval import retrieval
+
+    if args.qa is not None:
+        rows = [retrieval.qa_accuracy(args.workdir, args.qa)]
+    else:
+        rows = retrieval.needle_accuracy(args.workdir, contexts=args.contexts,
+                                         facts=args.facts, num_tasks=args.tasks,
+                                         seed=args.seed)
+    print("| task | context | accuracy |\n|---|---|---|", flush=True)
+    for row in rows:
+        print(f"| {row['task']} | {row.get('context', '')} | {row['accuracy']:.3f} |",
+              flush=True)
+    if args.output is not None:
+        out = pathlib.Path(args.output)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "retrieval.json").write_text(json.dumps(rows))
     return 0
 
 

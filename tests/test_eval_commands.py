@@ -1,5 +1,5 @@
-"""``python -m mmjax.eval per_position``, ``extrapolate`` and ``attention`` on tiny trained
-workdirs."""
+"""``python -m mmjax.eval per_position``, ``extrapolate``, ``attention`` and ``retrieval`` on
+tiny trained workdirs."""
 
 import json
 
@@ -95,3 +95,60 @@ def test_bad_input_is_one_line(workdirs, tmp_path, capsys):
     for argv, message in cases:
         code, _, err = _run(capsys, *argv, "--output", tmp_path / "out")
         assert code == 1 and message in err, (argv, err)
+
+
+# ----------------------------------------------------------------------------- retrieval
+
+
+def test_needle_prompts_hold_their_facts_and_the_copy_oracle_scores_1():
+    from mmjax.eval import retrieval
+
+    for facts in (1, 4):
+        tasks = retrieval.needle_tasks(0, vocab_size=64, context=100, facts=facts,
+                                       num_tasks=30)
+        key, val, query = retrieval.markers(64)
+        for t in tasks:
+            assert len(t.prompt) == 100 and len(t.answer) == 2
+            assert t.prompt.count(key) == facts and t.prompt.count(query) == 1
+            assert t.prompt[-1] == val and t.prompt[-4] == query
+        answers = [retrieval.copy_oracle(t.prompt, 64, 2) for t in tasks]
+        assert retrieval.exact_match(answers, tasks) == 1.0
+        assert retrieval.exact_match([[0, 0]] * len(tasks), tasks) < 0.2
+
+
+def test_qa_files_are_checked_line_by_line(tmp_path):
+    from mmjax.eval import retrieval
+
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"context": "c", "question": "q", "answers": ["a"]}) + "\n\n"
+                    + json.dumps({"context": "c", "question": "q", "answers": "b"}) + "\n")
+    assert [t["answers"] for t in retrieval.qa_tasks(good)] == [["a"], ["b"]]
+    cases = [("{nope", "good.jsonl:1: not a JSON object"),
+             (json.dumps({"context": "c", "answers": ["a"]}), "missing field(s) ['question']"),
+             (json.dumps({"context": "c", "question": "q", "answers": []}), "non-empty"),
+             ("", "no question in the file")]
+    for text, message in cases:
+        bad = tmp_path / "good.jsonl"
+        bad.write_text(text)
+        with pytest.raises(ValueError) as info:
+            retrieval.qa_tasks(bad)
+        assert message in str(info.value)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        retrieval.qa_tasks(tmp_path / "missing.jsonl")
+
+
+def test_the_retrieval_command_scores_a_checkpoint(workdirs, tmp_path, capsys):
+    mm, gpt2, _ = workdirs
+    code, out, _ = _run(capsys, "retrieval", "--workdir", mm, "--contexts", "24,40",
+                        "--facts", "1,2", "--tasks", 3, "--output", tmp_path)
+    assert code == 0, out
+    rows = json.loads((tmp_path / "retrieval.json").read_text())
+    assert [(r["facts"], r["context"]) for r in rows] == [(1, 24), (1, 40), (2, 24), (2, 40)]
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
+    code, _, err = _run(capsys, "retrieval", "--workdir", gpt2, "--contexts", "64")
+    assert code == 1 and "exceeds the 48 learned positions" in err
+    code, _, err = _run(capsys, "retrieval", "--workdir", mm, "--contexts", "8", "--facts",
+                        "3")
+    assert code == 1 and "too short for 3 facts" in err
+    code, _, err = _run(capsys, "retrieval", "--workdir", mm, "--qa", tmp_path / "x.jsonl")
+    assert code == 1 and "no tokenizer" in err
