@@ -116,3 +116,41 @@ def test_question_answering_on_a_jsonl(workdir, tmp_path, capsys):
     capsys.readouterr()
     assert qa_match(" Red, of course.", ["red"]) and qa_match("the  Big dog", ["The big"])
     assert not qa_match("blue", ["red"]) and not qa_match("", ["red"])
+
+
+def test_in_context_classification_by_shots(workdir, tmp_path, capsys):
+    import json
+
+    from mmjax.eval import classify
+    from mmjax.eval.__main__ import main as eval_main
+
+    assert eval_main(["icl_classify", "--workdir", str(workdir), "--synthetic", "12",
+                      "--shots", "0,2", "--queries", "4", "--output", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "icl_classify.json").read_text())
+    assert [(r["shots"], r["anonymized"]) for r in rows] == [(0, False), (2, False),
+                                                             (0, True), (2, True)]
+    assert all(0.0 <= r["accuracy"] <= 1.0 and r["queries"] == 4 for r in rows)
+    capsys.readouterr()
+    examples = classify.synthetic_examples(0, 50)
+    assert {e["label"] for e in examples} == set(classify.TOPICS)
+    for e in examples:
+        assert sum(w in classify.TOPICS[e["label"]] for w in e["text"].split()) == 3
+    prompt = classify.build_prompt(examples[:2], "rain and sun", {k: k for k in classify.TOPICS})
+    assert prompt.count("Input:") == 3 and prompt.endswith("Input: rain and sun\nLabel:")
+
+
+def test_classification_data_errors(tmp_path):
+    import json
+
+    from mmjax.eval import classify
+
+    path = tmp_path / "d.jsonl"
+    for text, message in [(json.dumps({"text": "x"}), "missing field(s) ['label']"),
+                          ("{", "d.jsonl:1: not a JSON object"),
+                          (json.dumps({"text": "x", "label": "a"}), "at least 2 labels")]:
+        path.write_text(text)
+        with pytest.raises(ValueError) as info:
+            classify.read_examples(path)
+        assert message in str(info.value)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        classify.read_examples(tmp_path / "none.jsonl")

@@ -28,6 +28,12 @@
 
       python -m mmjax.eval retrieval --workdir /tmp/mm --contexts 256,1024 --facts 1,4
 
+* ``icl_classify``: k-shot classification from a JSONL of ``{text, label}`` (``--data``; or
+  ``--synthetic N`` examples of a built-in topic dataset), with the semantic and with
+  anonymized labels, accuracy against the number of shots::
+
+      python -m mmjax.eval icl_classify --workdir /tmp/run --data reviews.jsonl --shots 0,2,8
+
 Exit status 0, 2 for bad flags, 1 with one line on stderr for other bad input (a workdir
 without a checkpoint, a context a model cannot take, a missing store).
 """
@@ -86,7 +92,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--qa", default=None, help="a JSONL of {context, question, answers}")
     r.add_argument("--output", default=None, help="directory for retrieval.json")
+    c = sub.add_parser("icl_classify", help="in-context classification")
+    c.add_argument("--workdir", required=True)
+    source = c.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", help="a JSONL of {text, label}")
+    source.add_argument("--synthetic", type=int, help="use N built-in topic examples")
+    c.add_argument("--shots", type=_ints, default=[0, 1, 2, 4, 8])
+    c.add_argument("--queries", type=int, default=32)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--output", default=None, help="directory for icl_classify.json")
     args = p.parse_args(argv)
+    if args.name == "icl_classify":
+        if args.queries < 1 or (args.synthetic is not None and args.synthetic < 2):
+            p.error("--queries must be >= 1 and --synthetic >= 2")
+        return args
     if args.name == "retrieval":
         if args.tasks < 1 or min(args.contexts) < 1 or min(args.facts) < 1:
             p.error("--tasks, --contexts and --facts must be >= 1")
@@ -126,6 +145,8 @@ def main(argv=None) -> int:
 
         if args.name == "retrieval":
             return _retrieval(args)
+        if args.name == "icl_classify":
+            return _classify(args)
         if args.name == "attention":
             from mmjax.eval.attention import attention_maps
 
@@ -157,6 +178,30 @@ def main(argv=None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
+    return 0
+
+
+def _classify(args) -> int:
+    import json
+    import pathlib
+
+    from mmjax.eval import classify
+
+    examples = (classify.read_examples(args.data) if args.data is not None
+                else classify.synthetic_examples(args.seed, args.synthetic))
+    rows = []
+    for anonymize in (False, True):
+        rows += classify.accuracy_by_shots(args.workdir, examples, shots=args.shots,
+                                           queries=args.queries, anonymize=anonymize,
+                                           seed=args.seed)
+    print("| shots | labels | accuracy |\n|---|---|---|", flush=True)
+    for row in rows:
+        kind = "anonymized" if row["anonymized"] else "semantic"
+        print(f"| {row['shots']} | {kind} | {row['accuracy']:.3f} |", flush=True)
+    if args.output is not None:
+        out = pathlib.Path(args.output)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "icl_classify.json").write_text(json.dumps(rows))
     return 0
 
 
