@@ -41,8 +41,9 @@ without a checkpoint, a context a model cannot take, a missing store).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+
+from mmjax.generate.__main__ import ERRORS, one_line_error
 
 
 def _ints(text: str) -> list[int]:
@@ -173,11 +174,8 @@ def main(argv=None) -> int:
             print(f"{label}: loss first quarter {sum(values[:quarter]) / quarter:.4f}, "
                   f"last quarter {sum(values[-quarter:]) / quarter:.4f}", flush=True)
         print(f"wrote {args.output}/{args.name}.png and .json", flush=True)
-    except (ValueError, RuntimeError, FileNotFoundError) as e:
-        if os.environ.get("MMJAX_TRACEBACK"):
-            raise
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 1
+    except ERRORS as e:
+        return one_line_error(e)
     return 0
 
 

@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax.data import make_batches
-from mmjax.eval.positions import check_context, data_config
-from mmjax.generate.workdir import Trained, load_workdir
+from mmjax.eval.positions import scaled_contexts
+from mmjax.generate.workdir import Trained
 from mmjax.ops import MaskSpec, retrieval_weights
 
 
@@ -66,11 +66,7 @@ def last_row_weights(trained: Trained, tokens_BxT) -> dict[str, np.ndarray]:
 def attention_maps(workdir, *, factors=(1, 3), store: str | None = None, batches: int = 1,
                    batch_size: int = 4, output: str) -> dict:
     """Maps at ``factor x`` the training context; writes ``attention.{json,png}``."""
-    trained = load_workdir(workdir)
-    data = data_config(trained, store)
-    base = int(trained.config["data"]["context_length"])
-    for f in factors:
-        check_context(trained, base * f, str(workdir))
+    trained, data, base = scaled_contexts(workdir, factors, store)
     result = {}
     for f in factors:
         context = base * f

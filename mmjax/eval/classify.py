@@ -16,13 +16,13 @@ words), so the command is tested without downloads.
 
 from __future__ import annotations
 
-import json
 import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmjax.eval.positions import read_jsonl
 from mmjax.generate.workdir import Trained, load_workdir
 
 ANONYMOUS = ("foo", "bar", "baz", "qux", "zap", "wim", "dax", "lug")
@@ -50,21 +50,8 @@ def synthetic_examples(seed: int, num: int) -> list[dict]:
 
 def read_examples(path: str | pathlib.Path) -> list[dict]:
     """Read ``{"text", "label"}`` lines; one-line errors name the line."""
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--data {path}: no such file")
-    examples = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except ValueError:
-            raise ValueError(f"--data {path}:{number}: not a JSON object") from None
-        missing = [k for k in ("text", "label") if k not in item]
-        if missing:
-            raise ValueError(f"--data {path}:{number}: missing field(s) {missing}")
-        examples.append({"text": str(item["text"]), "label": str(item["label"])})
+    examples = [{"text": str(item["text"]), "label": str(item["label"])}
+                for _, item in read_jsonl(path, ("text", "label"), "--data")]
     labels = {e["label"] for e in examples}
     if len(labels) < 2:
         raise ValueError(f"--data {path}: needs examples of at least 2 labels, got "

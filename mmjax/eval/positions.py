@@ -54,6 +54,40 @@ def loss_by_position(trained: Trained, data: dict, context: int, batches: int,
         return sums / counts
 
 
+def read_jsonl(path: str | pathlib.Path, fields: tuple, flag: str) -> list[dict]:
+    """The objects of a JSONL file, each with ``fields``; one-line errors name the flag, the
+    file and the line (blank lines are skipped)."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{flag} {path}: no such file")
+    items = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except ValueError:
+            raise ValueError(f"{flag} {path}:{number}: not a JSON object") from None
+        if not isinstance(item, dict):
+            raise ValueError(f"{flag} {path}:{number}: not a JSON object")
+        missing = [k for k in fields if k not in item]
+        if missing:
+            raise ValueError(f"{flag} {path}:{number}: missing field(s) {missing}")
+        items.append((number, item))
+    return items
+
+
+def scaled_contexts(workdir, factors, store: str | None):
+    """``(trained, data config, training context)`` of a workdir, with every ``factor x``
+    the training context checked against what the model can take."""
+    trained = load_workdir(workdir)
+    data = data_config(trained, store)
+    base = int(trained.config["data"]["context_length"])
+    for f in factors:
+        check_context(trained, base * f, str(workdir))
+    return trained, data, base
+
+
 def data_config(trained: Trained, store: str | None) -> dict:
     if store is not None:
         if not pathlib.Path(store).is_dir():
@@ -82,11 +116,7 @@ def per_position(workdirs, *, store: str | None = None, context: int | None = No
 def extrapolate(workdir, *, factors=(1, 2, 4, 8), store: str | None = None,
                 batches: int = 8, output: str) -> dict:
     """The loss by position of one checkpoint at ``factor x`` its training context."""
-    trained = load_workdir(workdir)
-    data = data_config(trained, store)
-    base = int(trained.config["data"]["context_length"])
-    for f in factors:
-        check_context(trained, base * f, str(workdir))
+    trained, data, base = scaled_contexts(workdir, factors, store)
     curves = {f"context {base * f} ({f}x)": loss_by_position(trained, data, base * f, batches)
               for f in factors}
     title = f"{trained.config['model']['name']} trained at context {base}"

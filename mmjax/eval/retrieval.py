@@ -18,13 +18,12 @@ continuation starts with one of the normalised answers.
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 import re
 
 import numpy as np
 
-from mmjax.eval.positions import check_context
+from mmjax.eval.positions import check_context, read_jsonl
 from mmjax.generate.decoder import Decoder, generate
 from mmjax.generate.sampling import Sampling
 from mmjax.generate.workdir import Trained, load_workdir
@@ -143,20 +142,8 @@ def qa_match(continuation: str, answers) -> bool:
 
 def qa_tasks(path: str | pathlib.Path) -> list[dict]:
     """Read ``{"context", "question", "answers"}`` lines; one-line errors name the line."""
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--qa {path}: no such file")
     tasks = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except ValueError:
-            raise ValueError(f"--qa {path}:{number}: not a JSON object") from None
-        missing = [k for k in ("context", "question", "answers") if k not in item]
-        if missing:
-            raise ValueError(f"--qa {path}:{number}: missing field(s) {missing}")
+    for number, item in read_jsonl(path, ("context", "question", "answers"), "--qa"):
         answers = item["answers"]
         if isinstance(answers, str):
             answers = [answers]

@@ -26,6 +26,18 @@ from mmjax.generate.decoder import Decoder, beam_search, generate
 from mmjax.generate.sampling import Sampling
 from mmjax.generate.workdir import load_workdir
 
+# What a command reports in one line (exit status 1) rather than as a traceback.
+ERRORS = (ValueError, RuntimeError, FileNotFoundError)
+
+
+def one_line_error(error: Exception) -> int:
+    """Print ``error: ...`` on stderr and return exit status 1 (``MMJAX_TRACEBACK=1``
+    re-raises instead, with the traceback)."""
+    if os.environ.get("MMJAX_TRACEBACK"):
+        raise error
+    print(f"error: {error}", file=sys.stderr, flush=True)
+    return 1
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m mmjax.generate",
@@ -118,11 +130,8 @@ def main(argv=None) -> int:
         else:
             _print_all(generate(decoder, prompts, max_new_tokens=args.max_new_tokens,
                                 sampling=args.sampling, seed=args.seed, eos_id=eos), show)
-    except (ValueError, RuntimeError, FileNotFoundError) as e:
-        if os.environ.get("MMJAX_TRACEBACK"):
-            raise
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 1
+    except ERRORS as e:
+        return one_line_error(e)
     return 0
 
 
