@@ -14,8 +14,12 @@ Presets: ``mm`` (default) or ``gpt2``; ``languages=N`` (default 1000), ``steps=S
 16, AdamW 3e-3 with 50 warm-up steps and a cosine decay. GPT2 has a 4 x width MLP and 512
 learned positions; the Memory Mosaic 352 persistent slots per head (3.5 x width, the GPT2
 MLP's budget, plus 128 for the parameters of the position table): 132,728 parameters against
-GPT2's 132,672. ``python -m mmjax.flops --config configs/icll.py:mm`` (and ``:gpt2``) print
-them.
+GPT2's 132,672.
+
+Expected (mmjax.flops, last line)::
+
+  params=132728 flops_per_token=264704
+  :gpt2  params=132672 flops_per_token=199168
 """
 
 from mmjax.eval.icll import icll_config
