@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax.eval.positions import read_jsonl
+from mmjax.generate.decoder import model_has_position_table
 from mmjax.generate.workdir import Trained, load_workdir
 
 ANONYMOUS = ("foo", "bar", "baz", "qux", "zap", "wim", "dax", "lug")
@@ -94,7 +95,7 @@ def choose_labels(trained: Trained, prompts, choices) -> list[int]:
             spans.append((len(ids), len(ids) + len(c)))
     longest = max(map(len, rows))
     length = 1 << max(1, (longest - 1).bit_length())  # few shapes, few compilations
-    if type(trained.model).__name__ == "GPT2":  # learned positions: no room to round up
+    if model_has_position_table(trained.model):  # learned positions: no room to round up
         limit = trained.model.context_length
         if longest - 1 > limit:
             raise ValueError(f"a prompt of {longest - 1} tokens exceeds the {limit} learned "

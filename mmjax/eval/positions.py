@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from mmjax.data import make_batches
+from mmjax.generate.decoder import model_has_position_table
 from mmjax.generate.workdir import Trained, load_workdir
 from mmjax.train.step import eval_step
 
@@ -28,7 +29,7 @@ def check_context(trained: Trained, context: int, name: str) -> None:
     model = trained.model
     if context < 2:
         raise ValueError(f"context must be >= 2, got {context}")
-    if type(model).__name__ == "GPT2" and context > model.context_length:
+    if model_has_position_table(model) and context > model.context_length:
         raise ValueError(f"{name}: context {context} exceeds the {model.context_length} "
                          "learned positions of this GPT2 (it cannot extrapolate)")
 

@@ -165,7 +165,8 @@ def _take_rows(x, rows_B):
 
 
 def model_has_position_table(model) -> bool:
-    """Whether the model has learned absolute positions (GPT2): its cache cannot outgrow them."""
+    """Whether the model has learned absolute positions (GPT2): it takes no more tokens than
+    its ``context_length`` (a cache, an evaluation context)."""
     return type(model).__name__ == "GPT2"
 
 
