@@ -40,7 +40,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.ops import MaskSpec, retrieve, retrieve_dense
+from mmjax.ops import MaskSpec, fold_heads, retrieve, retrieve_dense
 
 Array = jax.Array
 
@@ -216,7 +216,6 @@ def retrieve_with_cache(module: nn.Module, step: DecodeStep, pairs_k_BxTxHxK: Ar
     keys = var("keys", (b * h, slots + 1, dk), pairs_k_BxTxHxK.dtype)
     values = var("values", (b * h, slots + 1, dv), pairs_v_BxTxHxV.dtype)
     unfold = lambda x: jnp.transpose(x.reshape(b, h, slots + 1, x.shape[-1]), (0, 2, 1, 3))
-    fold = lambda x: jnp.transpose(x, (0, 2, 1, 3)).reshape(b * h, t, x.shape[-1])
     new_pos_BxT = jnp.where(valid_BxT, pair_pos_BxT, -1)
     if ring is None:
         slot_BxT = jnp.where(valid_BxT, pair_pos_BxT, slots)  # skipped: to the sink
@@ -242,7 +241,8 @@ def retrieve_with_cache(module: nn.Module, step: DecodeStep, pairs_k_BxTxHxK: Ar
         # and the chunk's pairs together, then store.
         y = retrieve_dense(queries_BxTxHxK,
                            [(keys.value, values.value, held_pos()),
-                            (fold(pairs_k_BxTxHxK), fold(pairs_v_BxTxHxV), new_pos_BxT)],
+                            (fold_heads(pairs_k_BxTxHxK), fold_heads(pairs_v_BxTxHxV),
+                             new_pos_BxT)],
                            query_positions=q_pos, mask=mask, bandwidth=bandwidth(q_pos))
         store()
         return y

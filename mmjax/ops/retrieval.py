@@ -355,13 +355,13 @@ def retrieval_weights(
     b, tq, h, _ = q_BxQxHxK.shape
     tk = k_BxTxHxK.shape[1]
     q_pos_Q = query_offset + jnp.arange(tq, dtype=jnp.int32)
-    scores_NxQxT = _masked_scores(_fold_heads(q_BxQxHxK), _fold_heads(k_BxTxHxK),
+    scores_NxQxT = _masked_scores(fold_heads(q_BxQxHxK), fold_heads(k_BxTxHxK),
                                   jnp.broadcast_to(beta_QxH, (b, tq, h)), mask, q_pos_Q,
                                   jnp.arange(tk, dtype=jnp.int32))
     return _softmax_parts([scores_NxQxT])[0].reshape(b, h, tq, tk)
 
 
-def _fold_heads(x_BxTxHxD: Array) -> Array:
+def fold_heads(x_BxTxHxD: Array) -> Array:
     """``[B, T, H, D] -> [B * H, T, D]`` (row ``b * H + h``)."""
     b, t, h, d = x_BxTxHxD.shape
     return jnp.transpose(x_BxTxHxD, (0, 2, 1, 3)).reshape(b * h, t, d)
@@ -430,7 +430,7 @@ def retrieve_dense(
     b, tq, h, _ = q_BxQxHxK.shape
     beta = jnp.ones((h,), jnp.float32) if bandwidth is None else bandwidth
     beta_BxQxH = jnp.broadcast_to(jnp.asarray(beta, jnp.float32), (b, tq, h))
-    q_NxQxK = _fold_heads(q_BxQxHxK)
+    q_NxQxK = fold_heads(q_BxQxHxK)
     scores = [_masked_scores(q_NxQxK, k, beta_BxQxH, mask, query_positions, pos)
               for k, _, pos in parts]
     dtype = parts[0][1].dtype
