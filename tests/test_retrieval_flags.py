@@ -74,3 +74,22 @@ def test_every_key_visible_skips_the_mask(tk, block):
         k, v, queries=q, mask=MaskSpec(), query_offset=off, impl="xla", block_size=block)),
         argnums=(0, 1, 2)), (q, k, v, jnp.int32(tk)), " and ")
     assert _count(static, (q, k, v), " and ") < masked
+
+
+def test_every_key_visible_uses_tall_query_tiles(monkeypatch):
+    """By default the all-visible layout runs ALL_VISIBLE_BLOCK_Q queries per tile (fewer,
+    larger matmuls), the masked layouts DEFAULT_BLOCK_Q; results equal the reference,
+    including a last query tile that is mostly padding."""
+    from mmjax.ops import retrieval
+
+    seen = []
+    blocked = retrieval.retrieve_blocked
+    monkeypatch.setattr(retrieval, "retrieve_blocked",
+                        lambda *a, **kw: seen.append(kw["block_q"]) or blocked(*a, **kw))
+    q, k, v = _inputs(tq=retrieval.ALL_VISIBLE_BLOCK_Q + 37, tk=20, b=1, h=2)
+    for offset in (20, 0):
+        got = retrieve(k, v, queries=q, mask=MaskSpec(), query_offset=offset, impl="xla")
+        want = retrieve(k, v, queries=q, mask=MaskSpec(), query_offset=offset,
+                        impl="reference")
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert seen == [retrieval.ALL_VISIBLE_BLOCK_Q, retrieval.DEFAULT_BLOCK_Q]

@@ -27,11 +27,10 @@ import jax.numpy as jnp
 from mmjax.layers.cache import DecodeStep, retrieve_with_cache
 from mmjax.layers.common import (
     HeadOutput,
-    normal_init,
+    head_projection,
     per_head_dim,
     retrieval_sharding,
     sow_retrieval,
-    zeros_init,
 )
 from mmjax.ops import MaskSpec, retrieve
 
@@ -123,19 +122,12 @@ class AttentionHeads(nn.Module):
     def __call__(self, x_BxTxD: Array, *, skip=0, step: DecodeStep | None = None) -> Array:
         """``[B, T, D] -> [B, T, H, K]``; with ``step`` a cached call (an ordinary KV cache,
         :mod:`mmjax.layers.cache`)."""
-        d = x_BxTxD.shape[-1]
-        shape = (d, self.num_heads, self.head_dim)
-        names = ("embed", "heads", "head_dim")
         x = x_BxTxD.astype(self.dtype)
-        qkv = []
-        for name in ("query", "key", "value"):
-            w_DxHxK = self.param(name, normal_init(self.init_std, names), shape)
-            y_BxTxHxK = jnp.einsum("btd,dhk->bthk", x, jnp.asarray(w_DxHxK, self.dtype))
-            if self.use_bias:
-                b_HxK = self.param(f"{name}_bias", zeros_init(names[1:]), shape[1:])
-                y_BxTxHxK = y_BxTxHxK + jnp.asarray(b_HxK, self.dtype)
-            qkv.append(y_BxTxHxK)
-        q_BxTxHxK, k_BxTxHxK, v_BxTxHxK = qkv
+        q_BxTxHxK, k_BxTxHxK, v_BxTxHxK = (
+            head_projection(self, name, x, num_heads=self.num_heads, head_dim=self.head_dim,
+                            init_std=self.init_std, use_bias=self.use_bias, dtype=self.dtype,
+                            param_dtype=jnp.float32)
+            for name in ("query", "key", "value"))
         t = x.shape[1]
         positions = jnp.arange(t, dtype=jnp.int32) if step is None else step.query_positions(t)
         if self.rope_theta is not None:

@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.ops import RetrievalSharding, select_long_term_skip
+from mmjax.ops import RetrievalSharding, project, select_long_term_skip
 
 Array = jax.Array
 
@@ -113,6 +113,45 @@ class TokenEmbedding(nn.Module):
         return logits_BxTxN * logit_scale if logit_scale != 1.0 else logits_BxTxN
 
 
+class Linear(nn.Module):
+    """``x @ kernel (+ bias)`` over the last axis: ``[..., D] -> [..., F]``
+    (:func:`mmjax.ops.project`). Parameters ``kernel [D, F]`` and, with ``use_bias``,
+    ``bias [F]``, with logical axis ``names`` (``(in, out)``)."""
+
+    features: int
+    names: tuple
+    use_bias: bool = False
+    init_std: float = 0.02
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxTxD: Array) -> Array:
+        w_DxF = self.param("kernel", normal_init(self.init_std, self.names),
+                           (x_BxTxD.shape[-1], self.features), self.param_dtype)
+        y_BxTxF = project(x_BxTxD.astype(self.dtype), jnp.asarray(w_DxF, self.dtype))
+        if self.use_bias:
+            b_F = self.param("bias", zeros_init(self.names[1:]), (self.features,),
+                             self.param_dtype)
+            y_BxTxF = y_BxTxF + jnp.asarray(b_F, self.dtype)
+        return y_BxTxF
+
+
+def head_projection(module: nn.Module, name: str, x_BxTxD: Array, *, num_heads: int,
+                    head_dim: int, init_std: float, use_bias: bool, dtype, param_dtype) -> Array:
+    """``x W (+ b)`` with ``W = name [D, H, K]`` and ``b = name_bias [H, K]``: ``[B, T, H, K]``."""
+    d = x_BxTxD.shape[-1]
+    names = ("embed", "heads", "head_dim")
+    w_DxHxK = module.param(name, normal_init(init_std, names), (d, num_heads, head_dim),
+                           param_dtype)
+    y_BxTxHxK = project(x_BxTxD.astype(dtype), w_DxHxK.astype(dtype))
+    if use_bias:
+        b_HxK = module.param(f"{name}_bias", zeros_init(names[1:]), (num_heads, head_dim),
+                             param_dtype)
+        y_BxTxHxK = y_BxTxHxK + b_HxK.astype(dtype)
+    return y_BxTxHxK
+
+
 class HeadOutput(nn.Module):
     """Output projection fusing head outputs: ``[B,T,H,V] -> [B,T,D]`` (``c_proj`` / ``W_o``).
 
@@ -133,9 +172,7 @@ class HeadOutput(nn.Module):
         h, v = y_BxTxHxV.shape[-2:]
         w_HxVxD = self.param("kernel", normal_init(self.init_std, ("heads", "head_dim", "embed")),
                              (h, v, self.features), self.param_dtype)
-        out_BxTxD = jnp.einsum(
-            "bthv,hvd->btd", y_BxTxHxV.astype(self.dtype), jnp.asarray(w_HxVxD, self.dtype)
-        )
+        out_BxTxD = project(y_BxTxHxV.astype(self.dtype), jnp.asarray(w_HxVxD, self.dtype), 2)
         if self.use_bias:
             b_D = self.param("bias", zeros_init(("embed",)), (self.features,), self.param_dtype)
             out_BxTxD = out_BxTxD + jnp.asarray(b_D, self.dtype)

@@ -53,10 +53,10 @@ import jax.numpy as jnp
 from mmjax.layers.cache import DecodeStep, key_state, memory_step
 from mmjax.layers.common import (
     HeadOutput,
+    head_projection,
     normal_init,
     retrieval_sharding,
     sow_retrieval,
-    zeros_init,
 )
 from mmjax.ops import (
     EXP_PARAM_SCALE,
@@ -87,21 +87,6 @@ def per_head_param(module: nn.Module, name: str, init, num_heads: int, param_dty
     """A ``[heads]`` parameter (logical axis ``heads``)."""
     return module.param(name, nn.with_logical_partitioning(init, ("heads",)), (num_heads,),
                         param_dtype)
-
-
-def head_projection(module: nn.Module, name: str, x_BxTxD: Array, *, num_heads: int,
-                    head_dim: int, init_std: float, use_bias: bool, dtype, param_dtype) -> Array:
-    """``x W (+ b)`` with ``W = name [D, H, K]`` and ``b = name_bias [H, K]``: ``[B, T, H, K]``."""
-    d = x_BxTxD.shape[-1]
-    names = ("embed", "heads", "head_dim")
-    w_DxHxK = module.param(name, normal_init(init_std, names), (d, num_heads, head_dim),
-                           param_dtype)
-    y_BxTxHxK = jnp.einsum("btd,dhk->bthk", x_BxTxD.astype(dtype), w_DxHxK.astype(dtype))
-    if use_bias:
-        b_HxK = module.param(f"{name}_bias", zeros_init(names[1:]), (num_heads, head_dim),
-                             param_dtype)
-        y_BxTxHxK = y_BxTxHxK + b_HxK.astype(dtype)
-    return y_BxTxHxK
 
 
 def value_extractor(module: nn.Module, x_BxTxD: Array, *, num_heads: int, head_dim: int,

@@ -80,13 +80,20 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.layers.cache import DecodeStep, key_state, memory_step
-from mmjax.layers.common import HeadOutput, normal_init, retrieval_sharding, sow_retrieval
-from mmjax.layers.memory import head_projection, per_head_param, value_extractor
+from mmjax.layers.common import (
+    HeadOutput,
+    head_projection,
+    normal_init,
+    retrieval_sharding,
+    sow_retrieval,
+)
+from mmjax.layers.memory import per_head_param, value_extractor
 from mmjax.ops import (
     bandwidth_parameters,
     gated_key_average,
     inverse_bandwidth_parameters,
     l2_normalize,
+    project,
     retrieve,
     tier_bandwidth,
     tier_masks,
@@ -140,15 +147,15 @@ class MemoryTier(nn.Module):
             raise ValueError(f"gate_cap must be > 0, got {c.gate_cap}")
         d, h, k = x_BxTxD.shape[-1], c.num_heads, c.head_dim
         x = x_BxTxD.astype(c.dtype)
-        project = lambda name: head_projection(self, name, x, num_heads=h, head_dim=k,
-                                               init_std=c.init_std, use_bias=False,
-                                               dtype=c.dtype, param_dtype=jnp.float32)
+        by_head = lambda name: head_projection(self, name, x, num_heads=h, head_dim=k,
+                                                init_std=c.init_std, use_bias=False,
+                                                dtype=c.dtype, param_dtype=jnp.float32)
 
         def gate(name):
             w_DxH = self.param(name, normal_init(d ** -0.5, ("embed", "heads")), (d, h))
-            return jnp.einsum("btd,dh->bth", x, jnp.asarray(w_DxH, c.dtype))
+            return project(x, jnp.asarray(w_DxH, c.dtype))
 
-        k_proj, gate_logit, decay_logit = project("key"), gate("gate"), gate("decay")
+        k_proj, gate_logit, decay_logit = by_head("key"), gate("gate"), gate("decay")
         kbar_BxTxHxK = key_state(
             self, step,
             lambda init: gated_key_average(k_proj, gate_logit, decay_logit, c.gate_cap, init),

@@ -11,20 +11,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.layers.common import normal_init, zeros_init
+from mmjax.layers.common import Linear
 
 Array = jax.Array
 
 
 def _dense(features, std, names, use_bias, dtype, name):
-    return nn.Dense(
-        features,
-        use_bias=use_bias,
-        kernel_init=normal_init(std, names),
-        bias_init=zeros_init(names[1:]),
-        dtype=dtype,
-        name=name,
-    )
+    return Linear(features=features, names=names, use_bias=use_bias, init_std=std, dtype=dtype,
+                  name=name)
 
 
 class MLP(nn.Module):

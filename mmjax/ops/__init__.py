@@ -1,8 +1,8 @@
 """Pure JAX functions (no Flax): reusable in any JAX project.
 
 ``retrieve`` is the one core operation; the feature extractors and the v2 bandwidth, tier
-and skip-schedule functions are the rest of the math of both papers; ``lm_head_loss`` is the
-language-model loss. Importing this package
+and skip-schedule functions are the rest of the math of both papers; ``project`` is every
+weight matmul and ``lm_head_loss`` the language-model loss. Importing this package
 does not import Flax.
 """
 
@@ -21,6 +21,7 @@ from mmjax.ops.features import (
     peek_ahead_values,
     scaled_unit_keys,
 )
+from mmjax.ops.linear import project
 from mmjax.ops.loss import cross_entropy, lm_head_loss
 from mmjax.ops.memory_v2 import (
     adaptive_bandwidth,
@@ -67,6 +68,7 @@ __all__ = [
     "linear_recurrence",
     "lm_head_loss",
     "peek_ahead_values",
+    "project",
     "retrieval_weights",
     "retrieve",
     "retrieve_blocked",
