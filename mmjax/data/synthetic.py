@@ -20,6 +20,7 @@ import dataclasses
 import numpy as np
 
 from mmjax.data.icll import ICLLCorpus
+from mmjax.data.recall import RecallCorpus
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,11 +77,12 @@ class PFACorpus:
         return self.sample(rng, batch_size, length)
 
 
-_CORPORA = {"pfa": PFACorpus, "icll": ICLLCorpus}
+_CORPORA = {"pfa": PFACorpus, "icll": ICLLCorpus, "recall": RecallCorpus}
 
 
 def make_corpus(name: str, **kwargs):
-    """Build a synthetic corpus by name (``"pfa"``, ``"icll"``: :mod:`mmjax.data.icll`);
+    """Build a synthetic corpus by name (``"pfa"``, ``"icll"``: :mod:`mmjax.data.icll`,
+    ``"recall"``: :mod:`mmjax.data.recall`);
     unknown names and keys raise clearly."""
     if name not in _CORPORA:
         raise ValueError(f"unknown corpus {name!r}; known: {sorted(_CORPORA)}")

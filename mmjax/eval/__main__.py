@@ -113,7 +113,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         return args
     if args.name == "icll":
         args.models = [m for m in args.models.split(",") if m]
-        from mmjax.eval.icll import MODELS
+        from mmjax.eval.pair import MODELS
 
         for m in args.models:
             if m not in MODELS:

@@ -19,11 +19,11 @@ import jax
 import numpy as np
 
 from mmjax.data.icll import NUM_LETTERS, SEPARATOR, VOCAB_SIZE, Example, ICLLCorpus
+from mmjax.eval.pair import MODELS, pair_config
 
 # The v1 paper's figure 9 (held-out accuracy at N = 100 / 1000 / 2500 training languages).
 PAPER_ACCURACY = {"memory_mosaic": {100: 0.925, 1000: 0.934, 2500: 0.941},
                   "transformer": {100: 0.523, 1000: 0.533, 2500: 0.925}}
-MODELS = ("mm", "gpt2")
 
 
 def targets_and_truth(example: Example) -> tuple[np.ndarray, np.ndarray]:
@@ -86,35 +86,13 @@ def score(probs: np.ndarray, example: Example) -> dict[str, np.ndarray]:
 
 def icll_config(model: str = "mm", *, languages: int = 1000, steps: int = 600, seed: int = 0,
                 width: int = 64, context: int = 512, eval_languages: int = 256):
-    """The training config of one run (``configs/icll.py`` is this, with presets).
-
-    ``model``: ``"mm"`` (v1 Memory Mosaic) or ``"gpt2"`` (4 x width MLP, learned positions);
-    2 layers, 4 heads. The Memory Mosaic's persistent memory has ``3.5 x width`` slots per head
-    (the GPT2 MLP's budget, as the official Library sizes it) plus ``context / (2 x layers)``
-    more: the parameters of GPT2's position table, so that both models have the same number
-    of parameters up to the Memory Mosaic's per-head scalars (7 per head and layer).
-    """
-    from mmjax.train.config_lib import lm_config
-
-    if model not in MODELS:
-        raise ValueError(f"model must be one of {MODELS}, got {model!r}")
-    sizes = dict(vocab_size=VOCAB_SIZE, num_layers=2, num_heads=4, embed_dim=width,
-                 context_length=context)
-    layers = sizes["num_layers"]
-    model_config = (dict(name="gpt2", **sizes) if model == "gpt2" else
-                    dict(name="memory_mosaic", pmem_size=int(3.5 * width) + context // (2 * layers),
-                         **sizes))
-    return lm_config(
-        model_config,
-        data=dict(corpus="icll", context_length=context, batch_size=16,
-                  corpus_options=dict(num_languages=languages,
-                                      eval_languages=eval_languages)),
-        optimizer=dict(learning_rate=3e-3, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8,
-                       grad_clip=1.0, warmup_steps=min(50, steps // 2), total_steps=steps,
-                       min_lr=1e-4),
-        train=dict(num_steps=steps, log_every=max(steps // 4, 1), eval_every=0,
-                   eval_batches=1, seed=seed),
-    )
+    """The training config of one run (``configs/icll.py`` is this, with presets): the
+    equal-size pair of :func:`mmjax.eval.pair.pair_config` on the ``icll`` corpus."""
+    return pair_config(model, corpus="icll",
+                       corpus_options=dict(num_languages=languages,
+                                           eval_languages=eval_languages),
+                       vocab_size=VOCAB_SIZE, context=context, steps=steps, seed=seed,
+                       width=width)
 
 
 def model_probs(model, params, examples: list[Example], batch_size: int = 16) -> np.ndarray:

@@ -1,7 +1,8 @@
 """Long-context retrieval: facts scattered through filler, queried at the end (in the style of
 RULER), and multi-document question answering on the user's own JSONL.
 
-Synthetic tasks (:func:`needle_tasks`) need no tokenizer. A fact is ``KEY k_1..k_a VAL
+Synthetic tasks (:func:`needle_tasks`, made by :mod:`mmjax.data.recall`, whose ``recall``
+corpus trains models on the same format) need no tokenizer. A fact is ``KEY k_1..k_a VAL
 v_1..v_b``, a query ``QUERY k_1..k_a VAL``, and the model must continue with ``v_1..v_b``;
 the markers are the three highest ids of the vocabulary, the rest of the tokens are drawn
 from the other ids. With ``facts > 1`` the other facts are distractors with different keys
@@ -23,6 +24,7 @@ import re
 
 import numpy as np
 
+from mmjax.data.recall import markers, needle
 from mmjax.eval.positions import check_context, read_jsonl
 from mmjax.generate.decoder import Decoder, generate
 from mmjax.generate.sampling import Sampling
@@ -37,44 +39,18 @@ class Task:
     answer: tuple
 
 
-def markers(vocab_size: int) -> tuple[int, int, int]:
-    """``(KEY, VAL, QUERY)``: the three highest ids."""
-    if vocab_size < 8:
-        raise ValueError(f"retrieval tasks need a vocabulary of at least 8 ids, got {vocab_size}")
-    return vocab_size - 1, vocab_size - 2, vocab_size - 3
-
-
 def needle_tasks(seed: int, *, vocab_size: int, context: int, facts: int = 1,
                  num_tasks: int = 20, key_length: int = 2, value_length: int = 2) -> list[Task]:
-    """``num_tasks`` prompts of exactly ``context`` tokens holding ``facts`` facts."""
-    key_mark, val_mark, query_mark = markers(vocab_size)
-    fact_length = key_length + value_length + 2
-    query_length = key_length + 2
-    filler_length = context - facts * fact_length - query_length
-    if facts < 1 or num_tasks < 1:
-        raise ValueError(f"facts and num_tasks must be >= 1, got {facts}, {num_tasks}")
-    if filler_length < 0:
-        raise ValueError(f"context {context} is too short for {facts} facts of "
-                         f"{fact_length} tokens and a query of {query_length}")
+    """``num_tasks`` prompts of exactly ``context`` tokens holding ``facts`` facts
+    (:func:`mmjax.data.recall.needle`)."""
+    if num_tasks < 1:
+        raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
     rng = np.random.default_rng(seed)
-    plain = vocab_size - 3
     tasks = []
     for _ in range(num_tasks):
-        keys: set[tuple] = set()
-        while len(keys) < facts:
-            keys.add(tuple(int(x) for x in rng.integers(0, plain, key_length)))
-        keys = list(keys)
-        values = [tuple(int(x) for x in rng.integers(0, plain, value_length)) for _ in keys]
-        filler = [int(x) for x in rng.integers(0, plain, filler_length)]
-        cuts = sorted(int(x) for x in rng.integers(0, filler_length + 1, facts))
-        tokens, last = [], 0
-        for cut, key, value in zip(cuts, keys, values, strict=True):
-            tokens += filler[last:cut] + [key_mark, *key, val_mark, *value]
-            last = cut
-        tokens += filler[last:]
-        asked = int(rng.integers(facts))
-        tokens += [query_mark, *keys[asked], val_mark]
-        tasks.append(Task(tuple(tokens), values[asked]))
+        prompt, answer = needle(rng, vocab_size=vocab_size, context=context, facts=facts,
+                                key_length=key_length, value_length=value_length)
+        tasks.append(Task(tuple(prompt), answer))
     return tasks
 
 
