@@ -113,10 +113,28 @@ class TokenEmbedding(nn.Module):
         return logits_BxTxN * logit_scale if logit_scale != 1.0 else logits_BxTxN
 
 
+def projection(module: nn.Module, x: Array, *, out_shape: tuple, names: tuple,
+               init_std: float, use_bias: bool, dtype, param_dtype, contract: int = 1,
+               kernel: str = "kernel", bias: str = "bias") -> Array:
+    """``x @ W (+ b)`` (:func:`mmjax.ops.project`) over the last ``contract`` axes of ``x``,
+    with ``W = module.<kernel>`` ``[*in, *out_shape]`` (init ``N(0, init_std^2)``, logical
+    axes ``names``) and ``b = module.<bias>`` ``[*out_shape]`` (zeros). Every weight matmul
+    of the models is one of these: :class:`Linear`, :func:`head_projection`,
+    :class:`HeadOutput`."""
+    in_shape = tuple(x.shape[x.ndim - contract:])
+    w = module.param(kernel, normal_init(init_std, names), in_shape + tuple(out_shape),
+                     param_dtype)
+    y = project(x.astype(dtype), jnp.asarray(w, dtype), contract)
+    if use_bias:
+        b = module.param(bias, zeros_init(names[contract:]), tuple(out_shape), param_dtype)
+        y = y + jnp.asarray(b, dtype)
+    return y
+
+
 class Linear(nn.Module):
-    """``x @ kernel (+ bias)`` over the last axis: ``[..., D] -> [..., F]``
-    (:func:`mmjax.ops.project`). Parameters ``kernel [D, F]`` and, with ``use_bias``,
-    ``bias [F]``, with logical axis ``names`` (``(in, out)``)."""
+    """``x @ kernel (+ bias)`` over the last axis: ``[..., D] -> [..., F]``. Parameters
+    ``kernel [D, F]`` and, with ``use_bias``, ``bias [F]``, with logical axis ``names``
+    (``(in, out)``)."""
 
     features: int
     names: tuple
@@ -127,29 +145,18 @@ class Linear(nn.Module):
 
     @nn.compact
     def __call__(self, x_BxTxD: Array) -> Array:
-        w_DxF = self.param("kernel", normal_init(self.init_std, self.names),
-                           (x_BxTxD.shape[-1], self.features), self.param_dtype)
-        y_BxTxF = project(x_BxTxD.astype(self.dtype), jnp.asarray(w_DxF, self.dtype))
-        if self.use_bias:
-            b_F = self.param("bias", zeros_init(self.names[1:]), (self.features,),
-                             self.param_dtype)
-            y_BxTxF = y_BxTxF + jnp.asarray(b_F, self.dtype)
-        return y_BxTxF
+        return projection(self, x_BxTxD, out_shape=(self.features,), names=self.names,
+                          init_std=self.init_std, use_bias=self.use_bias, dtype=self.dtype,
+                          param_dtype=self.param_dtype)
 
 
 def head_projection(module: nn.Module, name: str, x_BxTxD: Array, *, num_heads: int,
                     head_dim: int, init_std: float, use_bias: bool, dtype, param_dtype) -> Array:
     """``x W (+ b)`` with ``W = name [D, H, K]`` and ``b = name_bias [H, K]``: ``[B, T, H, K]``."""
-    d = x_BxTxD.shape[-1]
-    names = ("embed", "heads", "head_dim")
-    w_DxHxK = module.param(name, normal_init(init_std, names), (d, num_heads, head_dim),
-                           param_dtype)
-    y_BxTxHxK = project(x_BxTxD.astype(dtype), w_DxHxK.astype(dtype))
-    if use_bias:
-        b_HxK = module.param(f"{name}_bias", zeros_init(names[1:]), (num_heads, head_dim),
-                             param_dtype)
-        y_BxTxHxK = y_BxTxHxK + b_HxK.astype(dtype)
-    return y_BxTxHxK
+    return projection(module, x_BxTxD, out_shape=(num_heads, head_dim),
+                      names=("embed", "heads", "head_dim"), init_std=init_std,
+                      use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, kernel=name,
+                      bias=f"{name}_bias")
 
 
 class HeadOutput(nn.Module):
@@ -169,14 +176,10 @@ class HeadOutput(nn.Module):
     @nn.compact
     def __call__(self, y_BxTxHxV: Array) -> Array:
         chex.assert_rank(y_BxTxHxV, 4)
-        h, v = y_BxTxHxV.shape[-2:]
-        w_HxVxD = self.param("kernel", normal_init(self.init_std, ("heads", "head_dim", "embed")),
-                             (h, v, self.features), self.param_dtype)
-        out_BxTxD = project(y_BxTxHxV.astype(self.dtype), jnp.asarray(w_HxVxD, self.dtype), 2)
-        if self.use_bias:
-            b_D = self.param("bias", zeros_init(("embed",)), (self.features,), self.param_dtype)
-            out_BxTxD = out_BxTxD + jnp.asarray(b_D, self.dtype)
-        return out_BxTxD
+        return projection(self, y_BxTxHxV, out_shape=(self.features,),
+                          names=("heads", "head_dim", "embed"), init_std=self.init_std,
+                          use_bias=self.use_bias, dtype=self.dtype,
+                          param_dtype=self.param_dtype, contract=2)
 
 
 # Remat policies by config name: what a block keeps from its forward pass for the backward.

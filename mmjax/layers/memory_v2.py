@@ -83,7 +83,7 @@ from mmjax.layers.cache import DecodeStep, key_state, memory_step
 from mmjax.layers.common import (
     HeadOutput,
     head_projection,
-    normal_init,
+    projection,
     retrieval_sharding,
     sow_retrieval,
 )
@@ -93,7 +93,6 @@ from mmjax.ops import (
     gated_key_average,
     inverse_bandwidth_parameters,
     l2_normalize,
-    project,
     retrieve,
     tier_bandwidth,
     tier_masks,
@@ -151,9 +150,10 @@ class MemoryTier(nn.Module):
                                                 init_std=c.init_std, use_bias=False,
                                                 dtype=c.dtype, param_dtype=jnp.float32)
 
-        def gate(name):
-            w_DxH = self.param(name, normal_init(d ** -0.5, ("embed", "heads")), (d, h))
-            return project(x, jnp.asarray(w_DxH, c.dtype))
+        def gate(name):  # [B, T, H]
+            return projection(self, x, out_shape=(h,), names=("embed", "heads"),
+                              init_std=d ** -0.5, use_bias=False, dtype=c.dtype,
+                              param_dtype=jnp.float32, kernel=name)
 
         k_proj, gate_logit, decay_logit = by_head("key"), gate("gate"), gate("decay")
         kbar_BxTxHxK = key_state(
