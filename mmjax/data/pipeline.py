@@ -8,7 +8,8 @@ train state with ``grain.checkpoint.CheckpointSave(it)`` / ``CheckpointRestore(i
 
 Data config keys (``config.data``)::
 
-    corpus           "tokens" (a store from mmjax.data.prepare) or a synthetic name ("pfa")
+    corpus           "tokens" (a store from mmjax.data.prepare) or a synthetic name ("pfa",
+                     "icll", "recall": mmjax.data.synthetic.make_corpus)
     path             the store directory (corpus "tokens")
     vocab_size       the model's vocabulary, unless make_batches gets vocab_size=: must
                      equal the store's tokenizer's (see below)
