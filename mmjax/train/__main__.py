@@ -6,6 +6,12 @@ Exit status: 0 when the run finished; 1 for an error (a bad config, a workdir in
 non-finite loss, no readable checkpoint: one line on stderr); 3 (``EXIT_PREEMPTED``) when
 SIGTERM stopped it after saving a checkpoint (the same command resumes); 2 for an unknown
 ``--config.*`` key. ``MMJAX_TRACEBACK=1`` shows the full traceback of an error instead.
+
+``--distributed`` joins the processes of a multi-host run with ``jax.distributed.initialize``.
+On a TPU pod it needs nothing else (JAX finds the slice's hosts itself). Elsewhere, e.g. several
+processes on one machine (``launch/local_pod.py``), three environment variables name the
+run: ``MMJAX_COORDINATOR_ADDRESS`` (``host:port`` of process 0), ``MMJAX_NUM_PROCESSES`` and
+``MMJAX_PROCESS_ID``; with ``JAX_PLATFORMS=cpu`` the CPU collectives then use gloo.
 """
 
 import os
@@ -26,16 +32,59 @@ def _define_flags() -> None:
         "Config file (Python, get_config(arg)); preset after ':'.", lock_config=True)
     flags.DEFINE_string("workdir", None, "Directory for metrics (and checkpoints).")
     flags.DEFINE_bool("distributed", False,
-                      "Call jax.distributed.initialize() first (multi-host TPU pods).")
+                      "Call jax.distributed.initialize() first (multi-host TPU pods; "
+                      "MMJAX_COORDINATOR_ADDRESS, MMJAX_NUM_PROCESSES, MMJAX_PROCESS_ID "
+                      "elsewhere).")
+
+
+DISTRIBUTED_VARIABLES = ("MMJAX_COORDINATOR_ADDRESS", "MMJAX_NUM_PROCESSES", "MMJAX_PROCESS_ID")
+
+
+def distributed_arguments(environ=os.environ) -> dict:
+    """``jax.distributed.initialize`` keyword arguments from the ``MMJAX_*`` variables.
+
+    None of them set: ``{}`` (JAX detects the cluster, as on a TPU pod). All three set: the
+    coordinator address, process count and id. Some, or values that are not numbers: a
+    ValueError naming them.
+    """
+    given = {name: environ[name] for name in DISTRIBUTED_VARIABLES if environ.get(name)}
+    if not given:
+        return {}
+    if len(given) < len(DISTRIBUTED_VARIABLES):
+        missing = [name for name in DISTRIBUTED_VARIABLES if name not in given]
+        raise ValueError(f"{', '.join(sorted(given))} set without {', '.join(missing)}: "
+                         f"set all of {', '.join(DISTRIBUTED_VARIABLES)}, or none")
+    try:
+        count, index = (int(given["MMJAX_NUM_PROCESSES"]), int(given["MMJAX_PROCESS_ID"]))
+    except ValueError:
+        raise ValueError(f"MMJAX_NUM_PROCESSES={given['MMJAX_NUM_PROCESSES']!r} and "
+                         f"MMJAX_PROCESS_ID={given['MMJAX_PROCESS_ID']!r} must be integers"
+                         ) from None
+    if not 0 <= index < count:
+        raise ValueError(f"MMJAX_PROCESS_ID={index} is not in [0, MMJAX_NUM_PROCESSES={count})")
+    return dict(coordinator_address=given["MMJAX_COORDINATOR_ADDRESS"], num_processes=count,
+                process_id=index)
+
+
+def initialize_distributed() -> None:
+    import jax
+
+    try:
+        arguments = distributed_arguments()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    if arguments and jax.config.jax_platforms == "cpu":
+        # CPU processes need a collectives implementation across processes (none by default).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**arguments)
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if flags.FLAGS.distributed:
-        import jax
-
-        jax.distributed.initialize()
+        initialize_distributed()
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     try:
         result = train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
