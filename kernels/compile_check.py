@@ -82,8 +82,9 @@ def _quiet_libtpu(generation: str) -> None:
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 
 
-def topology_devices(topology_name: str) -> list:
-    """The TPU devices of a slice named like ``"v5p:8x8x8"`` (no TPU needed, only libtpu).
+def topology_devices(topology_name: str, num_slices: int = 1) -> list:
+    """The TPU devices of a slice named like ``"v5p:8x8x8"`` (no TPU needed, only libtpu);
+    with ``num_slices`` > 1, of that many such slices (each device has its ``slice_index``).
 
     Raises a ``ValueError`` naming the topology when libtpu does not know it.
     """
@@ -95,8 +96,9 @@ def topology_devices(topology_name: str) -> list:
                          f"{GENERATIONS} (e.g. v4:2x2x1, v5e:4x4, v5p:2x2x2)")
     _quiet_libtpu(generation)
     try:
-        return topologies.get_topology_desc(platform="tpu",
-                                            topology_name=topology_name).devices
+        extra = {"num_slices": int(num_slices)} if num_slices != 1 else {}
+        return topologies.get_topology_desc(platform="tpu", topology_name=topology_name,
+                                            **extra).devices
     except Exception as error:  # noqa: BLE001 - libtpu's errors are long and generic
         raise ValueError(f"unknown TPU topology {topology_name!r}: {error}") from None
 

@@ -30,7 +30,10 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     # loss_chunk: positions per chunk of the fused LM head + cross-entropy (0: dense logits)
     "train": {"eval_every": 0, "eval_batches": 4, "grad_accum_steps": 1, "init_from": "",
               "skip_nonfinite_steps": False, "loss_chunk": LOSS_CHUNK},
-    "sharding": {"mesh": (-1, 1, 1), "rules": None},  # (data, fsdp, tensor); rules: defaults
+    # mesh: (data, fsdp, tensor) of one slice; rules: None for the defaults; num_slices:
+    # slices data-parallel over DCN; device_order: "auto", or "torus" to order a simulated
+    # (CPU) pod's devices like a real slice's (mmjax.train.sharding.make_mesh)
+    "sharding": {"mesh": (-1, 1, 1), "rules": None, "num_slices": 1, "device_order": "auto"},
     # with --workdir only; save_every=0: the final step and a SIGTERM's step only
     "checkpoint": {"save_every": 1000, "max_to_keep": 3},
 }
@@ -219,5 +222,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     check("checkpoint", "max_to_keep", *positive)
     check("data", "context_length", *positive)
     check("data", "batch_size", *positive)
+    check("sharding", "num_slices", lambda v: isinstance(v, int) and v >= 1,
+          "an integer >= 1")
+    check("sharding", "device_order", lambda v: v in ("auto", "torus"),
+          "one of 'auto', 'torus'")
     if problems:
         raise ValueError("invalid config:\n  " + "\n  ".join(problems))
