@@ -10,11 +10,20 @@
     python launch/tpu.py stop   --project=P --zone=Z --name=N --kill    # SIGKILL: a hung run
     python launch/tpu.py delete --project=P --zone=Z --name=N [--queued]
     python launch/tpu.py status --project=P --zone=Z --name=N [--queued]
+    python launch/tpu.py keep-alive --project=P --zone=Z --name=N --generation=v5e \
+        --accelerator-type=v5litepod-16 --spot [--queued] --config=configs/X.py \
+        --workdir=/shared/run1 [--max-restarts=10] -- --config.train.num_steps=1000
 
 Every subcommand takes ``--dry-run``: it prints the exact commands (``gcloud``, and ``git
 archive`` for ``setup``), one per line, ready to paste into a shell, and runs nothing. Without
 it, the same argument lists go to ``subprocess.run`` one after the other; the first that fails
 stops the script with its exit status. Bad arguments print one line and exit 2.
+
+``keep-alive`` is ``create``, ``setup`` and ``run`` in a loop: when the run exits with status 3
+(preempted: it saved) or the slice is lost (its state is not READY, or ACTIVE for a queued
+resource, or it is gone), it deletes the slice, creates and sets it up again, and runs the same
+command, which resumes from the workdir's latest checkpoint; until the run exits 0, exits with
+an error (1, 2: not retried), or ``--max-restarts`` is reached (exit 3, one line).
 
 On the workers the code lives in ``~/mmjax`` with its virtualenv in ``~/mmjax/.venv``; a run
 writes ``~/mmjax-train.log`` and ``~/mmjax-train.pid`` on each worker. ``launch/README.md``
@@ -32,6 +41,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -245,10 +255,40 @@ def status_commands(args) -> list[list[str]]:
     return [_gcloud("tpu-vm", "describe", args.name, args=args)]
 
 
+def state_command(args) -> list[str]:
+    """``describe`` printing only the state: READY, PREEMPTED, ... (a queued resource: ACTIVE,
+    WAITING_FOR_RESOURCES, SUSPENDED, ...)."""
+    field = "state.state" if args.queued else "state"
+    return [*status_commands(args)[0], f"--format=value({field})"]
+
+
+def healthy_state(args) -> str:
+    return "ACTIVE" if args.queued else "READY"
+
+
+def keep_alive_commands(args) -> list[list[str]]:
+    """What ``keep-alive --dry-run`` prints: one attempt, then what a restart adds. A comment
+    is a one-word list starting with ``#``."""
+    commands = []
+    if not args.attach:
+        commands += create_commands(args)
+        if args.queued:
+            commands += [["# wait until its state is ACTIVE:"], state_command(args)]
+        commands += setup_commands(args)
+    commands += [_ssh(args, start_command(args)), _ssh(args, follow_command(), worker="0")]
+    commands += [[f"# on exit status 3 or a lost slice (at most --max-restarts="
+                  f"{args.max_restarts} times):"],
+                 state_command(args),
+                 [f"# if it is not {healthy_state(args)}: delete, create and set up again"],
+                 *delete_commands(args),
+                 ["# then run and follow again, as above"]]
+    return commands
+
+
 BUILDERS: dict[str, Callable] = {
     "create": create_commands, "setup": setup_commands, "run": run_commands,
     "logs": logs_commands, "stop": stop_commands, "delete": delete_commands,
-    "status": status_commands,
+    "status": status_commands, "keep-alive": keep_alive_commands,
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -275,27 +315,33 @@ def make_parser() -> argparse.ArgumentParser:
                         help="the slice comes from a queued resource")
     queued.add_argument("--queued-resource-id", help="queued resource id (default: --name)")
 
+    creating = argparse.ArgumentParser(add_help=False)
+    creating.add_argument("--generation", required=True, help="v4, v5e or v5p")
+    creating.add_argument("--accelerator-type", required=True,
+                          help="e.g. v4-32, v5litepod-256, v5p-128")
+    creating.add_argument("--runtime-version",
+                          help="TPU VM software version (default: the generation's)")
+    creating.add_argument("--spot", action="store_true", help="Spot VMs (preemptible)")
+    setting_up = argparse.ArgumentParser(add_help=False)
+    setting_up.add_argument("--repo",
+                            help="clone this git URL on the workers instead of copying")
+    setting_up.add_argument("--ref",
+                            help="commit, branch or tag (default: HEAD; main with --repo)")
+    running = argparse.ArgumentParser(add_help=False)
+    running.add_argument("--config", required=True,
+                         help="configs/NAME.py[:preset], from the repo")
+    running.add_argument("--workdir", required=True,
+                         help="an absolute path that all workers share (NFS, or a bucket "
+                              "mounted with gcsfuse)")
+
     parser = _Parser(prog="tpu.py", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    create = sub.add_parser("create", parents=[common, queued], help="create a slice")
-    create.add_argument("--generation", required=True, help="v4, v5e or v5p")
-    create.add_argument("--accelerator-type", required=True,
-                        help="e.g. v4-32, v5litepod-256, v5p-128")
-    create.add_argument("--runtime-version",
-                        help="TPU VM software version (default: the generation's)")
-    create.add_argument("--spot", action="store_true", help="Spot VMs (preemptible)")
-
-    setup = sub.add_parser("setup", parents=[common],
-                           help="copy (or clone) the code to every worker and install it")
-    setup.add_argument("--repo", help="clone this git URL on the workers instead of copying")
-    setup.add_argument("--ref", help="commit, branch or tag (default: HEAD; main with --repo)")
-
-    run = sub.add_parser("run", parents=[common], help="start mmjax.train on every worker",
+    sub.add_parser("create", parents=[common, queued, creating], help="create a slice")
+    sub.add_parser("setup", parents=[common, setting_up],
+                   help="copy (or clone) the code to every worker and install it")
+    run = sub.add_parser("run", parents=[common, running],
+                         help="start mmjax.train on every worker",
                          epilog="Config overrides go after --, e.g. -- --config.train.seed=1")
-    run.add_argument("--config", required=True, help="configs/NAME.py[:preset], from the repo")
-    run.add_argument("--workdir", required=True,
-                     help="an absolute path that all workers share (NFS, or a bucket mounted "
-                          "with gcsfuse)")
     run.add_argument("--no-follow", dest="follow", action="store_false",
                      help="start and return, without following worker 0's log")
 
@@ -306,6 +352,17 @@ def make_parser() -> argparse.ArgumentParser:
                       help="SIGKILL instead: for a run that does not stop (no save)")
     sub.add_parser("delete", parents=[common, queued], help="delete the slice")
     sub.add_parser("status", parents=[common, queued], help="describe the slice")
+    keep = sub.add_parser(
+        "keep-alive", parents=[common, queued, creating, setting_up, running],
+        help="create, set up and run; after a preemption or a lost slice, do it again",
+        epilog="Config overrides go after --, e.g. -- --config.train.seed=1")
+    keep.add_argument("--max-restarts", "--max_restarts", dest="max_restarts", type=int,
+                      default=10, help="give up after this many restarts (default 10)")
+    keep.add_argument("--attach", action="store_true",
+                      help="the slice exists and is set up: start by running on it")
+    keep.add_argument("--poll-interval", type=float, default=60.0,
+                      help="seconds between state checks while a queued resource waits, and "
+                           "before retrying a failed restart (default 60)")
     return parser
 
 
@@ -332,10 +389,10 @@ def _check(args) -> None:
     if not _NAME.fullmatch(args.name):
         raise UsageError(f"--name {args.name!r}: lowercase letters, digits and '-', starting "
                          "with a letter, at most 63 characters")
-    if args.overrides and args.command != "run":
-        raise UsageError(f"arguments after -- are config overrides, for run only: "
-                         f"{args.overrides}")
-    if args.command == "create":
+    if args.overrides and args.command not in ("run", "keep-alive"):
+        raise UsageError(f"arguments after -- are config overrides, for run and keep-alive "
+                         f"only: {args.overrides}")
+    if args.command in ("create", "keep-alive"):
         if args.generation not in GENERATIONS:
             raise UsageError(f"unknown generation {args.generation!r}: v4, v5e or v5p")
         problem = GENERATIONS[args.generation].check(args.accelerator_type)
@@ -343,10 +400,15 @@ def _check(args) -> None:
             raise UsageError(problem)
         if args.queued_resource_id and not args.queued:
             raise UsageError("--queued-resource-id needs --queued")
-    if args.command == "setup" and args.ref is not None and not args.ref.strip():
+    if args.command in ("setup", "keep-alive") and args.ref is not None and not args.ref.strip():
         raise UsageError("--ref is empty")
-    if args.command == "run":
+    if args.command in ("run", "keep-alive"):
         _check_run(args)
+    if args.command == "keep-alive":
+        if args.max_restarts < 0:
+            raise UsageError(f"--max-restarts {args.max_restarts}: must be >= 0")
+        if args.poll_interval < 0:
+            raise UsageError(f"--poll-interval {args.poll_interval:g}: must be >= 0")
 
 
 def _check_run(args) -> None:
@@ -374,19 +436,184 @@ def subprocess_runner(argv: list[str]) -> int:
     return subprocess.run(argv).returncode
 
 
+def subprocess_reader(argv: list[str], on_line: Callable[[str], None] | None = None
+                      ) -> tuple[int, str]:
+    """Run ``argv``, handing each line of its stdout to ``on_line`` as it comes (stderr passes
+    through); its exit status and whole stdout."""
+    lines = []
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, errors="replace") as proc:
+        for line in proc.stdout:
+            lines.append(line)
+            if on_line is not None:
+                on_line(line)
+    return proc.returncode, "".join(lines)
+
+
+EXIT_PREEMPTED = 3  # mmjax.train's status after SIGTERM made it save (mmjax.train.loop)
+FOLLOW_TRIES = 3  # follows of a READY slice's run that may end without its exit status
+_RESUMED = re.compile(r"resumed from .* at step ([0-9]+)")
+_EXITED = re.compile(r"mmjax\.train exited with status ([0-9]+)")
+
+
+class KeepAlive:
+    """``keep-alive``: create, set up, run and follow; after a preemption, again."""
+
+    def __init__(self, args, runner, reader, sleep):
+        self.args, self.runner, self.reader, self.sleep = args, runner, reader, sleep
+        self.restarts = 0
+
+    def say(self, message: str) -> None:
+        print(f"tpu.py keep-alive: {message}", file=sys.stderr, flush=True)
+
+    def run_each(self, commands: list[list[str]]) -> tuple[int, list[str] | None]:
+        for command in commands:
+            print(f"+ {shlex.join(command)}", file=sys.stderr, flush=True)
+            status = self.runner(command)
+            if status != 0:
+                return status, command
+        return 0, None
+
+    def state(self) -> str:
+        """The slice's state, or MISSING when ``describe`` fails (the slice is gone)."""
+        command = state_command(self.args)
+        print(f"+ {shlex.join(command)}", file=sys.stderr, flush=True)
+        status, out = self.reader(command, None)
+        if status != 0:
+            return "MISSING"
+        return out.strip() or "UNKNOWN"
+
+    def bring_up(self) -> str | None:
+        """Create the slice (wait until a queued resource is ACTIVE) and set it up: None, or
+        what failed."""
+        status, command = self.run_each(create_commands(self.args))
+        if status:
+            return f"{command[0]} exited with status {status}"
+        if self.args.queued:
+            last = None
+            while (state := self.state()) != "ACTIVE":
+                if state in ("FAILED", "SUSPENDED", "SUSPENDING", "MISSING"):
+                    return f"the queued resource is {state}"
+                if state != last:
+                    self.say(f"the queued resource is {state}: waiting for ACTIVE")
+                    last = state
+                self.sleep(self.args.poll_interval)
+        status, command = self.run_each(setup_commands(self.args))
+        if status:
+            return f"{command[0]} exited with status {status}"
+        return None
+
+    def follow(self) -> int | None:
+        """Follow worker 0's log: the run's exit status, or None when the log ended without
+        it (the ssh connection or the VM went away)."""
+        seen: dict[str, int] = {}
+
+        def on_line(line: str) -> None:
+            print(line, end="", flush=True)
+            if "resumed" not in seen and (match := _RESUMED.search(line)):
+                seen["resumed"] = int(match.group(1))
+                if self.restarts:
+                    self.say(f"restart {self.restarts}: resumed from step {seen['resumed']}")
+            if match := _EXITED.fullmatch(line.strip()):
+                seen["exit"] = int(match.group(1))
+
+        command = _ssh(self.args, follow_command(), worker="0")
+        print(f"+ {shlex.join(command)}", file=sys.stderr, flush=True)
+        self.reader(command, on_line)
+        if self.restarts and "exit" in seen and "resumed" not in seen:
+            self.say(f"restart {self.restarts}: no checkpoint to resume from (started at "
+                     "step 0)")
+        return seen.get("exit")
+
+    def run_once(self) -> tuple[int | None, str, str | None]:
+        """Start the run and follow it: its exit status (None if unknown), why it ended, and
+        the slice's state if that was checked."""
+        status, _ = self.run_each([_ssh(self.args, start_command(self.args))])
+        if status:
+            return None, f"starting the run failed (ssh exited with status {status})", None
+        for _ in range(FOLLOW_TRIES):
+            exit_status = self.follow()
+            if exit_status is not None:
+                return exit_status, f"the run exited with status {exit_status}", None
+            state = self.state()
+            if state != healthy_state(self.args):
+                return None, f"the slice is {state}", state
+            self.say(f"worker 0's log ended without an exit status; the slice is {state}: "
+                     "following again")
+            self.sleep(self.args.poll_interval)
+        return (None, f"worker 0's log ended {FOLLOW_TRIES} times without an exit status",
+                state)
+
+    def __call__(self) -> int:
+        args = self.args
+        new_slice = not args.attach
+        why = None
+        while True:
+            if why is not None:
+                self.restarts += 1
+                if self.restarts > args.max_restarts:
+                    self.say(f"error: {why}; --max-restarts={args.max_restarts} reached (the "
+                             "workdir keeps the latest checkpoint: keep-alive --attach, or "
+                             "run, resumes)")
+                    return EXIT_PREEMPTED
+                what = ("delete, create and set up the slice, run again" if new_slice
+                        else "run again on the same slice")
+                self.say(f"{why}: restart {self.restarts} of at most {args.max_restarts}: "
+                         f"{what}")
+                if new_slice:
+                    status, command = self.run_each(delete_commands(args))
+                    if status:
+                        self.say(f"delete exited with status {status} (the slice may be gone "
+                                 "already); creating it anyway")
+            if new_slice:
+                failure = self.bring_up()
+                if failure and why is None:  # the first slice: a real error, not a preemption
+                    print(f"tpu.py keep-alive: error: {failure}", file=sys.stderr)
+                    return 1
+                if failure:
+                    why = f"bringing the slice up again failed: {failure}"
+                    self.sleep(args.poll_interval)
+                    continue
+            exit_status, why, state = self.run_once()
+            if exit_status == 0:
+                self.say("the run finished (exit status 0)"
+                         + (f" after {self.restarts} restart(s)" if self.restarts else ""))
+                return 0
+            if exit_status not in (None, EXIT_PREEMPTED):
+                print(f"tpu.py keep-alive: error: {why} (an error: not retried)",
+                      file=sys.stderr)
+                return exit_status
+            if state is None:  # preempted, or the start failed: is the slice still there?
+                state = self.state()
+                why = f"{why}; the slice is {state}"
+            healthy = state == healthy_state(args)
+            if healthy and exit_status is None and why.startswith("starting the run failed"):
+                print(f"tpu.py keep-alive: error: {why}", file=sys.stderr)
+                return 1
+            new_slice = not healthy
+
+
 def main(argv: Sequence[str] | None = None,
-         runner: Callable[[list[str]], int] = subprocess_runner) -> int:
+         runner: Callable[[list[str]], int] = subprocess_runner,
+         reader: Callable[..., tuple[int, str]] = subprocess_reader,
+         sleep: Callable[[float], None] = time.sleep) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     commands = BUILDERS[args.command](args)
-    if args.command == "create":
+    if args.command in ("create", "keep-alive"):
         generation = GENERATIONS[args.generation]
         chips = generation.chips(args.accelerator_type)
         hosts = generation.hosts(args.accelerator_type)
         print(f"# {args.accelerator_type}: {chips} chips on {hosts} host(s)", file=sys.stderr)
     if args.dry_run:
         for command in commands:
-            print(shlex.join(command))
+            print(command[0] if command[0].startswith("#") else shlex.join(command))
         return 0
+    if args.command == "keep-alive":
+        try:
+            return KeepAlive(args, runner, reader, sleep)()
+        except KeyboardInterrupt:
+            print("# stopped keeping the run alive; training goes on while the slice lives "
+                  "(tpu.py logs follows it, tpu.py stop ends it)", file=sys.stderr)
+            return 130
     for command in commands:
         print(f"+ {shlex.join(command)}", file=sys.stderr, flush=True)
         try:

@@ -6,6 +6,7 @@ No gcloud is ever called: ``main(argv, runner=...)`` gets a recording runner.
 """
 
 import importlib.util
+import json
 import os
 import pathlib
 import shlex
@@ -28,6 +29,9 @@ WHERE = ["--project=my-proj", "--zone=us-central2-b", "--name=mm-v4"]
 WHERE_E = ["--project=my-proj", "--zone=us-west4-a", "--name=mm-v5e"]
 SUFFIX = "--zone=us-central2-b --project=my-proj"
 SUFFIX_E = "--zone=us-west4-a --project=my-proj"
+KEEP = ["keep-alive", *WHERE, "--generation=v4", "--accelerator-type=v4-32", "--spot",
+        "--repo=https://github.com/me/mmjax.git", "--config=configs/mm_v1_small.py",
+        "--workdir=/shared/run", "--poll-interval=0"]
 
 INSTALL = ('cd ~/mmjax && python3 -m pip install --user --quiet uv && '
            '{ [ -x .venv/bin/python ] || ~/.local/bin/uv venv --seed --python 3.11 .venv; } && '
@@ -323,8 +327,17 @@ def test_the_script_runs_from_a_shell():
       "--config.train.seed", "1"],
      "tpu.py run: error: override '--config.train.seed' is not --config.KEY=VALUE"),
     (["stop", *WHERE, "--", "--config.train.seed=1"],
-     "tpu.py stop: error: arguments after -- are config overrides, for run only: "
-     "['--config.train.seed=1']"),
+     "tpu.py stop: error: arguments after -- are config overrides, for run and keep-alive "
+     "only: ['--config.train.seed=1']"),
+    (KEEP + ["--max-restarts=-1"], "tpu.py keep-alive: error: --max-restarts -1: must be >= 0"),
+    (KEEP + ["--poll-interval=-5"], "tpu.py keep-alive: error: --poll-interval -5: must be >= 0"),
+    (KEEP[:5] + KEEP[6:], "tpu.py keep-alive: error: the following arguments are required: "
+                          "--accelerator-type"),
+    (KEEP + ["--ref="], "tpu.py keep-alive: error: --ref is empty"),
+    (KEEP + ["--workdir=rel"], "tpu.py keep-alive: error: --workdir 'rel' must be an absolute "
+                               "path that all workers share"),
+    (KEEP + ["--", "--seed=1"], "tpu.py keep-alive: error: override '--seed=1' is not "
+                                "--config.KEY=VALUE"),
 ])
 def test_bad_arguments_give_one_line_and_exit_2(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -457,3 +470,209 @@ def test_setup_copy_ships_the_committed_tree(tmp_path):
     code = home / "mmjax"
     assert (code / "setup.cfg").is_file() and (code / "launch" / "tpu.py").is_file()
     assert not (code / ".venv").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# keep-alive, against a fake gcloud first on PATH
+
+FAKE_GCLOUD = """#!{python}
+# A fake gcloud: records each call in calls.txt and plays the runs of runs.json, one per
+# follow of worker 0's log. The slice's state is in state.txt (MISSING: describe fails).
+import json, pathlib, sys
+here = pathlib.Path({here!r})
+argv = sys.argv[1:]
+state_file = here / "state.txt"
+state = state_file.read_text() if state_file.exists() else "MISSING"
+queued = argv[2] == "queued-resources"
+group, verb = argv[2], argv[3]
+if verb == "ssh":
+    command = next(a for a in argv if a.startswith("--command="))
+    worker = next(a for a in argv if a.startswith("--worker="))
+    verb = ("setup" if "pip install" in command else "start" if "nohup" in command
+            else "follow" if worker == "--worker=0" and "tail" in command else "other")
+with open(here / "calls.txt", "a") as calls:
+    calls.write(f"{{group}} {{verb}}\\n")
+if state == "MISSING" and verb not in ("create", "delete"):
+    print("ERROR: (gcloud) NOT_FOUND: the slice does not exist", file=sys.stderr)
+    sys.exit(1)
+if verb == "create":
+    state_file.write_text("WAITING_FOR_RESOURCES" if queued else "READY")
+elif verb == "delete":
+    if state == "MISSING":
+        print("ERROR: (gcloud) NOT_FOUND", file=sys.stderr)
+        sys.exit(1)
+    state_file.write_text("MISSING")
+elif verb == "describe":
+    assert argv[-1] == ("--format=value(state.state)" if queued else "--format=value(state)")
+    print(state)
+    if state == "WAITING_FOR_RESOURCES":
+        state_file.write_text("ACTIVE")
+elif verb == "follow":
+    runs = json.loads((here / "runs.json").read_text())
+    run, rest = runs[0], runs[1:] or runs  # the last run repeats
+    (here / "runs.json").write_text(json.dumps(rest))
+    for line in run["lines"]:
+        print(line, flush=True)
+    if run.get("state"):
+        state_file.write_text(run["state"])
+    sys.exit(run.get("ssh", 0))
+"""
+
+STEPS = ["step 1: loss 2.5", "step 2: loss 2.4"]
+PREEMPTED = {"lines": [*STEPS, "SIGTERM: saved step 40 and stopping (exit status 3)",
+                       "mmjax.train exited with status 3"], "state": "PREEMPTED"}
+RESUMED = {"lines": ["resumed from /shared/run/checkpoints at step 40", "step 41: loss 2.0",
+                     "mmjax.train exited with status 0"]}
+
+
+@pytest.fixture
+def gcloud(tmp_path, monkeypatch):
+    """Write the fake gcloud; returns a function that sets its runs and reads its calls."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "gcloud"
+    fake.write_text(FAKE_GCLOUD.format(python=sys.executable, here=str(tmp_path)))
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+    def play(*runs, state=None):
+        (tmp_path / "runs.json").write_text(json.dumps(list(runs)))
+        if state:
+            (tmp_path / "state.txt").write_text(state)
+        return lambda: (tmp_path / "calls.txt").read_text().splitlines()
+
+    return play
+
+
+def test_keep_alive_recreates_a_preempted_slice_and_resumes(gcloud, capsys):
+    calls = gcloud(PREEMPTED, RESUMED)
+    assert tpu.main(KEEP) == 0
+    assert calls() == ["tpu-vm create", "tpu-vm setup", "tpu-vm start", "tpu-vm follow",
+                       "tpu-vm describe", "tpu-vm delete",
+                       "tpu-vm create", "tpu-vm setup", "tpu-vm start", "tpu-vm follow"]
+    out, err = capsys.readouterr()
+    assert out.splitlines() == [*PREEMPTED["lines"], *RESUMED["lines"]]  # worker 0's log
+    notes = [line for line in err.splitlines() if line.startswith("tpu.py keep-alive:")]
+    assert notes == [
+        "tpu.py keep-alive: the run exited with status 3; the slice is PREEMPTED: restart 1 of "
+        "at most 10: delete, create and set up the slice, run again",
+        "tpu.py keep-alive: restart 1: resumed from step 40",
+        "tpu.py keep-alive: the run finished (exit status 0) after 1 restart(s)"]
+
+
+def test_keep_alive_when_the_vms_are_gone(gcloud, capsys):
+    """ssh fails (the VMs are gone, no exit status in the log) and describe finds no slice:
+    a queued resource is deleted, requested again, waited for and set up."""
+    lost = {"lines": STEPS, "ssh": 255, "state": "MISSING"}
+    calls = gcloud(lost, RESUMED)
+    assert tpu.main([*KEEP, "--queued"]) == 0
+    qr = "queued-resources"
+    assert calls() == [f"{qr} create", f"{qr} describe", f"{qr} describe", "tpu-vm setup",
+                       "tpu-vm start", "tpu-vm follow", f"{qr} describe", f"{qr} delete",
+                       f"{qr} create", f"{qr} describe", f"{qr} describe", "tpu-vm setup",
+                       "tpu-vm start", "tpu-vm follow"]
+    err = capsys.readouterr().err
+    assert ("tpu.py keep-alive: the queued resource is WAITING_FOR_RESOURCES: waiting for "
+            "ACTIVE") in err
+    assert ("tpu.py keep-alive: the slice is MISSING: restart 1 of at most 10: delete, "
+            "create and set up the slice, run again") in err
+    assert "tpu.py keep-alive: delete exited with status 1 (the slice may be gone" in err
+    assert "tpu.py keep-alive: restart 1: resumed from step 40" in err
+
+
+def test_keep_alive_stops_at_max_restarts(gcloud, capsys):
+    calls = gcloud(PREEMPTED)  # always preempted
+    assert tpu.main([*KEEP, "--max-restarts=2"]) == 3
+    assert calls().count("tpu-vm create") == 3 and calls().count("tpu-vm follow") == 3
+    assert calls()[-3:] == ["tpu-vm start", "tpu-vm follow", "tpu-vm describe"]
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (
+        "tpu.py keep-alive: error: the run exited with status 3; the slice is PREEMPTED; "
+        "--max-restarts=2 reached (the workdir keeps the latest checkpoint: keep-alive "
+        "--attach, or run, resumes)")
+    assert "restart 2 of at most 2" in err
+
+
+@pytest.mark.parametrize("status", [1, 2])
+def test_keep_alive_does_not_retry_an_error(gcloud, capsys, status):
+    calls = gcloud({"lines": [*STEPS, f"mmjax.train exited with status {status}"]})
+    assert tpu.main(KEEP) == status
+    assert calls() == ["tpu-vm create", "tpu-vm setup", "tpu-vm start", "tpu-vm follow"]
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"tpu.py keep-alive: error: the run exited with status {status} (an error: not "
+        "retried)")
+
+
+def test_keep_alive_reruns_on_a_slice_that_is_still_there(gcloud, capsys):
+    """Exit 3 with the slice READY (SIGTERM without a preemption): run again on it. A dropped
+    ssh connection with the slice READY: follow the same run again."""
+    stopped = {"lines": [*STEPS, "mmjax.train exited with status 3"]}
+    dropped = {"lines": ["resumed from /shared/run/checkpoints at step 2"], "ssh": 255}
+    calls = gcloud(stopped, dropped, {"lines": ["mmjax.train exited with status 0"]},
+                   state="READY")
+    assert tpu.main([*KEEP, "--attach"]) == 0
+    assert calls() == ["tpu-vm start", "tpu-vm follow", "tpu-vm describe",
+                       "tpu-vm start", "tpu-vm follow", "tpu-vm describe", "tpu-vm follow"]
+    err = capsys.readouterr().err
+    assert ("tpu.py keep-alive: the run exited with status 3; the slice is READY: restart 1 "
+            "of at most 10: run again on the same slice") in err
+    assert "tpu.py keep-alive: restart 1: resumed from step 2" in err
+    assert ("tpu.py keep-alive: worker 0's log ended without an exit status; the slice is "
+            "READY: following again") in err
+
+
+def test_keep_alive_first_slice_failure_is_an_error(capsys):
+    calls = []
+    assert tpu.main(KEEP, runner=lambda command: calls.append(command) or 1) == 1
+    assert len(calls) == 1 and calls[0][:5] == ["gcloud", "compute", "tpus", "tpu-vm", "create"]
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "tpu.py keep-alive: error: gcloud exited with status 1")
+
+
+def test_keep_alive_retries_a_failed_recreation(gcloud, capsys, tmp_path):
+    """After a preemption the new slice cannot be created at first (no capacity): that
+    counts as a restart, and the next one succeeds."""
+    calls = gcloud(PREEMPTED, RESUMED)
+    failures = iter([0, 1, 0])  # the first create works, the second fails
+
+    def runner(command):
+        if command[3:5] == ["tpu-vm", "create"] and next(failures):
+            return 1
+        return tpu.subprocess_runner(command)
+
+    assert tpu.main(KEEP, runner=runner) == 0
+    assert calls() == ["tpu-vm create", "tpu-vm setup", "tpu-vm start", "tpu-vm follow",
+                       "tpu-vm describe", "tpu-vm delete",
+                       "tpu-vm delete", "tpu-vm create", "tpu-vm setup", "tpu-vm start",
+                       "tpu-vm follow"]
+    err = capsys.readouterr().err
+    assert ("tpu.py keep-alive: bringing the slice up again failed: gcloud exited with status "
+            "1: restart 2 of at most 10: delete, create and set up the slice, run again") in err
+    assert "tpu.py keep-alive: restart 2: resumed from step 40" in err
+
+
+def test_keep_alive_dry_run(capsys):
+    train = ".venv/bin/python -m mmjax.train --distributed --config=configs/mm_v1_small.py " \
+            "--workdir=/shared/run --config.train.seed=2"
+    fetch = ("{ [ -d ~/mmjax/.git ] || git clone --quiet https://github.com/me/mmjax.git "
+             "~/mmjax; } && git -C ~/mmjax fetch --quiet origin main && "
+             "git -C ~/mmjax checkout --quiet --detach FETCH_HEAD")
+    out = dry_run(capsys, *KEEP, "--queued", "--max-restarts=4", "--",
+                  "--config.train.seed=2")
+    describe = (f"gcloud compute tpus queued-resources describe mm-v4 {SUFFIX} "
+                "'--format=value(state.state)'")
+    assert out == [
+        f"gcloud compute tpus queued-resources create mm-v4 {SUFFIX} --node-id=mm-v4 "
+        "--accelerator-type=v4-32 --runtime-version=tpu-ubuntu2204-base --spot",
+        "# wait until its state is ACTIVE:", describe,
+        ssh("mm-v4", SUFFIX, "all", f"{fetch} && {INSTALL}"),
+        ssh("mm-v4", SUFFIX, "all", start(train)), ssh("mm-v4", SUFFIX, "0", FOLLOW),
+        "# on exit status 3 or a lost slice (at most --max-restarts=4 times):", describe,
+        "# if it is not ACTIVE: delete, create and set up again",
+        f"gcloud compute tpus queued-resources delete mm-v4 {SUFFIX} --force --quiet",
+        "# then run and follow again, as above"]
+    attached = dry_run(capsys, *KEEP, "--attach")
+    assert attached[:2] == [ssh("mm-v4", SUFFIX, "all", start(train.rsplit(" ", 1)[0])),
+                            ssh("mm-v4", SUFFIX, "0", FOLLOW)]
+    assert attached[3] == f"gcloud compute tpus tpu-vm describe mm-v4 {SUFFIX} " \
+                          "'--format=value(state)'"
