@@ -7,10 +7,12 @@ does not leave the others hanging.
 """
 
 import importlib.util
+import os
 import pathlib
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -33,8 +35,7 @@ TINY = ["--config", "configs/mm_v1_small.py:tiny",
         "--config.data.corpus_options.edges_per_state=2",
         "--config.optimizer.warmup_steps=2", "--config.train.eval_every=0",
         "--config.train.eval_batches=1", "--config.train.log_every=1"]
-POD = [sys.executable, str(SCRIPT), "--processes=2", "--devices_per_process=2",
-       "--device_order=linear"]
+POD = [sys.executable, str(SCRIPT), "--processes=2", "--devices_per_process=2"]  # torus
 
 
 def test_exit_status_rule():
@@ -124,6 +125,47 @@ def test_a_crash_does_not_leave_the_others_hanging(tmp_path, monkeypatch, capsys
     assert "exit statuses by process [-9, 1]: exit 1" in err
 
 
+IGNORE_SIGTERM = """
+import os, pathlib, signal, time
+signal.signal(signal.SIGTERM, lambda *_: print("got SIGTERM", flush=True))
+pathlib.Path(os.environ["READY_DIR"], os.environ["MMJAX_PROCESS_ID"]).touch()
+time.sleep(600)
+"""
+
+
+def test_signals_are_forwarded_and_a_second_one_kills(tmp_path, monkeypatch, capsys):
+    """SIGTERM to the pod reaches every process as SIGTERM; processes that do not stop get
+    SIGKILL from a second signal (here SIGINT, as a second Ctrl-C)."""
+    monkeypatch.setattr(local_pod, "trainer_command",
+                        lambda flags, order: [sys.executable, "-c", IGNORE_SIGTERM])
+    monkeypatch.setenv("READY_DIR", str(tmp_path))
+    logs = tmp_path / "logs"
+
+    def signal_twice():
+        deadline = time.monotonic() + 60
+        while not all((tmp_path / str(i)).exists() for i in range(3)):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+        while not all("got SIGTERM" in (logs / f"process_{i}.log").read_text() for i in (1, 2)):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    thread = threading.Thread(target=signal_twice)
+    thread.start()
+    try:
+        status = local_pod.main(["--processes=3", f"--log_dir={logs}", "--"])
+    finally:
+        thread.join()
+    assert status == 128 + signal.SIGKILL
+    assert (logs / "process_1.log").read_text() == "got SIGTERM\n"
+    err = capsys.readouterr().err
+    assert "got SIGTERM: sending SIGTERM to every process" in err
+    assert "got SIGINT: sending SIGKILL to every process" in err
+    assert "exit statuses by process [-9, -9, -9]: exit 137" in err
+
+
 def test_two_processes_train_and_checkpoint(tmp_path):
     run = subprocess.run([*POD, f"--log_dir={tmp_path / 'logs'}", "--", *TINY,
                           "--config.train.num_steps=3", "--workdir", str(tmp_path / "run")],
@@ -135,6 +177,8 @@ def test_two_processes_train_and_checkpoint(tmp_path):
     assert "Connecting to JAX distributed service" in (tmp_path / "logs" /
                                                         "process_1.log").read_text()
     assert run.stderr.splitlines()[-1] == "local_pod: exit statuses by process [0, 0]: exit 0"
+    each_runs = next(line for line in run.stderr.splitlines() if "each runs:" in line)
+    assert each_runs.endswith(" --config.sharding.device_order=torus")
 
 
 def test_a_bad_flag_fails_every_process_quickly(tmp_path):
