@@ -453,6 +453,11 @@ EXIT_PREEMPTED = 3  # mmjax.train's status after SIGTERM made it save (mmjax.tra
 FOLLOW_TRIES = 3  # follows of a READY slice's run that may end without its exit status
 _RESUMED = re.compile(r"resumed from .* at step ([0-9]+)")
 _EXITED = re.compile(r"mmjax\.train exited with status ([0-9]+)")
+# A lost slice's run leaves WORKDIR/lock behind; mmjax.train takes it over 600 s after the
+# lock's last heartbeat and refuses the workdir (status 1) until then.
+_LOCKED = "is in use by another run"
+LOCK_WAIT_S = 60.0
+LOCK_WAITS = 12
 
 
 class KeepAlive:
@@ -461,6 +466,7 @@ class KeepAlive:
     def __init__(self, args, runner, reader, sleep):
         self.args, self.runner, self.reader, self.sleep = args, runner, reader, sleep
         self.restarts = 0
+        self.locked = False  # the last run was refused the workdir's lock
 
     def say(self, message: str) -> None:
         print(f"tpu.py keep-alive: {message}", file=sys.stderr, flush=True)
@@ -515,9 +521,12 @@ class KeepAlive:
                     self.say(f"restart {self.restarts}: resumed from step {seen['resumed']}")
             if match := _EXITED.fullmatch(line.strip()):
                 seen["exit"] = int(match.group(1))
+            if _LOCKED in line:
+                self.locked = True
 
         command = _ssh(self.args, follow_command(), worker="0")
         print(f"+ {shlex.join(command)}", file=sys.stderr, flush=True)
+        self.locked = False
         self.reader(command, on_line)
         if self.restarts and "exit" in seen and "resumed" not in seen:
             self.say(f"restart {self.restarts}: no checkpoint to resume from (started at "
@@ -547,6 +556,7 @@ class KeepAlive:
         args = self.args
         new_slice = not args.attach
         why = None
+        lock_waits = 0
         while True:
             if why is not None:
                 self.restarts += 1
@@ -578,6 +588,14 @@ class KeepAlive:
                 self.say("the run finished (exit status 0)"
                          + (f" after {self.restarts} restart(s)" if self.restarts else ""))
                 return 0
+            if exit_status == 1 and self.locked and self.restarts and lock_waits < LOCK_WAITS:
+                lock_waits += 1
+                self.say(f"the workdir is still locked by the lost slice's run (taken over 10 "
+                         f"minutes after its last heartbeat): waiting {LOCK_WAIT_S:g} s, then "
+                         f"running again ({lock_waits} of at most {LOCK_WAITS})")
+                self.sleep(LOCK_WAIT_S)
+                why, new_slice = None, False
+                continue
             if exit_status not in (None, EXIT_PREEMPTED):
                 print(f"tpu.py keep-alive: error: {why} (an error: not retried)",
                       file=sys.stderr)

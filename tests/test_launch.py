@@ -676,3 +676,24 @@ def test_keep_alive_dry_run(capsys):
                             ssh("mm-v4", SUFFIX, "0", FOLLOW)]
     assert attached[3] == f"gcloud compute tpus tpu-vm describe mm-v4 {SUFFIX} " \
                           "'--format=value(state)'"
+
+
+def test_keep_alive_waits_for_the_lost_runs_lock(gcloud, capsys):
+    """A slice lost without a clean exit leaves WORKDIR/lock behind: the new slice's run is
+    refused (status 1) until mmjax.train takes the stale lock over; keep-alive waits and runs
+    again on the new slice, without counting a restart."""
+    lost = {"lines": STEPS, "ssh": 255, "state": "MISSING"}
+    locked = {"lines": ["error: workdir /shared/run is in use by another run: lock file "
+                        "/shared/run/lock held by t1v-0 pid 7 (...)",
+                        "mmjax.train exited with status 1"]}
+    calls = gcloud(lost, locked, RESUMED)
+    slept = []
+    assert tpu.main([*KEEP, "--max-restarts=1"], sleep=slept.append) == 0
+    assert calls()[-6:] == ["tpu-vm create", "tpu-vm setup", "tpu-vm start", "tpu-vm follow",
+                            "tpu-vm start", "tpu-vm follow"]
+    assert slept == [tpu.LOCK_WAIT_S]
+    err = capsys.readouterr().err
+    assert ("tpu.py keep-alive: the workdir is still locked by the lost slice's run (taken "
+            "over 10 minutes after its last heartbeat): waiting 60 s, then running again "
+            "(1 of at most 12)") in err
+    assert "tpu.py keep-alive: restart 1: resumed from step 40" in err
