@@ -86,6 +86,18 @@ def test_distributed_variables_all_or_none():
                                           "MMJAX_NUM_PROCESSES": "2", "MMJAX_PROCESS_ID": "2"})
 
 
+def test_trainer_refuses_partial_variables_in_one_line():
+    env = {**os.environ, "MMJAX_PROCESS_ID": "0", "JAX_PLATFORMS": "cpu"}
+    env.pop("MMJAX_COORDINATOR_ADDRESS", None)
+    env.pop("MMJAX_NUM_PROCESSES", None)
+    run = subprocess.run([sys.executable, "-m", "mmjax.train", "--distributed"], env=env,
+                         capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    assert run.returncode == 1
+    assert run.stderr.strip().splitlines() == [
+        "error: MMJAX_PROCESS_ID set without MMJAX_COORDINATOR_ADDRESS, MMJAX_NUM_PROCESSES: "
+        "set all of MMJAX_COORDINATOR_ADDRESS, MMJAX_NUM_PROCESSES, MMJAX_PROCESS_ID, or none"]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--processes=0", "--"], "local_pod.py: error: --processes 0: must be >= 1"),
     (["--devices_per_process=0", "--"],
