@@ -467,6 +467,7 @@ class KeepAlive:
         self.args, self.runner, self.reader, self.sleep = args, runner, reader, sleep
         self.restarts = 0
         self.locked = False  # the last run was refused the workdir's lock
+        self.resume_logged = 0  # the last restart whose resumed step was logged
 
     def say(self, message: str) -> None:
         print(f"tpu.py keep-alive: {message}", file=sys.stderr, flush=True)
@@ -517,7 +518,8 @@ class KeepAlive:
             print(line, end="", flush=True)
             if "resumed" not in seen and (match := _RESUMED.search(line)):
                 seen["resumed"] = int(match.group(1))
-                if self.restarts:
+                if self.restarts > self.resume_logged:  # once (the log is followed from its
+                    self.resume_logged = self.restarts  # start each time)
                     self.say(f"restart {self.restarts}: resumed from step {seen['resumed']}")
             if match := _EXITED.fullmatch(line.strip()):
                 seen["exit"] = int(match.group(1))
@@ -528,7 +530,9 @@ class KeepAlive:
         print(f"+ {shlex.join(command)}", file=sys.stderr, flush=True)
         self.locked = False
         self.reader(command, on_line)
-        if self.restarts and "exit" in seen and "resumed" not in seen:
+        if (self.restarts > self.resume_logged and seen.get("exit") in (0, EXIT_PREEMPTED)
+                and "resumed" not in seen):
+            self.resume_logged = self.restarts
             self.say(f"restart {self.restarts}: no checkpoint to resume from (started at "
                      "step 0)")
         return seen.get("exit")

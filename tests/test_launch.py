@@ -608,15 +608,15 @@ def test_keep_alive_reruns_on_a_slice_that_is_still_there(gcloud, capsys):
     ssh connection with the slice READY: follow the same run again."""
     stopped = {"lines": [*STEPS, "mmjax.train exited with status 3"]}
     dropped = {"lines": ["resumed from /shared/run/checkpoints at step 2"], "ssh": 255}
-    calls = gcloud(stopped, dropped, {"lines": ["mmjax.train exited with status 0"]},
-                   state="READY")
+    again = {"lines": [*dropped["lines"], "mmjax.train exited with status 0"]}
+    calls = gcloud(stopped, dropped, again, state="READY")
     assert tpu.main([*KEEP, "--attach"]) == 0
     assert calls() == ["tpu-vm start", "tpu-vm follow", "tpu-vm describe",
                        "tpu-vm start", "tpu-vm follow", "tpu-vm describe", "tpu-vm follow"]
     err = capsys.readouterr().err
     assert ("tpu.py keep-alive: the run exited with status 3; the slice is READY: restart 1 "
             "of at most 10: run again on the same slice") in err
-    assert "tpu.py keep-alive: restart 1: resumed from step 2" in err
+    assert err.count("tpu.py keep-alive: restart 1: resumed from step 2") == 1  # followed twice
     assert ("tpu.py keep-alive: worker 0's log ended without an exit status; the slice is "
             "READY: following again") in err
 
@@ -697,3 +697,11 @@ def test_keep_alive_waits_for_the_lost_runs_lock(gcloud, capsys):
             "over 10 minutes after its last heartbeat): waiting 60 s, then running again "
             "(1 of at most 12)") in err
     assert "tpu.py keep-alive: restart 1: resumed from step 40" in err
+
+
+def test_keep_alive_says_when_a_restart_had_no_checkpoint(gcloud, capsys):
+    calls = gcloud(PREEMPTED, {"lines": [*STEPS, "mmjax.train exited with status 0"]})
+    assert tpu.main(KEEP) == 0
+    assert calls().count("tpu-vm create") == 2
+    assert ("tpu.py keep-alive: restart 1: no checkpoint to resume from (started at step 0)"
+            in capsys.readouterr().err)
