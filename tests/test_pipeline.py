@@ -1,6 +1,7 @@
 """The grain loader over a token store: coverage, process shares, resume, sharding, errors."""
 
 import json
+import unittest.mock as mock
 
 import grain
 import jax
@@ -56,15 +57,16 @@ def test_two_processes_read_disjoint_shares_whose_union_is_the_epoch(unique_stor
                                    process_count=2)
         batches = take(it, steps)
         assert batches[0].shape == (B // 2, T + 1) and batches[0].dtype == np.int32
-        # process p holds global positions p, p + 2, ... of the (multi-epoch) row stream
+        # process p holds rows p B/2 ... (p + 1) B/2 - 1 of every global batch k, which is
+        # rows k B ... k B + B - 1 of the (multi-epoch) row stream
         for k, batch in enumerate(batches):
             for j, row in enumerate(batch):
-                starts[p + 2 * (k * (B // 2) + j)] = row_start(row, unique_store["position"])
+                starts[k * B + p * (B // 2) + j] = row_start(row, unique_store["position"])
     n = rows.count
     epoch0 = [starts[g] for g in range(n)]
     epoch1 = [starts[g] for g in range(n, 2 * n)]
-    share0 = {starts[g] for g in range(0, n, 2)}
-    share1 = {starts[g] for g in range(1, n, 2)}
+    share0 = {starts[g] for g in range(n) if g % B < B // 2}
+    share1 = {starts[g] for g in range(n) if g % B >= B // 2}
     assert not share0 & share1 and len(share0) + len(share1) == n
     offset = min(epoch0)
     assert sorted(epoch0) == [offset + i * T for i in range(n)]  # the whole epoch, once
@@ -182,7 +184,7 @@ def test_global_batch_is_a_jax_array_on_the_sharding(unique_store):
     mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     sharding = NamedSharding(mesh, PartitionSpec("data", None))
     it = pipeline.make_batches(config(unique_store["path"]), seed=1, sharding=sharding)
-    assert (it.process_index, it.process_count) == (0, 1)  # read from the sharding
+    assert it.local_rows.tolist() == list(range(B))  # read from the sharding
     batch = next(it)
     assert isinstance(batch, jax.Array) and batch.sharding == sharding
     assert batch.shape == (B, T + 1) and batch.dtype == np.int32
@@ -255,25 +257,77 @@ def test_synthetic_corpus_behind_the_same_interface():
     np.testing.assert_array_equal(np.asarray(next(sharded)), corpus.batch(0, B, T + 1))
 
 
-class FakeSharding:
-    """What process_share reads from a sharding: the rows this process's devices hold."""
+class FakeDevice:
+    def __init__(self, process_index):
+        self.process_index = process_index
 
-    def __init__(self, rows):
+
+class FakeSharding:
+    """What rows_by_process reads from a sharding: every device's rows and its process."""
+
+    def __init__(self, rows):  # [(process, start, stop)] per device
         self.rows = rows
 
-    def addressable_devices_indices_map(self, shape):
-        return {f"dev{i}": (slice(a, b), slice(None)) for i, (a, b) in enumerate(self.rows)}
+    def devices_indices_map(self, shape):
+        return {FakeDevice(p): (slice(a, b), slice(None)) for p, a, b in self.rows}
 
 
-def test_process_share_from_the_sharding():
-    # devices of the second of two processes hold rows 4..7, two rows each
-    assert pipeline.process_share(FakeSharding([(4, 6), (6, 8)]), 8, T + 1) == (1, 2)
-    # tensor parallelism: two devices hold the same rows, one share of four
-    assert pipeline.process_share(FakeSharding([(2, 4), (2, 4)]), 8, T + 1) == (1, 4)
-    assert pipeline.process_share(FakeSharding([(0, 8)]), 8, T + 1) == (0, 1)
-    with pytest.raises(ValueError, match="not one contiguous share"):
-        pipeline.process_share(FakeSharding([(0, 2), (4, 6)]), 8, T + 1)
-    assert pipeline.process_share(None, 8, T + 1, process_index=1, process_count=4) == (1, 4)
+def test_rows_by_process_from_the_sharding():
+    by = pipeline.rows_by_process(FakeSharding([(0, 0, 2), (1, 2, 4), (0, 4, 6), (1, 6, 8)]),
+                                  8, T + 1)
+    assert {p: r.tolist() for p, r in by.items()} == {0: [0, 1, 4, 5], 1: [2, 3, 6, 7]}
+    # tensor parallelism: two devices of a process hold the same rows
+    by = pipeline.rows_by_process(FakeSharding([(0, 0, 4), (0, 0, 4), (1, 4, 8), (1, 4, 8)]),
+                                  8, T + 1)
+    assert {p: r.tolist() for p, r in by.items()} == {0: [0, 1, 2, 3], 1: [4, 5, 6, 7]}
+    assert pipeline.process_rows(None, 8, T + 1, process_index=1, process_count=4).tolist() \
+        == [2, 3]
+
+
+def test_a_process_reads_its_scattered_rows_of_the_global_batch(unique_store):
+    """Rows spread over the batch (a real slice's device order): each process's local rows,
+    placed at their row indices, make exactly the one-process global batch."""
+    single = take(pipeline.make_batches(config(unique_store["path"]), seed=2), 3)
+    layout = {0: [0, 1, 4, 5], 1: [2, 3, 6, 7]}
+    assembled = np.zeros_like(np.stack(single))
+    for p, rows in layout.items():
+        sharding = FakeSharding([(q, r, r + 1) for q, rs in layout.items() for r in rs])
+        with mock.patch.object(jax, "process_index", return_value=p):
+            it = pipeline.TextBatches(unique_store["store"], split="train", context_length=T,
+                                      batch_size=B, vocab_size=1 << 16, seed=2,
+                                      sharding=sharding)
+        assert it.local_rows.tolist() == rows
+        for k in range(3):
+            assembled[k, rows] = it.next_local()
+    np.testing.assert_array_equal(assembled, np.stack(single))
+
+
+def test_resume_on_another_process_count_and_worker_count(unique_store):
+    """A state saved by one of 4 processes resumes 2 processes with workers: the same
+    global batches as an uninterrupted one-process run."""
+    cfg = config(unique_store["path"])
+    straight = np.stack(take(pipeline.make_batches(cfg, seed=6), 7))
+    it = pipeline.make_batches(cfg, seed=6, process_index=3, process_count=4)
+    take(it, 4)
+    state = json.loads(json.dumps(it.get_state()))
+    halves = []
+    for p in (0, 1):
+        resumed = pipeline.make_batches(dict(cfg, worker_count=1 if p else 0), seed=6,
+                                        process_index=p, process_count=2)
+        try:
+            resumed.set_state(state)
+            halves.append(np.stack(take(resumed, 3)))
+        finally:
+            resumed.close()
+    np.testing.assert_array_equal(np.concatenate(halves, axis=1), straight[4:])
+
+
+def test_a_changed_batch_size_is_named(unique_store):
+    it = pipeline.make_batches(config(unique_store["path"]), seed=6)
+    take(it, 2)
+    other = pipeline.make_batches(dict(config(unique_store["path"]), batch_size=2 * B), seed=6)
+    with pytest.raises(ValueError, match=rf"data.batch_size \({B} -> {2 * B}\) changed"):
+        other.set_state(it.get_state())
 
 
 def test_config_dict_sections_are_accepted(unique_store):

@@ -36,12 +36,14 @@ Two ways to cut the stream of a split (documents in order, each followed by end-
   document is an error (this is the issue's "packed documents" mode: rows are packed with
   one document's tokens, never padded, never mixed).
 
-Processes: the shuffled stream of rows (over epochs) is dealt round-robin: process ``p`` of
-``P`` reads rows ``p, p + P, ...``, so the processes' shares are disjoint and together they
-are the whole epoch; each reads only its ``global_batch / P`` rows of a step, and
-``jax.make_array_from_process_local_data`` assembles the global batch. By default ``p`` and
-``P`` come from the sharding (which rows of the batch this process's devices hold), or from
-``jax.process_index() / jax.process_count()``; tests pass them explicitly.
+Processes: global batch ``k`` is rows ``k B, ..., k B + B - 1`` of the shuffled stream of
+rows (over epochs), whatever the number of processes. Each process reads only the rows that its
+devices hold (:func:`rows_by_process`): on a real slice the mesh orders devices by their torus
+position, so a host's rows are several blocks spread over the batch, and
+``jax.make_array_from_process_local_data`` places them. The iterator's state is the number of
+global batches read, so a run saved on N hosts (or with any ``worker_count``) resumes on K hosts
+and sees the same global batches as an uninterrupted run; a state saved with another store,
+batch size, context, packing or seed is refused in one line naming what changed.
 
 Every batch is checked at the host boundary: a token id outside ``[0, vocab_size)`` is an
 error naming the id, the split and the store, never a silent index wrap on the device.
@@ -150,34 +152,60 @@ def row_dataset(rows: Rows, *, num_epochs: int | None = None) -> grain.MapDatase
     return ds.repeat(num_epochs).map_with_index(_RowAt(rows))
 
 
-def process_share(sharding: NamedSharding | None, global_batch: int, row_length: int,
-                  process_index: int | None = None,
-                  process_count: int | None = None) -> tuple[int, int]:
-    """``(index, count)`` of this process's share of the rows (see the module docstring)."""
-    if process_index is not None or process_count is not None:
-        index = jax.process_index() if process_index is None else process_index
-        count = jax.process_count() if process_count is None else process_count
-    elif sharding is None:
-        index, count = jax.process_index(), jax.process_count()
-    else:
-        rows = sorted({(idx[0].start or 0, global_batch if idx[0].stop is None else idx[0].stop)
-                       for idx in sharding.addressable_devices_indices_map(
-                           (global_batch, row_length)).values()})
-        lo, hi = rows[0][0], rows[-1][1]
-        if (hi - lo) != sum(b - a for a, b in rows) or global_batch % (hi - lo):
-            raise ValueError(f"this process's devices hold rows {rows} of the batch: not one "
-                             f"contiguous share; pass process_index/process_count")
-        index, count = lo // (hi - lo), global_batch // (hi - lo)
+def rows_by_process(sharding, global_batch: int, row_length: int) -> dict[int, np.ndarray]:
+    """``{process_index: the sorted batch rows its devices hold}`` for every process of a
+    sharding of a ``[global_batch, row_length]`` array (any device order: a host's rows may be
+    several blocks, as on a real TPU slice; replicated devices hold the same rows)."""
+    rows: dict[int, set[int]] = {}
+    for device, index in sharding.devices_indices_map((global_batch, row_length)).items():
+        lo, hi, _ = index[0].indices(global_batch)
+        rows.setdefault(device.process_index, set()).update(range(lo, hi))
+    return {p: np.array(sorted(r), np.int64) for p, r in sorted(rows.items())}
+
+
+def process_rows(sharding: NamedSharding | None, global_batch: int, row_length: int,
+                 process_index: int | None = None,
+                 process_count: int | None = None) -> np.ndarray:
+    """The sorted batch rows this process reads (see the module docstring).
+
+    From the sharding (the rows this process's devices hold), or, with ``process_index`` /
+    ``process_count`` (or no sharding), the ``process_index``-th of ``process_count`` equal
+    blocks.
+    """
+    if sharding is not None and process_index is None and process_count is None:
+        rows = rows_by_process(sharding, global_batch, row_length).get(jax.process_index())
+        if rows is None or not len(rows):
+            raise ValueError(f"process {jax.process_index()} holds no device of the batch "
+                             f"sharding")
+        return rows
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
     if not 0 <= index < count:
         raise ValueError(f"process_index={index} must be in [0, process_count={count})")
     if global_batch % count:
         raise ValueError(f"data.batch_size={global_batch} must be a multiple of the "
                          f"{count} processes that share it")
-    return index, count
+    share = global_batch // count
+    return np.arange(index * share, (index + 1) * share, dtype=np.int64)
+
+
+class _LocalBatch:
+    """``map`` callable: global batch ``k`` -> this process's ``[len(rows), T + 1]`` rows."""
+
+    def __init__(self, stream: grain.MapDataset, batch_size: int, rows: np.ndarray):
+        self.stream, self.batch_size, self.rows = stream, batch_size, rows
+
+    def __call__(self, k: int) -> np.ndarray:
+        first = k * self.batch_size
+        return np.stack([self.stream[first + int(r)] for r in self.rows])
 
 
 class TextBatches(grain.DatasetIterator):
-    """Global batches from a token store; a grain ``DatasetIterator`` (checkpointable)."""
+    """Global batches from a token store; a grain ``DatasetIterator`` (checkpointable).
+
+    ``get_state()`` is ``{"pipeline", "settings", "batches"}``: the same on every process
+    and for any process count or ``worker_count`` (see the module docstring).
+    """
 
     def __init__(self, store: TokenStore, *, split: str, context_length: int,
                  batch_size: int, vocab_size: int, sharding: NamedSharding | None = None,
@@ -192,37 +220,52 @@ class TextBatches(grain.DatasetIterator):
         self.vocab_size = int(vocab_size)
         self.sharding = sharding
         self.global_shape = (int(batch_size), context_length + 1)
-        self.process_index, self.process_count = process_share(
-            sharding, batch_size, context_length + 1, process_index, process_count)
-        self.local_batch = batch_size // self.process_count
-        ds = row_dataset(self.rows, num_epochs=num_epochs)
-        ds = ds[self.process_index::self.process_count].batch(self.local_batch,
-                                                               drop_remainder=True)
-        read = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch)
-        iter_ds = ds.to_iter_dataset(read)
-        if worker_count > 0:
-            _mark_absl_flags_parsed()
-            iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(
-                num_workers=worker_count, per_worker_buffer_size=prefetch))
-        self._iterator = iter(iter_ds)
+        self.local_rows = process_rows(sharding, batch_size, context_length + 1,
+                                       process_index, process_count)
+        self.local_batch = len(self.local_rows)
+        stream = row_dataset(self.rows, num_epochs=num_epochs)
+        self._steps = grain.MapDataset.range(len(stream) // batch_size).map(
+            _LocalBatch(stream, batch_size, self.local_rows))
+        self._read = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch)
+        self._worker_count, self._prefetch = int(worker_count), int(prefetch)
+        self._iterator = None  # opened at the first batch, from batch ``_batches``
         self._batches = 0
-        self._identity = _identity(store, split=split, context_length=context_length,
-                                   batch_size=batch_size, seed=seed, packing=packing,
-                                   shuffle=shuffle, process=[self.process_index,
-                                                             self.process_count],
-                                   worker_count=worker_count)
+        self._settings = {"split": split, "context_length": context_length,
+                          "batch_size": int(batch_size), "seed": seed, "packing": packing,
+                          "shuffle": shuffle, "store": store.manifest.get("fingerprint", {})}
+        self._identity = _identity(self._settings)
 
-    def next_local(self) -> np.ndarray:
-        """This process's ``[global_batch / P, T + 1]`` int32 rows of the next batch, checked."""
-        local = next(self._iterator)
-        self._batches += 1
+    def _open(self):
+        if self._iterator is None:
+            iter_ds = self._steps[self._batches:].to_iter_dataset(self._read)
+            if self._worker_count > 0:
+                _mark_absl_flags_parsed()
+                iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(
+                    num_workers=self._worker_count, per_worker_buffer_size=self._prefetch))
+            self._iterator = iter(iter_ds)
+        return self._iterator
+
+    def _check(self, local: np.ndarray, batch: int) -> np.ndarray:
         low, high = int(local.min()), int(local.max())
         if low < 0 or high >= self.vocab_size:
             bad = low if low < 0 else high
             raise DataError(f"token id {bad} outside the model vocabulary [0, "
-                            f"{self.vocab_size}) in batch {self._batches - 1} of the "
+                            f"{self.vocab_size}) in batch {batch} of the "
                             f"{self.split_name} split of {self.store.directory}")
         return local
+
+    def peek_local(self) -> np.ndarray:
+        """This process's rows of the next batch, checked, without moving the iterator (read
+        in this process: no worker is started)."""
+        if self._batches >= len(self._steps):
+            raise StopIteration
+        return self._check(self._steps[self._batches], self._batches)
+
+    def next_local(self) -> np.ndarray:
+        """This process's ``[rows, T + 1]`` int32 rows of the next batch, checked."""
+        local = next(self._open())
+        self._batches += 1
+        return self._check(local, self._batches - 1)
 
     def __next__(self) -> jax.Array | np.ndarray:
         local = self.next_local()
@@ -231,21 +274,42 @@ class TextBatches(grain.DatasetIterator):
         return jax.make_array_from_process_local_data(self.sharding, local, self.global_shape)
 
     def get_state(self) -> dict[str, Any]:
-        return {"pipeline": self._identity, "batches": self._batches,
-                "grain": self._iterator.get_state()}
+        return {"pipeline": self._identity, "settings": self._settings,
+                "batches": self._batches}
 
     def set_state(self, state: dict[str, Any]) -> None:
-        if state.get("pipeline") != self._identity:
-            raise ValueError(f"this data iterator state was saved by another pipeline "
-                             f"(saved {state.get('pipeline')}, now {self._identity})")
-        self._iterator.set_state(state["grain"])
+        """Continue from a saved state (``"legacy"``: an older checkpoint's batch count,
+        accepted unchecked)."""
+        if not state.get("legacy") and state.get("pipeline") != self._identity:
+            raise ValueError(_mismatch(state.get("settings"), self._settings))
+        self._close_iterator()
         self._batches = int(state["batches"])
 
-    def close(self) -> None:
-        iterator = getattr(self, "_iterator", None)  # None when __init__ raised
-        if iterator is not None:
+    def _close_iterator(self) -> None:
+        iterator, self._iterator = getattr(self, "_iterator", None), None
+        if iterator is not None and hasattr(iterator, "close"):
             iterator.close()
+
+    def close(self) -> None:
+        self._close_iterator()
         super().close()
+
+
+def _mismatch(saved: dict | None, now: dict) -> str:
+    """One line naming what changed between a saved data state and this pipeline."""
+    if not isinstance(saved, dict):
+        return "this data iterator state was saved by another pipeline"
+    names = {"split": "the split", "context_length": "data.context_length",
+             "batch_size": "data.batch_size", "seed": "train.seed",
+             "packing": "data.packing", "shuffle": "the shuffle setting",
+             "store": "the token store (data.path)"}
+    changed = [f"{names.get(k, k)} ({saved.get(k)!r} -> {now.get(k)!r})"
+               if k != "store" else names[k]
+               for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    return ("this data iterator state was saved by another pipeline: "
+            + (", ".join(changed) if changed else "its digest differs")
+            + " changed; the saved position cannot be carried over (use the saved setting "
+            "or a new --workdir)")
 
 
 class SyntheticBatches(grain.DatasetIterator):
@@ -325,10 +389,9 @@ def make_batches(data: ml_collections.ConfigDict | dict, *, vocab_size: int | No
                        process_count=process_count)
 
 
-def _identity(store: TokenStore, **settings) -> str:
+def _identity(settings: dict) -> str:
     """A short digest of what decides the batch sequence, to refuse a foreign state."""
-    fingerprint = store.manifest.get("fingerprint", {})
-    blob = json.dumps({"store": fingerprint, **settings}, sort_keys=True, default=str)
+    blob = json.dumps(settings, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
