@@ -75,7 +75,7 @@ def initialize_distributed() -> None:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
     if arguments and jax.config.jax_platforms == "cpu":
-        # CPU processes need a collectives implementation across processes (none by default).
+        # Collectives across CPU processes: gloo (jax 0.10's default; older versions had none).
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**arguments)
 
