@@ -1,24 +1,25 @@
 """Ahead-of-time compile of a config's full train step for a TPU slice, without the TPU.
 
     python -m mmjax.aot --config configs/mmv2_large.py --topology v5p:8x8x8 \\
-        [--mesh 1,64,8] [--config.data.batch_size=512 ...]
+        [--mesh 1,64,8] [--num_slices 2] [--config.data.batch_size=512 ...]
 
-Needs libtpu (``pip install -e ".[tpu]"``). It builds the real mesh (``data, fsdp, tensor``)
-over the devices of the named topology (``jax.experimental.topologies``), lowers the train
-step exactly as the trainer jits it (model, loss, optimiser, shardings, donation, the Pallas
-TPU kernels) and compiles it with XLA:TPU and Mosaic. It prints, per chip: argument, output,
-temporary and total memory against the chip's HBM; the step's FLOPs from XLA's cost analysis
-against the ``6 N`` estimate (``N`` parameters, ``6 N`` per token for forward and backward;
-XLA does not count the FLOPs inside Pallas kernels, which is why a Memory Mosaic's retrieval
-is missing from its figure, and counts the body of a loop once, so with ``scan_layers`` its
-figure holds one layer); and the compile time. Exit status: 0 when the step fits, 1 when
-it does not, 2 for bad arguments.
+Needs libtpu (``pip install -e ".[tpu]"``). It builds the trainer's mesh (``data, fsdp,
+tensor``: ``mmjax.train.sharding.make_mesh``) over the devices of the named topology
+(``jax.experimental.topologies``; with ``--num_slices`` N, N such slices data-parallel over
+DCN, ``--mesh`` describing one slice), lowers the train step the trainer jits
+(``mmjax.train.jitted.jit_train_step``: model, loss, optimiser, NaN guard, shardings,
+donation, the Pallas TPU kernels) and compiles it with XLA:TPU and Mosaic. It prints, per
+chip: argument, output, temporary and total memory against the chip's HBM; the step's FLOPs
+from XLA's cost analysis against the ``6 N`` estimate (``N`` parameters, ``6 N`` per token
+for forward and backward; XLA does not count the FLOPs inside Pallas kernels, which is why a
+Memory Mosaic's retrieval is missing from its figure, and counts the body of a loop once, so
+with ``scan_layers`` its figure holds one layer); and the compile time. Exit status: 0 when
+the step fits, 1 when it does not, 2 for bad arguments.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import sys
 import time
@@ -32,9 +33,9 @@ from mmjax.kernels import compile_check
 from mmjax.models import build_model
 from mmjax.train import sharding as sharding_lib
 from mmjax.train.config_lib import with_defaults
+from mmjax.train.jitted import ignore_targets_of, jit_train_step
 from mmjax.train.optimizer import make_optimizer
 from mmjax.train.state import state_layout
-from mmjax.train.step import train_step
 
 GIB = 1 << 30
 # HBM per chip (published figures), by device kind.
@@ -61,6 +62,7 @@ class Report:
     num_params: int
     compile_seconds: float
     scanned: bool = False  # XLA counts a scanned loop's body once: FLOPs then undercount
+    num_slices: int = 1
 
     @property
     def total_bytes(self) -> int:
@@ -82,32 +84,27 @@ def hbm_bytes(device_kind: str) -> int:
 
 def devices_per_chip(devices) -> int:
     """1, or 2 where a topology lists each TensorCore of a chip as a device (v4)."""
-    return len(devices) // len({tuple(d.coords) for d in devices})
+    return len(devices) // len({(getattr(d, "slice_index", 0), tuple(d.coords))
+                                for d in devices})
 
 
-def topology_mesh(topology: str, sizes) -> jax.sharding.Mesh:
-    """A ``(data, fsdp, tensor)`` mesh over the devices of ``topology`` (one ``-1`` allowed).
+def topology_mesh(topology: str, sizes, num_slices: int = 1,
+                  device_order: str = "auto") -> jax.sharding.Mesh:
+    """The trainer's ``(data, fsdp, tensor)`` mesh over the devices of ``num_slices`` slices
+    of ``topology`` (``sizes``: one slice's, one ``-1`` allowed).
 
     v4 slices are described with one device per TensorCore (two per chip); the mesh then
     spans cores, each with half its chip's HBM.
     """
-    devices = compile_check.topology_devices(topology)
-    shape = sharding_lib.mesh_shape(sizes, len(devices))
-    from jax.experimental import mesh_utils
-
-    try:
-        grid = mesh_utils.create_device_mesh(shape, devices=devices)
-    except AssertionError:  # one device per core: keep the topology's order
-        grid = np.array(devices).reshape(shape)
-    return jax.sharding.Mesh(grid, sharding_lib.MESH_AXES,
-                             axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    sharding_lib.check_mesh_options(num_slices, device_order)
+    devices = compile_check.topology_devices(topology, num_slices=num_slices)
+    return sharding_lib.make_mesh(sizes, devices=devices, num_slices=num_slices,
+                                  device_order=device_order)
 
 
-def compile_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
-    """The trainer's train step for ``config``, lowered for ``mesh`` and compiled.
-
-    Returns ``(compiled, num_params, seconds)``; nothing is allocated on any device.
-    """
+def lower_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+    """The trainer's jitted train step for ``config``, lowered for ``mesh`` (abstract state
+    and batch: nothing is allocated). Returns ``(lowered, num_params)``."""
     config = with_defaults(config)
     model = build_model(config.model)
     optimizer = make_optimizer(**config.optimizer)
@@ -119,30 +116,40 @@ def compile_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mes
         raise ValueError(f"data.batch_size={data.batch_size} must be a multiple of "
                          f"train.grad_accum_steps ({accum}) x the data x fsdp mesh size "
                          f"({batch_devices})")
-    start = time.perf_counter()
     key = jax.random.key(config.train.seed)
     with nn.logical_axis_rules(rules):
         layout = state_layout(model, optimizer, mesh, rules, length=data.context_length,
                               init_rng=key, state_rng=key)
-    batch_sharding = sharding_lib.batch_sharding(mesh, rules)
     tokens = jax.ShapeDtypeStruct((data.batch_size, data.context_length + 1), np.int32,
-                                  sharding=batch_sharding)
-    step = jax.jit(
-        functools.partial(train_step, model=model, optimizer=optimizer,
-                          grad_accum_steps=accum, loss_chunk=config.train.loss_chunk),
-        in_shardings=(layout.shardings, batch_sharding),
-        out_shardings=(layout.shardings, sharding_lib.replicated(mesh)),
-        donate_argnums=0)
+                                  sharding=sharding_lib.batch_sharding(mesh, rules))
+    step = jit_train_step(config, model, optimizer, mesh, rules, layout.shardings,
+                          ignore_targets_of(data))
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        compiled = step.lower(layout.abstract, tokens).compile()
+        lowered = step.lower(layout.abstract, tokens)
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(layout.abstract.params))
+    return lowered, num_params
+
+
+def compile_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+    """The trainer's train step for ``config``, lowered for ``mesh`` and compiled.
+
+    Returns ``(compiled, num_params, seconds)``; nothing is allocated on any device.
+    """
+    start = time.perf_counter()
+    lowered, num_params = lower_train_step(config, mesh)
+    with jax.set_mesh(mesh):
+        compiled = lowered.compile()
     return compiled, num_params, time.perf_counter() - start
 
 
-def report(config: ml_collections.ConfigDict, topology: str, mesh_sizes=None) -> Report:
-    """Compile ``config``'s train step for ``topology``; the per-chip figures."""
+def report(config: ml_collections.ConfigDict, topology: str, mesh_sizes=None,
+           num_slices: int | None = None) -> Report:
+    """Compile ``config``'s train step for ``num_slices`` (default: the config's
+    ``sharding.num_slices``) slices of ``topology``; the per-chip figures."""
     config = with_defaults(config)
-    mesh = topology_mesh(topology, mesh_sizes or config.sharding.mesh)
+    num_slices = config.sharding.num_slices if num_slices is None else num_slices
+    mesh = topology_mesh(topology, mesh_sizes or config.sharding.mesh, num_slices,
+                         config.sharding.device_order)
     compiled, num_params, seconds = compile_train_step(config, mesh)
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
@@ -159,14 +166,15 @@ def report(config: ml_collections.ConfigDict, topology: str, mesh_sizes=None) ->
         hbm_bytes=hbm_bytes(kind) // devices_per_chip(list(mesh.devices.flat)),
         flops=float(cost.get("flops", 0.0)), flops_6n=6.0 * num_params * tokens / chips,
         num_params=num_params, compile_seconds=seconds,
-        scanned=bool(config.model.get("scan_layers", False)))
+        scanned=bool(config.model.get("scan_layers", False)), num_slices=num_slices)
 
 
 def format_report(r: Report) -> str:
     gib = lambda b: f"{b / GIB:.2f} GiB"
     ratio = r.flops / r.flops_6n if r.flops_6n else float("nan")
     lines = [
-        f"topology {r.topology} ({r.device_kind}, {np.prod(list(r.mesh.values()))} devices), "
+        f"topology {r.topology}" + (f" x {r.num_slices} slices" if r.num_slices > 1 else "")
+        + f" ({r.device_kind}, {np.prod(list(r.mesh.values()))} devices), "
         f"mesh {r.mesh}, batch per data shard {r.batch_per_chip:g}",
         f"parameters {r.num_params:,}",
         f"per device: arguments {gib(r.argument_bytes)}, outputs {gib(r.output_bytes)} "
@@ -212,7 +220,8 @@ def main(argv) -> int:
         return 2
     jax.config.update("jax_platforms", "cpu")  # compile for the topology, never open a TPU
     try:
-        result = report(flags.FLAGS.config, flags.FLAGS.topology, _mesh_arg(flags.FLAGS.mesh))
+        result = report(flags.FLAGS.config, flags.FLAGS.topology, _mesh_arg(flags.FLAGS.mesh),
+                        flags.FLAGS.num_slices)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -240,7 +249,9 @@ def _define_flags():
     flags.DEFINE_string("topology", "v5e:2x2", "TPU slice, e.g. v4:2x2x4, v5e:16x16, v5p:8x8x8")
     flags.DEFINE_bool("json", False, "Also print the report as one JSON line.")
     flags.DEFINE_string("mesh", None, "data,fsdp,tensor sizes (default: the config's "
-                                      "sharding.mesh); one may be -1")
+                                      "sharding.mesh), one slice's; one may be -1")
+    flags.DEFINE_integer("num_slices", None, "Slices data-parallel over DCN (default: the "
+                                             "config's sharding.num_slices)")
 
 
 if __name__ == "__main__":

@@ -94,6 +94,28 @@ def test_tiny_v2_train_step_compiles_for_a_v5e_slice_with_the_tpu_kernels():
     assert "fits" in aot.format_report(report)
 
 
+@needs_libtpu
+def test_two_slices_compile_data_parallel_over_dcn():
+    """``--num_slices 2``: the mesh describes one slice; the data axis spans both."""
+    config = load_config("mmv2_small.py:tiny")
+    config.data.batch_size = 16
+    report = aot.report(config, "v5e:4x4", (-1, 1, 2), num_slices=2)
+    assert report.num_slices == 2 and report.fits
+    assert report.mesh == {"data": 16, "fsdp": 1, "tensor": 2}
+    assert report.hbm_bytes == 16 << 30 and report.batch_per_chip == 1
+    assert "v5e:4x4 x 2 slices" in aot.format_report(report)
+    mesh = aot.topology_mesh("v5e:4x4", (-1, 1, 2), num_slices=2)
+    slices = np.vectorize(lambda d: d.slice_index)(mesh.devices)
+    assert (slices[:8] == 0).all() and (slices[8:] == 1).all()
+
+
+@needs_libtpu
+def test_meshes_that_split_physical_axes():
+    """(1, 128, 2) on a 16 x 16 torus: no subset of the physical axes is 128 or 2."""
+    mesh = aot.topology_mesh("v5e:16x16", (1, 128, 2))
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 128, "tensor": 2}
+
+
 def _aot_cli(*args):
     return subprocess.run([sys.executable, "-m", "mmjax.aot", *args], capture_output=True,
                           text=True, timeout=900)
@@ -114,6 +136,10 @@ def test_cli_exits_1_when_the_step_does_not_fit():
     (["--topology", "v5e:3x7"], "unknown TPU topology 'v5e:3x7'"),
     (["--topology", "v5e:2x2", "--mesh", "3,1,1"], "needs 3 devices, 4 are available"),
     (["--topology", "v5e:2x2", "--mesh", "2,2"], "expected 3 integers"),
+    (["--topology", "v5e:2x2", "--num_slices", "0"],
+     "sharding.num_slices=0: must be an integer >= 1"),
+    (["--topology", "v5e:2x2", "--config.sharding.device_order=ring"],
+     "sharding.device_order='ring': must be one of 'auto', 'torus'"),
 ])
 def test_cli_bad_arguments_are_one_line(args, message):
     result = _aot_cli("--config", "configs/mmv2_small.py:tiny", *args)
@@ -134,3 +160,28 @@ def test_report_arithmetic():
     assert r.total_bytes == 16 and r.fits
     assert not aot.Report(**{**r.__dict__, "temp_bytes": 6}).fits
 
+
+
+@pytest.mark.parametrize("spec", ["gpt2_small.py:tiny", "icll.py:languages=8,steps=2"])
+def test_aot_lowers_the_step_the_trainer_jits(spec):
+    """aot's program is the trainer's: same function (the NaN guard included), shardings,
+    donation and ignored targets; the same text for the same mesh."""
+    from mmjax.train.loop import Trainer
+
+    config = load_config(spec)
+    trainer = Trainer(config)
+    try:
+        state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                            sharding=x.sharding),
+                             trainer.init_state())
+        d = trainer.config.data
+        tokens = jax.ShapeDtypeStruct((d.batch_size, d.context_length + 1), np.int32,
+                                      sharding=trainer.batch_sharding)
+        with trainer.mesh_context():
+            want = trainer._train_step.lower(state, tokens).as_text()
+    finally:
+        trainer.close()
+    lowered, num_params = aot.lower_train_step(config, trainer.mesh)
+    assert "guarded_train_step" in want
+    assert lowered.as_text() == want
+    assert num_params == sum(x.size for x in jax.tree.leaves(state.params))

@@ -71,12 +71,7 @@ def make_mesh(sizes: Sequence[int] = (-1, 1, 1), *, devices=None, num_slices: in
     host's (process's) batch rows are spread over the batch. ``host_of(device)``: the host
     id of a device (default its ``process_index``; tests fake hosts with it).
     """
-    if device_order not in DEVICE_ORDERS:
-        raise ValueError(f"sharding.device_order={device_order!r}: must be one of "
-                         f"{', '.join(map(repr, DEVICE_ORDERS))}")
-    if not isinstance(num_slices, (int, np.integer)) or isinstance(num_slices, bool) \
-            or num_slices < 1:
-        raise ValueError(f"sharding.num_slices={num_slices!r}: must be an integer >= 1")
+    check_mesh_options(num_slices, device_order)
     devices = list(jax.devices() if devices is None else devices)
     host_of = host_of or (lambda d: d.process_index)
     slices = _split_slices(devices, int(num_slices), host_of)
@@ -84,6 +79,17 @@ def make_mesh(sizes: Sequence[int] = (-1, 1, 1), *, devices=None, num_slices: in
     grid = np.concatenate([_slice_grid(shape, s, device_order, host_of) for s in slices],
                           axis=0)
     return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def check_mesh_options(num_slices: int = 1, device_order: str = "auto") -> None:
+    """One-line ``ValueError`` naming ``sharding.num_slices`` or ``sharding.device_order``
+    when it is not an integer >= 1, or not one of :data:`DEVICE_ORDERS`."""
+    if device_order not in DEVICE_ORDERS:
+        raise ValueError(f"sharding.device_order={device_order!r}: must be one of "
+                         f"{', '.join(map(repr, DEVICE_ORDERS))}")
+    if not isinstance(num_slices, (int, np.integer)) or isinstance(num_slices, bool) \
+            or num_slices < 1:
+        raise ValueError(f"sharding.num_slices={num_slices!r}: must be an integer >= 1")
 
 
 def _split_slices(devices: list, num_slices: int, host_of) -> list[list]:

@@ -1,0 +1,49 @@
+"""The jitted train step, built once for the trainer and for ``python -m mmjax.aot``.
+
+:func:`jit_train_step` is the trainer's step (``mmjax.train.loop.guarded_train_step``: the
+train step plus the NaN/inf guard) with its shardings and donation; ``mmjax.aot`` lowers
+the same object for a TPU topology, so what aot compiles is what a run executes.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import ml_collections
+
+from mmjax.train import sharding as sharding_lib
+
+
+def jit_train_step(config: ml_collections.ConfigDict, model, optimizer, mesh, rules,
+                   state_shardings, ignore_targets=()):
+    """``jax.jit`` of the guarded train step: state sharded as ``state_shardings`` (and
+    donated), tokens as ``batch_sharding(mesh, rules)``, metrics replicated.
+
+    ``config`` has the defaults filled in; ``ignore_targets``: target ids not trained on
+    (the corpus's, see :func:`ignore_targets_of`).
+    """
+    from mmjax.train.loop import guarded_train_step  # loop imports this module
+
+    train = config.train
+    return jax.jit(
+        functools.partial(guarded_train_step, model=model, optimizer=optimizer,
+                          grad_accum_steps=train.grad_accum_steps,
+                          loss_chunk=train.loss_chunk,
+                          ignore_targets=tuple(ignore_targets),
+                          vocab_size=config.model.vocab_size,
+                          skip_nonfinite=bool(train.skip_nonfinite_steps)),
+        in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh, rules)),
+        out_shardings=(state_shardings, sharding_lib.replicated(mesh)),
+        donate_argnums=0,
+    )
+
+
+def ignore_targets_of(data: ml_collections.ConfigDict) -> tuple[int, ...]:
+    """The target ids ``data``'s corpus does not train on, without opening the data: a
+    synthetic corpus class's ``ignore_targets`` (the icll separator and padding), else none.
+    """
+    from mmjax.data import synthetic
+
+    corpus = data.get("corpus", "tokens")
+    return tuple(getattr(synthetic._CORPORA.get(corpus), "ignore_targets", ()))
