@@ -202,3 +202,54 @@ def test_tpu_slices_are_the_hybrid_mesh():
     assert (mesh.devices == want).all()
     with pytest.raises(ValueError, match="sharding.num_slices=3: the devices form 2 slice"):
         sharding.make_mesh((-1, 1, 1), devices=devices, num_slices=3)
+
+
+# ------------------------------------------------------------------------ a CPU pod
+
+POD_PROCESS = """
+import json, os
+import jax
+jax.distributed.initialize(f"127.0.0.1:{os.environ['MP_PORT']}", num_processes=2,
+                           process_id=int(os.environ["MP_ID"]))
+from mmjax.train import sharding
+out = {}
+for order in ("auto", "torus"):
+    mesh = sharding.make_mesh((-1, 1, 1), device_order=order)
+    out[order] = {"ids": [d.id for d in mesh.devices.flat],
+                  "rows": sharding.rows_by_host(mesh, 16)}
+two = sharding.make_mesh((-1, 1, 1), num_slices=2)
+out["slices"] = [d.process_index for d in two.devices.flat]
+print(json.dumps(out))
+"""
+
+
+def test_processes_of_a_cpu_pod_agree_on_the_torus_order(tmp_path):
+    """Two processes of 4 CPU devices (jax.distributed): both build the same mesh; under
+    "torus" each process's rows come in two runs (the grid of 2 hosts x 2 x 2 chips)."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    script = tmp_path / "pod.py"
+    script.write_text(POD_PROCESS)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen(
+        [sys.executable, str(script)], text=True, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=dict(os.environ, MP_PORT=str(port), MP_ID=str(i), JAX_PLATFORMS="cpu",
+                 XLA_FLAGS="--xla_force_host_platform_device_count=4")) for i in range(2)]
+    outs = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=120)
+        assert p.returncode == 0, stderr[-2000:]
+        outs.append(json.loads(stdout.strip().splitlines()[-1]))
+    assert outs[0] == outs[1]
+    rows = outs[0]
+    assert rows["auto"]["rows"] == {"0": list(range(8)), "1": list(range(8, 16))}
+    assert rows["torus"]["rows"] == {"0": [0, 1, 2, 3, 8, 9, 10, 11],
+                                     "1": [4, 5, 6, 7, 12, 13, 14, 15]}
+    assert sorted(rows["torus"]["ids"]) == sorted(rows["auto"]["ids"])
+    assert rows["slices"] == [0] * 4 + [1] * 4
