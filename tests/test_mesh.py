@@ -200,8 +200,10 @@ def test_tpu_slices_are_the_hybrid_mesh():
                                                 allow_split_physical_axes=True)
     assert dict(mesh.shape) == {"data": 8, "fsdp": 2, "tensor": 2}
     assert (mesh.devices == want).all()
-    with pytest.raises(ValueError, match="sharding.num_slices=3: the devices form 2 slice"):
-        sharding.make_mesh((-1, 1, 1), devices=devices, num_slices=3)
+    for n in (1, 3):
+        with pytest.raises(ValueError, match=f"sharding.num_slices={n}: the devices form 2 "
+                                             f"slice"):
+            sharding.make_mesh((-1, 1, 1), devices=devices, num_slices=n)
 
 
 # ------------------------------------------------------------------------ a CPU pod

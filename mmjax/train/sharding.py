@@ -94,14 +94,16 @@ def check_mesh_options(num_slices: int = 1, device_order: str = "auto") -> None:
 
 def _split_slices(devices: list, num_slices: int, host_of) -> list[list]:
     """The devices of each slice, slice by slice, each in the device list's order."""
-    if num_slices == 1:
-        return [devices]
     if devices[0].platform == "tpu":
-        key = lambda d: d.slice_index  # noqa: E731
+        key = lambda d: getattr(d, "slice_index", 0)  # noqa: E731
         found = len({key(d) for d in devices})
         if found != num_slices:
             raise ValueError(f"sharding.num_slices={num_slices}: the devices form {found} "
                              f"slice(s)")
+        if num_slices == 1:
+            return [devices]
+    elif num_slices == 1:
+        return [devices]
     else:  # no slice_index (CPU): consecutive groups of hosts are the slices
         hosts = sorted({host_of(d) for d in devices})
         if len(hosts) % num_slices:
