@@ -31,6 +31,8 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from mmjax.train import storage
+
 
 class Checkpointer:
     """Saves every ``save_every`` steps (async; 0: only the final step and on SIGTERM), keeps
@@ -45,7 +47,7 @@ class Checkpointer:
         if save_every < 0:
             raise ValueError(f"checkpoint save_every must be >= 0, got {save_every}")
         self.save_every = save_every
-        self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
+        self.directory = storage.path(workdir) / "checkpoints"  # local, or gs://
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
@@ -102,7 +104,7 @@ class Checkpointer:
 
     def has_data_state(self, step: int) -> bool:
         """Whether checkpoint ``step`` holds a data iterator state (an item ``data``)."""
-        return (self.directory / str(step) / "data").is_dir()
+        return storage.is_dir(self.directory / str(step) / "data")
 
     def restore(self, abstract_state, data_iterator=None):
         """Restore the latest readable checkpoint into ``abstract_state`` (shapes, dtypes,
@@ -190,10 +192,10 @@ class Checkpointer:
 
     def _changed_keys(self, step: int) -> list[str]:
         path = self.directory / str(step) / "config" / "metadata"
-        if self.config_json is None or not path.exists():
+        if self.config_json is None or not storage.exists(path):
             return []
         try:
-            saved = json.loads(path.read_text())
+            saved = json.loads(storage.read_text(path))
         except ValueError:
             return []
         now = json.loads(self.config_json)
@@ -237,35 +239,37 @@ TOKENIZER_FILE = "tokenizer.model"
 
 
 def keep_tokenizer(workdir: str | pathlib.Path, source: str | None,
-                   sha256: str | None = None) -> pathlib.Path | None:
-    """Copy the tokenizer file ``source`` into ``workdir`` as :data:`TOKENIZER_FILE`.
+                   sha256: str | None = None):
+    """Copy the tokenizer file ``source`` into ``workdir`` (a local path or ``gs://``) as
+    :data:`TOKENIZER_FILE`.
 
-    Returns the copy, or ``None`` (with a warning) when ``source`` is missing or no longer the
-    file of checksum ``sha256`` the token store was made with. An identical copy is kept.
+    Returns the copy's path, or ``None`` (with a warning) when ``source`` is missing or no
+    longer the file of checksum ``sha256`` the token store was made with. An identical copy is
+    kept.
     """
-    from mmjax.data.tokenizer import file_sha256
+    import hashlib
 
     if not source:
         return None
-    source_path, dest = pathlib.Path(source), pathlib.Path(workdir) / TOKENIZER_FILE
+    source_path, dest = pathlib.Path(source), storage.path(workdir) / TOKENIZER_FILE
     if not source_path.is_file():
         _warn(f"the token store's tokenizer {source} is gone; pass --tokenizer to generate")
         return None
-    digest = file_sha256(source_path)
+    data = source_path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
     if sha256 and digest != sha256:
         _warn(f"the tokenizer {source} changed since the token store was made; not copied")
         return None
-    if dest.is_file() and file_sha256(dest) == digest:
+    if (storage.exists(dest)
+            and hashlib.sha256(storage.read_bytes(dest)).hexdigest() == digest):
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_suffix(".tmp")
-    shutil.copyfile(source_path, tmp)
-    os.replace(tmp, dest)
+    storage.write_bytes(dest, data)  # atomic: a temporary file and a rename, or one object
     return dest
 
 
 class WorkdirLock:
-    """``WORKDIR/lock``: one run per workdir (held by process 0 of a run).
+    """``WORKDIR/lock``: one run per workdir (held by process 0 of a run), on a local path or
+    ``gs://`` (created with an upload that fails when the object exists).
 
     The file holds the holder's host, pid and start time; the loop refreshes its mtime (a
     heartbeat) at most every ``heartbeat_seconds``. A second run is refused with a message
@@ -276,20 +280,17 @@ class WorkdirLock:
 
     def __init__(self, workdir, *, stale_seconds: float = LOCK_STALE_SECONDS,
                  heartbeat_seconds: float = 30.0):
-        self.path = pathlib.Path(workdir).absolute() / "lock"
+        self.path = storage.path(workdir) / "lock"
         self.stale_seconds = stale_seconds
         self.heartbeat_seconds = heartbeat_seconds
         self._held = False
         self._last_beat = 0.0
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         record = json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
                              "started": time.time()})
         for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
+            if not storage.create_exclusive(self.path, record.encode()):
                 holder, stale = self._holder()
                 if not stale:
                     raise RuntimeError(
@@ -299,10 +300,8 @@ class WorkdirLock:
                         f"heartbeat; delete the file if you are sure)") from None
                 _warn(f"taking over the stale lock {self.path} of {holder}")
                 with contextlib.suppress(OSError):
-                    self.path.unlink()
+                    storage.remove(self.path)
                 continue
-            with os.fdopen(fd, "w") as f:
-                f.write(record)
             self._held = True
             self._last_beat = time.monotonic()
             return
@@ -310,8 +309,8 @@ class WorkdirLock:
 
     def _holder(self) -> tuple[str, bool]:
         try:
-            info = json.loads(self.path.read_text())
-            age = time.time() - self.path.stat().st_mtime
+            info = json.loads(storage.read_text(self.path))
+            age = time.time() - storage.mtime(self.path)
         except (OSError, ValueError):
             return "an unreadable lock", True
         holder = f"host {info.get('host')} pid {info.get('pid')}"
@@ -323,14 +322,14 @@ class WorkdirLock:
         now = time.monotonic()
         if self._held and now - self._last_beat >= self.heartbeat_seconds:
             self._last_beat = now
-            with contextlib.suppress(OSError):
-                os.utime(self.path)
+            with contextlib.suppress(Exception):  # a missed beat is no reason to stop
+                storage.touch(self.path)
 
     def release(self) -> None:
         if self._held:
             self._held = False
             with contextlib.suppress(OSError):
-                self.path.unlink()
+                storage.remove(self.path)
 
 
 @contextlib.contextmanager
@@ -433,16 +432,17 @@ class _FrozenState:
         return self._state
 
 
-def find_step_dir(path: str | pathlib.Path, source: str = "train.init_from") -> pathlib.Path:
-    """The step directory ``path`` names: a workdir (its latest step), its ``checkpoints/`` or
-    a step in it; ``source`` names the setting in the error message."""
-    path = pathlib.Path(path).absolute()
-    if (path / "state").is_dir():
+def find_step_dir(path: str | pathlib.Path, source: str = "train.init_from"):
+    """The step directory ``path`` (a local path or ``gs://``) names: a workdir (its latest
+    step), its ``checkpoints/`` or a step in it; ``source`` names the setting in the error
+    message."""
+    path = storage.path(path)
+    if storage.is_dir(path / "state"):
         return path
     for directory in (path / "checkpoints", path):
-        if directory.is_dir():
-            steps = sorted(int(p.name) for p in directory.iterdir()
-                            if p.name.isdigit() and (p / "state").is_dir())
+        if storage.is_dir(directory):
+            steps = sorted(int(name) for name in storage.listdir(directory)
+                           if name.isdigit() and storage.is_dir(directory / name / "state"))
             if steps:
                 return directory / str(steps[-1])
     raise FileNotFoundError(
@@ -455,12 +455,12 @@ def load_params(path: str | pathlib.Path, abstract_params, *, cast: bool = True,
     """The parameters of another run's checkpoint, laid out as ``abstract_params``.
 
     ``path``: a workdir (its latest checkpoint), its ``checkpoints/`` directory, or one step
-    directory. Only ``params`` are read (not the optimiser state). Every parameter's path and
-    shape must match ``abstract_params`` (a tree of arrays or ``ShapeDtypeStruct`` with
-    shardings); a mismatch raises one line naming the parameter and both shapes (``source``
-    names the setting in it). Returns ``(params, step_dir)``.
+    directory, local or ``gs://``. Only ``params`` are read (not the optimiser state). Every
+    parameter's path and shape must match ``abstract_params`` (a tree of arrays or
+    ``ShapeDtypeStruct`` with shardings); a mismatch raises one line naming the parameter and
+    both shapes (``source`` names the setting in it). Returns ``(params, step_dir)``.
     """
-    step_dir = find_step_dir(pathlib.Path(path), source)
+    step_dir = find_step_dir(path, source)
     checkpointer = ocp.PyTreeCheckpointer()
     try:
         metadata = checkpointer.metadata(step_dir / "state")

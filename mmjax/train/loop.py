@@ -37,6 +37,7 @@ from mmjax.data import make_batches
 from mmjax.data.pipeline import TextBatches
 from mmjax.models import build_model
 from mmjax.train import sharding as sharding_lib
+from mmjax.train import storage
 from mmjax.train.checkpoint import Checkpointer, WorkdirLock, keep_tokenizer, load_params
 from mmjax.train.config_lib import validate_config, with_defaults
 from mmjax.train.metrics import MetricWriter
@@ -345,12 +346,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
 
 
 def check_workdir(workdir: str | None) -> None:
-    """A workdir is a POSIX path (local, NFS, or a bucket mounted with gcsfuse); a URL such
-    as ``gs://bucket/run`` is refused in one line instead of being mangled into a local
-    ``gs:/bucket/run`` (the lock and the metrics need a file system)."""
-    if workdir is not None and "://" in str(workdir):
-        raise ValueError(f"--workdir {workdir}: URLs are not supported; mount the bucket "
-                         "(gcsfuse, see launch/README.md) and pass the mounted path")
+    """A workdir is a POSIX path (local, NFS, a bucket mounted with gcsfuse) or
+    ``gs://BUCKET/PATH`` (checkpoints, metrics, TensorBoard events, the lock and the tokenizer
+    copy go to the bucket: :mod:`mmjax.train.storage`); any other URL is refused in one line
+    instead of being mangled into a local path."""
+    if workdir is not None:
+        storage.check_location(workdir, "--workdir")
 
 
 def _train(config, workdir, *, progress, lock) -> dict:
