@@ -250,6 +250,28 @@ def test_keep_tokenizer_copies_to_a_bucket(gcs, tmp_path):
     assert storage.read_bytes(copy) == b"another model"
 
 
+def test_load_params_reads_a_gs_workdir(gcs):
+    """``train.init_from=gs://...``: the latest step of a bucket workdir, through orbax and
+    tensorstore in this process (pointed at the emulator by ``storage``)."""
+    import orbax.checkpoint as ocp
+
+    from mmjax.train.checkpoint import load_params
+
+    kernel = np.arange(6, dtype=np.float32).reshape(2, 3)
+    params = {"dense": {"kernel": kernel}}
+    for step in (1, 3):
+        ocp.PyTreeCheckpointer().save(storage.path(f"{gcs}/checkpoints/{step}/state"),
+                                      {"params": {"dense": {"kernel": kernel * step}}})
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                            params)
+    loaded, step_dir = load_params(gcs, abstract)
+    assert str(step_dir) == f"{gcs}/checkpoints/3"
+    np.testing.assert_array_equal(loaded["dense"]["kernel"], kernel * 3)
+    with pytest.raises(FileNotFoundError, match="no checkpoint there"):
+        load_params(f"{gcs}/nothing", abstract)
+
+
 # ---------------------------------------------------------------------------- training
 
 
