@@ -82,6 +82,14 @@ def emulator(tmp_path_factory):
         proc.wait(timeout=10)
 
 
+def unset(monkeypatch, *names):
+    """Unset ``names`` for this test, and again after it (whatever the code under test sets;
+    a bare ``delenv`` of an unset name would not restore its absence)."""
+    for name in names:
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+
+
 @pytest.fixture
 def gcs(emulator, monkeypatch):
     """This process pointed at the emulator (as importing ``storage`` does when the variable
@@ -89,8 +97,7 @@ def gcs(emulator, monkeypatch):
     import gcsfs
 
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", emulator)
-    monkeypatch.delenv("TENSORSTORE_GCS_HTTP_URL", raising=False)
-    monkeypatch.delenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", raising=False)
+    unset(monkeypatch, "TENSORSTORE_GCS_HTTP_URL", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")
     storage._use_emulator()
     storage._gcsfs.cache_clear()
     gcsfs.GCSFileSystem.clear_instance_cache()
@@ -113,8 +120,7 @@ def child_env(emulator):
 
 def test_the_emulator_variable_points_tensorstore_and_gcsfs_at_it(monkeypatch):
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", "localhost:4443")
-    monkeypatch.delenv("TENSORSTORE_GCS_HTTP_URL", raising=False)
-    monkeypatch.delenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", raising=False)
+    unset(monkeypatch, "TENSORSTORE_GCS_HTTP_URL", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")
     storage._use_emulator()
     assert os.environ["STORAGE_EMULATOR_HOST"] == "http://localhost:4443"
     assert os.environ["TENSORSTORE_GCS_HTTP_URL"] == "http://localhost:4443"
