@@ -185,3 +185,35 @@ def test_aot_lowers_the_step_the_trainer_jits(spec):
     assert "guarded_train_step" in want
     assert lowered.as_text() == want
     assert num_params == sum(x.size for x in jax.tree.leaves(state.params))
+
+
+def test_aot_meshes_starts_near_a_token_budget_and_doubles_until_it_fits(monkeypatch):
+    import pathlib
+
+    bench = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench))
+    import aot_meshes
+
+    assert aot_meshes.start_accum("mmv2_small", "v5e:4x4") == 16  # 64 rows -> 4 per chip
+    assert aot_meshes.start_accum("mmv2_large", "v5p:2x2x4") == 4  # 16 rows of 4096
+    assert aot_meshes.start_accum("mmv2_small:finetune", "v5e:4x4") == 8  # one 32k row
+    assert aot_meshes.start_accum("gpt2_small", "v5e:2x2") == 4  # 32 rows of 512
+    tried = []
+
+    def fake_run(config, topology, mesh, accum, finetune, timeout):
+        tried.append((config, accum, finetune))
+        if accum < 32:
+            return {"status": "does not fit: RESOURCE_EXHAUSTED"}
+        return {"fits": True, "mesh": {"data": 1, "fsdp": 16, "tensor": 1},
+                "total_bytes": 2**30, "hbm_bytes": 16 * 2**30, "batch_per_chip": 8.0,
+                "compile_seconds": 1.0}
+
+    monkeypatch.setattr(aot_meshes, "run_case", fake_run)
+    rows = aot_meshes.measure("mmv2_small:finetune", "v5e:4x4", "1,-1,1", 60)
+    assert tried == [("mmv2_small", 8, True)]  # one sequence per chip: nothing smaller
+    assert "does not fit" in aot_meshes.format_row(rows[-1], "v5e:4x4")
+    tried.clear()
+    rows = aot_meshes.measure("mmv2_small", "v5e:4x4", "1,-1,1", 60)
+    assert [a for _, a, _ in tried] == [16, 32]
+    assert aot_meshes.format_row(rows[-1], "v5e:4x4") == (
+        "| mmv2_small | v5e:4x4 | fsdp 16 | 32 | 0.25 | 1.0 / 16 GiB | yes | 1 |")

@@ -1,0 +1,118 @@
+"""Recommended meshes: for each paper config and slice size, a mesh and a micro-batch count
+whose train step fits, compiled with ``python -m mmjax.aot --json`` (libtpu, no TPU).
+Prints a Markdown table, one row per case as it finishes (``launch/README.md``, "Recommended
+meshes", holds the measured rows).
+
+    python benchmarks/aot_meshes.py [--only mmv2_small,gpt2_small] [--slices v5e:2x2]
+        [--timeout 1800] [--jsonl rows.jsonl]
+
+Each case starts at the micro-batch count that gives each chip about 16k tokens per
+micro-batch on v5e (16 GiB) and 64k on v5p (95 GiB), and doubles it while the step does not
+fit (up to one sequence per chip). The global batch is the config's (the paper's), never
+changed. Cases run in :data:`CASES` order, most useful first; each compile of a paper-scale
+model takes minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from aot_paper_scales import run_case
+
+# tokens per chip per micro-batch to start from, by generation
+START_TOKENS = {"v5e": 16384, "v5p": 65536, "v4": 16384}
+CHIPS = {"v5e:2x2": 4, "v5e:4x4": 16, "v5p:2x2x4": 16, "v5p:4x4x4": 64, "v5e:16x16": 256}
+# (config[:preset], slice, data,fsdp,tensor[, first micro-batch count]): v2/LLaMA under FSDP,
+# the v1/GPT2 pair data-parallel. Where the state alone fills most of a chip, start at one
+# sequence per chip.
+CASES = (
+    ("gpt2_small", "v5e:2x2", "-1,1,1"),
+    ("mm_v1_small", "v5e:2x2", "-1,1,1"),
+    ("mmv2_small", "v5e:4x4", "1,-1,1"),
+    ("mmv2_large", "v5p:2x2x4", "1,-1,1"),
+    ("llama_small", "v5e:4x4", "1,-1,1"),
+    ("llama_large", "v5p:2x2x4", "1,-1,1"),
+    ("mmv2_small:finetune", "v5e:4x4", "1,-1,1"),
+    ("mmv2_large:finetune", "v5p:2x2x4", "1,-1,1"),
+    ("mmv2_small", "v5e:2x2", "1,-1,1", 256),
+    ("mmv2_large", "v5e:4x4", "1,-1,1", 64),
+    ("mmv2_small", "v5p:2x2x4", "1,-1,1"),
+    ("llama_small", "v5p:2x2x4", "1,-1,1"),
+    ("gpt2_small", "v5e:4x4", "-1,1,1"),
+    ("mm_v1_small", "v5e:4x4", "-1,1,1"),
+    ("mmv2_large", "v5e:16x16", "1,-1,1"),
+    ("llama_large", "v5e:4x4", "1,-1,1", 64),
+)
+# the configs' global batch and context (data.batch_size, data.context_length)
+BATCH = {"mmv2_small": (1024, 4096), "mmv2_large": (1024, 4096), "llama_small": (1024, 4096),
+         "llama_large": (1024, 4096), "mm_v1_small": (512, 512), "gpt2_small": (512, 512),
+         "mmv2_small:finetune": (128, 32768), "mmv2_large:finetune": (128, 32768)}
+
+
+def start_accum(config: str, topology: str) -> int:
+    """Micro-batches that give each chip about ``START_TOKENS`` tokens each."""
+    batch, context = BATCH[config]
+    per_chip = batch / CHIPS[topology]  # sequences per chip per step
+    target = START_TOKENS[topology.split(":")[0]] / context  # sequences per micro-batch
+    accum = 1
+    while per_chip / accum > max(target, 1) and per_chip / (2 * accum) >= 1:
+        accum *= 2
+    return accum
+
+
+def measure(config: str, topology: str, mesh: str, timeout: int, accum: int | None = None):
+    """Rows tried for one case, the last one fitting (or the last failure)."""
+    name, _, preset = config.partition(":")
+    batch, _ = BATCH[config]
+    accum = accum or start_accum(config, topology)
+    rows = []
+    while True:
+        row = run_case(name, topology, mesh, accum, preset == "finetune", timeout)
+        row.update(config=config, accum=accum)
+        rows.append(row)
+        if row.get("fits") or "fits" not in row and not row.get("status", "").startswith(
+                "does not fit"):
+            return rows
+        if batch / CHIPS[topology] / (2 * accum) < 1:
+            return rows
+        accum *= 2
+
+
+def format_row(row: dict, topology: str) -> str:
+    if "fits" in row:
+        mesh = ", ".join(f"{k} {v}" for k, v in row["mesh"].items() if v > 1)
+        gib = f"{row['total_bytes'] / 2**30:.1f} / {row['hbm_bytes'] / 2**30:.0f} GiB"
+        return (f"| {row['config']} | {topology} | {mesh} | {row['accum']} | "
+                f"{row['batch_per_chip'] / row['accum']:g} | {gib} | "
+                f"{'yes' if row['fits'] else 'no'} | {row['compile_seconds']:.0f} |")
+    return f"| {row['config']} | {topology} | | {row['accum']} | | | {row['status']} | |"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="", help="comma-separated configs (default: all)")
+    parser.add_argument("--slices", default="", help="comma-separated slices (default: all)")
+    parser.add_argument("--timeout", type=int, default=1800)
+    parser.add_argument("--jsonl", default="", help="also append every compile's row here")
+    parser.add_argument("--skip", default="", help="comma-separated CONFIG@SLICE to leave out")
+    args = parser.parse_args(argv)
+    only = set(filter(None, args.only.split(",")))
+    slices = set(filter(None, args.slices.split(",")))
+    skip = set(filter(None, args.skip.split(",")))
+    print("| config | slice | mesh | micro-batches | sequences per chip per micro-batch | "
+          "HBM per chip | fits | compile s |")
+    print("|---|---|---|---|---|---|---|---|", flush=True)
+    for config, topology, mesh, *first in CASES:
+        if ((only and config not in only) or (slices and topology not in slices)
+                or f"{config}@{topology}" in skip):
+            continue
+        for row in measure(config, topology, mesh, args.timeout, *first):
+            print(format_row(row, topology), flush=True)
+            if args.jsonl:
+                with open(args.jsonl, "a") as f:
+                    f.write(json.dumps({**row, "slice": topology, "mesh_arg": mesh}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
