@@ -244,6 +244,26 @@ def test_metrics_on_a_bucket_are_uploaded_at_every_row(gcs):
     assert [r["step"] for r in rows] == [1, 2] and rows[1]["loss"] == 1.5
 
 
+def test_a_failed_metrics_upload_warns_and_the_next_one_carries_the_row(gcs, monkeypatch,
+                                                                         capsys):
+    writer = MetricWriter(gcs)
+    upload, calls = storage.write_bytes, []
+
+    def flaky(location, data):
+        calls.append(location)
+        if len(calls) == 1:
+            raise OSError("503 Service Unavailable")
+        upload(location, data)
+
+    monkeypatch.setattr(storage, "write_bytes", flaky)
+    writer.write(1, {"loss": 2.0})  # the upload fails: training goes on
+    assert "could not upload" in capsys.readouterr().err
+    writer.write(2, {"loss": 1.0})
+    rows = [json.loads(x) for x in storage.read_text(f"{gcs}/metrics.jsonl").splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    writer.close()
+
+
 def test_keep_tokenizer_copies_to_a_bucket(gcs, tmp_path):
     source = tmp_path / "tok.model"
     source.write_bytes(b"a tokenizer model")
@@ -296,7 +316,7 @@ def saved_params(step_dir):
 
 @pytest.mark.slow
 def test_train_kill_9_and_resume_on_a_gs_workdir(gcs, emulator):
-    """A straight run and a run killed with SIGKILL after its first checkpoint, then resumed
+    """A straight run and a run killed with SIGKILL after its second checkpoint, then resumed
     (same command), both on gs://: the final parameters are bit-identical, every train step
     has one metrics row, the lock is released and a second run on a busy workdir is
     refused."""
@@ -315,8 +335,8 @@ def test_train_kill_9_and_resume_on_a_gs_workdir(gcs, emulator):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         for line in proc.stdout:
-            if (line.startswith("step ") and int(line.split()[1].rstrip(":")) >= 3
-                    and storage.exists(f"{killed}/checkpoints/2/commit_success.txt")):
+            if (line.startswith("step ") and int(line.split()[1].rstrip(":")) >= 5
+                    and storage.exists(f"{killed}/checkpoints/4/commit_success.txt")):
                 proc.send_signal(signal.SIGKILL)
                 break
     finally:
@@ -324,6 +344,14 @@ def test_train_kill_9_and_resume_on_a_gs_workdir(gcs, emulator):
         _, err = proc.communicate()
     assert proc.returncode == -signal.SIGKILL, err[-3000:]
     assert storage.exists(f"{killed}/lock")  # a killed run leaves its lock
+    # a kill in the middle of a commit: the newest step without its commit_success.txt files
+    # (a gs:// step counts once they are written) is passed over, then saved again in place
+    committed = [int(n) for n in storage.listdir(f"{killed}/checkpoints")
+                 if storage.exists(f"{killed}/checkpoints/{n}/commit_success.txt")]
+    *_, previous, newest = sorted(committed)
+    for key in storage._gcsfs().find(storage._key(f"{killed}/checkpoints/{newest}")):
+        if key.endswith("/commit_success.txt"):
+            storage.remove(f"gs://{key}")
 
     held = WorkdirLock(f"{gcs}/busy")  # a live holder: a second run is refused in one line
     held.acquire()
@@ -337,7 +365,8 @@ def test_train_kill_9_and_resume_on_a_gs_workdir(gcs, emulator):
     resumed = train(emulator, killed, *args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"taking over the stale lock {killed}/lock" in resumed.stderr
-    assert f"resumed from {killed}/checkpoints at step" in resumed.stdout
+    assert f"resumed from {killed}/checkpoints at step {previous}\n" in resumed.stdout
+    assert storage.exists(f"{killed}/checkpoints/{steps}/commit_success.txt")
     assert not storage.exists(f"{killed}/lock")
     for a, b in zip(saved_params(f"{gcs}/straight/checkpoints/{steps}"),
                     saved_params(f"{killed}/checkpoints/{steps}"), strict=True):
