@@ -223,6 +223,26 @@ def test_workdir_lock_on_a_bucket(gcs, capsys):
     lock.release()
 
 
+@pytest.mark.parametrize("where", ["local", "gcs"])
+def test_a_lock_being_written_is_not_taken_over(where, tmp_path, request):
+    """A local lock exists (empty) before its record is written: a run starting in that
+    moment is refused, not handed the lock; an empty lock that stays so is stale."""
+    workdir = str(tmp_path) if where == "local" else request.getfixturevalue("gcs")
+    storage.write_text(f"{workdir}/lock", "")
+    with pytest.raises(RuntimeError, match="held by a lock being written"):
+        WorkdirLock(workdir).acquire()
+    if where == "local":
+        old = time.time() - 60
+        os.utime(f"{workdir}/lock", (old, old))
+    else:
+        request.getfixturevalue("monkeypatch").setattr(
+            "mmjax.train.checkpoint.LOCK_WRITE_SECONDS", -1.0)
+    lock = WorkdirLock(workdir)
+    lock.acquire()
+    assert json.loads(storage.read_text(f"{workdir}/lock"))["pid"] == os.getpid()
+    lock.release()
+
+
 def test_metrics_on_a_bucket_are_uploaded_at_every_row(gcs):
     writer = MetricWriter(gcs)
     writer.write(1, {"loss": 2.0})

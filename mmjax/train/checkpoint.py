@@ -232,6 +232,7 @@ class Checkpointer:
 
 
 LOCK_STALE_SECONDS = 600.0
+LOCK_WRITE_SECONDS = 10.0  # an unreadable lock younger than this is being written
 
 # Where a workdir keeps the tokenizer of its token store (copied there by the training loop),
 # so that the workdir alone is enough to generate text.
@@ -309,10 +310,16 @@ class WorkdirLock:
 
     def _holder(self) -> tuple[str, bool]:
         try:
-            info = json.loads(storage.read_text(self.path))
+            text = storage.read_text(self.path)
             age = time.time() - storage.mtime(self.path)
-        except (OSError, ValueError):
-            return "an unreadable lock", True
+        except OSError:
+            return "an unreadable lock", True  # gone meanwhile
+        try:
+            info = json.loads(text)
+            if not isinstance(info, dict):
+                raise ValueError(text)
+        except ValueError:  # a local lock is created empty, then written: fresh means written now
+            return "a lock being written", age > LOCK_WRITE_SECONDS
         holder = f"host {info.get('host')} pid {info.get('pid')}"
         if info.get("host") == socket.gethostname():
             return holder, not _pid_alive(int(info.get("pid", -1)))
