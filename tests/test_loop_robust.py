@@ -17,11 +17,12 @@ import time
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from test_train import small_config
 
 from mmjax.train import config_lib
-from mmjax.train.checkpoint import Checkpointer, WorkdirLock
+from mmjax.train.checkpoint import Checkpointer, WorkdirLock, damage
 from mmjax.train.loop import (
     EXIT_PREEMPTED,
     NonFiniteLossError,
@@ -266,9 +267,98 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, capsys):
     assert "checkpoint step 6 in" in out.err and "unreadable" in out.err
     assert "at step 4" in out.out
     assert [h["step"] for h in resumed["history"]] == [5, 6, 7, 8]
+    logged = [r["step"] for r in strict_rows(tmp_path / "b" / "metrics.jsonl") if "loss" in r]
+    assert logged[0] == 1 and logged == sorted(set(logged))
     for a, b in zip(leaves(straight["state"].params), leaves(resumed["state"].params)):
         np.testing.assert_array_equal(a, b)
     assert any((tmp_path / "b" / "corrupt_checkpoints").iterdir())
+
+
+class FlakyRestore:
+    """``CheckpointManager.restore`` failing ``failures`` times with ``error``, then reading."""
+
+    def __init__(self, error, failures):
+        self.error, self.failures, self.calls = error, failures, 0
+        self.real = ocp.CheckpointManager.restore
+
+    def __call__(self, manager, *args, **kwargs):
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise self.error
+        return self.real(manager, *args, **kwargs)
+
+
+TRANSIENT = [OSError(5, "Input/output error"),
+             ValueError("UNAVAILABLE: Error reading gs://bucket/run/checkpoints/4/state/d/x: "
+                        "HTTP response code: 503")]
+
+
+@pytest.mark.parametrize("error", TRANSIENT, ids=["oserror", "unavailable"])
+def test_a_flaky_read_is_retried_and_resumes(tmp_path, monkeypatch, error):
+    config = small_config(num_steps=4)
+    config.checkpoint.update(save_every=2)
+    train_and_evaluate(config, str(tmp_path), progress=False)
+    flaky = FlakyRestore(error, failures=2)
+    monkeypatch.setattr(ocp.CheckpointManager, "restore",
+                        lambda manager, *a, **k: flaky(manager, *a, **k))
+    monkeypatch.setattr(Checkpointer, "retry_seconds", 0.0)
+    config.train.num_steps = 6
+    resumed = train_and_evaluate(config, str(tmp_path), progress=False)
+    assert flaky.calls == 3
+    assert [h["step"] for h in resumed["history"]] == [5, 6]
+    assert not (tmp_path / "corrupt_checkpoints").exists()
+
+
+def test_a_lasting_read_error_stops_naming_the_path_and_moves_nothing(tmp_path, monkeypatch):
+    config = small_config(num_steps=4)
+    config.checkpoint.update(save_every=2)
+    train_and_evaluate(config, str(tmp_path), progress=False)
+    flaky = FlakyRestore(TRANSIENT[1], failures=100)
+    monkeypatch.setattr(ocp.CheckpointManager, "restore",
+                        lambda manager, *a, **k: flaky(manager, *a, **k))
+    monkeypatch.setattr(Checkpointer, "retry_seconds", 0.0)
+    before = (tmp_path / "metrics.jsonl").read_text()
+    saved = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    config.train.num_steps = 6
+    with pytest.raises(RuntimeError, match=rf"checkpoint step 4 at {tmp_path}/checkpoints/4 "
+                                           rf"could not be read after 5 tries .*UNAVAILABLE.*"
+                                           rf"nothing was moved"):
+        train_and_evaluate(config, str(tmp_path), progress=False)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == saved
+    assert not (tmp_path / "corrupt_checkpoints").exists()
+    assert (tmp_path / "metrics.jsonl").read_text() == before  # nothing cut back
+
+
+def test_a_checkpoint_of_another_state_tree_is_refused_not_set_aside(tmp_path):
+    """Gradient clipping adds an optimiser state: the saved tree no longer fits. That is the
+    config's doing, not damage: one line, nothing moved."""
+    config = small_config(num_steps=4)
+    config.train.num_steps = 2
+    config.checkpoint.update(save_every=2)
+    config.optimizer.grad_clip = 1.0
+    train_and_evaluate(config, str(tmp_path), progress=False)
+    saved = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    config.optimizer.grad_clip = None
+    config.train.num_steps = 4
+    with pytest.raises(RuntimeError, match="checkpoint step 2 at .* does not fit this run"):
+        train_and_evaluate(config, str(tmp_path), progress=False)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == saved
+    assert not (tmp_path / "corrupt_checkpoints").exists()
+
+
+def test_damage_is_what_the_files_show(tmp_path):
+    step = tmp_path / "7"
+    assert "no state item" in damage(step)
+    (step / "state").mkdir(parents=True)
+    assert "_METADATA is missing" in damage(step)
+    (step / "state" / "_METADATA").write_text("{}")
+    assert damage(step) is None
+    assert damage(step, ValueError(f"DATA_LOSS: Error decoding {step}/state/manifest.ocdbt"))
+    assert damage(step, ValueError("DATA_LOSS: Error decoding /elsewhere/x")) is None
+    assert damage(step, ValueError("pytree structure error: different types")) is None
+    (step / "config").mkdir()
+    (step / "config" / "metadata").write_text("{garbage")
+    assert "does not parse" in damage(step)
 
 
 def test_no_readable_checkpoint_names_the_directory(tmp_path):

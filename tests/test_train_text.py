@@ -59,9 +59,8 @@ def test_resumed_text_run_equals_an_uninterrupted_one(store, tmp_path):
     straight = train_and_evaluate(config, str(tmp_path / "a"), progress=False)
     config.train.num_steps = 3
     first = train_and_evaluate(config, str(tmp_path / "b"), progress=False)
-    saved = tmp_path / "b" / "checkpoints" / "3" / "data"
-    state_file = json.loads((saved / "process_0-of-1.json").read_text())
-    assert state_file["batches"] == 3  # the iterator's position after three steps
+    saved = tmp_path / "b" / "checkpoints" / "3" / "data_state" / "metadata"
+    assert json.loads(saved.read_text())["batches"] == 3  # the position after three steps
     config.train.num_steps = 8
     resumed = train_and_evaluate(config, str(tmp_path / "b"), progress=False)
     assert [h["step"] for h in resumed["history"]] == list(range(4, 9))
@@ -79,7 +78,7 @@ def test_every_checkpoint_holds_the_loader_position(store, tmp_path):
     config.checkpoint.save_every = 1
     train_and_evaluate(config, str(tmp_path / "a"), progress=False)
     for step in (1, 2):
-        path = tmp_path / "a" / "checkpoints" / str(step) / "data" / "process_0-of-1.json"
+        path = tmp_path / "a" / "checkpoints" / str(step) / "data_state" / "metadata"
         assert json.loads(path.read_text())["batches"] == step
 
 
@@ -112,7 +111,7 @@ def test_synthetic_checkpoint_without_a_data_item_resumes_by_step(tmp_path):
     straight = train_and_evaluate(config, str(tmp_path / "a"), progress=False)
     config.train.num_steps = 3
     train_and_evaluate(config, str(tmp_path / "b"), progress=False)
-    data_item = tmp_path / "b" / "checkpoints" / "3" / "data"
+    data_item = tmp_path / "b" / "checkpoints" / "3" / "data_state"
     assert data_item.is_dir()
     for f in data_item.iterdir():
         f.unlink()
@@ -121,6 +120,44 @@ def test_synthetic_checkpoint_without_a_data_item_resumes_by_step(tmp_path):
     resumed = train_and_evaluate(config, str(tmp_path / "b"), progress=False)
     for a, b in zip(leaves(straight["state"].params), leaves(resumed["state"].params)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_resume_with_another_worker_count_and_an_older_data_item(store, tmp_path):
+    """The loader's position does not depend on data.worker_count (nor on the host count):
+    a run saved without workers resumes with one, at its step, nothing set aside; an older
+    checkpoint's grain item (per-process files) resumes at its batch count."""
+    config = text_config(store, num_steps=6)
+    straight = train_and_evaluate(config, str(tmp_path / "a"), progress=False)
+    for name, older in (("b", False), ("c", True)):
+        config.train.num_steps, config.data.worker_count = 4, 0
+        train_and_evaluate(config, str(tmp_path / name), progress=False)
+        step_dir = tmp_path / name / "checkpoints" / "4"
+        if older:  # what earlier versions wrote: grain's per-process JSON files
+            saved = json.loads((step_dir / "data_state" / "metadata").read_text())
+            for f in (step_dir / "data_state").iterdir():
+                f.unlink()
+            (step_dir / "data_state").rmdir()
+            (step_dir / "data").mkdir()
+            (step_dir / "data" / "process_0-of-1.json").write_text(json.dumps(
+                {"pipeline": "0123456789abcdef", "batches": saved["batches"], "grain": {}}))
+        config.train.num_steps, config.data.worker_count = 6, 0 if older else 1
+        resumed = train_and_evaluate(config, str(tmp_path / name), progress=False)
+        assert [h["step"] for h in resumed["history"]] == [5, 6]
+        assert not (tmp_path / name / "corrupt_checkpoints").exists()
+        for a, b in zip(leaves(straight["state"].params), leaves(resumed["state"].params)):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_a_changed_batch_size_is_one_line_and_moves_nothing(store, tmp_path):
+    config = text_config(store, num_steps=2)
+    train_and_evaluate(config, str(tmp_path), progress=False)
+    saved = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    config.train.num_steps, config.data.batch_size = 4, 2 * BATCH
+    with pytest.raises(ValueError, match=rf"checkpoint step 2 in .*data.batch_size "
+                                         rf"\({BATCH} -> {2 * BATCH}\) changed"):
+        train_and_evaluate(config, str(tmp_path), progress=False)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == saved
+    assert not (tmp_path / "corrupt_checkpoints").exists()
 
 
 # ---------------------------------------------------------------------------- bad input

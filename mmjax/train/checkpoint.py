@@ -1,12 +1,17 @@
 """Orbax checkpoints of the train state, the data iterator and the config, with resume.
 
 Each step directory holds three items (``ocp.args.Composite``): ``state`` (the train state),
-``data`` (the grain iterator's state, one JSON file per process:
-``grain.checkpoint.CheckpointSave``) and ``config``. A run resumed from a checkpoint restores
-both the state and the iterator, so it sees exactly the batches the uninterrupted run would
-have seen. Checkpoints written before the iterator was saved (no ``data`` item) restore the
-state only; the loop then positions a synthetic stream by the step (its batches are a pure
-function of the step) and refuses to guess the position of a text stream.
+``data_state`` (the data iterator's position: one JSON object, the same on every process and
+for any process count, so a run saved on N hosts resumes on K) and ``config``. A run resumed
+from a checkpoint restores both the state and the iterator, so it sees exactly the batches the
+uninterrupted run would have seen. Older checkpoints hold the iterator as grain's per-process
+files (item ``data``): their batch count is read from process 0's file. Checkpoints without
+either restore the state only; the loop then positions a synthetic stream by the step (its
+batches are a pure function of the step) and refuses to guess the position of a text stream.
+
+Only real corruption sets a checkpoint aside (see :meth:`Checkpointer.restore`): a transient
+read error is retried and then stops the run naming the path, and a checkpoint that does not
+fit the current config or data pipeline is refused in one line; neither moves anything.
 
 :func:`load_params` reads only the parameters of another run's checkpoint (fine-tuning:
 ``train.init_from``), checking every shape against the new model first.
@@ -19,19 +24,26 @@ import json
 import logging
 import os
 import pathlib
-import shutil
 import signal
 import socket
 import sys
 import tempfile
 import time
 
-import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
 from mmjax.train import storage
+
+READ_RETRIES = 4
+
+# Status codes (tensorstore's, as in its error messages) of reads that may succeed when
+# tried again, and of reads that show the files themselves are damaged.
+TRANSIENT_CODES = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED", "RESOURCE_EXHAUSTED",
+                   "CANCELLED", "INTERNAL", "UNKNOWN", "PERMISSION_DENIED", "UNAUTHENTICATED")
+DAMAGE_CODES = ("DATA_LOSS", "OUT_OF_RANGE", "NOT_FOUND", "INVALID_ARGUMENT",
+                "FAILED_PRECONDITION")
 
 
 class Checkpointer:
@@ -41,6 +53,9 @@ class Checkpointer:
     Also turns SIGTERM (TPU preemption) into a flag that the loop checks: the loop then saves
     the current step and stops cleanly.
     """
+
+    read_retries = READ_RETRIES  # transient read errors: tried again after 1, 2, 4, 8 s
+    retry_seconds = 1.0
 
     def __init__(self, workdir: str | pathlib.Path, *, save_every: int, max_to_keep: int,
                  config: ml_collections.ConfigDict | None = None):
@@ -103,18 +118,24 @@ class Checkpointer:
         return self.preempted
 
     def has_data_state(self, step: int) -> bool:
-        """Whether checkpoint ``step`` holds a data iterator state (an item ``data``)."""
-        return storage.is_dir(self.directory / str(step) / "data")
+        """Whether checkpoint ``step`` holds a data iterator state (``data_state``, or an
+        older checkpoint's grain item ``data``)."""
+        step_dir = self.directory / str(step)
+        return storage.is_dir(step_dir / "data_state") or storage.is_dir(step_dir / "data")
 
     def restore(self, abstract_state, data_iterator=None):
         """Restore the latest readable checkpoint into ``abstract_state`` (shapes, dtypes,
         shardings).
 
-        A checkpoint that cannot be read (truncated or corrupt files) is reported in one line
-        and moved to ``WORKDIR/corrupt_checkpoints/``; the previous one is tried. Only when
-        none is readable does this raise, naming the directory. A checkpoint whose parameter
-        shapes differ from ``abstract_state`` (a config that changed a shape) is refused,
-        naming the config keys that differ.
+        Only a checkpoint whose own files are damaged (:func:`damage`: missing or unreadable
+        items, or a read that fails with a data error naming one of its files) is reported in
+        one line and moved to ``WORKDIR/corrupt_checkpoints/``; the previous one is tried, and
+        only when none is readable does this raise, naming the directory. A read that fails
+        with a transient error (unavailable storage, a timeout) is retried
+        ``read_retries`` times, then raises naming the path, moving nothing. A checkpoint
+        that does not fit the current run (parameter shapes: the config keys that changed are
+        named; another tree; a data pipeline with another batch size, store or seed) is
+        refused in one line, moving nothing.
 
         With ``data_iterator``, its state is restored too (in place) when the checkpoint holds
         one; returns ``(state, data_restored)``. Without it, returns the state.
@@ -129,34 +150,83 @@ class Checkpointer:
         _quiet_failed_readers()
         for step in reversed(steps):
             self._check_shapes(step, abstract_state)
-            items = {"state": ocp.args.StandardRestore(target)}
-            with_data = data_iterator is not None and self.has_data_state(step)
-            if with_data:
-                items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
             try:
-                with _stderr_held():
-                    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-            except Exception as e:  # corrupt or truncated files: try the previous one
-                reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+                restored = self._read(step, target)
+            except _Damaged as e:
                 failures.append(step)
-                _warn(f"checkpoint step {step} in {self.directory} is unreadable "
-                      f"({type(e).__name__}: {reason}); trying the previous one")
+                _warn(f"checkpoint step {step} in {self.directory} is unreadable ({e}); "
+                      f"trying the previous one")
                 self._set_aside(step)
                 continue
             if data_iterator is None:
                 return restored["state"]
-            return restored["state"], with_data
+            data_state = self._data_state(step, restored)
+            if data_state is not None:
+                try:
+                    data_iterator.set_state(data_state)
+                except ValueError as e:
+                    raise ValueError(f"checkpoint step {step} in {self.directory}: {e}") \
+                        from None
+            return restored["state"], data_state is not None
         raise RuntimeError(f"no readable checkpoint in {self.directory} (steps {failures} "
                            f"failed; moved to {self.directory.parent / 'corrupt_checkpoints'})")
+
+    def _read(self, step: int, target) -> dict:
+        """Read step ``step``'s state (and ``data_state``), retrying transient errors; raises
+        :class:`_Damaged` when the step's own files are damaged."""
+        step_dir = self.directory / str(step)
+        items = {"state": ocp.args.StandardRestore(target)}
+        if storage.is_dir(step_dir / "data_state"):
+            items["data_state"] = ocp.args.JsonRestore()
+        for attempt in range(self.read_retries + 1):
+            try:
+                with _stderr_held():
+                    return self.manager.restore(step, args=ocp.args.Composite(**items))
+            except Exception as e:  # noqa: BLE001 - classified below, re-raised if unknown
+                error = e
+            reason = _first_line(error)
+            if _transient(error):
+                if attempt < self.read_retries:
+                    time.sleep(self.retry_seconds * 2 ** attempt)
+                    continue
+                raise RuntimeError(
+                    f"checkpoint step {step} at {step_dir} could not be read after "
+                    f"{self.read_retries + 1} tries ({type(error).__name__}: {reason}); "
+                    f"nothing was moved: rerun the same command when the storage answers"
+                ) from None
+            found = damage(step_dir, error)
+            if found:
+                raise _Damaged(found)
+            raise RuntimeError(
+                f"checkpoint step {step} at {step_dir} does not fit this run "
+                f"({type(error).__name__}: {reason}); nothing was moved: use the config it "
+                f"was saved with (in {step_dir / 'config'}) or a new --workdir") from None
+        raise AssertionError("unreachable")
+
+    def _data_state(self, step: int, restored) -> dict | None:
+        """The data iterator state of step ``step``: its ``data_state`` item, or the batch
+        count of an older checkpoint's grain item (process 0's file)."""
+        if "data_state" in restored and restored["data_state"] is not None:
+            return restored["data_state"]
+        legacy = self.directory / str(step) / "data"
+        files = sorted(name for name in (storage.listdir(legacy) if storage.is_dir(legacy)
+                                         else []) if name.startswith("process_0-of-"))
+        if not files:
+            return None
+        try:
+            saved = json.loads(storage.read_text(legacy / files[0]))
+        except ValueError as e:
+            raise RuntimeError(f"checkpoint step {step}: the data iterator state {files[0]} "
+                               f"is unreadable ({e})") from None
+        return _legacy_state(saved)
 
     def _set_aside(self, step: int) -> None:
         """Move an unreadable step out of the manager's sight (process 0), so that the run
         can save that step again."""
         if jax.process_index() == 0:
             aside = self.directory.parent / "corrupt_checkpoints"
-            aside.mkdir(exist_ok=True)
-            target = aside / f"{step}-{int(time.time())}"
-            shutil.move(str(self.directory / str(step)), str(target))
+            storage.makedirs(aside)
+            storage.move_tree(self.directory / str(step), aside / f"{step}-{int(time.time())}")
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
@@ -210,25 +280,95 @@ class Checkpointer:
     def save(self, step: int, state, *, data_iterator=None, force: bool = False) -> bool:
         """Save if the interval says so (or ``force``); a step already on disk is skipped.
 
-        ``data_iterator`` (a grain ``DatasetIterator``): its state is saved beside the train
-        state, read now (the iterator may move on while the arrays are written).
+        ``data_iterator`` (``get_state()`` -> JSON): its state is saved beside the train
+        state, read now.
         """
         if self.manager.latest_step() == step:
             return False
         if not (force or self.manager.should_save(step)):
             return False
         items = {"state": ocp.args.StandardSave(state)}
-        if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointSave(_FrozenState(data_iterator))
+        if data_iterator is not None:  # read now: the iterator moves on while arrays are written
+            items["data_state"] = ocp.args.JsonSave(
+                json.loads(json.dumps(data_iterator.get_state())))
         if self.config_json is not None:
             items["config"] = ocp.args.JsonSave(json.loads(self.config_json))
         return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+    def wait_until_finished(self) -> None:
+        """Block until the last (async) save is written and committed."""
+        self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
         if self._previous_handler is not None:
             signal.signal(signal.SIGTERM, self._previous_handler)
+
+
+class _Damaged(Exception):
+    """A checkpoint step whose own files are damaged (the message says how)."""
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0][:300] if lines else ""
+
+
+def _status_code(error: BaseException) -> str | None:
+    """The leading status code of a tensorstore error message (``"DATA_LOSS: ..."``)."""
+    head = str(error).lstrip().split(":", 1)[0]
+    return head if head.isupper() and head.replace("_", "").isalpha() else None
+
+
+def _transient(error: BaseException) -> bool:
+    """Whether a failed read may succeed when tried again: an I/O error that is not a missing
+    file, a timeout or connection error, or a storage status such as UNAVAILABLE."""
+    if isinstance(error, (ConnectionError, TimeoutError)):
+        return True
+    if isinstance(error, OSError) and not isinstance(
+            error, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
+        return True
+    return _status_code(error) in TRANSIENT_CODES
+
+
+def damage(step_dir, error: BaseException | None = None) -> str | None:
+    """What is wrong with the files of checkpoint ``step_dir`` itself, or None.
+
+    Damaged: the ``state`` item or its ``_METADATA`` is missing; a JSON item
+    (``_METADATA``, ``data_state``, ``config``) does not parse; or the read failed with a data
+    error (truncated, missing or undecodable file: DATA_LOSS, OUT_OF_RANGE, NOT_FOUND, ...)
+    naming a file inside ``step_dir``. A failure that none of these explains (a tree that
+    differs from the current model's) is not damage.
+    """
+    state = step_dir / "state"
+    if not storage.is_dir(state):
+        return f"no state item in {step_dir}"
+    if not storage.exists(state / "_METADATA"):
+        return f"{state / '_METADATA'} is missing"
+    for name in ("state/_METADATA", "data_state/metadata", "config/metadata"):
+        path = step_dir / name
+        if storage.exists(path):
+            try:
+                json.loads(storage.read_text(path))
+            except ValueError as e:
+                return f"{path} does not parse ({e})"
+    if error is None:
+        return None
+    if isinstance(error, (FileNotFoundError, json.JSONDecodeError)):
+        return f"{type(error).__name__}: {_first_line(error)}"
+    where = str(step_dir).split("://", 1)[-1].rstrip("/")
+    if _status_code(error) in DAMAGE_CODES and where in str(error):
+        return _first_line(error)
+    return None
+
+
+def _legacy_state(saved: dict) -> dict:
+    """An older checkpoint's grain iterator state as a current one: its batch count (its
+    pipeline digest covered the process layout, so it is not checked)."""
+    if "step" in saved:
+        return {"step": int(saved["step"])}
+    return {"batches": int(saved["batches"]), "legacy": True}
 
 
 LOCK_STALE_SECONDS = 600.0
@@ -425,18 +565,6 @@ def _pid_alive(pid: int) -> bool:
 def _warn(message: str) -> None:
     if jax.process_index() == 0:
         print(message, file=sys.stderr, flush=True)
-
-
-class _FrozenState:
-    """An iterator's state read at save time, for grain's handler (which may call
-    ``get_state()`` later, when the manager writes the item): the same JSON it writes for a
-    ``DatasetIterator``, so ``CheckpointRestore`` reads it back."""
-
-    def __init__(self, iterator):
-        self._state = json.dumps(iterator.get_state(), indent=4).encode()
-
-    def get_state(self) -> bytes:
-        return self._state
 
 
 def find_step_dir(path: str | pathlib.Path, source: str = "train.init_from"):

@@ -67,7 +67,9 @@ class Trainer:
                              "model.vocab_size")
         self.model = build_model(config.model)
         self.optimizer = make_optimizer(**config.optimizer)
-        self.mesh = sharding_lib.make_mesh(config.sharding.mesh)
+        self.mesh = sharding_lib.make_mesh(config.sharding.mesh,
+                                           num_slices=config.sharding.num_slices,
+                                           device_order=config.sharding.device_order)
         self.rules = tuple(config.sharding.rules or sharding_lib.DEFAULT_RULES)
         batch_devices = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         if data.batch_size % batch_devices:
@@ -84,8 +86,8 @@ class Trainer:
         self._build_steps()
 
     def _open_data(self) -> None:
-        """The train and validation iterators; a token store's first batch is read (and the
-        iterator rewound) so that ids outside the model vocabulary stop the run now."""
+        """The train and validation iterators; a token store's first batch is read (without
+        moving the iterator) so that ids outside the model vocabulary stop the run now."""
         config = self.config
         kwargs = dict(vocab_size=config.model.vocab_size, sharding=self.batch_sharding,
                       seed=config.train.seed)
@@ -96,9 +98,7 @@ class Trainer:
         # target ids a corpus does not train on (the icll corpus: separator and padding)
         self.ignore_targets = tuple(getattr(self.corpus, "ignore_targets", ()))
         if isinstance(self.train_batches, TextBatches):
-            start = self.train_batches.get_state()
-            self.train_batches.next_local()
-            self.train_batches.set_state(start)
+            self.train_batches.peek_local()
 
     def _build_steps(self) -> None:
         """Shardings of the parameters (from their logical axes) and of the whole train state,
@@ -436,14 +436,21 @@ def _run(trainer, state, checkpointer, workdir, *, progress, lock) -> dict:
         _log(str(e))
         raise
     history = reporter.history
+    if preempted:  # a spot VM has ~30 s: wait for the forced save, evaluate nothing
+        writer.close()
+        checkpointer.wait_until_finished()
+        _log(f"preempted (step {int(state.step)}): checkpoint written; exiting without "
+             f"evaluating")
+        return {"history": history, "state": state, "preempted": True,
+                "skipped_steps": reporter.skipped_steps}
     final = trainer.evaluate(state.params)
     writer.write(int(state.step), {"eval_loss": final["eval_loss"]})
     writer.close()
-    if checkpointer is not None and not preempted:
+    if checkpointer is not None:
         checkpointer.save(int(state.step), state, data_iterator=trainer.train_batches,
                           force=True)
     last = f"train_loss {history[-1]['loss']:.4f} " if history else ""
-    _log(f"{'preempted' if preempted else 'final'} (step {int(state.step)}): {last}"
+    _log(f"final (step {int(state.step)}): {last}"
          f"eval_loss {final['eval_loss']:.4f}")
     per_position = final["eval_loss_per_position"]
     quarter = max(1, len(per_position) // 4)
