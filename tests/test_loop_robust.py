@@ -425,9 +425,12 @@ def test_sigterm_saves_and_exits_with_the_preemption_status(tmp_path):
     saved = [line for line in out.splitlines() if line.startswith("SIGTERM: saved step")]
     assert len(saved) == 1, out[-2000:]
     step = int(saved[0].split()[3])
-    assert (tmp_path / "checkpoints" / str(step)).is_dir()
+    assert (tmp_path / "checkpoints" / str(step) / "state" / "_METADATA").is_file()
     assert not (tmp_path / "lock").exists()
     rows = strict_rows(tmp_path / "metrics.jsonl")
+    # a spot VM's ~30 s go to the save alone: no evaluation after SIGTERM
+    assert "eval_loss" not in out and not any("eval_loss" in r for r in rows), out[-1000:]
+    assert "exiting without evaluating" in out
     assert "\r" not in out + err  # no progress bar when stdout/stderr are not terminals
     assert rows[0]["tokens_per_second"] is None  # step 1 (compilation) is not throughput
     assert all(r["tokens_per_second"] > 0 for r in rows[1:] if "tokens_per_second" in r)
