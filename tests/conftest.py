@@ -18,3 +18,10 @@ import jax  # noqa: E402
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 jax.config.update("jax_compilation_cache_dir", str(REPO_ROOT / ".jax_cache"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+
+import pytest  # noqa: E402
+from gcs_emulator import emulator_fixture, gcs_fixture  # noqa: E402
+
+emulator = pytest.fixture(scope="module")(emulator_fixture)
+gcs = pytest.fixture(gcs_fixture)

@@ -397,6 +397,10 @@ def _run(trainer, state, checkpointer, workdir, *, progress, lock) -> dict:
     writer = MetricWriter(workdir, after_step=start_step)
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     _log(f"model {config.model.name}: {num_params:,} parameters; mesh {dict(trainer.mesh.shape)}")
+    rows = getattr(trainer.train_batches, "local_rows", None)
+    if rows is not None and jax.process_count() > 1:
+        _log(f"{jax.process_count()} hosts; host 0 reads batch rows {_row_blocks(rows)} of "
+             f"{config.data.batch_size}")
     bar = tqdm(range(start_step, tcfg.num_steps), initial=start_step, total=tcfg.num_steps,
                disable=(not progress or jax.process_index() != 0
                         or not _is_terminal(sys.stderr)),
@@ -458,6 +462,18 @@ def _run(trainer, state, checkpointer, workdir, *, progress, lock) -> dict:
          f"{per_position[:quarter].mean():.4f}, last quarter {per_position[-quarter:].mean():.4f}")
     return {"history": history, "state": state, "preempted": preempted,
             "skipped_steps": reporter.skipped_steps, **final}
+
+
+def _row_blocks(rows) -> str:
+    """``[0, 1, 4, 5]`` -> ``"0-1, 4-5"``: a host's batch rows as blocks."""
+    blocks, start = [], None
+    for i, row in enumerate(rows):
+        if start is None:
+            start = row
+        if i + 1 == len(rows) or rows[i + 1] != row + 1:
+            blocks.append(f"{start}" if start == row else f"{start}-{row}")
+            start = None
+    return ", ".join(blocks)
 
 
 def _is_terminal(stream) -> bool:
