@@ -412,11 +412,15 @@ def _check(args) -> None:
 
 
 def _check_run(args) -> None:
-    if "://" in args.workdir:
-        raise UsageError(f"--workdir {args.workdir!r}: mmjax.train takes no URLs; mount the "
-                         "bucket on every worker with gcsfuse (launch/README.md) and pass the "
-                         "mounted path")
-    if not args.workdir.startswith("/"):
+    if args.workdir.startswith("gs://"):
+        bucket, _, rest = args.workdir[len("gs://"):].partition("/")
+        if not (bucket and rest.strip("/")):
+            raise UsageError(f"--workdir {args.workdir!r}: a gs:// workdir needs a bucket and "
+                             "a path in it (gs://BUCKET/PATH)")
+    elif "://" in args.workdir:
+        raise UsageError(f"--workdir {args.workdir!r}: only gs://BUCKET/PATH URLs or an "
+                         "absolute path that all workers share (launch/README.md)")
+    elif not args.workdir.startswith("/"):
         raise UsageError(f"--workdir {args.workdir!r} must be an absolute path that all "
                          "workers share")
     config_file = args.config.split(":", 1)[0]

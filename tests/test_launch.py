@@ -183,6 +183,14 @@ def test_run_v5e_gcsfuse_workdir_no_follow(capsys):
     assert notes == ""
 
 
+def test_run_takes_a_gs_workdir_as_it_is(capsys):
+    out, _ = dry_run_with_notes(capsys, "run", *WHERE_E, "--config=configs/mmv2_large.py",
+                                "--workdir=gs://my-bucket/mmv2/large", "--no-follow")
+    train = (".venv/bin/python -m mmjax.train --distributed "
+             "--config=configs/mmv2_large.py --workdir=gs://my-bucket/mmv2/large")
+    assert out == [ssh("mm-v5e", SUFFIX_E, "all", start(train))]
+
+
 OVERRIDES = ["--config.data.corpus=it's \"quoted\" $HOME `x` a  b",
              "--config.model.name=memory mosaic; rm -rf ~",
              "--config.sharding.mesh=(1, -1, 1)"]
@@ -313,11 +321,11 @@ def test_the_script_runs_from_a_shell():
     (["run", *WHERE, "--config=configs/mm_v1_small.py", "--workdir=~/runs"],
      "tpu.py run: error: --workdir '~/runs' must be an absolute path that all workers share"),
     (["run", *WHERE, "--config=configs/mm_v1_small.py", "--workdir=s3://b/x"],
-     "tpu.py run: error: --workdir 's3://b/x': mmjax.train takes no URLs; mount the bucket on "
-     "every worker with gcsfuse (launch/README.md) and pass the mounted path"),
-    (["run", *WHERE, "--config=configs/mm_v1_small.py", "--workdir=gs://b/x"],
-     "tpu.py run: error: --workdir 'gs://b/x': mmjax.train takes no URLs; mount the bucket on "
-     "every worker with gcsfuse (launch/README.md) and pass the mounted path"),
+     "tpu.py run: error: --workdir 's3://b/x': only gs://BUCKET/PATH URLs or an absolute path "
+     "that all workers share (launch/README.md)"),
+    (["run", *WHERE, "--config=configs/mm_v1_small.py", "--workdir=gs://b"],
+     "tpu.py run: error: --workdir 'gs://b': a gs:// workdir needs a bucket and a path in it "
+     "(gs://BUCKET/PATH)"),
     (["run", *WHERE, "--config=configs/nope.py:tiny", "--workdir=/x"],
      "tpu.py run: error: --config 'configs/nope.py:tiny': no file 'configs/nope.py' in the "
      "repository (give a path relative to its root, e.g. configs/mm_v1_small.py)"),
