@@ -153,6 +153,7 @@ class Checkpointer:
             try:
                 restored = self._read(step, target)
             except _Damaged as e:
+                _REPORTED.add(str(self.directory / str(step)).split("://", 1)[-1])
                 failures.append(step)
                 _warn(f"checkpoint step {step} in {self.directory} is unreadable ({e}); "
                       f"trying the previous one")
@@ -508,17 +509,34 @@ def _stderr_held(*, drop: bool = False):
         held.close()
 
 
+# Checkpoint step directories already reported (in one line) as damaged: later log records
+# and unraisable errors that name them are the same failure, from reads still in flight.
+_REPORTED: set[str] = set()
+
+
+def _names_reported(text: str) -> bool:
+    return any(path in text for path in _REPORTED)
+
+
 class _FailedReaders(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Task exception was never retrieved")
+        message = str(record.msg)
+        if message.startswith("Task exception was never retrieved"):
+            return False
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):
+            pass
+        return not _names_reported(message)
 
 
 def _quiet_failed_readers() -> None:
     """Installed before a restore. After a failed one, tensorstore's reads still in flight
     call back into orbax's closed asyncio loop (``RuntimeError: Event loop is closed``,
-    through ``sys.unraisablehook``) and asyncio logs their never-retrieved errors at garbage
-    collection: dozens of tracebacks for one unreadable checkpoint, already reported in one
-    line. Drop exactly those from now on; everything else still prints."""
+    through ``sys.unraisablehook``), asyncio logs their never-retrieved errors at garbage
+    collection, and orbax's threads log the read errors: dozens of tracebacks for one
+    unreadable checkpoint, already reported in one line. Drop exactly those (and anything
+    naming a step already reported) from now on; everything else still prints."""
     previous = sys.unraisablehook
     if getattr(previous, "_mmjax_quiet", False):
         return
@@ -527,10 +545,14 @@ def _quiet_failed_readers() -> None:
         value = unraisable.exc_value
         if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
             return
+        if value is not None and _names_reported(str(value)):
+            return
         previous(unraisable)
 
     hook._mmjax_quiet = True
     sys.unraisablehook = hook
+    for name in ("absl", ""):
+        logging.getLogger(name).addFilter(_FailedReaders())
     logging.getLogger("asyncio").addFilter(_FailedReaders())
 
 
