@@ -43,6 +43,10 @@ CASES = (
     ("mm_v1_small", "v5e:4x4", "-1,1,1"),
     ("mmv2_large", "v5e:16x16", "1,-1,1"),
     ("llama_large", "v5e:4x4", "1,-1,1", 64),
+    # 32k-token rows: one per chip does not fit a v5e under FSDP alone; split heads and MLP
+    ("mmv2_small:finetune", "v5e:4x4", "1,-1,2"),
+    ("mmv2_large:finetune", "v5e:16x16", "1,-1,1"),
+    ("mmv2_small:finetune", "v5p:2x2x4", "1,-1,1"),
 )
 # the configs' global batch and context (data.batch_size, data.context_length)
 BATCH = {"mmv2_small": (1024, 4096), "mmv2_large": (1024, 4096), "llama_small": (1024, 4096),
@@ -50,10 +54,15 @@ BATCH = {"mmv2_small": (1024, 4096), "mmv2_large": (1024, 4096), "llama_small": 
          "mmv2_small:finetune": (128, 32768), "mmv2_large:finetune": (128, 32768)}
 
 
-def start_accum(config: str, topology: str) -> int:
-    """Micro-batches that give each chip about ``START_TOKENS`` tokens each."""
+def batch_shards(topology: str, mesh: str) -> int:
+    """data x fsdp: the chips over the tensor size (``mesh`` as ``data,fsdp,tensor``)."""
+    return CHIPS[topology] // int(mesh.split(",")[2])
+
+
+def start_accum(config: str, topology: str, mesh: str = "1,-1,1") -> int:
+    """Micro-batches that give each batch shard about ``START_TOKENS`` tokens each."""
     batch, context = BATCH[config]
-    per_chip = batch / CHIPS[topology]  # sequences per chip per step
+    per_chip = batch / batch_shards(topology, mesh)  # sequences per shard per step
     target = START_TOKENS[topology.split(":")[0]] / context  # sequences per micro-batch
     accum = 1
     while per_chip / accum > max(target, 1) and per_chip / (2 * accum) >= 1:
@@ -65,7 +74,7 @@ def measure(config: str, topology: str, mesh: str, timeout: int, accum: int | No
     """Rows tried for one case, the last one fitting (or the last failure)."""
     name, _, preset = config.partition(":")
     batch, _ = BATCH[config]
-    accum = accum or start_accum(config, topology)
+    accum = accum or start_accum(config, topology, mesh)
     rows = []
     while True:
         row = run_case(name, topology, mesh, accum, preset == "finetune", timeout)
@@ -74,7 +83,7 @@ def measure(config: str, topology: str, mesh: str, timeout: int, accum: int | No
         if row.get("fits") or "fits" not in row and not row.get("status", "").startswith(
                 "does not fit"):
             return rows
-        if batch / CHIPS[topology] / (2 * accum) < 1:
+        if batch / batch_shards(topology, mesh) / (2 * accum) < 1:
             return rows
         accum *= 2
 

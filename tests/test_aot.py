@@ -198,6 +198,8 @@ def test_aot_meshes_starts_near_a_token_budget_and_doubles_until_it_fits(monkeyp
     assert aot_meshes.start_accum("mmv2_large", "v5p:2x2x4") == 4  # 16 rows of 4096
     assert aot_meshes.start_accum("mmv2_small:finetune", "v5e:4x4") == 8  # one 32k row
     assert aot_meshes.start_accum("gpt2_small", "v5e:2x2") == 4  # 32 rows of 512
+    # tensor 2: 8 batch shards of 16 rows of 32k: one row per shard per micro-batch
+    assert aot_meshes.start_accum("mmv2_small:finetune", "v5e:4x4", "1,-1,2") == 16
     tried = []
 
     def fake_run(config, topology, mesh, accum, finetune, timeout):
