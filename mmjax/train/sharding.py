@@ -3,6 +3,11 @@
 Modules annotate every parameter with logical axis names (``embed``, ``heads``, ``head_dim``,
 ``mlp``, ``vocab``, ``slots``, ...). A config's ``sharding.rules`` maps those names to the mesh
 axes ``("data", "fsdp", "tensor")``; ``-1`` in ``sharding.mesh`` means "the remaining devices".
+
+:func:`make_mesh` is the one mesh of the trainer and of ``mmjax.aot``: ``sharding.mesh`` is one
+slice's, ``sharding.num_slices`` slices are data-parallel over DCN, and
+``sharding.device_order="torus"`` gives a simulated CPU pod a real slice's host order
+(:func:`slice_order`).
 """
 
 from __future__ import annotations
