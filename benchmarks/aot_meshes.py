@@ -47,6 +47,9 @@ CASES = (
     ("mmv2_small:finetune", "v5e:4x4", "1,-1,2"),
     ("mmv2_large:finetune", "v5e:16x16", "1,-1,2"),  # 128 rows: fewer shards than chips
     ("mmv2_small:finetune", "v5p:2x2x4", "1,-1,1"),
+    # the large models at one row per chip do not fit 16 v5e chips under FSDP alone
+    ("mmv2_large", "v5e:4x4", "1,-1,2", 128),
+    ("llama_large", "v5e:4x4", "1,-1,2", 128),
 )
 # the configs' global batch and context (data.batch_size, data.context_length)
 BATCH = {"mmv2_small": (1024, 4096), "mmv2_large": (1024, 4096), "llama_small": (1024, 4096),
