@@ -46,6 +46,7 @@ CASES = (
     # 32k-token rows: one per chip does not fit a v5e under FSDP alone; split heads and MLP
     ("mmv2_small:finetune", "v5e:4x4", "1,-1,2"),
     ("mmv2_large:finetune", "v5e:16x16", "1,-1,2"),  # 128 rows: fewer shards than chips
+    ("mmv2_large:finetune", "v5e:16x16", "1,-1,4"),
     ("mmv2_small:finetune", "v5p:2x2x4", "1,-1,1"),
     # the large models at one row per chip do not fit 16 v5e chips under FSDP alone
     ("mmv2_large", "v5e:4x4", "1,-1,2", 128),
@@ -107,7 +108,8 @@ def main(argv=None) -> None:
     parser.add_argument("--slices", default="", help="comma-separated slices (default: all)")
     parser.add_argument("--timeout", type=int, default=1800)
     parser.add_argument("--jsonl", default="", help="also append every compile's row here")
-    parser.add_argument("--skip", default="", help="comma-separated CONFIG@SLICE to leave out")
+    parser.add_argument("--skip", default="",
+                        help="comma-separated CONFIG@SLICE or CONFIG@SLICE@MESH to leave out")
     args = parser.parse_args(argv)
     only = set(filter(None, args.only.split(",")))
     slices = set(filter(None, args.slices.split(",")))
@@ -117,7 +119,7 @@ def main(argv=None) -> None:
     print("|---|---|---|---|---|---|---|---|", flush=True)
     for config, topology, mesh, *first in CASES:
         if ((only and config not in only) or (slices and topology not in slices)
-                or f"{config}@{topology}" in skip):
+                or f"{config}@{topology}" in skip or f"{config}@{topology}@{mesh}" in skip):
             continue
         for row in measure(config, topology, mesh, args.timeout, *first):
             print(format_row(row, topology), flush=True)
