@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from mmjax.kernels import compile_check
 
+from mmjax.data.pipeline import rows_by_process
 from mmjax.train import sharding
 from mmjax.train.config_lib import DEFAULTS, validate_config, with_defaults
 
@@ -15,6 +16,12 @@ needs_libtpu = pytest.mark.skipif(
     not compile_check.libtpu_available() and not os.environ.get("CI"),
     reason='libtpu not installed: pip install -e ".[tpu]"')
 
+
+
+def rows_by_host(mesh, global_batch, host_of=None):
+    """``{host: sorted rows}`` that the trainer's batch sharding puts on each host."""
+    return {h: r.tolist() for h, r in rows_by_process(sharding.batch_sharding(mesh),
+                                                      global_batch, 1, host_of).items()}
 
 def fake_hosts(per_host):
     """Host id of each of the 8 fake CPU devices: ``per_host`` consecutive devices a host."""
@@ -40,11 +47,11 @@ def test_auto_on_cpu_is_jax_make_mesh():
 def test_torus_spreads_every_hosts_batch_rows():
     """4 fake hosts of 2 devices: "auto" gives each host one block of rows, "torus" two."""
     hosts = fake_hosts(2)
-    auto = sharding.rows_by_host(sharding.make_mesh((8, 1, 1), host_of=hosts), 16,
+    auto = rows_by_host(sharding.make_mesh((8, 1, 1), host_of=hosts), 16,
                                  host_of=hosts)
     assert auto == {h: list(range(4 * h, 4 * h + 4)) for h in range(4)}
     mesh = sharding.make_mesh((8, 1, 1), device_order="torus", host_of=hosts)
-    torus = sharding.rows_by_host(mesh, 16, host_of=hosts)
+    torus = rows_by_host(mesh, 16, host_of=hosts)
     assert sorted(r for rows in torus.values() for r in rows) == list(range(16))
     assert all(len(rows) == 4 and runs(rows) == 2 for rows in torus.values()), torus
     assert sorted(d.id for d in mesh.devices.flat) == list(range(8))
@@ -56,7 +63,7 @@ def test_torus_spreads_every_hosts_batch_rows():
 def test_torus_with_fsdp_and_tensor_axes():
     hosts = fake_hosts(4)  # 2 hosts of 4
     mesh = sharding.make_mesh((1, 4, 2), device_order="torus", host_of=hosts)
-    rows = sharding.rows_by_host(mesh, 8, host_of=hosts)
+    rows = rows_by_host(mesh, 8, host_of=hosts)
     assert all(runs(r) == 2 for r in rows.values()), rows
 
 
@@ -213,12 +220,14 @@ import json, os
 import jax
 jax.distributed.initialize(f"127.0.0.1:{os.environ['MP_PORT']}", num_processes=2,
                            process_id=int(os.environ["MP_ID"]))
+from mmjax.data.pipeline import rows_by_process
 from mmjax.train import sharding
 out = {}
 for order in ("auto", "torus"):
     mesh = sharding.make_mesh((-1, 1, 1), device_order=order)
     out[order] = {"ids": [d.id for d in mesh.devices.flat],
-                  "rows": sharding.rows_by_host(mesh, 16)}
+                  "rows": {h: r.tolist() for h, r in rows_by_process(
+                      sharding.batch_sharding(mesh), 16, 1).items()}}
 two = sharding.make_mesh((-1, 1, 1), num_slices=2)
 out["slices"] = [d.process_index for d in two.devices.flat]
 print(json.dumps(out))

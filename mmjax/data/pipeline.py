@@ -152,14 +152,18 @@ def row_dataset(rows: Rows, *, num_epochs: int | None = None) -> grain.MapDatase
     return ds.repeat(num_epochs).map_with_index(_RowAt(rows))
 
 
-def rows_by_process(sharding, global_batch: int, row_length: int) -> dict[int, np.ndarray]:
+def rows_by_process(sharding, global_batch: int, row_length: int, host_of=None
+                    ) -> dict[int, np.ndarray]:
     """``{process_index: the sorted batch rows its devices hold}`` for every process of a
     sharding of a ``[global_batch, row_length]`` array (any device order: a host's rows may be
-    several blocks, as on a real TPU slice; replicated devices hold the same rows)."""
+    several blocks, as on a real TPU slice; replicated devices hold the same rows).
+    ``host_of(device)``: the host of a device (default its ``process_index``; tests fake
+    hosts with it)."""
+    host_of = host_of or (lambda device: device.process_index)
     rows: dict[int, set[int]] = {}
     for device, index in sharding.devices_indices_map((global_batch, row_length)).items():
         lo, hi, _ = index[0].indices(global_batch)
-        rows.setdefault(device.process_index, set()).update(range(lo, hi))
+        rows.setdefault(host_of(device), set()).update(range(lo, hi))
     return {p: np.array(sorted(r), np.int64) for p, r in sorted(rows.items())}
 
 

@@ -1,6 +1,6 @@
 """The jitted train step, built once for the trainer and for ``python -m mmjax.aot``.
 
-:func:`jit_train_step` is the trainer's step (``mmjax.train.loop.guarded_train_step``: the
+:func:`jit_train_step` is the trainer's step (``mmjax.train.step.guarded_train_step``: the
 train step plus the NaN/inf guard) with its shardings and donation; ``mmjax.aot`` lowers
 the same object for a TPU topology, so what aot compiles is what a run executes.
 """
@@ -13,6 +13,7 @@ import jax
 import ml_collections
 
 from mmjax.train import sharding as sharding_lib
+from mmjax.train.step import guarded_train_step
 
 
 def jit_train_step(config: ml_collections.ConfigDict, model, optimizer, mesh, rules,
@@ -23,8 +24,6 @@ def jit_train_step(config: ml_collections.ConfigDict, model, optimizer, mesh, ru
     ``config`` has the defaults filled in; ``ignore_targets``: target ids not trained on
     (the corpus's, see :func:`ignore_targets_of`).
     """
-    from mmjax.train.loop import guarded_train_step  # loop imports this module
-
     train = config.train
     return jax.jit(
         functools.partial(guarded_train_step, model=model, optimizer=optimizer,

@@ -27,7 +27,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import linen as nn
@@ -40,10 +39,11 @@ from mmjax.train import sharding as sharding_lib
 from mmjax.train import storage
 from mmjax.train.checkpoint import Checkpointer, WorkdirLock, keep_tokenizer, load_params
 from mmjax.train.config_lib import validate_config, with_defaults
+from mmjax.train.jitted import jit_train_step
 from mmjax.train.metrics import MetricWriter
 from mmjax.train.optimizer import make_optimizer
 from mmjax.train.state import state_layout
-from mmjax.train.step import eval_step, train_step
+from mmjax.train.step import eval_step, guarded_train_step
 
 
 class Trainer:
@@ -110,17 +110,9 @@ class Trainer:
         self._init_params, self._create_state = layout.init_params, layout.create_state
         self.state_shardings = layout.shardings
         replicated = sharding_lib.replicated(self.mesh)
-        self._train_step = jax.jit(
-            functools.partial(guarded_train_step, model=self.model, optimizer=self.optimizer,
-                              grad_accum_steps=self.config.train.grad_accum_steps,
-                              loss_chunk=self.config.train.loss_chunk,
-                              ignore_targets=self.ignore_targets,
-                              vocab_size=self.config.model.vocab_size,
-                              skip_nonfinite=bool(self.config.train.skip_nonfinite_steps)),
-            in_shardings=(self.state_shardings, self.batch_sharding),
-            out_shardings=(self.state_shardings, replicated),
-            donate_argnums=0,
-        )
+        self._train_step = jit_train_step(self.config, self.model, self.optimizer, self.mesh,
+                                          self.rules, self.state_shardings,
+                                          self.ignore_targets)
         self._eval_step = jax.jit(
             functools.partial(eval_step, model=self.model,
                               loss_chunk=self.config.train.loss_chunk,
@@ -190,31 +182,6 @@ EXIT_PREEMPTED = 3
 class NonFiniteLossError(RuntimeError):
     """A train step gave a NaN or inf loss or gradient norm (``train.skip_nonfinite_steps``
     off): the run stops without saving that step's parameters."""
-
-
-def guarded_train_step(state, tokens, *, vocab_size: int, skip_nonfinite: bool, **kwargs):
-    """:func:`mmjax.train.step.train_step` plus the NaN/inf guard's metrics.
-
-    ``finite`` (loss, gradient norm and the new parameters all finite) and ``bad_token_ids``
-    (ids outside ``[0, vocab)``; ``-1`` is allowed as an ignored target only). With
-    ``skip_nonfinite`` a non-finite step returns the old parameters and optimiser state (the
-    step counter and rng move on, the batch is consumed) and ``skipped`` = 1.
-    """
-    new_state, metrics = train_step(state, tokens, **kwargs)
-    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
-    for leaf in jax.tree.leaves(new_state.params):
-        finite &= jnp.all(jnp.isfinite(leaf))
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    bad = (jnp.sum((inputs < 0) | (inputs >= vocab_size))
-           + jnp.sum((targets < -1) | (targets >= vocab_size)))
-    metrics = dict(metrics, finite=finite, bad_token_ids=bad)
-    if skip_nonfinite:
-        kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
-                            (new_state.params, new_state.opt_state),
-                            (state.params, state.opt_state))
-        new_state = new_state.replace(params=kept[0], opt_state=kept[1])
-        metrics["skipped"] = (~finite).astype(jnp.int32)
-    return new_state, metrics
 
 
 def _nonfinite_message(step: int, metrics: dict, checkpointer) -> str:

@@ -248,18 +248,6 @@ def slice_order(host_of_device: Sequence[int]) -> list[int]:
     return perm
 
 
-def rows_by_host(mesh: Mesh, global_batch: int, rules=DEFAULT_RULES, host_of=None
-                 ) -> dict[int, list[int]]:
-    """``{host: sorted batch rows}`` that ``batch_sharding(mesh, rules)`` puts on each
-    host's devices (``host_of(device)``, default ``process_index``)."""
-    host_of = host_of or (lambda d: d.process_index)
-    sharding = batch_sharding(mesh, rules)
-    rows: dict[int, set] = {}
-    for device, index in sharding.devices_indices_map((global_batch, 1)).items():
-        rows.setdefault(host_of(device), set()).update(range(global_batch)[index[0]])
-    return {h: sorted(r) for h, r in sorted(rows.items())}
-
-
 def param_shardings(abstract_variables, mesh: Mesh, rules=DEFAULT_RULES):
     """NamedShardings for a (boxed, abstract) variable tree from its logical annotations."""
     logical = nn.get_partition_spec(abstract_variables)

@@ -1,4 +1,5 @@
-"""The training and evaluation steps: pure functions of (state, batch)."""
+"""The training and evaluation steps: pure functions of (state, batch), and the guarded
+step the trainer jits (the train step plus its NaN/inf and token-id checks)."""
 
 from __future__ import annotations
 
@@ -100,3 +101,28 @@ def eval_step(params, tokens_BxT1: jax.Array, *, model: nn.Module, loss_chunk: i
     loss, per_position, tokens = lm_loss(model, {"params": params}, inputs, targets,
                                          loss_chunk=loss_chunk, deterministic=True)
     return {"loss": loss, "loss_per_position": per_position, "tokens": tokens}
+
+
+def guarded_train_step(state, tokens, *, vocab_size: int, skip_nonfinite: bool, **kwargs):
+    """:func:`train_step` plus the NaN/inf guard's metrics.
+
+    ``finite`` (loss, gradient norm and the new parameters all finite) and ``bad_token_ids``
+    (ids outside ``[0, vocab)``; ``-1`` is allowed as an ignored target only). With
+    ``skip_nonfinite`` a non-finite step returns the old parameters and optimiser state (the
+    step counter and rng move on, the batch is consumed) and ``skipped`` = 1.
+    """
+    new_state, metrics = train_step(state, tokens, **kwargs)
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+    for leaf in jax.tree.leaves(new_state.params):
+        finite &= jnp.all(jnp.isfinite(leaf))
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    bad = (jnp.sum((inputs < 0) | (inputs >= vocab_size))
+           + jnp.sum((targets < -1) | (targets >= vocab_size)))
+    metrics = dict(metrics, finite=finite, bad_token_ids=bad)
+    if skip_nonfinite:
+        kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                            (new_state.params, new_state.opt_state),
+                            (state.params, state.opt_state))
+        new_state = new_state.replace(params=kept[0], opt_state=kept[1])
+        metrics["skipped"] = (~finite).astype(jnp.int32)
+    return new_state, metrics
