@@ -15,9 +15,9 @@ For each model, batch size and context ``n``, in one run:
 Both are timed with ``block_until_ready`` after every call; the figure is the median per
 token over ``--repeats`` (recompute) and over the steps (incremental), after a warm-up call
 that compiles. The printed speedup is recompute / incremental per token, side by side in the
-same run. Targets (the generation issue): >= 20x at context 1024, >= 50x at 4096.
+same run. Targets: >= 20x at context 1024, >= 50x at 4096.
 
-The models (fp32, no dropout; ``--width`` etc. change them): the performance issue's v1 Memory
+The models (fp32, no dropout; ``--width`` etc. change them): the reference v1 Memory
 Mosaic (4 layers, 4 heads, width 256, vocabulary 8192, 1024 persistent slots), a v2 Memory
 Mosaic of the same width and depth (short-term window 256, long-term skip 64, SwiGLU of 1024)
 and GPT2 of the same width and depth (4x MLP, learned positions up to the largest context).

@@ -5,7 +5,7 @@ official PyTorch code, with model FLOPs utilisation against a measured matmul pe
     python benchmarks/train_step.py --official ~/MemoryMosaics   # + the official MM and GPT
     python benchmarks/train_step.py --config configs/mm_v1_small.py --batch 16 --context 512
 
-The built-in pair (the performance issue's configuration): 4 layers, 4 heads, width 256,
+The built-in pair (the project's reference configuration): 4 layers, 4 heads, width 256,
 context 256, vocabulary 8192, batch 8, fp32, no dropout, no biases; the Memory Mosaic has 1024
 persistent-memory slots per head, the GPT2 a 4x MLP. ``--config FILE[:preset]`` (repeatable)
 measures those configs instead (``--batch``/``--context``/``--dtype`` still apply).
@@ -30,7 +30,8 @@ token from :mod:`mmjax.flops`, retrieval/attention terms included) x tokens/s / 
 peak is measured here, a large matmul (``--gemm-size``) in the benchmark's dtype, for JAX
 and for torch, and the larger one is every system's peak; on a TPU or GPU the chip's
 published bf16 peak is printed and used instead.
-Then the ratios the performance issue tracks. ``--json`` adds one JSON line at the end.
+Then the ratios the project tracks (targets in the README). ``--json`` adds one JSON line
+at the end.
 
 ``--compile-for TOPOLOGY`` (e.g. ``v5e:2x2``; needs libtpu, no TPU) times nothing: it
 compiles each system's train step for that TPU slice with the real compiler
@@ -94,7 +95,7 @@ class Figures:
 
 
 def builtin_configs(args) -> list:
-    """The issue's pair as mmjax configs: a v1 Memory Mosaic and an equal-width GPT2."""
+    """The reference pair as mmjax configs: a v1 Memory Mosaic and an equal-width GPT2."""
     from mmjax.train.config_lib import lm_config
 
     common = dict(vocab_size=args.vocab, num_layers=args.layers, num_heads=args.heads,
@@ -326,7 +327,7 @@ def measure(systems, *, rounds: int, steps: int, warmup: int) -> None:
 
 
 def ratio_lines(figures: dict[str, Figures]) -> list[tuple[str, float]]:
-    """The ratios of the performance issue, where both sides were measured."""
+    """The tracked ratios, where both sides were measured."""
     pairs = [("mmjax MM / official MM, train", "mmjax memory_mosaic", "official MemoryMosaic",
               "train"),
              ("mmjax MM / official MM, forward", "mmjax memory_mosaic",

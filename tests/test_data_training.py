@@ -28,7 +28,7 @@ def setup(tmp_path_factory):
     config.model.embed_dim = 32
     config.model.pmem_size = 64
     # the trainer reads the synthetic corpus of this config; the batches below come from the store
-    if "vocab_size" in config.data:  # said twice before the config refactor of issue 10
+    if "vocab_size" in config.data:  # said twice by older configs
         config.data.vocab_size = tok.vocab_size
     config.data.context_length, config.data.batch_size = CONTEXT, BATCH
     data = dict(corpus="tokens", path=str(store_dir), context_length=CONTEXT,

@@ -1,4 +1,4 @@
-"""In-context language learning data: the automata and strings the issue specifies, held-out
+"""In-context language learning data: the automata and strings of the v1 paper's setup, held-out
 languages, the oracle scores 1 / 0, an in-context bigram beats a unigram."""
 
 import numpy as np

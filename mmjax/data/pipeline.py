@@ -33,8 +33,8 @@ Two ways to cut the stream of a split (documents in order, each followed by end-
   starts a story, which the per-position in-context loss assumes, and a contextual memory
   never retrieves from another document). Tokens past a document's last full piece are not
   used; documents shorter than T + 1 tokens give no row, and a context longer than every
-  document is an error (this is the issue's "packed documents" mode: rows are packed with
-  one document's tokens, never padded, never mixed).
+  document is an error ("packed documents": rows are packed with one document's tokens,
+  never padded, never mixed).
 
 Processes: global batch ``k`` is rows ``k B, ..., k B + B - 1`` of the shuffled stream of
 rows (over epochs), whatever the number of processes. Each process reads only the rows that its

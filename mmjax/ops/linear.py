@@ -5,7 +5,7 @@ with a backward pass that picks the order of its weight-gradient matmul.
 come from the output cotangent ``dy``. On CPU, XLA then stores ``dy`` transposed before the
 matmul, and when ``dy`` comes out of an elementwise chain (the GELU backward of an MLP) it
 fuses that chain into the transposing loop, which reads its inputs with a stride of a whole
-row: 35-70 ms for one ``[2048, 1024]`` MLP gradient of the performance issue's GPT2, more
+row: 35-70 ms for one ``[2048, 1024]`` MLP gradient of the benchmark GPT2, more
 than the matmul itself. :func:`project`'s backward makes the rows of the weight-gradient
 matmul come from the smaller of ``x`` and ``dy`` (``x^T dy``, or ``(dy^T x)^T``), so that the
 tensor XLA transposes is the cheaper one. Results are the same matmuls' (same sums, same
