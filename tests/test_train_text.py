@@ -315,7 +315,7 @@ def test_cli_tokenizer_prepare_train(tmp_path):
                     "--workdir", str(tmp_path / "run"), cwd=REPO)
     assert train.returncode == 0, train.stderr[-3000:]
     assert "final (step 4)" in train.stdout + train.stderr
-    assert (tmp_path / "run" / "checkpoints" / "4" / "data").is_dir()
+    assert (tmp_path / "run" / "checkpoints" / "4" / "data_state").is_dir()
     # the same command without the store: one line naming the key, before compiling
     missing = run_cli("-m", "mmjax.train", "--config", "configs/mm_v1_small.py:tiny_text",
                       cwd=REPO)
