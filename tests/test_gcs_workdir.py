@@ -19,6 +19,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from config_loading import TINY
 from gcs_emulator import child_env, unset
 
 from mmjax.train import loop, storage
@@ -26,13 +27,6 @@ from mmjax.train.checkpoint import WorkdirLock, find_step_dir, keep_tokenizer
 from mmjax.train.metrics import MetricWriter
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-TINY = ["--config.model.vocab_size=16", "--config.model.num_layers=1",
-        "--config.model.num_heads=2", "--config.model.embed_dim=16",
-        "--config.model.pmem_size=8", "--config.data.context_length=24",
-        "--config.data.batch_size=8", "--config.data.corpus_options.num_states=3",
-        "--config.data.corpus_options.edges_per_state=2",
-        "--config.optimizer.warmup_steps=2", "--config.train.eval_every=0",
-        "--config.train.eval_batches=1", "--config.train.log_every=1"]
 
 
 # ---------------------------------------------------------------------------- storage

@@ -16,6 +16,7 @@ import threading
 import time
 
 import pytest
+from config_loading import TINY as TINY_FLAGS
 
 from mmjax.train import __main__ as train_main
 from mmjax.train.loop import EXIT_PREEMPTED
@@ -27,14 +28,7 @@ _spec = importlib.util.spec_from_file_location("launch_local_pod", SCRIPT)
 local_pod = sys.modules["launch_local_pod"] = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(local_pod)
 
-TINY = ["--config", "configs/mm_v1_small.py:tiny",
-        "--config.model.vocab_size=16", "--config.model.num_layers=1",
-        "--config.model.num_heads=2", "--config.model.embed_dim=16",
-        "--config.model.pmem_size=8", "--config.data.context_length=24",
-        "--config.data.batch_size=8", "--config.data.corpus_options.num_states=3",
-        "--config.data.corpus_options.edges_per_state=2",
-        "--config.optimizer.warmup_steps=2", "--config.train.eval_every=0",
-        "--config.train.eval_batches=1", "--config.train.log_every=1"]
+TINY = ["--config", "configs/mm_v1_small.py:tiny", *TINY_FLAGS]
 POD = [sys.executable, str(SCRIPT), "--processes=2", "--devices_per_process=2"]  # torus
 
 

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from config_loading import TINY
 from test_train import small_config
 
 from mmjax.train import config_lib
@@ -161,13 +162,6 @@ def test_every_problem_gets_its_line():
     assert len(lines) == 3 and "train.log_every" in lines[1] and "context_length" in lines[2]
 
 
-TINY = ["--config.model.vocab_size=16", "--config.model.num_layers=1",
-        "--config.model.num_heads=2", "--config.model.embed_dim=16",
-        "--config.model.pmem_size=8", "--config.data.context_length=24",
-        "--config.data.batch_size=8", "--config.data.corpus_options.num_states=3",
-        "--config.data.corpus_options.edges_per_state=2",
-        "--config.optimizer.warmup_steps=2", "--config.train.eval_every=0",
-        "--config.train.eval_batches=1", "--config.train.log_every=1"]
 
 
 def cli(*args, **kwargs):
