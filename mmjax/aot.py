@@ -29,11 +29,12 @@ import ml_collections
 import numpy as np
 from flax import linen as nn
 
+from mmjax.data import synthetic
 from mmjax.kernels import compile_check
 from mmjax.models import build_model
 from mmjax.train import sharding as sharding_lib
 from mmjax.train.config_lib import with_defaults
-from mmjax.train.jitted import ignore_targets_of, jit_train_step
+from mmjax.train.jitted import jit_train_step
 from mmjax.train.optimizer import make_optimizer
 from mmjax.train.state import state_layout
 
@@ -123,7 +124,7 @@ def lower_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh)
     tokens = jax.ShapeDtypeStruct((data.batch_size, data.context_length + 1), np.int32,
                                   sharding=sharding_lib.batch_sharding(mesh, rules))
     step = jit_train_step(config, model, optimizer, mesh, rules, layout.shardings,
-                          ignore_targets_of(data))
+                          synthetic.ignored_targets(data.get("corpus", "tokens")))
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         lowered = step.lower(layout.abstract, tokens)
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(layout.abstract.params))

@@ -80,6 +80,12 @@ class PFACorpus:
 _CORPORA = {"pfa": PFACorpus, "icll": ICLLCorpus, "recall": RecallCorpus}
 
 
+def ignored_targets(name: str) -> tuple[int, ...]:
+    """The target ids corpus ``name`` does not train on (the icll separator and padding);
+    none for a token store or a corpus without such ids. Needs no data."""
+    return tuple(getattr(_CORPORA.get(name), "ignore_targets", ()))
+
+
 def make_corpus(name: str, **kwargs):
     """Build a synthetic corpus by name (``"pfa"``, ``"icll"``: :mod:`mmjax.data.icll`,
     ``"recall"``: :mod:`mmjax.data.recall`);

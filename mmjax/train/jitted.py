@@ -22,7 +22,7 @@ def jit_train_step(config: ml_collections.ConfigDict, model, optimizer, mesh, ru
     donated), tokens as ``batch_sharding(mesh, rules)``, metrics replicated.
 
     ``config`` has the defaults filled in; ``ignore_targets``: target ids not trained on
-    (the corpus's, see :func:`ignore_targets_of`).
+    (``mmjax.data.synthetic.ignored_targets``).
     """
     train = config.train
     return jax.jit(
@@ -37,12 +37,3 @@ def jit_train_step(config: ml_collections.ConfigDict, model, optimizer, mesh, ru
         donate_argnums=0,
     )
 
-
-def ignore_targets_of(data: ml_collections.ConfigDict) -> tuple[int, ...]:
-    """The target ids ``data``'s corpus does not train on, without opening the data: a
-    synthetic corpus class's ``ignore_targets`` (the icll separator and padding), else none.
-    """
-    from mmjax.data import synthetic
-
-    corpus = data.get("corpus", "tokens")
-    return tuple(getattr(synthetic._CORPORA.get(corpus), "ignore_targets", ()))

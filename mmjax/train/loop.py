@@ -32,7 +32,7 @@ import numpy as np
 from flax import linen as nn
 from tqdm.auto import tqdm
 
-from mmjax.data import make_batches
+from mmjax.data import make_batches, synthetic
 from mmjax.data.pipeline import TextBatches
 from mmjax.models import build_model
 from mmjax.train import sharding as sharding_lib
@@ -96,7 +96,7 @@ class Trainer:
         self._val_start = self.val_batches.get_state()
         self.corpus = getattr(self.train_batches, "corpus", None)
         # target ids a corpus does not train on (the icll corpus: separator and padding)
-        self.ignore_targets = tuple(getattr(self.corpus, "ignore_targets", ()))
+        self.ignore_targets = synthetic.ignored_targets(config.data.get("corpus", "tokens"))
         if isinstance(self.train_batches, TextBatches):
             self.train_batches.peek_local()
 
