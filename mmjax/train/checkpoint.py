@@ -117,12 +117,6 @@ class Checkpointer:
         self.preempted = bool(np.asarray(flags).any())
         return self.preempted
 
-    def has_data_state(self, step: int) -> bool:
-        """Whether checkpoint ``step`` holds a data iterator state (``data_state``, or an
-        older checkpoint's grain item ``data``)."""
-        step_dir = self.directory / str(step)
-        return storage.is_dir(step_dir / "data_state") or storage.is_dir(step_dir / "data")
-
     def restore(self, abstract_state, data_iterator=None):
         """Restore the latest readable checkpoint into ``abstract_state`` (shapes, dtypes,
         shardings).
