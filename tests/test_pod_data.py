@@ -10,17 +10,16 @@ import unittest.mock as mock
 import jax
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec
 from mmjax.kernels import compile_check
 
 from mmjax.data import pipeline
 from mmjax.data.store import TokenStore, write_store
+from mmjax.train import sharding as sharding_lib
 
 pytestmark = pytest.mark.skipif(not compile_check.libtpu_available(),
                                 reason="needs libtpu (the topology descriptions)")
 
 T = 8
-MESH_AXES = ("data", "fsdp", "tensor")
 # slice -> (hosts, host 0's rows of a batch of one row per chip, mesh (chips, 1, 1))
 SLICES = {
     "v5e:4x4": (4, [0, 1, 6, 15]),
@@ -31,10 +30,11 @@ SLICES = {
 
 
 def slice_sharding(topology, mesh_shape, num_slices=1):
+    """The trainer's batch sharding over ``num_slices`` slices of ``topology`` (the mesh of
+    one slice is ``mesh_shape``), and the devices."""
     devices = compile_check.topology_devices(topology, num_slices)
-    mesh = jax.make_mesh(mesh_shape, MESH_AXES, devices=devices,
-                         axis_types=(jax.sharding.AxisType.Auto,) * 3)
-    return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None)), devices
+    mesh = sharding_lib.make_mesh(mesh_shape, devices=devices, num_slices=num_slices)
+    return sharding_lib.batch_sharding(mesh), devices
 
 
 @pytest.mark.parametrize("topology", sorted(SLICES))
@@ -60,12 +60,7 @@ def devices_of(topology):
 
 
 def test_a_two_slice_mesh_splits_rows_by_slice_and_host():
-    from jax.experimental import mesh_utils
-
-    devices = compile_check.topology_devices("v5e:4x4", 2)
-    grid = mesh_utils.create_hybrid_device_mesh((16, 1, 1), (2, 1, 1), devices)
-    mesh = jax.sharding.Mesh(grid, MESH_AXES)
-    sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None))
+    sharding, devices = slice_sharding("v5e:4x4", (16, 1, 1), num_slices=2)
     by = pipeline.rows_by_process(sharding, 64, T + 1)
     assert sorted(by) == sorted({d.process_index for d in devices}) == list(range(8))
     assert sorted(np.concatenate(list(by.values())).tolist()) == list(range(64))
