@@ -33,8 +33,6 @@ def _part_of(module: str) -> str | None:
 def _source_files():
     for path in sorted(PACKAGE.rglob("*.py")):
         yield path, "mmjax." + ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
-    for path in sorted((REPO_ROOT / "kernels").glob("*.py")):
-        yield path, "mmjax.kernels." + path.stem
 
 
 def _imports(path: pathlib.Path):
