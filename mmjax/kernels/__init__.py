@@ -4,7 +4,7 @@
 One file per kernel: :mod:`mmjax.kernels.retrieval_tpu` (``jax.experimental.pallas.tpu``,
 scalar prefetch) and :mod:`mmjax.kernels.retrieval_gpu` (Pallas with the Triton lowering).
 Away from its platform a kernel runs in Pallas interpret mode, so both can be checked on CPU.
-See ``kernels/README.md`` for the algorithm and block-size guidance.
+See ``docs/kernels.md`` for the algorithm and block-size guidance.
 """
 
 from __future__ import annotations

@@ -99,7 +99,7 @@ class BlockSizes:
         return DEFAULT_BLOCK_SIZES[generation]
 
 
-# Starting points, not tuned on hardware (none was available; see kernels/README.md).
+# Starting points, not tuned on hardware (none was available; see docs/kernels.md).
 # v4 and v5p: 128x128 MXUs and ample VMEM (32 MiB scoped default on v4): big forward tiles.
 # v5e: 4 MXUs of 128x128 and 16 MiB scoped VMEM by default: the backward keeps 256-row tiles.
 # GPU: 64x64 tiles suit head dims up to 128 on A100/H100 with 4 warps.

@@ -1,6 +1,6 @@
 """TPU kernel (``jax.experimental.pallas.tpu``) for masked kernel-regression retrieval.
 
-Three kernels under one ``jax.custom_vjp`` (forward, dkv, dq; see kernels/README.md). Inside,
+Three kernels under one ``jax.custom_vjp`` (forward, dkv, dq; see docs/kernels.md). Inside,
 the layout is ``[batch, heads, time, dim]`` (the wrapper transposes from the API layout) so
 that every block's last two dims are ``(tile, head_dim)``. Per-row inputs (bandwidth,
 log-sum-exp, ``D_t = <dy_t, y_t>``) are lane-dense rows ``[.., 1, time]``, read as columns
