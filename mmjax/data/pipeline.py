@@ -3,50 +3,16 @@
 ``make_batches(config.data, sharding=..., seed=...)`` is the one entry point. It returns an
 iterator whose ``next()`` is a ``[global_batch, context_length + 1]`` int32 ``jax.Array`` on
 the given ``NamedSharding`` (a NumPy array when ``sharding`` is None), with ``get_state()`` /
-``set_state()``; a text iterator is a grain ``DatasetIterator``, so it can be saved beside the
-train state with ``grain.checkpoint.CheckpointSave(it)`` / ``CheckpointRestore(it)``.
+``set_state()`` (the number of global batches read); a text iterator is a grain
+``DatasetIterator``, saved beside the train state. ``config.data`` names the ``corpus``
+(``"tokens"`` with a store ``path``, or a synthetic corpus of
+:func:`mmjax.data.synthetic.make_corpus`), ``context_length``, the global ``batch_size``,
+``packing`` (``"windows"`` or ``"documents"``), ``worker_count``, ``prefetch``,
+``num_epochs``, ``allow_vocab_padding`` and ``corpus_options``.
 
-Data config keys (``config.data``)::
-
-    corpus           "tokens" (a store from mmjax.data.prepare) or a synthetic name ("pfa",
-                     "icll", "recall": mmjax.data.synthetic.make_corpus)
-    path             the store directory (corpus "tokens")
-    vocab_size       the model's vocabulary, unless make_batches gets vocab_size=: must
-                     equal the store's tokenizer's (see below)
-    context_length   T: rows hold T + 1 tokens (inputs and shifted targets)
-    batch_size       the global batch, over all processes
-    packing          "windows" (default) or "documents"
-    worker_count     grain worker processes (0: read in the main process)
-    prefetch         batches buffered ahead (per worker with workers)
-    num_epochs       None: repeat forever
-    allow_vocab_padding  True: accept vocab_size > the tokenizer's (e.g. 50304 for 50257)
-    corpus_options   options of a synthetic corpus
-
-Two ways to cut the stream of a split (documents in order, each followed by end-of-text):
-
-- ``"windows"``: windows of T + 1 tokens at stride T over the whole stream, so every token
-  is a target exactly once per epoch; windows cross document boundaries (the end-of-text id
-  marks them). Each epoch shifts the grid by a seeded random offset in ``[0, slack]`` and
-  visits the windows in a seeded random order (grain's index shuffle: O(1) memory).
-- ``"documents"``: rows never mix documents: each document is cut into pieces of T + 1
-  tokens at stride T starting at its first token (so every row of a short-context model
-  starts a story, which the per-position in-context loss assumes, and a contextual memory
-  never retrieves from another document). Tokens past a document's last full piece are not
-  used; documents shorter than T + 1 tokens give no row, and a context longer than every
-  document is an error ("packed documents": rows are packed with one document's tokens,
-  never padded, never mixed).
-
-Processes: global batch ``k`` is rows ``k B, ..., k B + B - 1`` of the shuffled stream of
-rows (over epochs), whatever the number of processes. Each process reads only the rows that its
-devices hold (:func:`rows_by_process`): on a real slice the mesh orders devices by their torus
-position, so a host's rows are several blocks spread over the batch, and
-``jax.make_array_from_process_local_data`` places them. The iterator's state is the number of
-global batches read, so a run saved on N hosts (or with any ``worker_count``) resumes on K hosts
-and sees the same global batches as an uninterrupted run; a state saved with another store,
-batch size, context, packing or seed is refused in one line naming what changed.
-
-Every batch is checked at the host boundary: a token id outside ``[0, vocab_size)`` is an
-error naming the id, the split and the store, never a silent index wrap on the device.
+Each process reads only the rows its devices hold (:func:`rows_by_process`), so global batch
+``k`` is the same rows for any number of processes. The two packings, resuming on another
+host count, and the checks on every batch: ``docs/architecture.md``, section 7.
 """
 
 from __future__ import annotations

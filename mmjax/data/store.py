@@ -9,15 +9,7 @@ A store is a directory::
     val.tokens      the same for the validation split
     val.docs
 
-Why a memory-mapped flat array and not ArrayRecord: the loader's unit is a window of
-``context + 1`` consecutive tokens that may start anywhere and cross document boundaries.
-On a flat array that window is one slice of a ``np.memmap`` (no decoding, no copy until the
-batch is stacked), any window is reachable in O(1), and the OS page cache is shared by the
-grain worker processes. ArrayRecord stores records (documents or fixed chunks): a window
-would need several record reads and a re-concatenation, and fixing the chunking at prepare
-time would fix the context length too. The document index keeps document boundaries for the
-document-aligned mode and for the tests. Two bytes per token (uint16) halve the disk and page
-cache of 32-bit ids for every vocabulary up to 65536.
+Why a memory-mapped flat array and not ArrayRecord: ``docs/architecture.md``, section 7.
 """
 
 from __future__ import annotations

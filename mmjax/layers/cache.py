@@ -1,33 +1,12 @@
 """Decoding caches: what each layer keeps between calls when a model generates.
 
-A model called with ``step=DecodeStep(...)`` and ``mutable=["cache"]`` processes a *chunk* of
+A model called with ``step=DecodeStep(...)`` and ``mutable=["cache"]`` processes a chunk of
 ``T`` new tokens per row (a prompt chunk, or one token) on top of what its ``"cache"``
-collection holds, and updates it. :mod:`mmjax.generate` drives it; this module is the part
-the layers share.
-
-Positions. Every row of the batch owns its positions. ``step.position`` is the absolute
-position of the chunk's first token: a scalar when every row sits at the same position
-(prefill of right-padded prompts: the retrieval then runs on :func:`mmjax.ops.retrieve`, the
-blocked or Pallas path), or ``[B]`` when rows differ (decoding after prompts of different
-lengths: the retrieval runs on :func:`mmjax.ops.retrieve_dense`). ``step.lengths[b]`` is the
-number of real tokens of row ``b`` once the call is done: tokens at positions
-``>= lengths[b]`` are padding; they never reach a cache and never move a state.
-
-What a contextual memory keeps (v1, and each v2 tier):
-
-* the key state ``kbar`` of the leaky (v1) or gated (v2) average at the row's last token, so
-  that the next key costs O(1);
-* the *pending* pair: values peek one step ahead (``v_t`` needs ``u_{t+1} = W_v x_{t+1}``), so
-  the newest key has no value yet. The cache keeps that key and ``u_t``; the next call
-  completes ``v_t`` with its first token and stores the pair. Query ``t`` sees pairs
-  ``i <= t - 1``, which are all complete: exactly the training-time mask.
-* the completed pairs: a linear buffer of ``cache_length`` slots (slot ``i`` = position ``i``)
-  or, for a memory that only looks ``h`` pairs back (the v2 short-term tier), a ring buffer of
-  ``h`` slots with the position each slot holds.
-
-Attention (the baselines) keeps an ordinary linear KV cache: the pair of token ``t`` is
-complete at once, and query ``t`` sees ``i <= t`` (``query_offset=1`` in the mask arithmetic
-of :mod:`mmjax.ops.retrieval`).
+collection holds, and updates it; :mod:`mmjax.generate` drives it. A contextual memory keeps
+its key state, the pending pair (values peek one step ahead, so the newest key waits one token
+for its value) and the completed pairs, in a linear buffer or, for the v2 short-term tier, a
+ring of ``h`` slots; attention keeps an ordinary KV cache. Positions, padding and the buffer
+layout: ``docs/architecture.md``, section 4.
 """
 
 from __future__ import annotations

@@ -1,43 +1,17 @@
 """v1 memory units (official Library ``StackAssoMem``, non-EFT), and the value extractor
 that v1 and v2 share.
 
-Both units are thin shells over :mod:`mmjax.ops`. Per head ``h`` (``H`` heads of width
-``K = D/H``), with the equations numbered in ``docs/architecture.md``:
-
-* keys: ``k~_t = W_k x_t (+ b_k)``, then :func:`mmjax.ops.leaky_keys`: a leaky average with
-  rate ``lam_h = 10 |leaky_key_beta_h|``, unit norm, times the key scale
-  ``exp(min(10 kernel_beta_h, 5)) ** p`` with ``p = 1`` (contextual) or ``p = 2``
-  (persistent). The key scale is the retrieval bandwidth folded into the keys.
-* values (contextual only): :func:`value_extractor`, i.e. ``u_t = W_v x_t (+ b_v)`` and
-  :func:`mmjax.ops.extract_values`.
-* contextual retrieval: strict-causal (``i <= t - 1``), so row ``t = 0`` is exactly 0.
-* persistent retrieval: every one of ``pmem_size`` learned slots per head is visible; the
-  outputs of ``pmem_count`` banks are averaged, then scaled by ``exp(10 value_beta_h)``.
-* output: :class:`mmjax.layers.common.HeadOutput` (``out``, the official ``c_proj``), then
-  dropout ``hd_dropout``.
-
-Dropout on the attention probabilities (the Library's ``ic_dropout``):
-
-* :class:`PersistentMemory` applies it, as the official code does, when ``ic_dropout > 0``
-  and ``deterministic=False``; the probabilities are then materialised densely
-  (:func:`mmjax.ops.retrieval_weights`, ``[B, H, T, S]``) because the fused retrieval
-  never forms them. Without dropout it calls :func:`mmjax.ops.retrieve`.
-* :class:`ContextualMemory` does NOT apply it: dense ``T x T`` probabilities would defeat the
-  O(T)-memory retrieval. This matches the official EFT variant (the one the official training
-  script uses); see ``docs/official_code.md``. In evaluation both agree exactly.
-
-Decoding: called with ``step`` (a :class:`mmjax.layers.cache.DecodeStep`) and
-``mutable=["cache"]``, both units continue their key recurrence from the cached state; the
-contextual memory also keeps the pending pair and the stored pairs (:mod:`mmjax.layers.cache`).
+Both units are thin shells over :mod:`mmjax.ops`: keys from :func:`mmjax.ops.leaky_keys`
+(unit norm times the key scale, the retrieval bandwidth folded into the keys), values from
+:func:`value_extractor`, :func:`mmjax.ops.retrieve` (strict causal for
+:class:`ContextualMemory`, every learned slot for :class:`PersistentMemory`), then
+``HeadOutput`` (``out``, the official ``c_proj``) and ``hd_dropout``. Only the persistent
+memory applies ``ic_dropout``, densely (``docs/official_code.md`` says why). The equations:
+``docs/architecture.md``, section 5; decoding: :mod:`mmjax.layers.cache`.
 
 With ``mutable=["intermediates"]`` both units sow ``keys`` and ``retrieved`` (the input of
-``out``, ``[B, T, H, V]``); the contextual memory also sows ``values``.
-
-Parameters (names shared with attention and the v2 tiers): ``key`` ``[D, H, K]``,
-``key_bias``, ``value``, ``value_bias``, ``value_mix``, ``value_beta``, the per-head
-``leaky_key_beta`` and ``kernel_beta``, ``memory_keys``/``memory_values``
-``[P, S, H, K]`` (persistent), ``out/kernel``, ``out/bias``. Logical axes: ``embed``,
-``heads``, ``head_dim``, ``slots``, ``banks``.
+``out``, ``[B, T, H, V]``); the contextual memory also sows ``values``. Logical axes:
+``embed``, ``heads``, ``head_dim``, ``slots``, ``banks``.
 """
 
 from __future__ import annotations

@@ -1,72 +1,16 @@
 """Memory Mosaics v2 layers: gated key extractor, adaptive bandwidth, three-tier memory.
 
 "Memory Mosaics at Scale" (Zhang & Bottou, arXiv 2507.03285) has no public code; this is
-its reference implementation in mmjax. Formulas from the paper (``docs/architecture.md``),
-then every choice the paper leaves open, marked CHOICE. The math is pure functions in
-:mod:`mmjax.ops` (:func:`~mmjax.ops.gated_key_average`, :func:`~mmjax.ops.extract_values`,
+its reference implementation in mmjax. The math is pure functions in :mod:`mmjax.ops`
+(:func:`~mmjax.ops.gated_keys`, :func:`~mmjax.ops.extract_values`,
 :func:`~mmjax.ops.tier_bandwidth`, :func:`~mmjax.ops.tier_masks`); the modules here own the
-parameters.
+parameters. :class:`MemoryTier` is one memory: gated keys, the v1 values and a retrieval
+with its tier's mask and adaptive bandwidth. :class:`ThreeTierMemory` runs a short-term tier
+(window ``h``) and a long-term tier (skip ``m``) of ``H`` heads each and fuses their ``2 H``
+outputs with ``W_o``; the persistent memory is :class:`mmjax.layers.mlp.SwiGLU`.
 
-Key extractor, per memory and head (``x_t`` the normalised block input)::
-
-    k~_t   = W_k x_t
-    g_t    = exp(W_g x_t)          (one input gate per head)
-    lam_t  = exp(-|W_lam x_t|)     (one forget factor per head, in (0, 1])
-    kbar_t = g_t * k~_t + lam_t * kbar_{t-1},   kbar_{-1} = 0
-    k_t    = kbar_t / |kbar_t|
-
-computed in O(T) with ``jax.lax.associative_scan`` (:func:`mmjax.ops.gated_leaky_average`,
-fp32 whatever the compute dtype).
-
-* CHOICE (overflow bound): ``exp`` of an unbounded linear form overflows (fp32 and bf16 share
-  the 8-bit exponent: ``exp(z)`` is ``inf`` past ``z ~ 88.7``, and a sum of many large terms
-  overflows earlier). The gate exponent is soft-capped, ``g_t = exp(c * tanh(W_g x_t / c))``
-  with ``c = gate_cap`` (default 10), so ``e^-10 <= g_t <= e^10``: the identity for
-  ``|W_g x| << c``, smooth with a nonzero gradient everywhere. With ``lam_t <= 1`` the
-  recurrence is bounded by ``sum_t g_t |k~_t| <= T e^10 max|k~|``: about ``7e8 max|k~|``
-  at ``T = 32768``, far inside fp32 (the scan's dtype). ``lam_t = exp(-|.|)`` needs no bound.
-  The key is normalised afterwards, so a common scale of the gates has no effect.
-* CHOICE: no biases in ``W_g`` / ``W_lam``; init ``N(0, 1/D)`` for ``W_g``, ``W_lam`` (so
-  ``W x ~ N(0, 1)`` on RMS-normalised inputs: ``g ~ 1``, ``lam ~ e^-0.8`` at init) and for
-  ``W_k``/``W_v`` ``N(0, init_std^2)`` like the transformer projections.
-
-Values, as in v1 (the official Library's two-tap extractor, one shared implementation:
-:func:`mmjax.layers.memory.value_extractor`): ``u_t = W_v x_t``,
-``v_t = normalize((1 - c_h) u_{t+1} + c_h u_t) * exp(10 * value_beta_h)``, ``u_T = 0``,
-``c_h ~ U(0, 1)``, ``value_beta_h = -0.05`` at init.
-
-Adaptive bandwidth, per memory and head::
-
-    beta_t = beta1 * n_t^alpha + beta0,  n_t = |visible pairs at t| (mmjax.ops.visible_count)
-
-parametrised as ``beta0 = softplus(p0) >= 0``, ``beta1 = softplus(p1) + 1e-6 > 0``,
-``alpha = 1e-4 + (1 - 2e-4) sigmoid(pa) in (0, 1)`` (the floors keep the bounds strict in
-fp32, where ``sigmoid`` rounds to 1 and ``softplus`` underflows to 0 for large inputs);
-``n_t^alpha`` is taken as 0 where ``n_t = 0`` (an empty row returns 0 anyway) with a
-gradient-safe log. It is a ``[q_time, heads]`` array passed to ``retrieve`` as
-``bandwidth``; the keys are unit vectors, so ``beta_t`` is the whole scale.
-
-* CHOICE (init): ``beta0 = 1``, ``beta1 = 1``, ``alpha = 0.25`` (``beta ~ 5`` at ``n = 256``,
-  ``~9`` at 4096, ``~14`` at 32768); kernel density theory gives ``alpha = 2 / (d + 4)`` for
-  an intrinsic dimension ``d``, hence a small value.
-
-Three tiers per layer:
-
-* short-term memory: ``H`` heads, window ``h`` (default 256): pairs ``t-h <= i <= t-1``;
-* long-term memory: ``H`` heads, skip ``m``: pairs ``i <= t-1-m``. During training ``m`` is
-  drawn uniformly from ``[64, 256]`` (both ends included, CHOICE) once per forward pass and
-  shared by all layers (CHOICE), as a traced scalar so no recompilation; ``m = 64`` at
-  inference. The two tiers see overlapping pairs whenever ``m < h`` (pairs
-  ``t-h .. t-1-m``), i.e. always for the default ranges except ``m = 256``;
-* the ``2 H`` head outputs are concatenated and fused by ``W_o`` (``2 H * K -> D``);
-* persistent memory: a SwiGLU FFN (:class:`mmjax.layers.mlp.SwiGLU`).
-
-* CHOICE: head dimension ``K = D / H`` for keys and values of both tiers; dropout on the
-  concatenated head outputs before ``W_o`` (paper App. C: "attention heads output (before
-  combining layer)"), none on retrieval probabilities (fused in ``retrieve``).
-* No position encoding anywhere: nothing depends on the absolute position but ``n_t``, so a
-  model trained at ``T`` runs unchanged at any length.
-
+The equations and every choice the paper leaves open (gate cap, bandwidth parametrisation
+and init, inits, skip schedule, dropout): ``docs/architecture.md``, sections 5 and 6.
 Logical axis names: ``embed``, ``heads``, ``head_dim``.
 """
 

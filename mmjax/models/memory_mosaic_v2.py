@@ -5,20 +5,11 @@ Each of the ``num_layers`` blocks is pre-norm residual::
     x += ThreeTierMemory(RMSNorm(x))   # short-term (window h) + long-term (skip m) memories, W_o
     x += SwiGLU(RMSNorm(x))            # persistent memory
 
-then a final RMSNorm and the output head. Parameter names are those of every model
-(:mod:`mmjax.layers.common`): ``embedding``, ``block_i/{norm_1, mixer, norm_2, ffn}``,
-``final_norm``. The layers and every choice made where the paper is silent are documented in
-:mod:`mmjax.layers.memory_v2`. Model-level choices (CHOICE):
-
-* RMSNorm (eps ``1e-5``) for the block and final norms, untied embeddings, no biases, init
-  ``N(0, 0.02)`` with ``W_o`` and the SwiGLU down-projection at ``0.02 / sqrt(2 L)``: the
-  LLaMA baseline's conventions (the paper transfers the LLaMA-3-8B architecture).
-* No position encoding.
-* The long-term skip ``m`` is one per forward pass, shared by all layers: explicit
-  ``long_term_skip=`` (int or traced scalar), else drawn ``U{64..256}`` from the ``"skip"``
-  rng when ``deterministic=False``, else ``inference_long_term_skip`` (64).
-* ``long_term=False`` is the paper's "without long-term memory" variant (``W_o`` then fuses
-  ``H`` heads).
+then a final RMSNorm and the output head, with the parameter names of every model
+(:mod:`mmjax.layers.common`). The long-term skip ``m`` is one per forward pass: explicit
+``long_term_skip=``, else drawn from the ``"skip"`` rng when ``deterministic=False``, else
+``inference_long_term_skip``. ``long_term=False`` is the paper's "without long-term memory"
+variant. The choices where the paper is silent: ``docs/architecture.md``, section 6.
 """
 
 from __future__ import annotations

@@ -1,27 +1,17 @@
 """Transformer baselines sharing mmjax's building blocks.
 
 * ``"gpt2"``: the Library's GPT (``docs/official_code.md``): learned positions, pre-LayerNorm,
-  tanh-approx GELU MLP of width ``4 D``, causal attention scaled by ``1/sqrt(head_dim)``,
-  tied ``wte``/``lm_head``, init ``N(0, 0.02)`` with the output projections (``c_proj``) at
-  ``0.02 / sqrt(2 L)``, no biases by default. Dropout on the embeddings, after both
-  ``c_proj`` and, in place of attention-probability dropout (which the fused retrieval
-  cannot apply), on the per-head attention outputs before ``c_proj``.
+  tanh-approx GELU MLP of width ``4 D``, tied ``wte``/``lm_head``, no biases by default.
 * ``"llama"``: a LLaMA-style transformer: RoPE (base ``rope_theta``), RMSNorm, SwiGLU, full
-  multi-head attention (no grouped keys/values: "Memory Mosaics at Scale" compares against
-  full multi-head attention), untied embeddings, no biases, init ``N(0, 0.02)`` with the
-  output projections at ``0.02 / sqrt(2 L)``.
-* ``"llama_short_long"``: the paper's ablation "transformer with separate short- and
-  long-term attention": each layer has ``H`` short-term heads (window ``h`` tokens including
-  the current one) and ``H`` long-term heads that ignore the ``m`` most recent tokens, their
-  outputs concatenated and fused by ``W_o`` (``2 H * K -> D``), exactly the v2 three-tier
-  layout with attention in place of the associative memories. Both use RoPE (it is a
-  transformer); ``m`` follows the v2 schedule (drawn per training step, 64 at inference).
+  multi-head attention, untied embeddings, no biases.
+* ``"llama_short_long"``: the v2 paper's ablation, the three-tier layout with ``H``
+  short-term and ``H`` long-term attention heads in place of the memories.
 
 Every model is called as ``model.apply({"params": p}, input_ids, deterministic=True)`` and
-returns fp32 logits ``[B, T, N]``. Parameter names are those of every model
-(:mod:`mmjax.layers.common`): ``embedding/wte``, ``embedding/lm_head`` (absent when tied),
-``wpe`` (GPT2's positions), ``block_i`` with ``norm_1``, ``mixer`` (attention), ``norm_2``,
-``ffn``; ``final_norm``. :mod:`mmjax.flops` relies on these names.
+returns fp32 logits ``[B, T, N]``, with the parameter names of every model
+(:mod:`mmjax.layers.common`; ``wpe`` is GPT2's positions), on which :mod:`mmjax.flops`
+relies. Inits, dropout placement and the ablation's details: ``docs/architecture.md``,
+section 6.
 """
 
 from __future__ import annotations

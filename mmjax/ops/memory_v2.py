@@ -1,8 +1,8 @@
 """The v2 ("Memory Mosaics at Scale") math as pure functions: bandwidth, tiers, skip schedule.
 
 * Adaptive bandwidth per head, ``beta_t = beta1 * n_t^alpha + beta0`` with ``n_t`` the number
-  of pairs visible at ``t`` (:func:`mmjax.ops.visible_count`), under the constraints
-  ``beta0 >= 0``, ``beta1 > 0``, ``0 < alpha < 1`` enforced by :func:`bandwidth_parameters`.
+  of pairs visible at ``t`` (:func:`adaptive_bandwidth`; its parametrisation and init are
+  explained in ``docs/architecture.md``, section 6).
 * Tier masks: the short-term memory sees a window of ``h`` pairs, the long-term memory every
   pair but the ``m`` most recent (:func:`tier_masks`).
 * The long-term skip schedule: ``m ~ U{low..high}`` per training step, a fixed ``m`` at
@@ -23,18 +23,14 @@ from mmjax.ops.retrieval import MaskSpec, visible_count
 
 Array = jax.Array
 
-# Floors that keep the constraints strict in floating point (sigmoid saturates to exactly 0
-# or 1 in fp32 past |x| ~ 17, softplus underflows to 0 past x ~ -104).
+# The floors of alpha and beta1 (why: docs/architecture.md, section 6).
 ALPHA_MARGIN = 1e-4
 BETA1_FLOOR = 1e-6
 
 
 def bandwidth_parameters(p0_H: Array, p1_H: Array, pa_H: Array) -> tuple[Array, Array, Array]:
-    """Unconstrained ``(p0, p1, pa)`` -> ``(beta0 >= 0, beta1 > 0, 0 < alpha < 1)``.
-
-    ``beta0 = softplus(p0)``, ``beta1 = softplus(p1) + 1e-6``,
-    ``alpha = 1e-4 + (1 - 2e-4) sigmoid(pa)``: the bounds hold for any finite input, in fp32.
-    """
+    """Unconstrained ``(p0, p1, pa)`` -> ``(beta0 >= 0, beta1 > 0, 0 < alpha < 1)``, for any
+    finite input in fp32 (the mapping: ``docs/architecture.md``, section 6)."""
     alpha_H = ALPHA_MARGIN + (1.0 - 2.0 * ALPHA_MARGIN) * jax.nn.sigmoid(pa_H)
     return jax.nn.softplus(p0_H), jax.nn.softplus(p1_H) + BETA1_FLOOR, alpha_H
 

@@ -1,26 +1,11 @@
 """Workdir files on a local path or a ``gs://BUCKET/PATH`` URL: the one place that knows both.
 
-Local paths go through ``pathlib``/``os``; ``gs://`` URLs through ``etils.epath`` paths (what
-orbax uses) and ``gcsfs``, the file system ``epath`` uses for ``gs://`` when TensorFlow is
-absent. Orbax writes a checkpoint's arrays with tensorstore's ``gcs`` driver and commits a
-``gs://`` step with a ``commit_success.txt`` file instead of a rename, so no operation here
-needs a directory rename on a bucket.
-
-A bucket has no directories and no exclusive file creation: :func:`create_exclusive` uploads
-with the precondition ``ifGenerationMatch=0`` (the upload fails when the object exists), and
-:func:`move_tree` copies then deletes. Writes of one object are atomic on GCS (a reader sees the
-old or the new object); local writes go through a temporary file and ``os.replace``.
-
-The emulator: the storage client libraries (gcsfs; google-cloud-storage, which orbax uses to
-ask whether a bucket is hierarchical) send their requests to ``STORAGE_EMULATOR_HOST`` when it
-is set; tensorstore reads its own variable, ``TENSORSTORE_GCS_HTTP_URL``. Importing this module
-therefore copies ``STORAGE_EMULATOR_HOST`` into ``TENSORSTORE_GCS_HTTP_URL`` unless that is set
-(adding ``http://`` to both when it names no scheme, as google-cloud-storage needs), and turns
-off gcsfs's zonal/hierarchical bucket detection (``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false``:
-it asks a control-plane API that emulators lack and warns at every call). Without
-``STORAGE_EMULATOR_HOST`` (a real pod) nothing changes. With an emulator no credentials are
-needed: the libraries fall back to anonymous requests (tensorstore logs once that it found no
-credentials file).
+Local paths go through ``pathlib``/``os`` (writes through a temporary file and
+``os.replace``); ``gs://`` URLs through ``etils.epath`` and ``gcsfs``. A bucket has no
+directories and no exclusive creation: :func:`create_exclusive` uploads with
+``ifGenerationMatch=0``, :func:`move_tree` copies then deletes. Importing this module points
+tensorstore at a GCS emulator when ``STORAGE_EMULATOR_HOST`` is set, and changes nothing
+otherwise. Why each of these: ``docs/architecture.md``, section 8.
 """
 
 from __future__ import annotations
