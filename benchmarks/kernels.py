@@ -27,8 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax import kernels
-from mmjax.ops import retrieval
-from mmjax.ops.retrieval import MaskSpec
+from mmjax.ops import MaskSpec, retrieve_reference, visible_count
 
 MASKS = {"causal": MaskSpec(), "window256": MaskSpec(window=256), "skip64": MaskSpec(skip=64)}
 # Dense bf16 peak per chip (TFLOP/s), from the vendors' data sheets.
@@ -46,7 +45,7 @@ def peak_tflops(device_kind: str) -> float | None:
 
 def visible_pairs(t: int, mask: MaskSpec) -> int:
     """Number of (query, key) pairs the mask lets through, queries = keys = 0..t-1."""
-    counts = retrieval.visible_count(jnp.arange(t), mask.window, mask.skip)
+    counts = visible_count(jnp.arange(t), mask.window, mask.skip)
     return int(np.sum(np.asarray(counts), dtype=np.int64))
 
 
@@ -76,7 +75,7 @@ def interpret_rows(t: int = 150, heads: int = 2, dim: int = 32,
             loss = lambda k, v, beta: jnp.sum(fn(k, v, beta) * dy)
             return (fn(k, v, beta), *jax.grad(loss, argnums=(0, 1, 2))(k, v, beta))
 
-        ref = grads(lambda k, v, b, m=mask: retrieval.retrieve_reference(k, k, v, b, m,
+        ref = grads(lambda k, v, b, m=mask: retrieve_reference(k, k, v, b, m,
                                                                          jnp.int32(0)))
         for platform in ("tpu", "gpu"):
             got = grads(lambda k, v, b, p=platform, m=mask: kernels.retrieve_pallas(

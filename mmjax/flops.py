@@ -1,6 +1,6 @@
 """Parameter count and forward FLOPs per token of any model config, from its parameter shapes.
 
-    python -m mmjax.flops --config configs/mmv2_large.py[:preset]
+    python -m mmjax.flops --config configs/mmv2.py[:presets]
 
 The model is built from ``config.model`` and its parameters are shaped with
 ``jax.eval_shape(model.init, ...)`` (no memory is allocated, so the 10B configs count on a
@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax.models import build_model
-from mmjax.ops.retrieval import visible_count
+from mmjax.ops.masks import visible_count
 
 # The labels of the block parts, by role; transformers override them (``flops_labels``).
 MEMORY_LABELS = {"mixer": "memories", "ffn": "persistent memory"}
@@ -206,19 +206,19 @@ def format_comparison(c: Count, base: Count) -> str:
 
 
 def main(argv=None) -> None:
-    """CLI: ``python -m mmjax.flops --config FILE[:preset] [--baseline FILE[:preset]]``.
+    """CLI: ``python -m mmjax.flops --config SPEC [--baseline SPEC]`` (specs as
+    :func:`mmjax.config.load` reads them).
 
     ``--baseline`` adds the per-group difference to a second config before the final line.
     """
     from absl import app, flags
-    from ml_collections import config_flags
+
+    from mmjax.config import define_flag
 
     if not os.environ.get("JAX_PLATFORMS"):  # shapes only: never wake an accelerator
         jax.config.update("jax_platforms", "cpu")
-    config = config_flags.DEFINE_config_file("config", None, "config file[:preset]",
-                                             lock_config=True)
-    baseline = config_flags.DEFINE_config_file("baseline", None,
-                                               "optional config file[:preset] to compare with")
+    config = define_flag("config", None)
+    baseline = define_flag("baseline", None, "optional config FILE.py[:presets] to compare with")
     flags.mark_flag_as_required("config")
 
     def run(_):

@@ -12,8 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax import kernels
-from mmjax.ops import retrieval
-from mmjax.ops.retrieval import retrieve_reference
+from mmjax.ops import retrieval, retrieve_reference
 
 TOL = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.bfloat16): 2e-2}
 NAMES = ("y", "dq", "dk", "dv", "dbeta")

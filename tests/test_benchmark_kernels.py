@@ -6,7 +6,7 @@ import pathlib
 import jax.numpy as jnp
 import pytest
 
-from mmjax.ops.retrieval import MaskSpec
+from mmjax.ops import MaskSpec
 
 PATH = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "kernels.py"
 spec = importlib.util.spec_from_file_location("benchmark_kernels", PATH)

@@ -15,12 +15,11 @@ import pytest
 from jax import export
 from jax.experimental.pallas import tpu as pltpu
 from kernel_cases import assert_close, check, inputs, value_and_grads
-from mmjax.kernels import common
-from mmjax.kernels.common import BlockSizes
 
 from mmjax import kernels
-from mmjax.ops import retrieval
-from mmjax.ops.retrieval import MaskSpec, retrieve, retrieve_reference
+from mmjax.kernels import common
+from mmjax.kernels.common import BlockSizes
+from mmjax.ops import MaskSpec, masks, retrieval, retrieve, retrieve_reference
 
 GPU_SMALL = BlockSizes(16, 32, 32, 16, 16, 32)
 TPU_SMALL = BlockSizes(128, 128, 128, 128, 128, 128)
@@ -188,7 +187,7 @@ def test_kv_steps_bound_covers_every_tile_range():
                     mask = MaskSpec(window=window, skip=skip)
                     bound = common.kv_steps_bound(window, bq, bk, 1000)
                     for q_start in range(0, 64, bq):
-                        lo, hi = retrieval.kv_tile_range(q_start, q_start + bq, 80, bk, mask,
+                        lo, hi = masks.kv_tile_range(q_start, q_start + bq, 80, bk, mask,
                                                          jnp.int32(offset))
                         assert int(hi) - int(lo) + 1 <= bound
 
@@ -269,7 +268,7 @@ def test_auto_follows_the_devices_of_the_current_mesh():
     device = jax.sharding.AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu")
     mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
     with jax.sharding.use_abstract_mesh(mesh):
-        assert retrieval.target_platform() == "tpu"
+        assert masks.target_platform() == "tpu"
         assert retrieval.default_impl() == "pallas_tpu"
     assert retrieval.default_impl() == "xla"
 

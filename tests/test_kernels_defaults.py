@@ -11,10 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from kernel_cases import check
+
 from mmjax.kernels import common
 from mmjax.kernels.common import DEFAULT_BLOCK_SIZES, BlockSizes
-
-from mmjax.ops.retrieval import MaskSpec
+from mmjax.ops import MaskSpec
 
 GENERATIONS = ("v4", "v5e", "v5p", "gpu")
 LENGTHS = (1, 129, 257, 300, 513, 1031)

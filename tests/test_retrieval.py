@@ -8,13 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmjax.ops import MaskSpec, retrieve, visible_count
-from mmjax.ops.retrieval import (
-    kv_tile_range,
-    q_tile_range,
-    retrieve_blocked,
-    retrieve_reference,
-)
+from mmjax.ops import MaskSpec, retrieve, retrieve_blocked, retrieve_reference, visible_count
+from mmjax.ops.masks import kv_tile_range, q_tile_range
 
 
 def numpy_retrieve(q, k, v, beta_qh, window, skip, offset):

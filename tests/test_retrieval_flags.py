@@ -80,16 +80,16 @@ def test_every_key_visible_uses_tall_query_tiles(monkeypatch):
     """By default the all-visible layout runs ALL_VISIBLE_BLOCK_Q queries per tile (fewer,
     larger matmuls), the masked layouts DEFAULT_BLOCK_Q; results equal the reference,
     including a last query tile that is mostly padding."""
-    from mmjax.ops import retrieval
+    from mmjax.ops import blocked
 
     seen = []
-    blocked = retrieval.retrieve_blocked
-    monkeypatch.setattr(retrieval, "retrieve_blocked",
-                        lambda *a, **kw: seen.append(kw["block_q"]) or blocked(*a, **kw))
-    q, k, v = _inputs(tq=retrieval.ALL_VISIBLE_BLOCK_Q + 37, tk=20, b=1, h=2)
+    original = blocked.retrieve_blocked
+    monkeypatch.setattr(blocked, "retrieve_blocked",
+                        lambda *a, **kw: seen.append(kw["block_q"]) or original(*a, **kw))
+    q, k, v = _inputs(tq=blocked.ALL_VISIBLE_BLOCK_Q + 37, tk=20, b=1, h=2)
     for offset in (20, 0):
         got = retrieve(k, v, queries=q, mask=MaskSpec(), query_offset=offset, impl="xla")
         want = retrieve(k, v, queries=q, mask=MaskSpec(), query_offset=offset,
                         impl="reference")
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    assert seen == [retrieval.ALL_VISIBLE_BLOCK_Q, retrieval.DEFAULT_BLOCK_Q]
+    assert seen == [blocked.ALL_VISIBLE_BLOCK_Q, blocked.DEFAULT_BLOCK_Q]

@@ -12,9 +12,9 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-from mmjax.kernels.common import DEFAULT_BLOCK_SIZES, BlockSizes, check_inputs, tpu_generation
 
-from mmjax.ops.retrieval import MaskSpec, target_platform
+from mmjax.kernels.common import DEFAULT_BLOCK_SIZES, BlockSizes, check_inputs, tpu_generation
+from mmjax.ops.masks import MaskSpec, target_platform
 
 __all__ = ["BlockSizes", "DEFAULT_BLOCK_SIZES", "retrieve_pallas", "supports", "tpu_generation"]
 
@@ -48,7 +48,7 @@ def retrieve_pallas(
 ) -> jax.Array:
     """Masked retrieval with the Pallas kernel of ``platform`` ("tpu" or "gpu").
 
-    Same contract as :func:`mmjax.ops.retrieval.retrieve_reference` (fp32 ``beta_QxH``,
+    Same contract as :func:`mmjax.ops.dense.retrieve_reference` (fp32 ``beta_QxH``,
     traced ``mask`` scalars and ``query_offset`` allowed), differentiable in queries, keys,
     values and bandwidth.
 
@@ -56,7 +56,7 @@ def retrieve_pallas(
       block_sizes: tiles; default: :meth:`BlockSizes.for_platform` (per TPU generation).
       interpret: ``True``/``False``, or a ``pltpu.InterpretParams()`` for the TPU kernel;
         default: interpret mode unless the target platform
-        (:func:`mmjax.ops.retrieval.target_platform`: the current mesh's devices, else JAX's
+        (:func:`mmjax.ops.masks.target_platform`: the current mesh's devices, else JAX's
         default backend) is ``platform`` itself.
     """
     if platform not in PLATFORMS:

@@ -7,7 +7,7 @@
 * :func:`kv_steps_bound`: how many kv tiles one query tile can see at most, when the window
   is known at trace time (it sizes the TPU grid; the GPU kernel loops over the exact range).
 
-The mask-to-tile-range arithmetic itself lives in :mod:`mmjax.ops.retrieval`
+The mask-to-tile-range arithmetic itself lives in :mod:`mmjax.ops.masks`
 (``kv_tile_range``/``q_tile_range``) and is shared with the blocked XLA path.
 """
 
@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmjax.ops.retrieval import NO_WINDOW, MaskSpec
+from mmjax.ops.masks import NO_WINDOW, MaskSpec
 
 # Largest position the int32 tile arithmetic handles without overflow (window + time).
 MAX_POSITION = 1 << 29
@@ -223,7 +223,7 @@ def tile_visible(q_pos, k_pos, mask: MaskSpec, q_end, k_time):
     ``[Q, 1]`` and ``[1, C]``, or the transposed pair); ``q_end`` is one past the last real
     query position.
     """
-    # Same rule as mmjax.ops.retrieval.visible_mask, for 2-D broadcastable positions.
+    # Same rule as mmjax.ops.masks.visible_mask, for 2-D broadcastable positions.
     visible = (k_pos <= q_pos - 1 - mask.skip_scalar()) & (k_pos >= q_pos - mask.window_scalar())
     return visible & (k_pos < k_time) & (q_pos < q_end)
 

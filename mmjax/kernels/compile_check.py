@@ -33,9 +33,9 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from mmjax.kernels.common import DEFAULT_BLOCK_SIZES, BlockSizes
 
-from mmjax.ops.retrieval import MaskSpec
+from mmjax.kernels.common import DEFAULT_BLOCK_SIZES, BlockSizes
+from mmjax.ops.masks import MaskSpec
 
 GENERATIONS = ("v4", "v5e", "v5p")
 # The smallest slice of each generation that jax.experimental.topologies names.

@@ -26,9 +26,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-from mmjax.kernels import common
 
-from mmjax.ops.retrieval import MaskSpec, kv_tile_range, q_tile_range
+from mmjax.kernels import common
+from mmjax.ops.masks import MaskSpec, kv_tile_range, q_tile_range
 
 Array = jax.Array
 NEG = -1e30  # finite "minus infinity": hidden scores never turn into NaN

@@ -6,6 +6,8 @@ weight matmul and ``lm_head_loss`` the language-model loss. Importing this packa
 does not import Flax.
 """
 
+from mmjax.ops.blocked import retrieve_blocked
+from mmjax.ops.dense import fold_heads, retrieval_weights, retrieve_dense, retrieve_reference
 from mmjax.ops.features import (
     EXP_PARAM_SCALE,
     extract_values,
@@ -23,6 +25,7 @@ from mmjax.ops.features import (
 )
 from mmjax.ops.linear import project
 from mmjax.ops.loss import cross_entropy, lm_head_loss
+from mmjax.ops.masks import MaskSpec, target_platform, visible_count
 from mmjax.ops.memory_v2 import (
     adaptive_bandwidth,
     bandwidth_parameters,
@@ -32,19 +35,7 @@ from mmjax.ops.memory_v2 import (
     tier_masks,
     validate_skip_schedule,
 )
-from mmjax.ops.retrieval import (
-    MaskSpec,
-    RetrievalSharding,
-    default_impl,
-    fold_heads,
-    retrieval_weights,
-    retrieve,
-    retrieve_blocked,
-    retrieve_dense,
-    retrieve_reference,
-    target_platform,
-    visible_count,
-)
+from mmjax.ops.retrieval import RetrievalSharding, default_impl, retrieve
 
 __all__ = [
     "EXP_PARAM_SCALE",

@@ -19,7 +19,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from mmjax.ops.retrieval import MaskSpec, visible_count
+from mmjax.ops.masks import MaskSpec, visible_count
 
 Array = jax.Array
 
