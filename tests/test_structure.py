@@ -1,10 +1,13 @@
-"""The package's shape: imports run one way, ops never need Flax, blocks take keywords.
+"""The package's shape: imports run one way with no cycle, ops never need Flax, blocks take
+keywords.
 
 Layers of the package, lowest first (``docs/architecture.md``)::
 
-    ops, kernels  <-  layers  <-  models  <-  train, moons, flops, convert, data  <-  generate
+    cli, ops, kernels  <-  layers  <-  models  <-  train, data, config, moons, flops, convert,
+    aot  <-  generate  <-  eval
 
-A module may import from its own layer and from the layers below, never from a layer above.
+A module may import from its own layer and from the layers below, never from a layer above;
+no chain of imports (lazy ones inside functions included) leads back to where it started.
 """
 
 import ast
@@ -18,10 +21,11 @@ import pytest
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGE = REPO_ROOT / "mmjax"
 
-# Rank of each subpackage (or top-level module) of mmjax; kernels/ is installed as
-# mmjax.kernels and sits with ops (retrieve dispatches to it, it reuses the mask arithmetic).
-RANKS = {"ops": 0, "kernels": 0, "layers": 1, "models": 2, "train": 3, "moons": 3,
-         "flops": 3, "convert": 3, "data": 3, "generate": 4, "eval": 5}
+# Rank of each subpackage (or top-level module) of mmjax. kernels sit with ops (retrieve
+# dispatches to them; they import the mask arithmetic of ops.masks); cli imports nothing.
+RANKS = {"cli": 0, "ops": 0, "kernels": 0, "layers": 1, "models": 2, "train": 3, "data": 3,
+         "config": 3, "moons": 3, "flops": 3, "convert": 3, "aot": 3, "generate": 4,
+         "eval": 5}
 
 
 def _part_of(module: str) -> str | None:
@@ -56,6 +60,73 @@ def test_imports_run_one_way():
             if other in RANKS and RANKS[other] > RANKS[own]:
                 wrong.append(f"{path.relative_to(REPO_ROOT)} ({own}) imports {target} ({other})")
     assert not wrong, "imports against the layering:\n" + "\n".join(sorted(set(wrong)))
+
+
+def test_every_part_of_the_package_has_a_rank():
+    parts = {p.stem for p in PACKAGE.iterdir()
+             if (p.suffix == ".py" and p.stem != "__init__") or (p / "__init__.py").exists()}
+    assert parts - set(RANKS) == set(), "rank these in RANKS and docs/architecture.md"
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """mmjax module -> the mmjax modules it imports (lazy imports included; a package's
+    ``__init__`` counts as the package's module; the root ``mmjax`` is left out).
+
+    ``from mmjax.data import store`` names the module ``mmjax.data.store``;
+    ``from mmjax.data import TextBatches`` names ``mmjax.data`` (its ``__init__``)."""
+    files = dict((module.removesuffix(".__init__"), path) for path, module in _source_files())
+    graph = {}
+    for module, path in files.items():
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in files
+                         else node.module for alias in node.names]
+            else:
+                continue
+            for target in names:
+                while target and target not in files:
+                    target = target.rpartition(".")[0]
+                if target and target not in ("mmjax", module):
+                    targets.add(target)
+        graph[module] = targets
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One cycle through each strongly connected part of ``graph`` with more than one node."""
+    found, done = [], set()
+    for start in sorted(graph):
+        stack, path, on_path = [(start, iter(sorted(graph[start])))], [start], {start}
+        while stack:
+            node, children = stack[-1]
+            child = next(children, None)
+            if child is None:
+                stack.pop()
+                on_path.discard(path.pop())
+                done.add(node)
+            elif child in on_path:
+                found.append(path[path.index(child):] + [child])
+                done.update(path)
+                stack.clear()
+            elif child not in done and child in graph:
+                stack.append((child, iter(sorted(graph[child]))))
+                path.append(child)
+                on_path.add(child)
+    return found
+
+
+def test_no_import_cycles():
+    cycles = _cycles(_module_graph())
+    assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_the_cycle_finder_sees_a_cycle():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert _cycles(graph) == [["a", "b", "c", "a"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
 
 
 def test_models_share_layers_not_each_other():
