@@ -182,7 +182,7 @@ def test_cli_bad_input_is_one_clear_line_and_writes_nothing(corpus, tmp_path, ca
                        "--output", str(tmp_path / "store"), "--workers", str(workers),
                        "--no_progress"])
     err = capsys.readouterr().err.strip()
-    assert rc == 2 and err.startswith("error: ") and "\n" not in err, err
+    assert rc == 1 and err.startswith("error: ") and "\n" not in err, err
     assert re.search(message, err), err
     assert not (tmp_path / "store").exists() and not list(tmp_path.glob(".store.*"))
 

@@ -27,7 +27,6 @@ nothing changed. Inputs never include ``--output``, its partial siblings or the 
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import datetime
 import json
@@ -44,6 +43,7 @@ from collections.abc import Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from mmjax import cli
 from mmjax.data import store as store_lib
 from mmjax.data import text as text_lib
 from mmjax.data.text import DataError
@@ -100,14 +100,18 @@ def fingerprint(files: Sequence[pathlib.Path], tokenizer: Tokenizer, *, eot_id: 
     }
 
 
+def check_val_fraction(val_fraction: float) -> None:
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+
+
 def prepare(inputs: str | Sequence[str], tokenizer: str | os.PathLike | Tokenizer,
             output: str | os.PathLike, *, workers: int = 1, val_fraction: float = 0.01,
             seed: int = 0, text_key: str = "text", eot_id: int | None = None,
             chunk_mb: float = 16.0, overwrite: bool = False, progress: bool = True) -> dict:
     """Build (or find up to date) the store at ``output``; returns its manifest."""
     started = time.perf_counter()
-    if not 0.0 <= val_fraction < 1.0:
-        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    check_val_fraction(val_fraction)
     output = pathlib.Path(output).absolute()
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.load(tokenizer)
     exclude = [output, *output.parent.glob(f".{output.name}.*")]
@@ -296,9 +300,12 @@ def _fsync_dir(path: pathlib.Path) -> None:
         os.close(fd)
 
 
+@cli.command
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mmjax.data.prepare",
-                                     description=__doc__.split("\n\n")[0])
+    """``python -m mmjax.data.prepare``: exit status 0, 1 for bad input (one line naming the
+    problem; nothing is published), 2 for bad flags."""
+    parser = cli.ArgumentParser(prog="python -m mmjax.data.prepare",
+                                description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", required=True, help="glob pattern(s), comma-separated")
     parser.add_argument("--tokenizer", required=True, help="a sentencepiece .model file")
     parser.add_argument("--output", required=True, help="the store directory to create")
@@ -314,6 +321,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="replace a store prepared from other inputs")
     parser.add_argument("--no_progress", action="store_true")
     args = parser.parse_args(argv)
+    try:
+        check_val_fraction(args.val_fraction)
+    except DataError as e:
+        parser.error(str(e))
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     log.addHandler(handler)
@@ -325,9 +336,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                            val_fraction=args.val_fraction, seed=args.seed,
                            text_key=args.text_key, eot_id=args.eot_id, chunk_mb=args.chunk_mb,
                            overwrite=args.overwrite, progress=not args.no_progress)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     finally:
         log.removeHandler(handler)
         log.setLevel(level)

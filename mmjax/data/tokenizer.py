@@ -16,7 +16,6 @@ index wrap in the embedding.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import os
@@ -27,6 +26,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 import sentencepiece as spm
 
+from mmjax import cli
 from mmjax.data import text as text_lib
 from mmjax.data.store import check_vocab_size  # noqa: F401  (re-exported)
 from mmjax.data.text import DataError
@@ -104,6 +104,20 @@ class Tokenizer:
         return [self.processor.decode([int(i) for i in row]) for row in ids]
 
 
+def check_options(vocab_size: int, model_type: str, byte_fallback: bool,
+                  special_ids: dict[str, int]) -> None:
+    """Raise a one-line ``ValueError`` for options :func:`train_tokenizer` cannot train with
+    (checked before reading any text)."""
+    if model_type not in ("bpe", "unigram"):
+        raise ValueError(f"model_type must be 'bpe' or 'unigram', got {model_type!r}")
+    unknown = set(special_ids) - set(SPECIAL_IDS)
+    if unknown:
+        raise ValueError(f"unknown special ids {sorted(unknown)}; valid: {sorted(SPECIAL_IDS)}")
+    if byte_fallback and vocab_size < 256 + 4 + 8:
+        raise ValueError(f"vocab_size={vocab_size} is too small for byte fallback (256 byte "
+                         f"pieces + special pieces); use at least 512")
+
+
 def train_tokenizer(documents: Iterable[str], output: str | os.PathLike | None = None, *,
                     vocab_size: int = 8192, model_type: str = "bpe",
                     byte_fallback: bool = True, character_coverage: float = 0.9995,
@@ -115,15 +129,8 @@ def train_tokenizer(documents: Iterable[str], output: str | os.PathLike | None =
     ``max_sentences`` of them (a uniform sample when there are more) are used.
     ``special_ids`` overrides ``unk_id``, ``bos_id``, ``eos_id``, ``pad_id`` (-1 disables one).
     """
-    if model_type not in ("bpe", "unigram"):
-        raise ValueError(f"model_type must be 'bpe' or 'unigram', got {model_type!r}")
-    unknown = set(special_ids) - set(SPECIAL_IDS)
-    if unknown:
-        raise ValueError(f"unknown special ids {sorted(unknown)}; valid: {sorted(SPECIAL_IDS)}")
+    check_options(vocab_size, model_type, byte_fallback, special_ids)
     ids = {**SPECIAL_IDS, **special_ids}
-    if byte_fallback and vocab_size < 256 + 4 + 8:
-        raise ValueError(f"vocab_size={vocab_size} is too small for byte fallback (256 byte "
-                         f"pieces + special pieces); use at least 512")
 
     def sentences() -> Iterator[str]:
         for doc in documents:
@@ -155,8 +162,11 @@ def train_tokenizer(documents: Iterable[str], output: str | os.PathLike | None =
     return tokenizer
 
 
+@cli.command
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    """``python -m mmjax.data.tokenizer``: exit status 0, 1 for bad input (one line), 2 for
+    bad flags (a vocabulary too small for byte fallback included)."""
+    parser = cli.ArgumentParser(
         prog="python -m mmjax.data.tokenizer",
         description="Train a sentencepiece tokenizer on text/JSONL files.")
     parser.add_argument("--input", required=True,
@@ -172,19 +182,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, value in SPECIAL_IDS.items():
         parser.add_argument(f"--{name}", type=int, default=value)
     args = parser.parse_args(argv)
+    special_ids = {k: getattr(args, k) for k in SPECIAL_IDS}
     try:
-        files = text_lib.expand_inputs(args.input, exclude=[args.output])
-        for f in files:  # fail on a bad file before the (long) training starts
-            text_lib.check_not_empty(f)
-        tok = train_tokenizer(
-            text_lib.iter_documents(files, text_key=args.text_key), args.output,
-            vocab_size=args.vocab_size, model_type=args.model_type,
-            byte_fallback=not args.no_byte_fallback,
-            character_coverage=args.character_coverage, max_sentences=args.max_sentences,
-            **{k: getattr(args, k) for k in SPECIAL_IDS})
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        check_options(args.vocab_size, args.model_type, not args.no_byte_fallback, special_ids)
+    except ValueError as e:
+        parser.error(str(e))
+    files = text_lib.expand_inputs(args.input, exclude=[args.output])
+    for f in files:  # fail on a bad file before the (long) training starts
+        text_lib.check_not_empty(f)
+    tok = train_tokenizer(
+        text_lib.iter_documents(files, text_key=args.text_key), args.output,
+        vocab_size=args.vocab_size, model_type=args.model_type,
+        byte_fallback=not args.no_byte_fallback,
+        character_coverage=args.character_coverage, max_sentences=args.max_sentences,
+        **special_ids)
     print(f"wrote {args.output}: {tok.vocab_size} pieces from {len(files)} file(s); "
           f"eos_id={tok.eos_id} pad_id={tok.pad_id}")
     return 0
