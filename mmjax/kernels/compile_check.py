@@ -13,7 +13,7 @@ three kernels found as ``tpu_custom_call``s in the compiled program, the scoped 
 uses (as the compiler allotted it), and the compile time. Cases that differ only in the mask
 are compiled as one program (each mask under its own ``named_scope``; about 2.5x faster than
 one program each), and alone when that program fails, so that each row names its own error.
-It exits 1 if any case fails.
+It exits 1 if any case fails (exit statuses: :mod:`mmjax.cli`).
 
 What this proves: Mosaic accepts the kernels (block shapes, layouts, VMEM within the scoped
 limit) for those generations and shapes. What it does not: numerics (``tests/`` checks those
@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmjax import cli
 from mmjax.kernels.common import DEFAULT_BLOCK_SIZES, BlockSizes
 from mmjax.ops.masks import MaskSpec
 
@@ -259,7 +260,7 @@ def _blocks(text: str) -> BlockSizes:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m mmjax.kernels.compile_check",
         description="Compile the TPU retrieval kernels (forward + backward) with the real "
                     "TPU compiler for each generation; exit 1 on any failure.")
@@ -281,12 +282,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+@cli.command
 def main(argv=None) -> int:
+    """Exit status (:mod:`mmjax.cli`): 0 when every case compiles, 1 when one fails or
+    libtpu is missing, 2 for bad flags."""
     args = parse_args(argv)
     if not libtpu_available():
-        print('libtpu is not installed: pip install -e ".[tpu]" (no TPU needed)',
-              file=sys.stderr)
-        return 2
+        raise cli.Error('libtpu is not installed: pip install -e ".[tpu]" (no TPU needed)')
     jax.config.update("jax_platforms", "cpu")  # never try to open a local TPU
     print(HEADER, flush=True)
     failures = total = 0
