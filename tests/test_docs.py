@@ -99,3 +99,14 @@ def test_number_pattern():
         "0.937", "123,588,336", "1.3e-6", "16"]
     assert heading_anchors("## TPU pods: compile and fit\n## A\n## A") == {
         "tpu-pods-compile-and-fit", "a", "a-1"}
+
+
+def test_the_default_run_deselects_the_slow_tests_and_the_readme_says_how_to_run_them():
+    import configparser
+    import shlex
+
+    config = configparser.ConfigParser()
+    config.read(REPO_ROOT / "setup.cfg")
+    addopts = shlex.split(config["tool:pytest"]["addopts"])
+    assert addopts[addopts.index("-m") + 1] == "not slow"
+    assert SLOW_COMMAND in code_lines(README.read_text())
