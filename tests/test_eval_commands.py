@@ -6,13 +6,13 @@ import json
 import numpy as np
 import pytest
 
+from mmjax.config import default_config
 from mmjax.eval.__main__ import main
-from mmjax.train import defaults
 from mmjax.train.loop import train_and_evaluate
 
 
 def _train(root, name, **model):
-    config = defaults.get_config()
+    config = default_config()
     config.model = dict(name=name, vocab_size=64, num_layers=1, num_heads=2, embed_dim=16,
                         **model)
     config.data.context_length = 32
@@ -101,28 +101,27 @@ def test_bad_input_is_one_line(workdirs, tmp_path, capsys):
 
 
 def test_needle_prompts_hold_their_facts_and_the_copy_oracle_scores_1():
-    from mmjax.eval import retrieval
+    from mmjax.eval import needles
 
     for facts in (1, 4):
-        tasks = retrieval.needle_tasks(0, vocab_size=64, context=100, facts=facts,
-                                       num_tasks=30)
-        key, val, query = retrieval.markers(64)
+        tasks = needles.needle_tasks(0, vocab_size=64, context=100, facts=facts, num_tasks=30)
+        key, val, query = needles.markers(64)
         for t in tasks:
             assert len(t.prompt) == 100 and len(t.answer) == 2
             assert t.prompt.count(key) == facts and t.prompt.count(query) == 1
             assert t.prompt[-1] == val and t.prompt[-4] == query
-        answers = [retrieval.copy_oracle(t.prompt, 64, 2) for t in tasks]
-        assert retrieval.exact_match(answers, tasks) == 1.0
-        assert retrieval.exact_match([[0, 0]] * len(tasks), tasks) < 0.2
+        answers = [needles.copy_oracle(t.prompt, 64, 2) for t in tasks]
+        assert needles.exact_match(answers, tasks) == 1.0
+        assert needles.exact_match([[0, 0]] * len(tasks), tasks) < 0.2
 
 
 def test_qa_files_are_checked_line_by_line(tmp_path):
-    from mmjax.eval import retrieval
+    from mmjax.eval import needles
 
     good = tmp_path / "good.jsonl"
     good.write_text(json.dumps({"context": "c", "question": "q", "answers": ["a"]}) + "\n\n"
                     + json.dumps({"context": "c", "question": "q", "answers": "b"}) + "\n")
-    assert [t["answers"] for t in retrieval.qa_tasks(good)] == [["a"], ["b"]]
+    assert [t["answers"] for t in needles.qa_tasks(good)] == [["a"], ["b"]]
     cases = [("{nope", "good.jsonl:1: not a JSON object"),
              (json.dumps({"context": "c", "answers": ["a"]}), "missing field(s) ['question']"),
              (json.dumps({"context": "c", "question": "q", "answers": []}), "non-empty"),
@@ -131,10 +130,10 @@ def test_qa_files_are_checked_line_by_line(tmp_path):
         bad = tmp_path / "good.jsonl"
         bad.write_text(text)
         with pytest.raises(ValueError) as info:
-            retrieval.qa_tasks(bad)
+            needles.qa_tasks(bad)
         assert message in str(info.value)
     with pytest.raises(FileNotFoundError, match="no such file"):
-        retrieval.qa_tasks(tmp_path / "missing.jsonl")
+        needles.qa_tasks(tmp_path / "missing.jsonl")
 
 
 def test_the_retrieval_command_scores_a_checkpoint(workdirs, tmp_path, capsys):

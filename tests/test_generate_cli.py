@@ -1,14 +1,17 @@
 """``python -m mmjax.generate``: a trained workdir (checkpoint, config, tokenizer) to text."""
 
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 
+from mmjax.config import default_config
 from mmjax.data import stories
 from mmjax.generate import Decoder, Sampling, generate
 from mmjax.generate.__main__ import main
 from mmjax.generate.workdir import load_workdir
-from mmjax.train import defaults
 from mmjax.train.loop import train_and_evaluate
 
 
@@ -17,7 +20,7 @@ def workdir(tmp_path_factory):
     """A 1-layer v1 model trained 2 steps on a story store, with its workdir."""
     root = tmp_path_factory.mktemp("generate")
     store_dir, tok = stories.make_story_store(root / "data", 300, seed=3)
-    config = defaults.get_config()
+    config = default_config()
     config.model.vocab_size = tok.vocab_size
     config.model.num_layers, config.model.embed_dim, config.model.pmem_size = 1, 32, 32
     config.data = dict(corpus="tokens", path=str(store_dir), context_length=32, batch_size=8)
@@ -90,6 +93,17 @@ def test_bad_input_is_one_line(workdir, tmp_path, capsys):
         assert code == 1 and message in err, (rest, err)
 
 
+def test_the_command_logs_no_warning(workdir):
+    """``python -m mmjax.generate`` on a trained workdir: stderr stays empty (Orbax warned
+    "Metadata file does not exist" through absl's logger on every run)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "mmjax.generate", "--workdir", str(workdir), "--prompt_ids",
+         "1 2", "--max_new_tokens", "2"], env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "WARNING" not in result.stderr and "absl" not in result.stderr, result.stderr
+
+
 def test_bad_flags_exit_2(workdir, capsys):
     for argv in (["--temperature", "-1"], ["--top_p", "2"], ["--max_new_tokens", "0"]):
         with pytest.raises(SystemExit) as info:
@@ -103,7 +117,7 @@ def test_question_answering_on_a_jsonl(workdir, tmp_path, capsys):
     import json
 
     from mmjax.eval.__main__ import main as eval_main
-    from mmjax.eval.retrieval import qa_match
+    from mmjax.eval.needles import qa_match
 
     qa = tmp_path / "qa.jsonl"
     qa.write_text("\n".join(json.dumps({"context": "Tom has a red ball.", "question": q,

@@ -1,7 +1,7 @@
 """``python -m mmjax.eval NAME [flags]``: the papers' in-context evaluations.
 
 * ``icll``: in-context language learning (the v1 paper's figure 9). Trains a 2-layer v1
-  Memory Mosaic and a 2-layer GPT2 (:func:`mmjax.eval.icll.icll_config`) on N
+  Memory Mosaic and a 2-layer GPT2 (``configs/icll.py``, a checkout's) on N
   random-automaton languages for each ``--languages`` and ``--seeds``, scores both and the
   in-context 2-/3-gram predictors on held-out languages, prints the table next to the
   paper's accuracies, and writes ``icll.json``::
@@ -34,8 +34,10 @@
 
       python -m mmjax.eval icl_classify --workdir /tmp/run --data reviews.jsonl --shots 0,2,8
 
-Exit status 0, 2 for bad flags, 1 with one line on stderr for other bad input (a workdir
-without a checkpoint, a context a model cannot take, a missing store).
+The ``retrieval`` evaluation lives in :mod:`mmjax.eval.needles`, ``attention`` in
+:mod:`mmjax.eval.attention_maps`. Exit status (:mod:`mmjax.cli`): 0, 2 for bad flags, 1 with
+one line on stderr for other bad input (a workdir without a checkpoint, a context a model
+cannot take, a missing store).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mmjax.generate.__main__ import ERRORS, one_line_error
+from mmjax import cli
 
 
 def _ints(text: str) -> list[int]:
@@ -58,7 +60,7 @@ def _ints(text: str) -> list[int]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m mmjax.eval", description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(prog="python -m mmjax.eval", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="name", required=True)
     icll = sub.add_parser("icll", help="in-context language learning (v1 figure 9)")
     icll.add_argument("--languages", type=_ints, default=[100, 1000, 2500],
@@ -113,11 +115,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         return args
     if args.name == "icll":
         args.models = [m for m in args.models.split(",") if m]
-        from mmjax.eval.pair import MODELS
+        from mmjax.config import PAIR_MODELS
 
         for m in args.models:
-            if m not in MODELS:
-                p.error(f"--models: unknown model {m!r}; choose from {MODELS}")
+            if m not in PAIR_MODELS:
+                p.error(f"--models: unknown model {m!r}; choose from {PAIR_MODELS}")
         for name in ("steps", "width", "context", "eval_languages"):
             if getattr(args, name) < 1:
                 p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -131,51 +133,49 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+@cli.command
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        if args.name == "icll":
-            from mmjax.eval import icll
+    if args.name == "icll":
+        from mmjax.eval import icll
 
-            rows = icll.run(languages=args.languages, seeds=args.seeds, steps=args.steps,
-                            models=args.models, width=args.width, context=args.context,
-                            eval_languages=args.eval_languages, output=args.output)
-            print(icll.format_table(rows), flush=True)
-            return 0
-        from mmjax.eval import positions
+        rows = icll.run(languages=args.languages, seeds=args.seeds, steps=args.steps,
+                        models=args.models, width=args.width, context=args.context,
+                        eval_languages=args.eval_languages, output=args.output)
+        print(icll.format_table(rows), flush=True)
+        return 0
+    from mmjax.eval import positions
 
-        if args.name == "retrieval":
-            return _retrieval(args)
-        if args.name == "icl_classify":
-            return _classify(args)
-        if args.name == "attention":
-            from mmjax.eval.attention import attention_maps
+    if args.name == "retrieval":
+        return _retrieval(args)
+    if args.name == "icl_classify":
+        return _classify(args)
+    if args.name == "attention":
+        from mmjax.eval.attention_maps import attention_maps
 
-            maps = attention_maps(args.workdir[0], factors=args.factors, store=args.data,
-                                  batches=args.batches, output=args.output)
-            for context, by_memory in maps.items():
-                for name, heads in by_memory.items():
-                    near = [sum(h[-len(h) // 8:]) for h in heads]
-                    print(f"context {context} {name}: weight on the last eighth per head "
-                          + " ".join(f"{x:.2f}" for x in near), flush=True)
-            print(f"wrote {args.output}/attention.png and .json", flush=True)
-            return 0
-        if args.name == "per_position":
-            curves = positions.per_position(args.workdir, store=args.data,
-                                            context=args.context, batches=args.batches,
-                                            output=args.output)
-        else:
-            curves = positions.extrapolate(args.workdir[0], factors=args.factors,
-                                           store=args.data, batches=args.batches,
-                                           output=args.output)
-        for label, curve in curves.items():
-            values = [v for v in curve if v is not None]
-            quarter = max(1, len(values) // 4)
-            print(f"{label}: loss first quarter {sum(values[:quarter]) / quarter:.4f}, "
-                  f"last quarter {sum(values[-quarter:]) / quarter:.4f}", flush=True)
-        print(f"wrote {args.output}/{args.name}.png and .json", flush=True)
-    except ERRORS as e:
-        return one_line_error(e)
+        maps = attention_maps(args.workdir[0], factors=args.factors, store=args.data,
+                              batches=args.batches, output=args.output)
+        for context, by_memory in maps.items():
+            for name, heads in by_memory.items():
+                near = [sum(h[-len(h) // 8:]) for h in heads]
+                print(f"context {context} {name}: weight on the last eighth per head "
+                      + " ".join(f"{x:.2f}" for x in near), flush=True)
+        print(f"wrote {args.output}/attention.png and .json", flush=True)
+        return 0
+    if args.name == "per_position":
+        curves = positions.per_position(args.workdir, store=args.data,
+                                        context=args.context, batches=args.batches,
+                                        output=args.output)
+    else:
+        curves = positions.extrapolate(args.workdir[0], factors=args.factors,
+                                       store=args.data, batches=args.batches,
+                                       output=args.output)
+    for label, curve in curves.items():
+        values = [v for v in curve if v is not None]
+        quarter = max(1, len(values) // 4)
+        print(f"{label}: loss first quarter {sum(values[:quarter]) / quarter:.4f}, "
+              f"last quarter {sum(values[-quarter:]) / quarter:.4f}", flush=True)
+    print(f"wrote {args.output}/{args.name}.png and .json", flush=True)
     return 0
 
 
@@ -207,14 +207,13 @@ def _retrieval(args) -> int:
     import json
     import pathlib
 
-    from mmjax.eval import retrieval
+    from mmjax.eval import needles
 
     if args.qa is not None:
-        rows = [retrieval.qa_accuracy(args.workdir, args.qa)]
+        rows = [needles.qa_accuracy(args.workdir, args.qa)]
     else:
-        rows = retrieval.needle_accuracy(args.workdir, contexts=args.contexts,
-                                         facts=args.facts, num_tasks=args.tasks,
-                                         seed=args.seed)
+        rows = needles.needle_accuracy(args.workdir, contexts=args.contexts,
+                                       facts=args.facts, num_tasks=args.tasks, seed=args.seed)
     print("| task | context | accuracy |\n|---|---|---|", flush=True)
     for row in rows:
         print(f"| {row['task']} | {row.get('context', '')} | {row['accuracy']:.3f} |",

@@ -11,37 +11,26 @@ Sampling: ``--temperature`` (0: greedy), ``--top_k``, ``--top_p``, ``--seed``; `
 ``--max_new_tokens`` or at the end-of-text id (the tokenizer's eos; ``--eos_id``). Text prompts
 start after an end-of-text token, as every training document does (``--no_eot_prefix``).
 
-Exit status 0, or 1 with one line on stderr for bad input (empty prompt, prompt longer than
-the cache, no checkpoint, no tokenizer for a text prompt, ids outside the vocabulary).
+Exit status (:mod:`mmjax.cli`): 0, 1 with one line on stderr for bad input (empty prompt,
+prompt longer than the cache, no checkpoint, no tokenizer for a text prompt, ids outside the
+vocabulary), 2 for bad flags.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import pathlib
 import sys
 
+from mmjax import cli
 from mmjax.generate.decoder import Decoder, beam_search, generate
 from mmjax.generate.sampling import Sampling
 from mmjax.generate.workdir import load_workdir
 
-# What a command reports in one line (exit status 1) rather than as a traceback.
-ERRORS = (ValueError, RuntimeError, FileNotFoundError)
-
-
-def one_line_error(error: Exception) -> int:
-    """Print ``error: ...`` on stderr and return exit status 1 (``MMJAX_TRACEBACK=1``
-    re-raises instead, with the traceback)."""
-    if os.environ.get("MMJAX_TRACEBACK"):
-        raise error
-    print(f"error: {error}", file=sys.stderr, flush=True)
-    return 1
-
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m mmjax.generate",
-                                description="Continue prompts with a trained mmjax model.")
+    p = cli.ArgumentParser(prog="python -m mmjax.generate",
+                           description="Continue prompts with a trained mmjax model.")
     p.add_argument("--workdir", required=True, help="a python -m mmjax.train --workdir")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="a text prompt")
@@ -106,32 +95,30 @@ def _prompts(args, trained) -> tuple[list[list[int]], bool]:
     return [prefix + ids for ids in trained.tokenizer.encode(texts)], True
 
 
+@cli.command
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        trained = load_workdir(args.workdir, step=args.step, tokenizer=args.tokenizer)
-        prompts, is_text = _prompts(args, trained)
-        eos = args.eos_id
-        if eos is None and trained.tokenizer is not None and trained.tokenizer.eos_id >= 0:
-            eos = trained.tokenizer.eos_id
-        cache_length = args.cache_length or max(map(len, prompts)) + args.max_new_tokens
-        decoder = Decoder(trained.model, trained.params, batch_size=len(prompts) * args.beam,
-                          cache_length=cache_length, prefill_chunk=args.prefill_chunk)
-        decoder.check_prompts(prompts, args.max_new_tokens, rows_per_prompt=args.beam)
-        show = (lambda ids: trained.tokenizer.decode([ids])[0]) if is_text else \
-            (lambda ids: " ".join(map(str, ids)))
-        if args.beam > 1:
-            found = beam_search(decoder, prompts, beam_width=args.beam,
-                                max_new_tokens=args.max_new_tokens,
-                                length_penalty=args.length_penalty, eos_id=eos)
-            _print_all([list(h.tokens) for h in found], show)
-        elif len(prompts) == 1:
-            _stream(decoder, prompts, args, eos, show)
-        else:
-            _print_all(generate(decoder, prompts, max_new_tokens=args.max_new_tokens,
-                                sampling=args.sampling, seed=args.seed, eos_id=eos), show)
-    except ERRORS as e:
-        return one_line_error(e)
+    trained = load_workdir(args.workdir, step=args.step, tokenizer=args.tokenizer)
+    prompts, is_text = _prompts(args, trained)
+    eos = args.eos_id
+    if eos is None and trained.tokenizer is not None and trained.tokenizer.eos_id >= 0:
+        eos = trained.tokenizer.eos_id
+    cache_length = args.cache_length or max(map(len, prompts)) + args.max_new_tokens
+    decoder = Decoder(trained.model, trained.params, batch_size=len(prompts) * args.beam,
+                      cache_length=cache_length, prefill_chunk=args.prefill_chunk)
+    decoder.check_prompts(prompts, args.max_new_tokens, rows_per_prompt=args.beam)
+    show = (lambda ids: trained.tokenizer.decode([ids])[0]) if is_text else \
+        (lambda ids: " ".join(map(str, ids)))
+    if args.beam > 1:
+        found = beam_search(decoder, prompts, beam_width=args.beam,
+                            max_new_tokens=args.max_new_tokens,
+                            length_penalty=args.length_penalty, eos_id=eos)
+        _print_all([list(h.tokens) for h in found], show)
+    elif len(prompts) == 1:
+        _stream(decoder, prompts, args, eos, show)
+    else:
+        _print_all(generate(decoder, prompts, max_new_tokens=args.max_new_tokens,
+                            sampling=args.sampling, seed=args.seed, eos_id=eos), show)
     return 0
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import pathlib
 
 import flax.linen as nn
@@ -13,6 +15,26 @@ import jax.numpy as jnp
 from mmjax.data.tokenizer import Tokenizer
 from mmjax.models import build_model
 from mmjax.train.checkpoint import TOKENIZER_FILE, find_step_dir, load_params
+
+
+class _NoMissingMetadataWarning(logging.Filter):
+    """Drops Orbax's "Metadata file does not exist" warning: reading a step's ``state`` item
+    alone, Orbax looks for ``_CHECKPOINT_METADATA`` in it, but the trainer's checkpoint
+    manager writes that file one level up, in the step directory (nothing is missing)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Metadata file does not exist")
+
+
+@contextlib.contextmanager
+def _quiet_metadata_warning():
+    """Within: Orbax's warning about the step's metadata file is dropped (absl's logger)."""
+    logger, quiet = logging.getLogger("absl"), _NoMissingMetadataWarning()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 @dataclasses.dataclass
@@ -62,7 +84,8 @@ def load_workdir(workdir: str | pathlib.Path, *, step: int | None = None,
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
                             nn.meta.unbox(shapes["params"]))
-    params, step_dir = load_params(step_dir, abstract, source="--workdir")
+    with _quiet_metadata_warning():
+        params, step_dir = load_params(step_dir, abstract, source="--workdir")
     if tokenizer is not None:
         loaded = Tokenizer.load(tokenizer)
     elif (workdir / TOKENIZER_FILE).is_file():

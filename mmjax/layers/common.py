@@ -265,7 +265,7 @@ def sow_retrieval(module: nn.Module, queries_BxTxHxK: Array, keys_BxTxHxK: Array
     """Record what a retrieval saw (``mutable=["intermediates"]``, name ``"retrieval"``): its
     queries, keys, bandwidth (``None``, ``[H]`` or ``[T, H]``), mask window and skip (-1: none)
     and query offset, so that an evaluation can recompute the weights of chosen rows
-    (:mod:`mmjax.eval.attention`). Without that collection mutable it costs nothing."""
+    (:mod:`mmjax.eval.attention_maps`). Without that collection mutable it costs nothing."""
     h = keys_BxTxHxK.shape[2]
     beta = jnp.ones((h,), jnp.float32) if bandwidth is None else bandwidth
     window = -1 if mask is None or mask.window is None else mask.window
