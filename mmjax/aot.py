@@ -1,6 +1,6 @@
 """Ahead-of-time compile of a config's full train step for a TPU slice, without the TPU.
 
-    python -m mmjax.aot --config configs/mmv2_large.py --topology v5p:8x8x8 \\
+    python -m mmjax.aot --config configs/mmv2.py:large --topology v5p:8x8x8 \\
         [--mesh 1,64,8] [--num_slices 2] [--config.data.batch_size=512 ...]
 
 Needs libtpu (``pip install -e ".[tpu]"``). It builds the trainer's mesh (``data, fsdp,
@@ -13,15 +13,15 @@ chip: argument, output, temporary and total memory against the chip's HBM; the s
 from XLA's cost analysis against the ``6 N`` estimate (``N`` parameters, ``6 N`` per token
 for forward and backward; XLA does not count the FLOPs inside Pallas kernels, which is why a
 Memory Mosaic's retrieval is missing from its figure, and counts the body of a loop once, so
-with ``scan_layers`` its figure holds one layer); and the compile time. Exit status: 0 when
-the step fits, 1 when it does not, 2 for bad arguments.
+with ``scan_layers`` its figure holds one layer); and the compile time. Exit status
+(:mod:`mmjax.cli`): 0 when the step fits, 1 when it does not (or without libtpu), 2 for bad
+arguments (flags, or a config, topology or mesh it cannot compile for: one line).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 import time
 
 import jax
@@ -29,11 +29,12 @@ import ml_collections
 import numpy as np
 from flax import linen as nn
 
+from mmjax import cli
+from mmjax.config import with_defaults
 from mmjax.data import synthetic
 from mmjax.kernels import compile_check
 from mmjax.models import build_model
 from mmjax.train import sharding as sharding_lib
-from mmjax.train.config_lib import with_defaults
 from mmjax.train.jitted import jit_train_step
 from mmjax.train.optimizer import make_optimizer
 from mmjax.train.state import state_layout
@@ -209,23 +210,17 @@ def _mesh_arg(text: str | None):
     return sizes
 
 
-def main(argv) -> int:
+def main() -> int:
     from absl import flags
 
-    if len(argv) > 1:
-        print(f"unexpected arguments: {argv[1:]}", file=sys.stderr)
-        return 2
     if not compile_check.libtpu_available():
-        print('libtpu is not installed: pip install -e ".[tpu]" (no TPU needed)',
-              file=sys.stderr)
-        return 2
+        raise cli.Error('libtpu is not installed: pip install -e ".[tpu]" (no TPU needed)')
     jax.config.update("jax_platforms", "cpu")  # compile for the topology, never open a TPU
     try:
         result = report(flags.FLAGS.config, flags.FLAGS.topology, _mesh_arg(flags.FLAGS.mesh),
                         flags.FLAGS.num_slices)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except ValueError as error:  # the arguments, checked before the compile
+        raise cli.UsageError(str(error)) from error
     except jax.errors.JaxRuntimeError as error:
         if "RESOURCE_EXHAUSTED" not in str(error):
             raise
@@ -240,13 +235,10 @@ def main(argv) -> int:
 
 def _define_flags():
     from absl import flags
-    from ml_collections import config_flags
 
-    from mmjax.train import defaults
+    from mmjax.config import DEFAULT, define_flag
 
-    config_flags.DEFINE_config_file("config", defaults.__file__,
-                                    "Config file (Python, get_config(arg)); preset after ':'.",
-                                    lock_config=True)
+    define_flag("config", DEFAULT)
     flags.DEFINE_string("topology", "v5e:2x2", "TPU slice, e.g. v4:2x2x4, v5e:16x16, v5p:8x8x8")
     flags.DEFINE_bool("json", False, "Also print the report as one JSON line.")
     flags.DEFINE_string("mesh", None, "data,fsdp,tensor sizes (default: the config's "
@@ -256,7 +248,4 @@ def _define_flags():
 
 
 if __name__ == "__main__":
-    from absl import app
-
-    _define_flags()
-    app.run(lambda argv: sys.exit(main(argv)))
+    cli.run_absl(main, _define_flags)

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmjax import cli
 from mmjax.models import build_model
 from mmjax.ops.masks import visible_count
 
@@ -210,8 +211,9 @@ def main(argv=None) -> None:
     :func:`mmjax.config.load` reads them).
 
     ``--baseline`` adds the per-group difference to a second config before the final line.
+    Exit statuses: :mod:`mmjax.cli`.
     """
-    from absl import app, flags
+    from absl import flags
 
     from mmjax.config import define_flag
 
@@ -221,7 +223,7 @@ def main(argv=None) -> None:
     baseline = define_flag("baseline", None, "optional config FILE.py[:presets] to compare with")
     flags.mark_flag_as_required("config")
 
-    def run(_):
+    def run():
         try:
             c = count(config.value.get("model", {}))
         except NoLanguageModel as e:
@@ -237,7 +239,7 @@ def main(argv=None) -> None:
                              f"at context {context}: {extra:,} FLOPs/token")
         print("\n".join(table))
 
-    app.run(run, argv=argv)
+    cli.run_absl(run, argv=argv)
 
 
 if __name__ == "__main__":

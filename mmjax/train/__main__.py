@@ -1,11 +1,13 @@
 """``python -m mmjax.train [--config FILE.py[:preset]] [--config.key=value ...] [--workdir DIR]``.
 
-Without ``--config`` it trains the embedded default (:mod:`mmjax.train.defaults`).
+Without ``--config`` it trains the embedded default (:func:`mmjax.config.default_config`);
+``--config`` reads a spec as :func:`mmjax.config.load` does.
 
-Exit status: 0 when the run finished; 1 for an error (a bad config, a workdir in use, a
-non-finite loss, no readable checkpoint: one line on stderr); 3 (``EXIT_PREEMPTED``) when
-SIGTERM stopped it after saving a checkpoint (the same command resumes); 2 for an unknown
-``--config.*`` key. ``MMJAX_TRACEBACK=1`` shows the full traceback of an error instead.
+Exit status (:mod:`mmjax.cli`): 0 when the run finished; 1 for an error (a bad config, a
+workdir in use, a non-finite loss, no readable checkpoint: one line on stderr; a non-finite
+loss names its step on stdout); 3 (``EXIT_PREEMPTED``) when SIGTERM stopped it after saving
+a checkpoint (the same command resumes); 2 for a bad command line (an unknown flag or
+``--config.*`` key). ``MMJAX_TRACEBACK=1`` shows the full traceback of an error instead.
 
 ``--distributed`` joins the processes of a multi-host run with ``jax.distributed.initialize``.
 On a TPU pod it needs nothing else (JAX finds the slice's hosts itself). Elsewhere, e.g. several
@@ -15,21 +17,18 @@ run: ``MMJAX_COORDINATOR_ADDRESS`` (``host:port`` of process 0), ``MMJAX_NUM_PRO
 """
 
 import os
-import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags, logging
 
-from mmjax.train import defaults
-from mmjax.train.loop import EXIT_PREEMPTED, NonFiniteLossError, train_and_evaluate
+from mmjax import cli
+from mmjax.config import DEFAULT, define_flag
+from mmjax.train.loop import NonFiniteLossError, train_and_evaluate
 
 
 def _define_flags() -> None:
     # ml_collections applies --config.key=value overrides while defining the flag: an unknown
-    # key raises here (AttributeError/KeyError), before absl's own error handling.
-    config_flags.DEFINE_config_file(
-        "config", defaults.__file__,
-        "Config file (Python, get_config(arg)); preset after ':'.", lock_config=True)
+    # key raises here (AttributeError/KeyError), a usage error for cli.run_absl.
+    define_flag("config", DEFAULT)
     flags.DEFINE_string("workdir", None, "Directory for metrics (and checkpoints).")
     flags.DEFINE_bool("distributed", False,
                       "Call jax.distributed.initialize() first (multi-host TPU pods; "
@@ -69,45 +68,30 @@ def distributed_arguments(environ=os.environ) -> dict:
 def initialize_distributed() -> None:
     import jax
 
-    try:
-        arguments = distributed_arguments()
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
+    arguments = distributed_arguments()
     if arguments and jax.config.jax_platforms == "cpu":
         # Collectives across CPU processes: gloo (jax 0.10's default; older versions had none).
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**arguments)
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def main() -> int:
+    """Train; errors are reported by :func:`mmjax.cli.run` (one line, exit status 1)."""
     if flags.FLAGS.distributed:
         initialize_distributed()
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     try:
         result = train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
-    except (ValueError, RuntimeError, FileNotFoundError) as e:
-        if os.environ.get("MMJAX_TRACEBACK"):
+    except NonFiniteLossError:
+        if os.environ.get(cli.TRACEBACK_VARIABLE):
             raise
-        if isinstance(e, NonFiniteLossError):
-            sys.exit(1)  # its line is already logged
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
-    if result.get("preempted"):
-        sys.exit(EXIT_PREEMPTED)
+        return cli.EXIT_ERROR  # the loop has printed its line (the step, the last checkpoint)
+    return cli.EXIT_PREEMPTED if result.get("preempted") else cli.EXIT_OK
 
 
 def run() -> None:
-    try:
-        _define_flags()
-    except (AttributeError, KeyError) as e:
-        overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]
-        print(f"error: unknown config key in {' '.join(overrides) or 'the command line'}: "
-              f"{str(e).strip(chr(34))}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    app.run(main)
+    """``python -m mmjax.train``: parse the flags, train, exit (statuses of :mod:`mmjax.cli`)."""
+    cli.run_absl(main, _define_flags)
 
 
 if __name__ == "__main__":
