@@ -78,6 +78,17 @@ def test_bad_input_is_one_line_and_exit_1(module, tmp_path):
     assert message in line
 
 
+def test_aot_without_libtpu_is_one_line_and_exit_1():
+    """A missing dependency is an error, not a bad command line (as for compile_check)."""
+    script = ("import runpy; from mmjax.kernels import compile_check; "
+              "compile_check.libtpu_available = lambda: False; "
+              "runpy.run_module('mmjax.aot', run_name='__main__')")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert "libtpu is not installed" in _one_error_line(result, cli.EXIT_ERROR)
+
+
 @pytest.mark.parametrize("module", sorted(BAD_FLAGS))
 def test_help_exits_0(module):
     result = _run(module, "--help")
