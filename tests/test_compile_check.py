@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+
 from mmjax.kernels import compile_check
 from mmjax.kernels.common import BlockSizes
 
