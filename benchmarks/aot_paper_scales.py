@@ -18,14 +18,26 @@ import subprocess
 import sys
 import time
 
+# Case labels: a config file's name, or FAMILY_SCALE for the scale presets of the family files
+# (mmv2_large: configs/mmv2.py:large).
 CONFIGS = ("mm_v1_small", "gpt2_small", "mmv2_small", "llama_small", "mmv2_large",
            "llama_large")
+FAMILIES = ("mmv2", "llama")
 TOPOLOGIES = ("v4:4x4x4", "v5e:16x16", "v5p:4x4x4")
+
+
+def config_spec(config: str, finetune: bool = False) -> str:
+    """The ``--config`` of a case label: ``gpt2_small`` -> ``configs/gpt2_small.py``,
+    ``mmv2_large`` -> ``configs/mmv2.py:large`` (``finetune`` adds the preset)."""
+    family, _, scale = config.rpartition("_")
+    name, presets = (family, [scale]) if family in FAMILIES else (config, [])
+    presets += ["finetune"] if finetune else []
+    return f"configs/{name}.py" + (f":{','.join(presets)}" if presets else "")
 
 
 def run_case(config: str, topology: str, mesh: str, accum: int, finetune: bool,
              timeout: int) -> dict:
-    spec = f"configs/{config}.py" + (":finetune" if finetune else "")
+    spec = config_spec(config, finetune)
     cmd = [sys.executable, "-m", "mmjax.aot", "--config", spec, "--topology", topology,
            "--mesh", mesh, "--json", f"--config.train.grad_accum_steps={accum}"]
     start = time.perf_counter()

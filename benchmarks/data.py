@@ -21,7 +21,6 @@ tokenizer on them, then prints:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import pathlib
 import tempfile
@@ -29,16 +28,13 @@ import time
 
 PRESET = "mm_v1_small.py:tiny_text"
 CONTEXT, BATCH = 128, 16  # the preset's data.context_length and data.batch_size
-CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
 
 def preset_config(spec: str = PRESET):
     """``configs/FILE.py:ARG`` loaded as ``--config`` loads it."""
-    path, _, arg = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("benchmark_config", CONFIGS / path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg or None)
+    from mmjax.config import load
+
+    return load(spec)
 
 
 def time_prepare(pattern: str, tok_path: pathlib.Path, root: pathlib.Path,

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import sys
 
 import matplotlib
 
@@ -22,10 +21,7 @@ matplotlib.use("Agg")
 
 import numpy as np  # noqa: E402
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from configs.moons import get_config  # noqa: E402
+from mmjax.config import load  # noqa: E402
 from mmjax.moons.experiment import run_experiment  # noqa: E402
 from mmjax.moons.plots import plot_error_curves  # noqa: E402
 
@@ -35,7 +31,7 @@ def run_or_load(heads, seed, args):
     if (out / "summary.json").exists():
         return json.loads((out / "curve.json").read_text()), json.loads(
             (out / "summary.json").read_text())
-    config = get_config(f"heads={heads},steps={args.steps},seed={seed}")
+    config = load(f"configs/moons.py:heads={heads},steps={args.steps},seed={seed}")
     config.eval.context_stride = args.context_stride
     result = run_experiment(config, out, progress=not args.quiet)
     return result["curve"], result["summary"]

@@ -96,7 +96,7 @@ class Figures:
 
 def builtin_configs(args) -> list:
     """The reference pair as mmjax configs: a v1 Memory Mosaic and an equal-width GPT2."""
-    from mmjax.train.config_lib import lm_config
+    from mmjax.config import lm_config
 
     common = dict(vocab_size=args.vocab, num_layers=args.layers, num_heads=args.heads,
                   embed_dim=args.width, use_bias=False, dtype=args.dtype,
@@ -113,13 +113,11 @@ def builtin_configs(args) -> list:
 
 
 def load_config(spec: str, args):
-    """``FILE[:preset]`` -> its config, with the benchmark's batch, context and dtype, on the
-    synthetic corpus (the benchmark never reads a token store)."""
-    path, _, preset = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("bench_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    config = module.get_config(preset or None)
+    """``FILE[:preset]`` -> its config (:func:`mmjax.config.load`), with the benchmark's batch,
+    context and dtype, on the synthetic corpus (the benchmark never reads a token store)."""
+    from mmjax.config import load
+
+    config = load(spec)
     config.data.update(corpus="pfa", context_length=args.context, batch_size=args.batch)
     if "path" in config.data:
         del config.data["path"]

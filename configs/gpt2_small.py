@@ -20,13 +20,14 @@ Presets: ``tiny`` (CPU smoke run on the synthetic corpus), ``tiny_text`` (a tiny
 token store, vocabulary 4096, context 128: about a minute on CPU).
 """
 
-from mmjax.train.config_lib import lm_config, make_tiny, make_tiny_text, parse_presets
+from mmjax.config import lm_config, make_tiny, make_tiny_text, parse_presets
 
 PRESETS = ("tiny", "tiny_text")
+VALUES = ()
 
 
 def get_config(arg=None):
-    presets = parse_presets(arg, PRESETS)
+    presets = parse_presets(arg, PRESETS, VALUES)
     config = lm_config(
         dict(name="gpt2", vocab_size=50304, context_length=512, num_layers=12, num_heads=12,
              embed_dim=768, mlp_ratio=4, dropout_rate=0.05, use_bias=False, dtype="bfloat16",

@@ -4,13 +4,14 @@
 The data is :mod:`mmjax.data.icll` (vocabulary 20: 18 letters, separator, padding; the
 separator and padding targets are not trained on). ``python -m mmjax.eval icll`` trains both
 models for several N and prints accuracy and total variation distance on held-out languages;
-this file is one of its runs (:func:`mmjax.eval.icll.icll_config`)::
+this file is one of its runs (:func:`icll_config`)::
 
     python -m mmjax.train --config configs/icll.py:mm,languages=1000 --workdir /tmp/icll_mm
     python -m mmjax.train --config configs/icll.py:gpt2,languages=1000
 
 Presets: ``mm`` (default) or ``gpt2``; ``languages=N`` (default 1000), ``steps=S`` (default
-600), ``seed=K`` (default 0). Both models: 2 layers, width 64, 4 heads, context 512, batch
+600), ``seed=K`` (default 0), ``width=W`` (64), ``context=C`` (512), ``eval_languages=M``
+(held-out languages, 256). Both models: 2 layers, width 64, 4 heads, context 512, batch
 16, AdamW 3e-3 with 50 warm-up steps and a cosine decay. GPT2 has a 4 x width MLP and 512
 learned positions; the Memory Mosaic 352 persistent slots per head (3.5 x width, the GPT2
 MLP's budget, plus 128 for the parameters of the position table): 132,728 parameters against
@@ -22,17 +23,25 @@ Expected (mmjax.flops, last line)::
   :gpt2  params=132672 flops_per_token=199168
 """
 
-from mmjax.eval.icll import icll_config
-from mmjax.train.config_lib import parse_presets
+from mmjax.config import PAIR_MODELS, one_of, pair_config, parse_presets
+from mmjax.data.icll import VOCAB_SIZE
 
-PRESETS = ("mm", "gpt2")
-VALUES = ("languages", "steps", "seed")
+PRESETS = PAIR_MODELS
+VALUES = ("languages", "steps", "seed", "width", "context", "eval_languages")
+
+
+def icll_config(model: str = "mm", *, languages: int = 1000, steps: int = 600, seed: int = 0,
+                width: int = 64, context: int = 512, eval_languages: int = 256):
+    """One run: the equal-size pair of :func:`mmjax.config.pair_config` on the ``icll``
+    corpus, ``languages`` training languages and ``eval_languages`` held out."""
+    return pair_config(model, corpus="icll",
+                       corpus_options=dict(num_languages=languages,
+                                           eval_languages=eval_languages),
+                       vocab_size=VOCAB_SIZE, context=context, steps=steps, seed=seed,
+                       width=width)
 
 
 def get_config(arg: str | None = None):
     presets = parse_presets(arg, PRESETS, VALUES)
-    if "mm" in presets and "gpt2" in presets:
-        raise ValueError("choose one model preset: mm or gpt2")
-    return icll_config("gpt2" if "gpt2" in presets else "mm",
-                       languages=presets.get("languages", 1000),
-                       steps=presets.get("steps", 600), seed=presets.get("seed", 0))
+    return icll_config(one_of(presets, PAIR_MODELS, "mm"),
+                       **{key: value for key, value in presets.items() if key in VALUES})

@@ -34,7 +34,7 @@ Presets (the text after ``:``):
   (none)     the full run on a token store (BabiStories in the paper; vocabulary 50304).
              Expected: the v1 paper's BabiStories curves (validation loss about 1.5 at 80k
              steps in the official README's comparison); not yet reproduced with mmjax.
-  tiny       the embedded default of ``python -m mmjax.train`` (mmjax/train/defaults.py):
+  tiny       the embedded default of ``python -m mmjax.train`` (``mmjax.config.default_config``):
              2 layers, width 64, 4 heads, context 128, vocab 64, 300 steps of batch 16 on the
              synthetic random-automaton corpus, on CPU.
   tiny_text  the same tiny model on a token store (``--config.data.path``): vocabulary 4096
@@ -43,16 +43,16 @@ Presets (the text after ``:``):
              on 2 CPU cores.
 """
 
-from mmjax.train import defaults
-from mmjax.train.config_lib import lm_config, make_tiny_text, parse_presets
+from mmjax.config import default_config, lm_config, make_tiny_text, parse_presets
 
 PRESETS = ("tiny", "tiny_text")
+VALUES = ()
 
 
 def get_config(arg: str | None = None):
-    presets = parse_presets(arg, PRESETS)
+    presets = parse_presets(arg, PRESETS, VALUES)
     if "tiny" in presets:  # the embedded default of `python -m mmjax.train`
-        return defaults.get_config()
+        return default_config()
     config = lm_config(
         dict(name="memory_mosaic", vocab_size=50304, num_layers=12, num_heads=12, embed_dim=768,
              pmem_size=2688, pmem_count=1, use_bias=False, ic_dropout=0.05, hd_dropout=0.05,

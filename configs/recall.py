@@ -13,7 +13,7 @@ context")::
 
 Presets: ``mm`` (default) or ``gpt2``; ``steps=S`` (default 1000), ``seed=K`` (default 0).
 Both models: 2 layers, width 64, 4 heads, context 256, batch 16, AdamW 3e-3 with 50
-warm-up steps and a cosine decay (:func:`mmjax.eval.pair.pair_config`). GPT2 has a 4 x width
+warm-up steps and a cosine decay (:func:`mmjax.config.pair_config`). GPT2 has a 4 x width
 MLP and 256 learned positions, so it cannot read past 256 tokens; the Memory Mosaic has no
 position parameters and 288 persistent slots per head (119,160 parameters against GPT2's
 119,104).
@@ -24,10 +24,9 @@ Expected (mmjax.flops, last line)::
   :gpt2  params=119104 flops_per_token=204800
 """
 
-from mmjax.eval.pair import pair_config
-from mmjax.train.config_lib import parse_presets
+from mmjax.config import PAIR_MODELS, one_of, pair_config, parse_presets
 
-PRESETS = ("mm", "gpt2")
+PRESETS = PAIR_MODELS
 VALUES = ("steps", "seed")
 VOCAB_SIZE = 64
 CONTEXT = 256
@@ -35,9 +34,7 @@ CONTEXT = 256
 
 def get_config(arg: str | None = None):
     presets = parse_presets(arg, PRESETS, VALUES)
-    if "mm" in presets and "gpt2" in presets:
-        raise ValueError("choose one model preset: mm or gpt2")
-    return pair_config("gpt2" if "gpt2" in presets else "mm", corpus="recall",
+    return pair_config(one_of(presets, PAIR_MODELS, "mm"), corpus="recall",
                        corpus_options={},
                        vocab_size=VOCAB_SIZE, context=CONTEXT,
                        steps=presets.get("steps", 1000), seed=presets.get("seed", 0))

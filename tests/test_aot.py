@@ -80,7 +80,7 @@ def test_axes_that_do_not_divide_a_dimension_are_not_split():
 
 @needs_libtpu
 def test_tiny_v2_train_step_compiles_for_a_v5e_slice_with_the_tpu_kernels():
-    config = load_config("mmv2_small.py:tiny")
+    config = load_config("mmv2.py:tiny")
     mesh = aot.topology_mesh("v5e:2x2", (2, 1, 2))
     compiled, num_params, _ = aot.compile_train_step(config, mesh)
     text = compiled.as_text()
@@ -97,7 +97,7 @@ def test_tiny_v2_train_step_compiles_for_a_v5e_slice_with_the_tpu_kernels():
 @needs_libtpu
 def test_two_slices_compile_data_parallel_over_dcn():
     """``--num_slices 2``: the mesh describes one slice; the data axis spans both."""
-    config = load_config("mmv2_small.py:tiny")
+    config = load_config("mmv2.py:tiny")
     config.data.batch_size = 16
     report = aot.report(config, "v5e:4x4", (-1, 1, 2), num_slices=2)
     assert report.num_slices == 2 and report.fits
@@ -123,7 +123,7 @@ def _aot_cli(*args):
 
 @needs_libtpu
 def test_cli_exits_1_when_the_step_does_not_fit():
-    result = _aot_cli("--config", "configs/mmv2_small.py:tiny", "--topology", "v5e:2x2",
+    result = _aot_cli("--config", "configs/mmv2.py:tiny", "--topology", "v5e:2x2",
                       "--config.model.embed_dim=4096", "--config.model.mlp_dim=65536",
                       "--config.model.num_layers=64", "--config.model.vocab_size=262144")
     assert result.returncode == 1, result.stdout + result.stderr[-2000:]
@@ -142,7 +142,7 @@ def test_cli_exits_1_when_the_step_does_not_fit():
      "sharding.device_order='ring': must be one of 'auto', 'torus'"),
 ])
 def test_cli_bad_arguments_are_one_line(args, message):
-    result = _aot_cli("--config", "configs/mmv2_small.py:tiny", *args)
+    result = _aot_cli("--config", "configs/mmv2.py:tiny", *args)
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
 

@@ -50,7 +50,7 @@ def test_builtin_pair_prints_table_and_ratio(capsys):
 
 
 def test_config_files_are_measured_at_the_benchmark_sizes(capsys):
-    result = _bench().main([*TINY, "--config", str(REPO / "configs" / "llama_small.py:tiny")])
+    result = _bench().main([*TINY, "--config", str(REPO / "configs" / "llama.py:tiny")])
     assert list(result["systems"]) == ["mmjax llama"]
     assert "batch 8 x context 16" in capsys.readouterr().out
 

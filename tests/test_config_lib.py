@@ -1,8 +1,5 @@
 """The config base: one preset parser, one set of defaults, the vocabulary said once."""
 
-import importlib.util
-import pathlib
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -10,25 +7,23 @@ import numpy as np
 import pytest
 from config_loading import load_config
 
+from mmjax.config import (
+    DEFAULTS,
+    default_config,
+    lm_config,
+    make_config,
+    parse_presets,
+    with_defaults,
+)
 from mmjax.models import build_model
 from mmjax.models.memory_mosaic import MemoryMosaic
-from mmjax.train import defaults, make_optimizer
-from mmjax.train.config_lib import DEFAULTS, lm_config, make_config, parse_presets, with_defaults
+from mmjax.train import make_optimizer
 from mmjax.train.loop import Trainer
-
-CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
-
-
-def _load_config(path, arg=None):
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
 
 
 @pytest.mark.parametrize("preset", [None, "tiny"])
 def test_mm_v1_small_presets_build(preset):
-    config = _load_config(CONFIGS / "mm_v1_small.py", preset)
+    config = load_config("mm_v1_small.py" + (f":{preset}" if preset else ""))
     model = build_model(config.model)
     assert isinstance(model, MemoryMosaic)
     ids = jax.ShapeDtypeStruct((2, config.data.context_length), jnp.int32)
@@ -47,7 +42,7 @@ def test_mm_v1_small_presets_build(preset):
 
 def test_unknown_preset_is_rejected():
     with pytest.raises(ValueError, match="preset"):
-        _load_config(CONFIGS / "mm_v1_small.py", "huge")
+        load_config("mm_v1_small.py:huge")
 
 
 def test_parse_presets_flags_and_values():
@@ -76,8 +71,8 @@ def test_every_config_file_uses_the_one_parser(spec):
 def test_one_set_of_defaults():
     """The loop and every LM config read their optional settings from DEFAULTS."""
     assert DEFAULTS["checkpoint"]["max_to_keep"] == 3
-    for config in (defaults.get_config(), load_config("mm_v1_small.py"),
-                   load_config("mmv2_small.py:tiny")):
+    for config in (default_config(), load_config("mm_v1_small.py"),
+                   load_config("mmv2.py:tiny")):
         assert config.checkpoint.max_to_keep == DEFAULTS["checkpoint"]["max_to_keep"]
         assert tuple(config.sharding.mesh) == DEFAULTS["sharding"]["mesh"]
     bare = with_defaults(make_config(model={"name": "x"}))
@@ -89,7 +84,7 @@ def test_vocab_size_is_said_once():
     with pytest.raises(ValueError, match="said once"):
         lm_config(dict(name="gpt2", vocab_size=8), optimizer={}, train={},
                   data=dict(vocab_size=8))
-    config = defaults.get_config()
+    config = default_config()
     assert "vocab_size" not in config.data
     trainer = Trainer(config)
     assert trainer.corpus.vocab_size == config.model.vocab_size

@@ -1,41 +1,32 @@
 """Every config file parses, every preset it declares parses, and every LM config builds its
 model abstractly (jax.eval_shape: no memory, so the 8B configs are checked too)."""
 
-import importlib.util
-import pathlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mmjax.config import CONFIGS, DEFAULT, config_module, default_config, load
 from mmjax.models import build_model, registered_models
-from mmjax.train import defaults
 from mmjax.train.loop import train_and_evaluate
 
-CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
-CONFIG_FILES = sorted(CONFIG_DIR.glob("*.py")) + [pathlib.Path(defaults.__file__)]
-
-
-def load(path):
-    spec = importlib.util.spec_from_file_location(f"config_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+CONFIG_FILES = sorted(path.name for path in CONFIGS.glob("*.py"))
 
 
 def cases():
-    for path in CONFIG_FILES:
-        module = load(path)
-        for preset in (None, *getattr(module, "PRESETS", ())):
-            yield pytest.param(path, preset, id=f"{path.stem}:{preset or ''}")
+    yield pytest.param(DEFAULT, id=DEFAULT)
+    for name in CONFIG_FILES:
+        for preset in (None, *getattr(config_module(name), "PRESETS", ())):
+            yield pytest.param(f"{name}:{preset}" if preset else name,
+                               id=f"{name.removesuffix('.py')}:{preset or ''}")
 
 
-@pytest.mark.parametrize("path, preset", list(cases()))
-def test_config_builds(path, preset):
-    module = load(path)
-    assert module.__doc__ and "python -m" in module.__doc__, "docstring must give the command"
-    config = module.get_config(preset)
+@pytest.mark.parametrize("spec", list(cases()))
+def test_config_builds(spec):
+    path = spec.partition(":")[0]
+    doc = default_config.__doc__ if spec == DEFAULT else config_module(path).__doc__
+    assert doc and "python -m" in doc, "docstring must give the command"
+    config = load(spec)
     if "model" not in config or config.model.get("name") not in registered_models():
         return
     model = build_model(config.model)
@@ -49,16 +40,14 @@ def test_config_builds(path, preset):
 
 
 TINY_LM_PRESETS = sorted(
-    {f"{path.name}:tiny" for path in CONFIG_FILES
-     if "tiny" in getattr(load(path), "PRESETS", ()) and "model" in load(path).get_config("tiny")}
-)
+    f"{name}:tiny" for name in CONFIG_FILES
+    if "tiny" in getattr(config_module(name), "PRESETS", ()) and "model" in load(f"{name}:tiny"))
 
 
 @pytest.mark.parametrize("spec", TINY_LM_PRESETS)
 def test_tiny_preset_trains_through_the_loop(spec):
     """Each LM config's tiny preset runs two real steps of ``python -m mmjax.train``."""
-    name, _, preset = spec.partition(":")
-    config = load(CONFIG_DIR / name).get_config(preset)
+    config = load(spec)
     config.train.num_steps = 2
     config.train.eval_batches = 1
     out = train_and_evaluate(config, progress=False)

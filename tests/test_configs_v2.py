@@ -9,11 +9,11 @@ from config_loading import load_config
 
 from mmjax.models import build_model
 
-SPECS = ["gpt2_small.py", "llama_small.py", "llama_large.py", "llama_large.py:short_long",
-         "mmv2_small.py", "mmv2_large.py", "mmv2_large.py:no_long_term",
-         "mmv2_large.py:finetune", "llama_large.py:finetune"]
-TINY = ["gpt2_small.py:tiny", "llama_small.py:tiny", "llama_large.py:tiny,short_long",
-        "mmv2_small.py:tiny", "mmv2_large.py:tiny,no_long_term"]
+SPECS = ["gpt2_small.py", "llama.py:small", "llama.py:large", "llama.py:large,short_long",
+         "mmv2.py:small", "mmv2.py:large", "mmv2.py:large,no_long_term",
+         "mmv2.py:large,finetune", "llama.py:large,finetune"]
+TINY = ["gpt2_small.py:tiny", "llama.py:tiny", "llama.py:large,tiny,short_long",
+        "mmv2.py:tiny", "mmv2.py:large,tiny,no_long_term", "llama.py:tiny_text"]
 LAYOUT = {
     "optimizer": {"learning_rate", "weight_decay", "b1", "b2", "eps", "grad_clip",
                   "warmup_steps", "total_steps", "min_lr"},
@@ -50,12 +50,12 @@ def test_tiny_preset_runs_on_cpu(spec):
 
 
 def test_paper_scales():
-    large, small = load_config("mmv2_large.py"), load_config("mmv2_small.py")
+    large, small = load_config("mmv2.py:large"), load_config("mmv2.py:small")
     assert (large.model.num_layers, large.model.embed_dim, large.model.num_heads,
             large.model.mlp_dim, large.model.vocab_size) == (32, 4096, 32, 14336, 128256)
     assert (small.model.num_layers, small.model.embed_dim, small.model.num_heads) == (24, 2048, 16)
     assert not large.model.tie_embeddings and large.data.context_length == 4096
-    assert load_config("mmv2_large.py:finetune").data.context_length == 32768
+    assert load_config("mmv2.py:large,finetune").data.context_length == 32768
     assert large.model.short_term_window == 256
     assert tuple(large.model.long_term_skip_range) == (64, 256)
     assert large.model.inference_long_term_skip == 64
@@ -63,4 +63,4 @@ def test_paper_scales():
 
 def test_unknown_preset_raises():
     with pytest.raises(ValueError, match="unknown preset"):
-        load_config("mmv2_large.py:huge")
+        load_config("mmv2.py:huge")

@@ -11,8 +11,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from mmjax.config import default_config
 from mmjax.data import make_batches, stories
-from mmjax.train import defaults
 from mmjax.train.loop import Trainer
 
 CONTEXT, BATCH = 32, 8
@@ -22,7 +22,7 @@ CONTEXT, BATCH = 32, 8
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("text")
     store_dir, tok = stories.make_story_store(root, 600, seed=5)
-    config = defaults.get_config()
+    config = default_config()
     config.model.vocab_size = tok.vocab_size
     config.model.num_layers = 1
     config.model.embed_dim = 32

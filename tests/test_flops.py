@@ -13,9 +13,9 @@ from mmjax import flops
 
 # "Memory Mosaics at Scale", table of model sizes: (parameters, forward FLOPs per token).
 PAPER = {
-    "llama_large.py": (8.8e9, 16.7e9),
-    "mmv2_large.py": (9.9e9, 18.9e9),
-    "mmv2_large.py:no_long_term": (8.3e9, 15.6e9),
+    "llama.py:large": (8.8e9, 16.7e9),
+    "mmv2.py:large": (9.9e9, 18.9e9),
+    "mmv2.py:large,no_long_term": (8.3e9, 15.6e9),
 }
 
 
@@ -28,7 +28,7 @@ def test_large_configs_match_paper_within_two_percent(spec):
 
 
 def test_counts_follow_parameter_shapes():
-    tiny = load_config("mmv2_small.py:tiny").model
+    tiny = load_config("mmv2.py:tiny").model
     base = flops.count(tiny)
     wider = flops.count({**tiny, "mlp_dim": tiny.mlp_dim + 8})
     extra = 3 * tiny.embed_dim * 8 * tiny.num_layers
@@ -57,11 +57,11 @@ def test_unknown_parameter_name_raises():
 def test_cli_last_line():
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     out = subprocess.run(
-        [sys.executable, "-m", "mmjax.flops", "--config", str(CONFIGS / "mmv2_small.py:tiny"),
-         "--baseline", str(CONFIGS / "llama_small.py:tiny")],
+        [sys.executable, "-m", "mmjax.flops", "--config", str(CONFIGS / "mmv2.py:tiny"),
+         "--baseline", str(CONFIGS / "llama.py:tiny")],
         capture_output=True, text=True, check=True, env=env)
-    c = flops.count(load_config("mmv2_small.py:tiny").model)
-    base = flops.count(load_config("llama_small.py:tiny").model)
+    c = flops.count(load_config("mmv2.py:tiny").model)
+    base = flops.count(load_config("llama.py:tiny").model)
     lines = out.stdout.strip().splitlines()
     assert lines[-1] == f"params={c.total_params} flops_per_token={c.total_flops}"
     assert "persistent memory" in out.stdout and "vs llama" in out.stdout
@@ -71,7 +71,7 @@ def test_cli_last_line():
 
 
 def test_memory_parts_split_tiers_and_fusion():
-    tiny = load_config("mmv2_small.py:tiny").model
+    tiny = load_config("mmv2.py:tiny").model
     c = flops.count(tiny)
     d, h, layers = tiny.embed_dim, tiny.num_heads, tiny.num_layers
     assert c.memory_parts["out"] == layers * 2 * d * d  # W_o fuses 2 H heads

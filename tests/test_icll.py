@@ -152,9 +152,9 @@ def test_bad_flags_exit_2(argv, capsys):
 @pytest.mark.parametrize("width, context", [(64, 512), (32, 128)])
 def test_the_two_models_have_the_same_number_of_parameters(width, context):
     from mmjax import flops
-    from mmjax.eval.icll import icll_config
+    from mmjax.config import load
 
-    mm, gpt2 = (flops.count(icll_config(m, width=width, context=context).model).total_params
-                for m in ("mm", "gpt2"))
+    mm, gpt2 = (flops.count(load(f"icll.py:{m},width={width},context={context}").model
+                            ).total_params for m in ("mm", "gpt2"))
     # the same up to the Memory Mosaic's per-head scalars: 7 per head and layer
     assert mm - gpt2 == 7 * 4 * 2, (mm, gpt2)

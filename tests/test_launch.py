@@ -175,19 +175,19 @@ def test_run_v4_starts_everywhere_then_follows_worker_0(capsys):
 
 def test_run_v5e_gcsfuse_workdir_no_follow(capsys):
     out, notes = dry_run_with_notes(capsys, "run", *WHERE_E,
-                                    "--config=configs/mmv2_large.py:finetune",
+                                    "--config=configs/mmv2.py:large,finetune",
                                     "--workdir=/gcs/my-bucket/mmv2/large", "--no-follow")
     train = (".venv/bin/python -m mmjax.train --distributed "
-             "--config=configs/mmv2_large.py:finetune --workdir=/gcs/my-bucket/mmv2/large")
+             "--config=configs/mmv2.py:large,finetune --workdir=/gcs/my-bucket/mmv2/large")
     assert out == [ssh("mm-v5e", SUFFIX_E, "all", start(train))]
     assert notes == ""
 
 
 def test_run_takes_a_gs_workdir_as_it_is(capsys):
-    out, _ = dry_run_with_notes(capsys, "run", *WHERE_E, "--config=configs/mmv2_large.py",
+    out, _ = dry_run_with_notes(capsys, "run", *WHERE_E, "--config=configs/mmv2.py:large",
                                 "--workdir=gs://my-bucket/mmv2/large", "--no-follow")
     train = (".venv/bin/python -m mmjax.train --distributed "
-             "--config=configs/mmv2_large.py --workdir=gs://my-bucket/mmv2/large")
+             "--config=configs/mmv2.py:large --workdir=gs://my-bucket/mmv2/large")
     assert out == [ssh("mm-v5e", SUFFIX_E, "all", start(train))]
 
 
@@ -245,7 +245,7 @@ RUNS = [
     ["create", *WHERE, "--generation=v4", "--accelerator-type=v4-32", "--spot"],
     ["create", *WHERE_E, "--generation=v5e", "--accelerator-type=v5litepod-256", "--queued"],
     ["setup", *WHERE],
-    ["run", *WHERE_E, "--config=configs/mmv2_large.py", "--workdir=/shared/x", "--",
+    ["run", *WHERE_E, "--config=configs/mmv2.py:large", "--workdir=/shared/x", "--",
      *OVERRIDES],
     ["logs", *WHERE], ["stop", *WHERE], ["stop", *WHERE, "--kill"],
     ["delete", *WHERE_E, "--queued"], ["status", *WHERE],

@@ -22,7 +22,7 @@ import pytest
 from config_loading import TINY
 from test_train import small_config
 
-from mmjax.train import config_lib
+from mmjax.config import validate_config, with_defaults
 from mmjax.train.checkpoint import Checkpointer, WorkdirLock, damage
 from mmjax.train.loop import (
     EXIT_PREEMPTED,
@@ -153,11 +153,11 @@ def test_bad_config_values_are_named_before_compiling(key, value, monkeypatch):
 
 
 def test_every_problem_gets_its_line():
-    config = config_lib.with_defaults(small_config())
+    config = with_defaults(small_config())
     config.train.log_every = 0
     config.data.context_length = 0
     with pytest.raises(ValueError) as info:
-        config_lib.validate_config(config)
+        validate_config(config)
     lines = str(info.value).splitlines()
     assert len(lines) == 3 and "train.log_every" in lines[1] and "context_length" in lines[2]
 

@@ -8,9 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mmjax.config import default_config, validate_config, with_defaults
 from mmjax.ops import cross_entropy, lm_head_loss
-from mmjax.train import defaults
-from mmjax.train.config_lib import validate_config, with_defaults
 from mmjax.train.loop import Trainer
 
 
@@ -96,7 +95,7 @@ def test_chunked_loss_never_holds_the_batch_logits():
 
 
 def _tiny(name):
-    config = defaults.get_config()
+    config = default_config()
     if name == "gpt2":
         config.model = dict(name="gpt2", vocab_size=64, num_layers=1, num_heads=2,
                             embed_dim=16, context_length=24, mlp_ratio=2, dropout_rate=0.0)

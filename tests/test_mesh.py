@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from mmjax.kernels import compile_check
 
+from mmjax.config import DEFAULTS, validate_config, with_defaults
 from mmjax.data.pipeline import rows_by_process
 from mmjax.train import sharding
-from mmjax.train.config_lib import DEFAULTS, validate_config, with_defaults
 
 needs_libtpu = pytest.mark.skipif(
     not compile_check.libtpu_available() and not os.environ.get("CI"),

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import pytest
 from config_loading import CONFIGS, load_config
 
+from mmjax.config import config_module
 from mmjax.train import loop
 from mmjax.train.checkpoint import Checkpointer
 from mmjax.train.loop import Reporter, train_and_evaluate
@@ -15,10 +16,7 @@ LM_CONFIGS = sorted(p.name for p in CONFIGS.glob("*.py") if p.name != "moons.py"
 
 
 def _presets(name: str) -> list[str]:
-    text = (CONFIGS / name).read_text()
-    found = [p for p in ("tiny", "tiny_text", "finetune", "short_long", "no_long_term")
-             if f'"{p}"' in text.split("PRESETS = ", 1)[1].split("\n", 1)[0]]
-    return [name, *(f"{name}:{p}" for p in found)]
+    return [name, *(f"{name}:{p}" for p in config_module(name).PRESETS)]
 
 
 @pytest.mark.parametrize("spec", [s for name in LM_CONFIGS for s in _presets(name)])

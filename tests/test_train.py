@@ -5,13 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mmjax.config import default_config
 from mmjax.ops import cross_entropy
-from mmjax.train import defaults
 from mmjax.train.loop import Reporter, Trainer, train_and_evaluate
 
 
 def small_config(num_steps=20, mesh=(-1, 1, 1)):
-    config = defaults.get_config()
+    config = default_config()
     config.model.update(dict(vocab_size=16, num_layers=1, num_heads=2, embed_dim=16,
                              pmem_size=8))
     config.data.update(dict(context_length=24, batch_size=8))

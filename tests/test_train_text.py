@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from config_loading import load_config
 
+from mmjax.config import default_config
 from mmjax.data import DataError, stories
 from mmjax.data.store import write_store
-from mmjax.train import defaults
 from mmjax.train.loop import Trainer, train_and_evaluate
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -101,7 +101,7 @@ def test_evaluation_reads_the_validation_split(store):
 def test_synthetic_checkpoint_without_a_data_item_resumes_by_step(tmp_path):
     """Checkpoints written before the iterator state was saved still resume a synthetic
     run exactly (its batches are a pure function of the step)."""
-    config = defaults.get_config()
+    config = default_config()
     config.model.update(dict(vocab_size=16, num_layers=1, num_heads=2, embed_dim=16,
                              pmem_size=8))
     config.data.update(dict(context_length=16, batch_size=8))
@@ -327,9 +327,9 @@ def test_cli_tokenizer_prepare_train(tmp_path):
 
 
 def test_text_configs_read_a_store():
-    for spec in ("mm_v1_small.py", "gpt2_small.py", "mmv2_small.py", "mmv2_large.py",
+    for spec in ("mm_v1_small.py", "gpt2_small.py", "mmv2.py", "mmv2.py:large",
                  "mm_v1_small.py:tiny_text", "gpt2_small.py:tiny_text",
-                 "mmv2_small.py:tiny_text"):
+                 "mmv2.py:tiny_text"):
         config = load_config(spec)
         assert config.data.corpus == "tokens" and config.data.path == "", spec
         assert config.train.init_from == "", spec
@@ -339,19 +339,19 @@ def test_text_configs_read_a_store():
 
 
 def test_v2_token_budgets_and_finetune_presets():
-    small, large = load_config("mmv2_small.py"), load_config("mmv2_large.py")
+    small, large = load_config("mmv2.py"), load_config("mmv2.py:large")
     tokens = 1024 * 4096
     assert small.train.num_steps * tokens >= 200e9 > (small.train.num_steps - 1) * tokens
     assert large.train.num_steps * tokens >= 1e12 > (large.train.num_steps - 1) * tokens
     assert small.optimizer.total_steps == small.train.num_steps
-    assert load_config("mmv2_small.py:finetune").data.context_length == 32768
-    tiny = load_config("mmv2_small.py:tiny_text")
-    assert load_config("mmv2_small.py:tiny_text,finetune").data.context_length == (
+    assert load_config("mmv2.py:finetune").data.context_length == 32768
+    tiny = load_config("mmv2.py:tiny_text")
+    assert load_config("mmv2.py:tiny_text,finetune").data.context_length == (
         2 * tiny.data.context_length)
 
 
 def test_v2_finetune_preset_starts_from_a_pretrained_run(store, tmp_path):
-    """``mmv2_small.py:tiny_text`` pre-trained, then ``:tiny_text,finetune`` (twice the
+    """``mmv2.py:tiny_text`` pre-trained, then ``:tiny_text,finetune`` (twice the
     context) from its parameters: the v2 paper's 4k -> 32k recipe in small."""
     def v2(spec, steps):
         config = load_config(spec)
@@ -361,9 +361,9 @@ def test_v2_finetune_preset_starts_from_a_pretrained_run(store, tmp_path):
         config.checkpoint.save_every = steps
         return config
 
-    pre = train_and_evaluate(v2("mmv2_small.py:tiny_text", 2), str(tmp_path / "pre"),
+    pre = train_and_evaluate(v2("mmv2.py:tiny_text", 2), str(tmp_path / "pre"),
                              progress=False)
-    config = v2("mmv2_small.py:tiny_text,finetune", 1)
+    config = v2("mmv2.py:tiny_text,finetune", 1)
     assert config.data.context_length == 2 * pre["eval_loss_per_position"].shape[0]
     config.train.init_from = str(tmp_path / "pre")
     config.train.num_steps = 0

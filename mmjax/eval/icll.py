@@ -18,8 +18,11 @@ import warnings
 import jax
 import numpy as np
 
+from mmjax.config import PAIR_MODELS, load
 from mmjax.data.icll import NUM_LETTERS, SEPARATOR, VOCAB_SIZE, Example, ICLLCorpus
-from mmjax.eval.pair import MODELS, pair_config
+
+# The runs' config file: configs/icll.py of a checkout (its presets name each run).
+CONFIG = "configs/icll.py"
 
 # The v1 paper's figure 9 (held-out accuracy at N = 100 / 1000 / 2500 training languages).
 PAPER_ACCURACY = {"memory_mosaic": {100: 0.925, 1000: 0.934, 2500: 0.941},
@@ -84,17 +87,6 @@ def score(probs: np.ndarray, example: Example) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------- training
 
 
-def icll_config(model: str = "mm", *, languages: int = 1000, steps: int = 600, seed: int = 0,
-                width: int = 64, context: int = 512, eval_languages: int = 256):
-    """The training config of one run (``configs/icll.py`` is this, with presets): the
-    equal-size pair of :func:`mmjax.eval.pair.pair_config` on the ``icll`` corpus."""
-    return pair_config(model, corpus="icll",
-                       corpus_options=dict(num_languages=languages,
-                                           eval_languages=eval_languages),
-                       vocab_size=VOCAB_SIZE, context=context, steps=steps, seed=seed,
-                       width=width)
-
-
 def model_probs(model, params, examples: list[Example], batch_size: int = 16) -> np.ndarray:
     """Next-token distributions ``[examples, length - 1, VOCAB_SIZE]`` of a trained model."""
     apply = jax.jit(lambda p, x: jax.nn.softmax(model.apply({"params": p}, x), axis=-1))
@@ -116,10 +108,13 @@ def mean_scores(probs: np.ndarray, examples: list[Example]) -> dict:
                 "tvd_by_position": np.nanmean(tvd, axis=0).tolist()}
 
 
-def run(*, languages=(100, 1000, 2500), seeds=(0,), steps: int = 600, models=MODELS,
+def run(*, languages=(100, 1000, 2500), seeds=(0,), steps: int = 600, models=PAIR_MODELS,
         width: int = 64, context: int = 512, eval_languages: int = 256,
         output: str | None = None, log=print) -> list[dict]:
     """Train each model on each N with each seed; score it on held-out languages.
+
+    Each run is :data:`CONFIG` with its presets (``:mm,languages=N,...``), read from the
+    working directory or the repository's ``configs/`` (a checkout).
 
     Returns one row per (model, N, seed) and per (n-gram baseline, N, seed); with
     ``output`` writes ``icll.json`` there (rows with per-position curves).
@@ -137,8 +132,8 @@ def run(*, languages=(100, 1000, 2500), seeds=(0,), steps: int = 600, models=MOD
                 rows.append({"model": f"in-context {k}-gram", "languages": n, "seed": seed,
                              **mean_scores(probs, held_out)})
             for name in models:
-                config = icll_config(name, languages=n, steps=steps, seed=seed, width=width,
-                                     context=context, eval_languages=eval_languages)
+                config = load(f"{CONFIG}:{name},languages={n},steps={steps},seed={seed},"
+                              f"width={width},context={context},eval_languages={eval_languages}")
                 result = train_and_evaluate(config, None, progress=False)
                 model = build_model(config.model)
                 probs = model_probs(model, result["state"].params, held_out)

@@ -32,13 +32,13 @@ import numpy as np
 from flax import linen as nn
 from tqdm.auto import tqdm
 
+from mmjax.config import validate_config, with_defaults
 from mmjax.data import make_batches, synthetic
 from mmjax.data.pipeline import TextBatches
 from mmjax.models import build_model
 from mmjax.train import sharding as sharding_lib
 from mmjax.train import storage
 from mmjax.train.checkpoint import Checkpointer, WorkdirLock, keep_tokenizer, load_params
-from mmjax.train.config_lib import validate_config, with_defaults
 from mmjax.train.jitted import jit_train_step
 from mmjax.train.metrics import MetricWriter
 from mmjax.train.optimizer import make_optimizer
