@@ -3,7 +3,7 @@ whose train step fits, compiled with ``python -m mmjax.aot --json`` (libtpu, no 
 Prints a Markdown table, one row per case as it finishes (``launch/README.md``, "Recommended
 meshes", holds the measured rows).
 
-    python benchmarks/aot_meshes.py [--only mmv2_small,gpt2_small] [--slices v5e:2x2]
+    python benchmarks/aot_meshes.py [--only mmv2.py:small,gpt2_small.py] [--slices v5e:2x2]
         [--timeout 1800] [--jsonl rows.jsonl]
 
 Each case starts at the micro-batch count that gives each chip about 16k tokens per
@@ -17,46 +17,46 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 
-from aot_paper_scales import run_case
+from aot_paper_scales import run_case, split_configs
 
 # tokens per chip per micro-batch to start from, by generation
 START_TOKENS = {"v5e": 16384, "v5p": 65536, "v4": 16384}
 CHIPS = {"v5e:2x2": 4, "v5e:4x4": 16, "v5p:2x2x4": 16, "v5p:4x4x4": 64, "v5e:16x16": 256}
-# (config[:preset], slice, data,fsdp,tensor[, first micro-batch count]): v2/LLaMA under FSDP,
+# (FILE.py[:presets], slice, data,fsdp,tensor[, first micro-batch count]): v2/LLaMA under FSDP,
 # the v1/GPT2 pair data-parallel. Where the state alone fills most of a chip, start at one
 # sequence per chip.
 CASES = (
-    ("gpt2_small", "v5e:2x2", "-1,1,1"),
-    ("mm_v1_small", "v5e:2x2", "-1,1,1"),
-    ("mmv2_small", "v5e:4x4", "1,-1,1"),
-    ("mmv2_large", "v5p:2x2x4", "1,-1,1"),
-    ("llama_small", "v5e:4x4", "1,-1,1"),
-    ("llama_large", "v5p:2x2x4", "1,-1,1"),
-    ("mmv2_small:finetune", "v5e:4x4", "1,-1,1"),
-    ("mmv2_large:finetune", "v5p:2x2x4", "1,-1,1"),
-    ("mmv2_small", "v5e:2x2", "1,-1,1", 256),
-    ("mmv2_large", "v5e:4x4", "1,-1,1", 64),
-    ("mmv2_small", "v5p:2x2x4", "1,-1,1"),
-    ("llama_small", "v5p:2x2x4", "1,-1,1"),
-    ("gpt2_small", "v5e:4x4", "-1,1,1"),
-    ("mm_v1_small", "v5e:4x4", "-1,1,1"),
-    ("mmv2_large", "v5e:16x16", "1,-1,1"),
-    ("llama_large", "v5e:4x4", "1,-1,1", 64),
+    ("gpt2_small.py", "v5e:2x2", "-1,1,1"),
+    ("mm_v1_small.py", "v5e:2x2", "-1,1,1"),
+    ("mmv2.py:small", "v5e:4x4", "1,-1,1"),
+    ("mmv2.py:large", "v5p:2x2x4", "1,-1,1"),
+    ("llama.py:small", "v5e:4x4", "1,-1,1"),
+    ("llama.py:large", "v5p:2x2x4", "1,-1,1"),
+    ("mmv2.py:small,finetune", "v5e:4x4", "1,-1,1"),
+    ("mmv2.py:large,finetune", "v5p:2x2x4", "1,-1,1"),
+    ("mmv2.py:small", "v5e:2x2", "1,-1,1", 256),
+    ("mmv2.py:large", "v5e:4x4", "1,-1,1", 64),
+    ("mmv2.py:small", "v5p:2x2x4", "1,-1,1"),
+    ("llama.py:small", "v5p:2x2x4", "1,-1,1"),
+    ("gpt2_small.py", "v5e:4x4", "-1,1,1"),
+    ("mm_v1_small.py", "v5e:4x4", "-1,1,1"),
+    ("mmv2.py:large", "v5e:16x16", "1,-1,1"),
+    ("llama.py:large", "v5e:4x4", "1,-1,1", 64),
     # 32k-token rows: one per chip does not fit a v5e under FSDP alone; split heads and MLP
-    ("mmv2_small:finetune", "v5e:4x4", "1,-1,2"),
-    ("mmv2_large:finetune", "v5e:16x16", "1,-1,2"),  # 128 rows: fewer shards than chips
-    ("mmv2_large:finetune", "v5e:16x16", "1,-1,4"),
-    ("mmv2_small:finetune", "v5p:2x2x4", "1,-1,1"),
+    ("mmv2.py:small,finetune", "v5e:4x4", "1,-1,2"),
+    ("mmv2.py:large,finetune", "v5e:16x16", "1,-1,2"),  # 128 rows: fewer shards than chips
+    ("mmv2.py:large,finetune", "v5e:16x16", "1,-1,4"),
+    ("mmv2.py:small,finetune", "v5p:2x2x4", "1,-1,1"),
     # the large models at one row per chip do not fit 16 v5e chips under FSDP alone
-    ("mmv2_large", "v5e:4x4", "1,-1,2", 128),
-    ("llama_large", "v5e:4x4", "1,-1,2", 128),
+    ("mmv2.py:large", "v5e:4x4", "1,-1,2", 128),
+    ("llama.py:large", "v5e:4x4", "1,-1,2", 128),
 )
 # the configs' global batch and context (data.batch_size, data.context_length)
-BATCH = {"mmv2_small": (1024, 4096), "mmv2_large": (1024, 4096), "llama_small": (1024, 4096),
-         "llama_large": (1024, 4096), "mm_v1_small": (512, 512), "gpt2_small": (512, 512),
-         "mmv2_small:finetune": (128, 32768), "mmv2_large:finetune": (128, 32768)}
+BATCH = {"mmv2.py:small": (1024, 4096), "mmv2.py:large": (1024, 4096),
+         "llama.py:small": (1024, 4096), "llama.py:large": (1024, 4096),
+         "mm_v1_small.py": (512, 512), "gpt2_small.py": (512, 512),
+         "mmv2.py:small,finetune": (128, 32768), "mmv2.py:large,finetune": (128, 32768)}
 
 
 def batch_shards(topology: str, mesh: str) -> int:
@@ -77,12 +77,11 @@ def start_accum(config: str, topology: str, mesh: str = "1,-1,1") -> int:
 
 def measure(config: str, topology: str, mesh: str, timeout: int, accum: int | None = None):
     """Rows tried for one case, the last one fitting (or the last failure)."""
-    name, _, preset = config.partition(":")
     batch, _ = BATCH[config]
     accum = accum or start_accum(config, topology, mesh)
     rows = []
     while True:
-        row = run_case(name, topology, mesh, accum, preset == "finetune", timeout)
+        row = run_case(config, topology, mesh, accum, False, timeout)
         row.update(config=config, accum=accum)
         rows.append(row)
         if row.get("fits") or "fits" not in row and not row.get("status", "").startswith(
@@ -112,9 +111,9 @@ def main(argv=None) -> None:
     parser.add_argument("--skip", default="",
                         help="comma-separated CONFIG@SLICE or CONFIG@SLICE@MESH to leave out")
     args = parser.parse_args(argv)
-    only = set(filter(None, args.only.split(",")))
+    only = set(split_configs(args.only))
     slices = set(filter(None, args.slices.split(",")))
-    skip = set(filter(None, re.split(r",(?=[a-z])", args.skip)))  # a mesh holds commas
+    skip = set(split_configs(args.skip))
     print("| config | slice | mesh | micro-batches | sequences per chip per micro-batch | "
           "HBM per chip | fits | compile s |")
     print("|---|---|---|---|---|---|---|---|", flush=True)

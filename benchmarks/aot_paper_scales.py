@@ -2,7 +2,7 @@
 step fit, and how much of each chip's HBM does it use? Prints a Markdown table.
 
     python benchmarks/aot_paper_scales.py [--topologies v4:4x4x4,v5e:16x16,v5p:4x4x4]
-        [--configs mmv2_small,mmv2_large,...] [--finetune]
+        [--configs mmv2.py:small,mmv2.py:large,...] [--finetune]
 
 Each case runs ``python -m mmjax.aot --json`` in its own process (the compile of a large
 model on hundreds of described chips takes minutes and gigabytes of host memory). A case
@@ -14,25 +14,29 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import time
 
-# Case labels: a config file's name, or FAMILY_SCALE for the scale presets of the family files
-# (mmv2_large: configs/mmv2.py:large).
-CONFIGS = ("mm_v1_small", "gpt2_small", "mmv2_small", "llama_small", "mmv2_large",
-           "llama_large")
-FAMILIES = ("mmv2", "llama")
+# Cases: a file of configs/ with its presets.
+CONFIGS = ("mm_v1_small.py", "gpt2_small.py", "mmv2.py:small", "llama.py:small", "mmv2.py:large",
+           "llama.py:large")
 TOPOLOGIES = ("v4:4x4x4", "v5e:16x16", "v5p:4x4x4")
 
 
+def split_configs(text: str) -> list[str]:
+    """Comma-separated entries that each start with a config file (``mmv2.py:small,finetune,
+    gpt2_small.py@v5e:2x2@-1,1,1``: presets and meshes hold commas too)."""
+    return [entry for entry in re.split(r",(?=\w+\.py)", text) if entry]
+
+
 def config_spec(config: str, finetune: bool = False) -> str:
-    """The ``--config`` of a case label: ``gpt2_small`` -> ``configs/gpt2_small.py``,
-    ``mmv2_large`` -> ``configs/mmv2.py:large`` (``finetune`` adds the preset)."""
-    family, _, scale = config.rpartition("_")
-    name, presets = (family, [scale]) if family in FAMILIES else (config, [])
-    presets += ["finetune"] if finetune else []
-    return f"configs/{name}.py" + (f":{','.join(presets)}" if presets else "")
+    """The ``--config`` of a case: ``mmv2.py:large`` -> ``configs/mmv2.py:large``;
+    ``finetune`` adds that preset."""
+    if finetune:
+        config += ",finetune" if ":" in config else ":finetune"
+    return f"configs/{config}"
 
 
 def run_case(config: str, topology: str, mesh: str, accum: int, finetune: bool,
@@ -68,7 +72,7 @@ def main(argv=None) -> None:
     print("| config | topology | mesh | micro-batches | batch per chip per micro-batch | "
           "HBM used per chip | fits | compile s |")
     print("|---|---|---|---|---|---|---|---|")
-    for config in args.configs.split(","):
+    for config in split_configs(args.configs):
         for topology in args.topologies.split(","):
             for accum in (int(a) for a in args.accum.split(",")):
                 row = run_case(config, topology, args.mesh, accum, args.finetune, args.timeout)

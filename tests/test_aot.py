@@ -194,12 +194,12 @@ def test_aot_meshes_starts_near_a_token_budget_and_doubles_until_it_fits(monkeyp
     monkeypatch.syspath_prepend(str(bench))
     import aot_meshes
 
-    assert aot_meshes.start_accum("mmv2_small", "v5e:4x4") == 16  # 64 rows -> 4 per chip
-    assert aot_meshes.start_accum("mmv2_large", "v5p:2x2x4") == 4  # 16 rows of 4096
-    assert aot_meshes.start_accum("mmv2_small:finetune", "v5e:4x4") == 8  # one 32k row
-    assert aot_meshes.start_accum("gpt2_small", "v5e:2x2") == 4  # 32 rows of 512
+    assert aot_meshes.start_accum("mmv2.py:small", "v5e:4x4") == 16  # 64 rows -> 4 per chip
+    assert aot_meshes.start_accum("mmv2.py:large", "v5p:2x2x4") == 4  # 16 rows of 4096
+    assert aot_meshes.start_accum("mmv2.py:small,finetune", "v5e:4x4") == 8  # one 32k row
+    assert aot_meshes.start_accum("gpt2_small.py", "v5e:2x2") == 4  # 32 rows of 512
     # tensor 2: 8 batch shards of 16 rows of 32k: one row per shard per micro-batch
-    assert aot_meshes.start_accum("mmv2_small:finetune", "v5e:4x4", "1,-1,2") == 16
+    assert aot_meshes.start_accum("mmv2.py:small,finetune", "v5e:4x4", "1,-1,2") == 16
     tried = []
 
     def fake_run(config, topology, mesh, accum, finetune, timeout):
@@ -211,11 +211,11 @@ def test_aot_meshes_starts_near_a_token_budget_and_doubles_until_it_fits(monkeyp
                 "compile_seconds": 1.0}
 
     monkeypatch.setattr(aot_meshes, "run_case", fake_run)
-    rows = aot_meshes.measure("mmv2_small:finetune", "v5e:4x4", "1,-1,1", 60)
-    assert tried == [("mmv2_small", 8, True)]  # one sequence per chip: nothing smaller
+    rows = aot_meshes.measure("mmv2.py:small,finetune", "v5e:4x4", "1,-1,1", 60)
+    assert tried == [("mmv2.py:small,finetune", 8, False)]  # one sequence per chip: nothing smaller
     assert "does not fit" in aot_meshes.format_row(rows[-1], "v5e:4x4")
     tried.clear()
-    rows = aot_meshes.measure("mmv2_small", "v5e:4x4", "1,-1,1", 60)
+    rows = aot_meshes.measure("mmv2.py:small", "v5e:4x4", "1,-1,1", 60)
     assert [a for _, a, _ in tried] == [16, 32]
     assert aot_meshes.format_row(rows[-1], "v5e:4x4") == (
-        "| mmv2_small | v5e:4x4 | fsdp 16 | 32 | 0.25 | 1.0 / 16 GiB | yes | 1 |")
+        "| mmv2.py:small | v5e:4x4 | fsdp 16 | 32 | 0.25 | 1.0 / 16 GiB | yes | 1 |")

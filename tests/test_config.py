@@ -208,20 +208,26 @@ def test_every_config_and_preset_loads_and_validates(spec):
 
 
 def test_every_benchmark_case_is_a_config(monkeypatch):
-    """The AOT benchmarks label cases ``mmv2_large[:finetune]`` (``configs/mmv2.py:large``);
-    each label loads, with the global batch and context ``aot_meshes`` plans for."""
+    """The AOT benchmarks name cases ``FILE.py[:presets]``; each loads, with the global batch
+    and context ``aot_meshes`` plans for; lists of them split before each file name."""
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     import aot_meshes
     import aot_paper_scales
 
-    assert aot_paper_scales.config_spec("mmv2_large", finetune=True) == (
+    assert aot_paper_scales.config_spec("mmv2.py:large", finetune=True) == (
         "configs/mmv2.py:large,finetune")
-    for label in aot_paper_scales.CONFIGS:
-        load(aot_paper_scales.config_spec(label))
-    for label, (batch, context) in aot_meshes.BATCH.items():
-        name, _, preset = label.partition(":")
-        config = load(aot_paper_scales.config_spec(name, finetune=preset == "finetune"))
-        assert (config.data.batch_size, config.data.context_length) == (batch, context), label
+    assert aot_paper_scales.config_spec("gpt2_small.py", finetune=True) == (
+        "configs/gpt2_small.py:finetune")
+    assert aot_paper_scales.split_configs("mmv2.py:small,finetune@v5e:4x4@1,-1,2,gpt2_small.py"
+                                          ) == ["mmv2.py:small,finetune@v5e:4x4@1,-1,2",
+                                                "gpt2_small.py"]
+    for config in aot_paper_scales.CONFIGS:
+        load(aot_paper_scales.config_spec(config))
+    for config, *_ in aot_meshes.CASES:
+        assert config in aot_meshes.BATCH, config
+    for config, (batch, context) in aot_meshes.BATCH.items():
+        loaded = load(aot_paper_scales.config_spec(config))
+        assert (loaded.data.batch_size, loaded.data.context_length) == (batch, context), config
 
 
 def _old_to_new(old: str) -> str:
