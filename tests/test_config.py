@@ -65,6 +65,17 @@ def test_load_by_name_is_the_embedded_default():
     assert as_json(load(DEFAULT)) == as_json(load("mm_v1_small.py:tiny"))
 
 
+def test_without_a_checkout_only_registered_names_load(monkeypatch, tmp_path):
+    """An installed wheel has no configs/: the embedded default still loads by name."""
+    import mmjax.config
+
+    monkeypatch.setattr(mmjax.config, "CONFIGS", tmp_path / "configs")
+    monkeypatch.chdir(tmp_path)
+    assert as_json(load(DEFAULT)) == as_json(default_config())
+    with pytest.raises(ValueError, match=r"config file 'mmv2.py' not found \(looked for mmv2.py\)"):
+        load("mmv2.py")
+
+
 def test_a_bare_family_file_is_the_small_scale():
     for family in ("mmv2", "llama"):
         bare, small = load(f"{family}.py"), load(f"{family}.py:small")
