@@ -7,6 +7,11 @@ parameter and state shardings and the jitted steps all come from ``__init__``, s
 may be called in any order. Data problems (a missing store, a vocabulary that differs from
 ``model.vocab_size``, token ids outside it) stop ``__init__`` before anything is compiled.
 
+What is trained on comes from a :class:`Task`: the language-model task (token batches,
+next-token loss, :func:`lm_task`) unless the caller passes another, as the three-moons toy
+does (``mmjax.moons.train``; its config says ``task="moons"``). Everything else (mesh, steps,
+checkpoints, resume, metrics) is the same for every task.
+
 Checkpoints (with ``--workdir``) hold the train state and the train iterator's state, so a
 resumed run sees exactly the batches of an uninterrupted one. ``train.init_from`` (a workdir
 or a checkpoint step directory) starts a run without a checkpoint of its own from another
@@ -25,6 +30,7 @@ import functools
 import math
 import sys
 import time
+from collections.abc import Callable
 
 import jax
 import ml_collections
@@ -42,25 +48,81 @@ from mmjax.train.checkpoint import Checkpointer, WorkdirLock, keep_tokenizer, lo
 from mmjax.train.jitted import jit_train_step
 from mmjax.train.metrics import MetricWriter
 from mmjax.train.optimizer import make_optimizer
-from mmjax.train.state import state_layout
-from mmjax.train.step import eval_step, guarded_train_step
+from mmjax.train.state import init_variables, state_layout
+from mmjax.train.step import eval_step, guarded_train_step, lm_batch_loss
+
+
+def split_seed(seed: int) -> tuple[jax.Array, jax.Array]:
+    """``(init_rng, state_rng)``: the two halves of ``jax.random.key(seed)``."""
+    init_rng, state_rng = jax.random.split(jax.random.key(seed))
+    return init_rng, state_rng
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """What a :class:`Trainer` fits, beyond the model and the optimiser.
+
+    Attributes:
+      name: what a config trained on it says in ``config.task`` (``"lm"`` when absent).
+      batch_loss: ``(model, params, batch, **apply_kwargs) -> (loss, loss_per_position_T,
+        count)`` on a ``[batch, time + 1, ...]`` batch (``mmjax.train.step``).
+      make_batches: ``(split, sharding) -> iterator`` of such batches for ``"train"`` and
+        ``"val"``: ``next``, ``get_state``/``set_state`` (JSON, kept in checkpoints), ``close``.
+      init_variables: ``(model, rng, batch_size, length) -> boxed variables``.
+      rngs: ``seed -> (init_rng, state_rng)``: the parameters' and the train state's keys.
+    """
+
+    name: str
+    batch_loss: Callable
+    make_batches: Callable
+    init_variables: Callable = init_variables
+    rngs: Callable = split_seed
+
+
+def lm_task(config: ml_collections.ConfigDict) -> Task:
+    """The language-model task: ``mmjax.data.make_batches`` of ``config.data`` (a synthetic
+    corpus or a token store) and the fused next-token loss (``train.loss_chunk``; the targets
+    a corpus does not train on are ignored: ``synthetic.ignored_targets``)."""
+    ignore = synthetic.ignored_targets(config.data.get("corpus", "tokens"))
+    return Task(
+        name="lm",
+        batch_loss=functools.partial(lm_batch_loss, loss_chunk=config.train.loss_chunk,
+                                     ignore_targets=ignore),
+        make_batches=functools.partial(make_batches, config.data,
+                                       vocab_size=config.model.vocab_size,
+                                       seed=config.train.seed),
+    )
+
+
+def check_task(config: ml_collections.ConfigDict, name: str) -> None:
+    """A config names its task (``config.task``, ``"lm"`` when absent); refuse a config of
+    another task than ``name`` in one line (``python -m mmjax.train`` trains language models
+    only)."""
+    wanted = config.get("task", "lm")
+    if wanted != name:
+        raise ValueError(f"config.task={wanted!r}, but the trainer was given the {name!r} "
+                         f"task: run this config with its own command (the three moons: "
+                         f"python -m mmjax.moons)")
 
 
 class Trainer:
     """Everything built from a config: model, optimiser, data, mesh, shardings, jitted steps.
 
     Attributes set by ``__init__`` (all of them): ``config`` (with defaults filled in),
-    ``model``, ``optimizer``, ``mesh``, ``rules``, ``batch_sharding``, ``train_batches`` and
-    ``val_batches`` (``make_batches`` iterators of the train and validation splits),
+    ``task`` (the given :class:`Task`, by default :func:`lm_task`), ``model``,
+    ``optimizer``, ``mesh``, ``rules``, ``batch_sharding``, ``train_batches`` and
+    ``val_batches`` (the task's iterators of the train and validation splits),
     ``corpus`` (the synthetic corpus, None for a token store), ``state_shardings``. Methods:
     :meth:`init_state`, :meth:`next_batch`, :meth:`batch` (synthetic corpora only),
     :meth:`train_step`, :meth:`evaluate`, :meth:`close`.
     """
 
-    def __init__(self, config: ml_collections.ConfigDict):
+    def __init__(self, config: ml_collections.ConfigDict, task: Task | None = None):
         config = with_defaults(config)
         validate_config(config)
         self.config = config
+        check_task(config, "lm" if task is None else task.name)
+        self.task = task if task is not None else lm_task(config)
         data = config.data
         if "vocab_size" in data:
             raise ValueError("data.vocab_size: the vocabulary size is said once, in "
@@ -82,21 +144,16 @@ class Trainer:
                              f"data x fsdp mesh size ({batch_devices})")
         self.batch_sharding = sharding_lib.batch_sharding(self.mesh, self.rules)
         self._open_data()  # before compiling: bad data is an error in seconds
-        self._init_rng, self._state_rng = jax.random.split(jax.random.key(config.train.seed))
+        self._init_rng, self._state_rng = self.task.rngs(config.train.seed)
         self._build_steps()
 
     def _open_data(self) -> None:
         """The train and validation iterators; a token store's first batch is read (without
         moving the iterator) so that ids outside the model vocabulary stop the run now."""
-        config = self.config
-        kwargs = dict(vocab_size=config.model.vocab_size, sharding=self.batch_sharding,
-                      seed=config.train.seed)
-        self.train_batches = make_batches(config.data, split="train", **kwargs)
-        self.val_batches = make_batches(config.data, split="val", **kwargs)
+        self.train_batches = self.task.make_batches(split="train", sharding=self.batch_sharding)
+        self.val_batches = self.task.make_batches(split="val", sharding=self.batch_sharding)
         self._val_start = self.val_batches.get_state()
         self.corpus = getattr(self.train_batches, "corpus", None)
-        # target ids a corpus does not train on (the icll corpus: separator and padding)
-        self.ignore_targets = synthetic.ignored_targets(config.data.get("corpus", "tokens"))
         if isinstance(self.train_batches, TextBatches):
             self.train_batches.peek_local()
 
@@ -106,17 +163,16 @@ class Trainer:
         with nn.logical_axis_rules(self.rules):
             layout = state_layout(self.model, self.optimizer, self.mesh, self.rules,
                                   length=self.config.data.context_length,
-                                  init_rng=self._init_rng, state_rng=self._state_rng)
+                                  init_rng=self._init_rng, state_rng=self._state_rng,
+                                  init_variables=self.task.init_variables)
         self._init_params, self._create_state = layout.init_params, layout.create_state
         self.state_shardings = layout.shardings
         replicated = sharding_lib.replicated(self.mesh)
         self._train_step = jit_train_step(self.config, self.model, self.optimizer, self.mesh,
                                           self.rules, self.state_shardings,
-                                          self.ignore_targets)
+                                          batch_loss=self.task.batch_loss)
         self._eval_step = jax.jit(
-            functools.partial(eval_step, model=self.model,
-                              loss_chunk=self.config.train.loss_chunk,
-                              ignore_targets=self.ignore_targets),
+            functools.partial(eval_step, model=self.model, batch_loss=self.task.batch_loss),
             in_shardings=(self.state_shardings.params, self.batch_sharding),
             out_shardings=replicated,
         )
@@ -135,7 +191,8 @@ class Trainer:
             return self._create_state(self._init_params(self._init_rng), rng=self._state_rng)
 
     def next_batch(self) -> jax.Array:
-        """The next ``[batch, context + 1]`` train batch (its position is in checkpoints)."""
+        """The next ``[batch, context + 1, ...]`` train batch (its position is in
+        checkpoints)."""
         return next(self.train_batches)
 
     def batch(self, step: int, split: str = "train") -> jax.Array:
@@ -294,8 +351,9 @@ class Reporter:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = None,
-                       *, progress: bool = True) -> dict:
-    """Train ``config.train.num_steps`` steps; returns the final train and eval metrics.
+                       *, progress: bool = True, task: Task | None = None) -> dict:
+    """Train ``config.train.num_steps`` steps on ``task`` (default: :func:`lm_task`); returns
+    the final train and eval metrics.
 
     With ``workdir``, process 0 holds ``WORKDIR/lock`` for the run (a second run on the same
     workdir is refused). The returned dict has ``preempted`` (SIGTERM stopped the run after
@@ -306,7 +364,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
     if lock is not None:
         lock.acquire()
     try:
-        return _train(config, workdir, progress=progress, lock=lock)
+        return _train(config, workdir, progress=progress, lock=lock, task=task)
     finally:
         if lock is not None:
             lock.release()
@@ -321,8 +379,8 @@ def check_workdir(workdir: str | None) -> None:
         storage.check_location(workdir, "--workdir")
 
 
-def _train(config, workdir, *, progress, lock) -> dict:
-    trainer = Trainer(config)
+def _train(config, workdir, *, progress, lock, task) -> dict:
+    trainer = Trainer(config, task)
     try:
         return _train_loop(trainer, workdir, progress=progress, lock=lock)
     finally:
@@ -467,5 +525,5 @@ def _log(message: str) -> None:
         tqdm.write(message)
 
 
-__all__ = ["EXIT_PREEMPTED", "NonFiniteLossError", "Reporter", "Trainer", "guarded_train_step",
-           "train_and_evaluate"]
+__all__ = ["EXIT_PREEMPTED", "NonFiniteLossError", "Reporter", "Task", "Trainer",
+           "guarded_train_step", "lm_task", "train_and_evaluate"]

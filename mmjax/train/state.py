@@ -53,12 +53,15 @@ class StateLayout:
 
 
 def state_layout(model: nn.Module, optimizer: optax.GradientTransformation, mesh, rules, *,
-                 length: int, init_rng: jax.Array, state_rng: jax.Array) -> StateLayout:
+                 length: int, init_rng: jax.Array, state_rng: jax.Array,
+                 init_variables=init_variables) -> StateLayout:
     """Shardings of the parameters (from their logical axes) and of the whole train state.
 
     Nothing is allocated: parameters are traced with ``jax.eval_shape`` and the state's
     creation is compiled for ``mesh`` (any mesh, a TPU topology described on a CPU host too).
     Call with the mesh's logical-axis rules in effect (``nn.logical_axis_rules``).
+    ``init_variables``: ``(model, rng, batch_size, length) -> boxed variables``, by default on
+    token ids (a model with other inputs brings its own, e.g. the three moons).
     """
     init = functools.partial(init_variables, model, batch_size=1, length=length)
     with jax.set_mesh(mesh):

@@ -1,7 +1,15 @@
 """The training and evaluation steps: pure functions of (state, batch), and the guarded
-step the trainer jits (the train step plus its NaN/inf and token-id checks)."""
+step the trainer jits (the train step plus its NaN/inf and token-id checks).
+
+A batch is one array ``[batch, time + 1, ...]``: token ids for a language model, observations
+for the three moons. The steps read it through a *batch loss*
+``(model, params, batch, **apply_kwargs) -> (loss, loss_per_position_T, count)`` (``count``:
+what ``loss`` averages over); the default is the language model's, :func:`lm_batch_loss`.
+"""
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -33,13 +41,24 @@ def split_batch(tokens_BxT1: jax.Array, ignore_targets: tuple = ()):
     return inputs, targets
 
 
+def lm_batch_loss(model: nn.Module, params, tokens_BxT1: jax.Array, *, loss_chunk: int = 0,
+                  ignore_targets: tuple = (), **apply_kwargs):
+    """The language model's batch loss: ``[batch, time + 1]`` tokens split into inputs and
+    targets (:func:`split_batch`), then :func:`lm_loss`. Returns ``(loss,
+    loss_per_position_T, tokens)``."""
+    inputs, targets = split_batch(tokens_BxT1, ignore_targets)
+    return lm_loss(model, {"params": params}, inputs, targets, loss_chunk=loss_chunk,
+                   **apply_kwargs)
+
+
 def train_step(state: TrainState, tokens_BxT1: jax.Array, *, model: nn.Module,
                optimizer: optax.GradientTransformation, grad_accum_steps: int = 1,
-               loss_chunk: int = 0, ignore_targets: tuple = ()):
-    """One optimiser step on a ``[batch, time + 1]`` token batch. Returns (state, metrics).
+               loss_chunk: int = 0, ignore_targets: tuple = (), batch_loss=None):
+    """One optimiser step on a ``[batch, time + 1, ...]`` batch. Returns (state, metrics).
 
-    ``loss_chunk``: positions per chunk of the fused LM head + cross-entropy (:func:`lm_loss`).
-    ``ignore_targets``: target ids that are not trained on (:func:`split_batch`).
+    ``batch_loss``: the task's loss (module docstring); default: :func:`lm_batch_loss` with
+    ``loss_chunk`` (positions per chunk of the fused LM head + cross-entropy) and
+    ``ignore_targets`` (target ids that are not trained on, :func:`split_batch`).
 
     With ``grad_accum_steps = k > 1`` the batch is cut into ``k`` micro-batches of
     ``batch / k`` rows (rows ``i, i + k, i + 2k, ..``, so each micro-batch stays spread over
@@ -56,14 +75,14 @@ def train_step(state: TrainState, tokens_BxT1: jax.Array, *, model: nn.Module,
                          f"batch of {batch} rows")
 
     rngs = dict(zip(RNG_STREAMS, jax.random.split(step_rng, len(RNG_STREAMS))))
+    batch_loss = _default_loss(batch_loss, loss_chunk, ignore_targets)
 
     def summed_loss(params, tokens_MxT1, micro_index):
-        inputs, targets = split_batch(tokens_MxT1, ignore_targets)
         micro_rngs = dict(rngs)
         if grad_accum_steps > 1:  # fresh dropout per micro-batch; one long-term skip per step
             micro_rngs["dropout"] = jax.random.fold_in(rngs["dropout"], micro_index)
-        loss, _, tokens = lm_loss(model, {"params": params}, inputs, targets,
-                                  loss_chunk=loss_chunk, deterministic=False, rngs=micro_rngs)
+        loss, _, tokens = batch_loss(model, params, tokens_MxT1, deterministic=False,
+                                     rngs=micro_rngs)
         return loss * tokens, tokens
 
     grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
@@ -71,7 +90,8 @@ def train_step(state: TrainState, tokens_BxT1: jax.Array, *, model: nn.Module,
         (loss_sum, tokens), grads = grad_fn(state.params, tokens_BxT1, 0)
     else:
         k = grad_accum_steps
-        micro_KxMxT1 = jnp.swapaxes(tokens_BxT1.reshape(batch // k, k, -1), 0, 1)
+        micro_KxMxT1 = jnp.swapaxes(
+            tokens_BxT1.reshape(batch // k, k, *tokens_BxT1.shape[1:]), 0, 1)
 
         def accumulate(carry, xs):
             loss_sum, tokens, grads = carry
@@ -95,19 +115,27 @@ def train_step(state: TrainState, tokens_BxT1: jax.Array, *, model: nn.Module,
 
 
 def eval_step(params, tokens_BxT1: jax.Array, *, model: nn.Module, loss_chunk: int = 0,
-              ignore_targets: tuple = ()):
-    """Loss and per-position loss of a batch, in inference mode."""
-    inputs, targets = split_batch(tokens_BxT1, ignore_targets)
-    loss, per_position, tokens = lm_loss(model, {"params": params}, inputs, targets,
-                                         loss_chunk=loss_chunk, deterministic=True)
+              ignore_targets: tuple = (), batch_loss=None):
+    """Loss and per-position loss of a batch, in inference mode (``batch_loss`` as in
+    :func:`train_step`)."""
+    batch_loss = _default_loss(batch_loss, loss_chunk, ignore_targets)
+    loss, per_position, tokens = batch_loss(model, params, tokens_BxT1, deterministic=True)
     return {"loss": loss, "loss_per_position": per_position, "tokens": tokens}
 
 
-def guarded_train_step(state, tokens, *, vocab_size: int, skip_nonfinite: bool, **kwargs):
+def _default_loss(batch_loss, loss_chunk: int, ignore_targets: tuple):
+    if batch_loss is not None:
+        return batch_loss
+    return functools.partial(lm_batch_loss, loss_chunk=loss_chunk, ignore_targets=ignore_targets)
+
+
+def guarded_train_step(state, tokens, *, vocab_size: int | None, skip_nonfinite: bool,
+                       **kwargs):
     """:func:`train_step` plus the NaN/inf guard's metrics.
 
     ``finite`` (loss, gradient norm and the new parameters all finite) and ``bad_token_ids``
-    (ids outside ``[0, vocab)``; ``-1`` is allowed as an ignored target only). With
+    (ids outside ``[0, vocab)``; ``-1`` is allowed as an ignored target only; not counted
+    when ``vocab_size`` is None: a batch of observations, not token ids). With
     ``skip_nonfinite`` a non-finite step returns the old parameters and optimiser state (the
     step counter and rng move on, the batch is consumed) and ``skipped`` = 1.
     """
@@ -115,10 +143,11 @@ def guarded_train_step(state, tokens, *, vocab_size: int, skip_nonfinite: bool, 
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
     for leaf in jax.tree.leaves(new_state.params):
         finite &= jnp.all(jnp.isfinite(leaf))
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    bad = (jnp.sum((inputs < 0) | (inputs >= vocab_size))
-           + jnp.sum((targets < -1) | (targets >= vocab_size)))
-    metrics = dict(metrics, finite=finite, bad_token_ids=bad)
+    metrics = dict(metrics, finite=finite)
+    if vocab_size is not None:
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        metrics["bad_token_ids"] = (jnp.sum((inputs < 0) | (inputs >= vocab_size))
+                                    + jnp.sum((targets < -1) | (targets >= vocab_size)))
     if skip_nonfinite:
         kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
                             (new_state.params, new_state.opt_state),
