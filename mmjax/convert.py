@@ -15,8 +15,10 @@ slots ``M_k{i}`` ``[1, H, S, K]`` stack into ``memory_keys [banks, S, H, K]``. T
 names and the behavioural differences are in ``docs/official_code.md``.
 
 Behaviour: identical in evaluation (tested to 1e-4 on logits and gradients against the
-official code, tests/test_convert.py). In training, ``ic_dropout`` acts on the persistent
-memory's probabilities only; mmjax's contextual memory never applies it (as the official EFT
+official code, tests/test_convert.py). The official ``hd_dropout`` is mmjax's
+``dropout_rate`` and ``ic_dropout`` its ``pmem_attention_dropout``
+(:func:`model_from_official_kwargs`): in training it acts on the persistent memory's
+probabilities only; mmjax's contextual memory never applies it (as the official EFT
 variant), see :mod:`mmjax.layers.memory`.
 """
 
@@ -30,6 +32,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from mmjax.models import build_model
 from mmjax.models.memory_mosaic import MemoryMosaic
 
 # Defaults of the official StackAssoMem constructor.
@@ -39,6 +42,13 @@ OFFICIAL_DEFAULTS: dict[str, Any] = dict(
     ic_dropout=0.05, hd_dropout=0.05, bias=False, pmem_count=1, pmem_size=2688,
     pre_ln=True, weight_tying=True, skip_tokens=0, attn_only=False,
 )
+
+# Official StackAssoMem kwargs -> mmjax model-config keys, where only the name differs
+# (``bias``, ``hd_dropout`` -> ``dropout_rate`` and ``ic_dropout`` -> ``pmem_attention_dropout``
+# also change type: :func:`model_from_official_kwargs`).
+OFFICIAL_NAMES: dict[str, str] = dict(
+    vocab_size="vocab_size", n_layer="num_layers", n_head="num_heads", n_embd="embed_dim",
+    pmem_size="pmem_size", pmem_count="pmem_count")
 
 # Official kwargs whose value mmjax must match exactly (other values: NotImplementedError).
 SUPPORTED_ONLY: dict[str, Any] = dict(
@@ -82,23 +92,16 @@ def _resolve_kwargs(official_kwargs: Mapping[str, Any]) -> dict[str, Any]:
 def model_from_official_kwargs(
     *, dtype=jnp.float32, param_dtype=jnp.float32, impl="auto", **official_kwargs
 ) -> MemoryMosaic:
-    """The :class:`MemoryMosaic` equivalent to ``StackAssoMem(**official_kwargs)``."""
+    """The :class:`MemoryMosaic` equivalent to ``StackAssoMem(**official_kwargs)``: the
+    official names become mmjax's (:data:`OFFICIAL_NAMES`; ``block_size`` is dropped, the
+    network takes any length)."""
     kw = _resolve_kwargs(official_kwargs)
-    return MemoryMosaic(
-        vocab_size=kw["vocab_size"],
-        num_layers=kw["n_layer"],
-        num_heads=kw["n_head"],
-        embed_dim=kw["n_embd"],
-        pmem_size=kw["pmem_size"],
-        pmem_count=kw["pmem_count"],
-        use_bias=bool(kw["bias"]),
-        ic_dropout=float(kw["ic_dropout"]),
-        hd_dropout=float(kw["hd_dropout"]),
-        context_length=kw["block_size"],
-        dtype=dtype,
-        param_dtype=param_dtype,
-        impl=impl,
-    )
+    model_config = {ours: kw[theirs] for theirs, ours in OFFICIAL_NAMES.items()}
+    model_config.update(name="memory_mosaic", use_bias=bool(kw["bias"]),
+                        dropout_rate=float(kw["hd_dropout"]),
+                        pmem_attention_dropout=float(kw["ic_dropout"]), dtype=dtype,
+                        param_dtype=param_dtype, impl=impl)
+    return build_model(model_config)
 
 
 def _entries(kw: Mapping[str, Any]) -> list[_Entry]:

@@ -36,7 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax import cli
-from mmjax.models import build_model
+from mmjax.layers.common import LanguageModel
+from mmjax.models import build_model, model_class
 from mmjax.ops.masks import visible_count
 
 # The labels of the block parts, by role; transformers override them (``flops_labels``).
@@ -49,8 +50,6 @@ class NoLanguageModel(ValueError):
 
 def labels_of(model_config: Mapping[str, Any]) -> dict[str, str]:
     """``{"mixer": label, "ffn": label}`` of the model class named in ``model_config``."""
-    from mmjax.models import model_class
-
     return dict(getattr(model_class(model_config["name"]), "flops_labels", MEMORY_LABELS))
 
 
@@ -118,6 +117,9 @@ def count(model_config: Mapping[str, Any]) -> Count:
     """Parameters and forward FLOPs per token of ``model_config``, grouped."""
     if "name" not in model_config:
         raise NoLanguageModel("the config has no language model (config.model.name is missing)")
+    if not issubclass(model_class(model_config["name"]), LanguageModel):
+        raise NoLanguageModel(f"the config has no language model (model "
+                              f"{model_config['name']!r} is not one)")
     labels = labels_of(model_config)
     shapes = parameter_shapes(model_config)
     params = dict.fromkeys(groups_of(labels), 0)

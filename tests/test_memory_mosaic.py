@@ -7,10 +7,16 @@ import numpy as np
 import pytest
 
 from mmjax.layers.memory import ContextualMemory, MemoryUnitConfig, PersistentMemory
-from mmjax.models.memory_mosaic import MemoryMosaic, MemoryMosaicBlock
+from mmjax.models import build_model
+from mmjax.models.memory_mosaic import MemoryMosaicBlock
 from mmjax.ops import MaskSpec, retrieval_weights, retrieve_reference
 
 TINY = dict(vocab_size=17, num_layers=2, num_heads=2, embed_dim=16, pmem_size=6)
+
+
+def MemoryMosaic(**fields):  # noqa: N802 (reads as the class it builds)
+    """The v1 model from flat config keys, as a config builds it."""
+    return build_model({"name": "memory_mosaic", **fields})
 
 
 def _init(module, x, **kwargs):
@@ -62,7 +68,7 @@ def test_blocks_are_causal_by_gradient(impl):
     """Block outputs at t have zero gradient w.r.t. inputs after t (and nonzero up to t)."""
     model = MemoryMosaic(**TINY, impl=impl)
     params = _init(model, jnp.zeros((1, 9), jnp.int32))
-    block = MemoryMosaicBlock(config=model.unit_config())
+    block = MemoryMosaicBlock(config=model.config, memory=model.unit_config())
 
     def stack(x_BxTxD):
         for i in range(TINY["num_layers"]):
@@ -100,7 +106,7 @@ def test_model_output_shape_dtype_and_bf16_compute():
 
 
 def test_dropout_only_when_not_deterministic():
-    model = MemoryMosaic(**TINY, ic_dropout=0.3, hd_dropout=0.3, impl="xla")
+    model = MemoryMosaic(**TINY, pmem_attention_dropout=0.3, dropout_rate=0.3, impl="xla")
     ids = jax.random.randint(jax.random.key(2), (2, 8), 0, TINY["vocab_size"])
     params = _init(model, ids)
     apply = lambda rng, deterministic: model.apply(
@@ -114,10 +120,11 @@ def test_dropout_only_when_not_deterministic():
 
 
 def test_persistent_dropout_acts_on_probabilities():
-    """hd_dropout = 0: only ic_dropout on the slot probabilities changes the output."""
+    """dropout_rate = 0: only pmem_attention_dropout on the slot probabilities changes the
+    output."""
     x = jax.random.normal(jax.random.key(1), (2, 6, 8))
     module = PersistentMemory(config=MemoryUnitConfig(num_heads=2, pmem_size=4, pmem_count=2,
-                                                      ic_dropout=0.5))
+                                                      pmem_attention_dropout=0.5))
     params = _init(module, x)
     y_eval = module.apply({"params": params}, x)
     draws = [module.apply({"params": params}, x, deterministic=False,
@@ -146,12 +153,13 @@ def test_bad_inputs_raise_clear_errors():
         model.apply({"params": params}, jnp.zeros((1, 4)))
     with pytest.raises(ValueError, match="input_ids"):
         model.apply({"params": params}, jnp.zeros((4,), jnp.int32))
-    with pytest.raises(ValueError, match="embed_dim=16 must be divisible by num_heads=3"):
-        MemoryMosaic(**{**TINY, "num_heads": 3}).init(jax.random.key(0), jnp.zeros((1, 4),
-                                                                                  jnp.int32))
-    with pytest.raises(ValueError, match="hd_dropout"):
-        MemoryMosaic(**TINY, hd_dropout=1.5).init(jax.random.key(0), jnp.zeros((1, 4),
-                                                                              jnp.int32))
+    with pytest.raises(ValueError, match="num_heads=3 must divide model.embed_dim=16"):
+        MemoryMosaic(**{**TINY, "num_heads": 3})
+    with pytest.raises(ValueError, match="dropout_rate"):
+        MemoryMosaic(**TINY, dropout_rate=1.5)
+    with pytest.raises(ValueError, match="pmem_attention_dropout"):
+        MemoryMosaic(**TINY, pmem_attention_dropout=1.5).init(
+            jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
     with pytest.raises(ValueError, match="x must be"):
         ContextualMemory(config=MemoryUnitConfig(num_heads=2)).init(jax.random.key(0),
                                                                     jnp.zeros((4, 8)))

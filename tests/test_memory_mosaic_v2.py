@@ -124,7 +124,7 @@ def test_bfloat16_compute_fp32_params():
 def test_bad_config_errors():
     with pytest.raises(ValueError, match="long_term_skip_range"):
         _init({**CONFIG, "long_term_skip_range": (6, 2)})
-    with pytest.raises(ValueError, match="multiple of num_heads"):
+    with pytest.raises(ValueError, match="num_heads=3 must divide model.embed_dim"):
         _init({**CONFIG, "num_heads": 3})
     with pytest.raises(ValueError, match="mask.skip must be >= 0"):
         model, params, ids = _init()

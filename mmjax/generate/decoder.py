@@ -71,8 +71,8 @@ class Decoder:
                             ("prefill_chunk", prefill_chunk)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if hasattr(model, "remat") and model.remat != "none":
-            model = model.clone(remat="none")
+        if getattr(model, "remat", "none") != "none":
+            model = model.clone(config=dataclasses.replace(model.config, remat="none"))
         limit = getattr(model, "context_length", None) if model_has_position_table(model) \
             else None
         if limit is not None and cache_length > limit:

@@ -1,4 +1,5 @@
-"""Causal multi-head attention over :func:`mmjax.ops.retrieve`, with optional RoPE.
+"""Causal multi-head attention over :func:`mmjax.ops.retrieve`, with optional RoPE, and the
+separate short-term/long-term attention of the v2 paper's ablation (:class:`ShortLongAttention`).
 
 The transformer baselines (GPT2, LLaMA, the separate short/long attention ablation) share the
 retrieval core with Memory Mosaics: attention is ``retrieve`` with separate queries,
@@ -32,7 +33,7 @@ from mmjax.layers.common import (
     retrieval_sharding,
     sow_retrieval,
 )
-from mmjax.ops import MaskSpec, retrieve
+from mmjax.ops import MaskSpec, retrieve, tier_masks
 
 Array = jax.Array
 
@@ -107,6 +108,7 @@ class AttentionHeads(nn.Module):
       rope_theta: ``None`` (no rotary embedding) or the RoPE base.
       use_bias: biases on the projections.
       init_std: std of the ``N(0, std^2)`` projection init.
+      dtype, param_dtype: compute and storage dtypes.
     """
 
     num_heads: int
@@ -116,6 +118,7 @@ class AttentionHeads(nn.Module):
     use_bias: bool = False
     init_std: float = 0.02
     dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
     impl: str = "auto"
 
     @nn.compact
@@ -126,7 +129,7 @@ class AttentionHeads(nn.Module):
         q_BxTxHxK, k_BxTxHxK, v_BxTxHxK = (
             head_projection(self, name, x, num_heads=self.num_heads, head_dim=self.head_dim,
                             init_std=self.init_std, use_bias=self.use_bias, dtype=self.dtype,
-                            param_dtype=jnp.float32)
+                            param_dtype=self.param_dtype)
             for name in ("query", "key", "value"))
         t = x.shape[1]
         positions = jnp.arange(t, dtype=jnp.int32) if step is None else step.query_positions(t)
@@ -169,6 +172,7 @@ class CausalSelfAttention(nn.Module):
     init_std: float = 0.02
     out_init_std: float = 0.02
     dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
     impl: str = "auto"
 
     @nn.compact
@@ -179,11 +183,50 @@ class CausalSelfAttention(nn.Module):
         y_BxTxHxK = AttentionHeads(
             num_heads=self.num_heads, head_dim=head_dim, window=self.window,
             rope_theta=self.rope_theta,
-            use_bias=self.use_bias, init_std=self.init_std, dtype=self.dtype, impl=self.impl,
-            name="heads",
+            use_bias=self.use_bias, init_std=self.init_std, dtype=self.dtype,
+            param_dtype=self.param_dtype, impl=self.impl, name="heads",
         )(x_BxTxD, skip=skip, step=step)
         y_BxTxHxK = nn.Dropout(self.attention_dropout)(y_BxTxHxK, deterministic=deterministic)
         out_BxTxD = HeadOutput(features=d, use_bias=self.use_bias, init_std=self.out_init_std,
-                               dtype=self.dtype, name="out")(y_BxTxHxK)
+                               dtype=self.dtype, param_dtype=self.param_dtype,
+                               name="out")(y_BxTxHxK)
         return nn.Dropout(self.residual_dropout)(out_BxTxD, deterministic=deterministic)
+
+
+class ShortLongAttention(nn.Module):
+    """Separate short-term (window) and long-term (skip) attention heads fused by ``W_o``.
+
+    Query ``t``'s short-term heads see tokens ``t - window + 1 .. t``; its long-term heads see
+    ``0 .. t - long_term_skip``. ``[B, T, D] -> [B, T, D]``; dropout on the ``2 H``
+    concatenated head outputs before ``W_o`` (``out``).
+    """
+
+    num_heads: int
+    head_dim: int
+    short_term_window: int
+    rope_theta: float | None
+    dropout_rate: float = 0.0
+    init_std: float = 0.02
+    out_init_std: float = 0.02
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x_BxTxD: Array, *, deterministic: bool, long_term_skip,
+                 step: DecodeStep | None = None) -> Array:
+        short_mask, long_mask = tier_masks(self.short_term_window, long_term_skip)
+
+        def heads(mask, name):
+            return AttentionHeads(num_heads=self.num_heads, head_dim=self.head_dim,
+                                  window=mask.window, rope_theta=self.rope_theta,
+                                  init_std=self.init_std, dtype=self.dtype,
+                                  param_dtype=self.param_dtype, impl=self.impl, name=name)
+
+        short_BxTxHxK = heads(short_mask, "short_term")(x_BxTxD, step=step)
+        long_BxTxHxK = heads(long_mask, "long_term")(x_BxTxD, skip=long_mask.skip, step=step)
+        y_BxTxGxK = jnp.concatenate([short_BxTxHxK, long_BxTxHxK], axis=2)
+        y_BxTxGxK = nn.Dropout(self.dropout_rate)(y_BxTxGxK, deterministic=deterministic)
+        return HeadOutput(features=x_BxTxD.shape[-1], init_std=self.out_init_std,
+                          dtype=self.dtype, param_dtype=self.param_dtype, name="out")(y_BxTxGxK)
 

@@ -1,6 +1,7 @@
-"""Building blocks shared by every model: initialisers, norms, embedding and head, the head
-output projection, the stack of blocks (unrolled or scanned, remat policies), input checks,
-and the long-term skip of one forward pass.
+"""Building blocks shared by every model: the settings every language model shares
+(:class:`ModelConfig`, :class:`LanguageModel`), initialisers, norms, embedding and head, the
+head output projection, the stack of blocks (unrolled or scanned, remat policies), input
+checks, and the long-term skip of one forward pass.
 
 Every model of :mod:`mmjax.models` (v1 and v2 Memory Mosaics, GPT2, LLaMA) is assembled from
 these, so the same role has the same module and parameter names everywhere::
@@ -18,7 +19,8 @@ leading ``[num_layers]`` axis (:func:`run_blocks`).
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, ClassVar
 
 import chex
 import flax.linen as nn
@@ -30,6 +32,112 @@ from mmjax.ops import RetrievalSharding, project, select_long_term_skip
 Array = jax.Array
 
 NORM_EPSILON = 1e-5
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The settings every language model shares, with one name and meaning in all of them.
+
+    A model's ``config.model`` is flat: :func:`mmjax.models.build_model` puts these keys here
+    and passes the others (the model's own) as the model's fields. A bad value raises one
+    ``ValueError`` naming the key, when the config is made (before anything is compiled).
+
+    Attributes:
+      vocab_size, embed_dim, num_layers, num_heads: ``N``, ``D``, ``L`` and ``H``
+        (``num_heads`` divides ``embed_dim``).
+      dropout_rate: dropout on the residual branches (after each output projection, and where
+        each model documents it); 0 in evaluation.
+      dtype: compute dtype (e.g. ``"bfloat16"``); logits are returned in fp32.
+      param_dtype: storage dtype of the parameters.
+      init_std: std of the ``N(0, std^2)`` init of the embedding and the input projections;
+        ``None``: the model's own (0.02; the v1 Memory Mosaic ``1/sqrt(embed_dim)``, as the
+        official Library). Output projections scale it down by depth, as each model says.
+      scan_layers: one ``nn.scan`` over the blocks (:func:`run_blocks`).
+      remat: remat policy of every block (:data:`REMAT_POLICIES`).
+      impl: ``impl`` of :func:`mmjax.ops.retrieve` for every attention or memory.
+    """
+
+    vocab_size: int
+    embed_dim: int
+    num_layers: int
+    num_heads: int
+    dropout_rate: float = 0.0
+    dtype: Any = "float32"
+    param_dtype: Any = "float32"
+    init_std: float | None = None
+    scan_layers: bool = False
+    remat: str = "none"
+    impl: str = "auto"
+
+    def __post_init__(self):
+        problems = config_problems(self)
+        if problems:
+            raise ValueError("invalid model config: " + "; ".join(problems))
+
+    @property
+    def head_dim(self) -> int:
+        """``K = D / H``."""
+        return self.embed_dim // self.num_heads
+
+    def std(self, default: float) -> float:
+        """``init_std``, or the model's ``default`` when it is ``None``."""
+        return default if self.init_std is None else self.init_std
+
+
+MODEL_CONFIG_KEYS = tuple(f.name for f in dataclasses.fields(ModelConfig))
+
+
+def config_problems(c: ModelConfig) -> list[str]:
+    """One line per bad value of ``c``, naming its ``model.`` key (empty: all good)."""
+    problems = []
+
+    def is_int(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    for key in ("vocab_size", "embed_dim", "num_layers", "num_heads"):
+        value = getattr(c, key)
+        if not is_int(value) or value < 1:
+            problems.append(f"model.{key}={value!r} must be an integer >= 1")
+    if not problems and c.embed_dim % c.num_heads:
+        problems.append(f"model.num_heads={c.num_heads} must divide "
+                        f"model.embed_dim={c.embed_dim}")
+    if not isinstance(c.dropout_rate, int | float) or not 0.0 <= c.dropout_rate < 1.0:
+        problems.append(f"model.dropout_rate={c.dropout_rate!r} must be in [0, 1)")
+    if c.init_std is not None and (not isinstance(c.init_std, int | float) or c.init_std <= 0):
+        problems.append(f"model.init_std={c.init_std!r} must be > 0 (or None)")
+    for key in ("dtype", "param_dtype"):
+        try:
+            ok = jnp.issubdtype(jnp.dtype(getattr(c, key)), jnp.floating)
+        except TypeError:
+            ok = False
+        if not ok:
+            problems.append(f"model.{key}={getattr(c, key)!r} must be a floating dtype")
+    if not isinstance(c.scan_layers, bool):
+        problems.append(f"model.scan_layers={c.scan_layers!r} must be True or False")
+    if c.remat not in REMAT_POLICIES:
+        problems.append(f"model.remat={c.remat!r} must be one of {sorted(REMAT_POLICIES)}")
+    if not isinstance(c.impl, str):
+        problems.append(f"model.impl={c.impl!r} must be a string")
+    return problems
+
+
+class LanguageModel(nn.Module):
+    """Base of every language model: the shared settings in ``config``, the model's own as
+    fields of the subclass (built from a flat ``config.model`` by
+    :func:`mmjax.models.build_model`).
+
+    ``config_defaults``: the shared settings a subclass assumes when a config leaves them out
+    (its reference sizes). The shared settings also read as attributes, ``model.vocab_size``
+    being ``model.config.vocab_size``.
+    """
+
+    config: ModelConfig
+    config_defaults: ClassVar[dict[str, Any]] = {}
+
+
+for _key in MODEL_CONFIG_KEYS:
+    setattr(LanguageModel, _key, property(lambda self, key=_key: getattr(self.config, key),
+                                          doc=f"``config.{_key}``"))
 
 
 def normal_init(std: float, names: tuple):
@@ -209,25 +317,28 @@ class _ScanStep(nn.Module):
         return block(x_BxTxD, self.deterministic, long_term_skip, step), None
 
 
-def run_blocks(block_cls: type, x_BxTxD: Array, *, num_layers: int, deterministic: bool,
-               long_term_skip=None, step=None, scan: bool = False, remat: str = "none",
-               **block_kwargs) -> Array:
-    """Apply ``num_layers`` residual blocks ``block_cls(**block_kwargs)`` to ``x_BxTxD``.
+def run_blocks(block_cls: type, x_BxTxD: Array, *, config: ModelConfig, deterministic: bool,
+               long_term_skip=None, step=None, **block_kwargs) -> Array:
+    """Apply ``config.num_layers`` residual blocks to ``x_BxTxD``.
 
-    Call inside a model's ``nn.compact`` method. Blocks are called as
-    ``block(x, deterministic, long_term_skip, step)`` (``deterministic`` static; ``step``: a
-    :class:`mmjax.layers.cache.DecodeStep` for a cached call, else ``None``).
+    The one way every model builds its blocks: ``block_cls(config=config, **block_kwargs)``,
+    the shared settings and the block's own, by keyword. Call inside a model's
+    ``nn.compact`` method. Blocks are called as ``block(x, deterministic, long_term_skip,
+    step)`` (``deterministic`` static; ``step``: a :class:`mmjax.layers.cache.DecodeStep` for
+    a cached call, else ``None``).
 
-    * ``scan=False``: ``block_0 .. block_{L-1}`` one after the other (the names
+    * ``config.scan_layers=False``: ``block_0 .. block_{L-1}`` one after the other (the names
       :mod:`mmjax.convert` and :mod:`mmjax.flops` read).
-    * ``scan=True``: one ``nn.scan`` over a ``blocks/layer`` whose parameters carry a leading
-      ``[num_layers]`` axis (logical name ``"layers"``): the step is traced and compiled once,
-      so compile time does not grow with depth. Same function as ``scan=False``, other
+    * ``config.scan_layers=True``: one ``nn.scan`` over a ``blocks/layer`` whose parameters
+      carry a leading ``[num_layers]`` axis (logical name ``"layers"``): the step is traced
+      and compiled once, so compile time does not grow with depth. Same function, other
       parameter layout. Cache variables are stacked on axis 1 (``[batch, layers, ...]``), so
       that the batch is axis 0 of every cache array whatever the layout.
-    * ``remat``: a name of :data:`REMAT_POLICIES`; each block's activations are recomputed in
-      the backward pass except what the policy saves.
+    * ``config.remat``: a name of :data:`REMAT_POLICIES`; each block's activations are
+      recomputed in the backward pass except what the policy saves.
     """
+    num_layers, scan, remat = config.num_layers, config.scan_layers, config.remat
+    block_kwargs = dict(block_kwargs, config=config)
     check_remat(remat)
     if remat != "none":
         block_cls = nn.remat(block_cls, static_argnums=(2,), policy=REMAT_POLICIES[remat],

@@ -5,9 +5,10 @@ Both units are thin shells over :mod:`mmjax.ops`: keys from :func:`mmjax.ops.lea
 (unit norm times the key scale, the retrieval bandwidth folded into the keys), values from
 :func:`value_extractor`, :func:`mmjax.ops.retrieve` (strict causal for
 :class:`ContextualMemory`, every learned slot for :class:`PersistentMemory`), then
-``HeadOutput`` (``out``, the official ``c_proj``) and ``hd_dropout``. Only the persistent
-memory applies ``ic_dropout``, densely (``docs/official_code.md`` says why). The equations:
-``docs/architecture.md``, section 5; decoding: :mod:`mmjax.layers.cache`.
+``HeadOutput`` (``out``, the official ``c_proj``) and ``dropout_rate``. Only the persistent
+memory applies ``pmem_attention_dropout`` (the official ``ic_dropout``), densely
+(``docs/official_code.md`` says why). The equations: ``docs/architecture.md``, section 5;
+decoding: :mod:`mmjax.layers.cache`.
 
 With ``mutable=["intermediates"]`` both units sow ``keys`` and ``retrieved`` (the input of
 ``out``, ``[B, T, H, V]``); the contextual memory also sows ``values``. Logical axes:
@@ -94,18 +95,19 @@ class MemoryUnitConfig:
     Attributes:
       num_heads: ``H``; the input width must be a multiple.
       use_bias: biases on the key/value projections and ``out`` (official ``bias``).
-      hd_dropout: dropout rate after ``out``.
+      dropout_rate: dropout rate after ``out`` (official ``hd_dropout``).
       init_std: std of the key/value projection init (official: ``1/sqrt(D)``).
       out_init_std: std of the ``out`` init (official: ``1/sqrt(D)/sqrt(num_layers)``).
       impl: retrieval implementation (see :func:`mmjax.ops.retrieve`).
       dtype: compute dtype; param_dtype: storage dtype of the parameters.
-      pmem_size, pmem_count, ic_dropout: persistent memory only (slots per head and bank,
-        banks averaged, dropout on the retrieval probabilities).
+      pmem_size, pmem_count, pmem_attention_dropout: persistent memory only (slots per head
+        and bank, banks averaged, dropout on the retrieval probabilities: official
+        ``ic_dropout``).
     """
 
     num_heads: int
     use_bias: bool = False
-    hd_dropout: float = 0.0
+    dropout_rate: float = 0.0
     init_std: float | None = None  # None: 1/sqrt(D)
     out_init_std: float | None = None  # None: 1/sqrt(D)
     impl: str = "auto"
@@ -113,7 +115,7 @@ class MemoryUnitConfig:
     param_dtype: Any = jnp.float32
     pmem_size: int = 2688
     pmem_count: int = 1
-    ic_dropout: float = 0.0
+    pmem_attention_dropout: float = 0.0
 
 
 class _MemoryUnit(nn.Module):
@@ -159,13 +161,13 @@ class _MemoryUnit(nn.Module):
         out_BxTxD = HeadOutput(features=d, use_bias=c.use_bias,
                                init_std=self._init_std(d, c.out_init_std), dtype=c.dtype,
                                param_dtype=c.param_dtype, name="out")(y_BxTxHxV)
-        return nn.Dropout(c.hd_dropout)(out_BxTxD, deterministic=deterministic)
+        return nn.Dropout(c.dropout_rate)(out_BxTxD, deterministic=deterministic)
 
 
 class ContextualMemory(_MemoryUnit):
     """Contextual (in-context) associative memory, official ``InContextAssoMemBlock``.
 
-    ``ic_dropout`` is not applied here (see the module docstring).
+    ``pmem_attention_dropout`` is not applied here (see the module docstring).
     """
 
     @nn.compact
@@ -199,9 +201,9 @@ class ContextualMemory(_MemoryUnit):
 class PersistentMemory(_MemoryUnit):
     """Persistent associative memory, official ``PersistentAssoMemBlock`` + ``Pmem``.
 
-    Uses ``pmem_size`` (``S``), ``pmem_count`` (``P`` banks, averaged) and ``ic_dropout`` of
-    its config. Parameters ``memory_keys`` / ``memory_values``: ``[banks, slots, heads,
-    head_dim]``, init ``N(0, 1/sqrt(head_dim))``.
+    Uses ``pmem_size`` (``S``), ``pmem_count`` (``P`` banks, averaged) and
+    ``pmem_attention_dropout`` of its config. Parameters ``memory_keys`` /
+    ``memory_values``: ``[banks, slots, heads, head_dim]``, init ``N(0, 1/sqrt(head_dim))``.
     """
 
     @nn.compact
@@ -228,11 +230,11 @@ class PersistentMemory(_MemoryUnit):
         # Banks ride on the batch axis, batch and time on the query axis: queries at absolute
         # positions >= S see every slot under the strict-causal mask.
         q_PxQxHxK = jnp.broadcast_to(k_BxTxHxK.reshape(1, b * t, h, kdim), (p, b * t, h, kdim))
-        if c.ic_dropout > 0.0 and not deterministic:
+        if c.pmem_attention_dropout > 0.0 and not deterministic:
             beta_QxH = jnp.ones((b * t, h), jnp.float32)
             w_PxHxQxS = retrieval_weights(q_PxQxHxK, mk_PxSxHxK, beta_QxH, MaskSpec(),
                                           jnp.asarray(s, jnp.int32))
-            w_PxHxQxS = nn.Dropout(c.ic_dropout)(w_PxHxQxS, deterministic=False)
+            w_PxHxQxS = nn.Dropout(c.pmem_attention_dropout)(w_PxHxQxS, deterministic=False)
             y_PxQxHxV = jnp.einsum("phqs,pshv->pqhv", w_PxHxQxS.astype(c.dtype),
                                    mv_PxSxHxV, preferred_element_type=jnp.float32)
         else:

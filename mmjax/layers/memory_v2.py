@@ -57,6 +57,7 @@ class MemoryConfig:
       bandwidth_init: ``(beta0, beta1, alpha)`` at init.
       dropout_rate: dropout on the concatenated head outputs before ``W_o``.
       init_std: std of ``W_k``, ``W_v``; out_init_std: std of ``W_o``.
+      dtype, param_dtype: compute and storage dtypes.
     """
 
     num_heads: int
@@ -69,6 +70,7 @@ class MemoryConfig:
     init_std: float = 0.02
     out_init_std: float = 0.02
     dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
     impl: str = "auto"
 
 
@@ -92,12 +94,12 @@ class MemoryTier(nn.Module):
         x = x_BxTxD.astype(c.dtype)
         by_head = lambda name: head_projection(self, name, x, num_heads=h, head_dim=k,
                                                 init_std=c.init_std, use_bias=False,
-                                                dtype=c.dtype, param_dtype=jnp.float32)
+                                                dtype=c.dtype, param_dtype=c.param_dtype)
 
         def gate(name):  # [B, T, H]
             return projection(self, x, out_shape=(h,), names=("embed", "heads"),
                               init_std=d ** -0.5, use_bias=False, dtype=c.dtype,
-                              param_dtype=jnp.float32, kernel=name)
+                              param_dtype=c.param_dtype, kernel=name)
 
         k_proj, gate_logit, decay_logit = by_head("key"), gate("gate"), gate("decay")
         kbar_BxTxHxK = key_state(
@@ -106,10 +108,11 @@ class MemoryTier(nn.Module):
             (x.shape[0], h, k))
         k_BxTxHxK = l2_normalize(kbar_BxTxHxK).astype(c.dtype)
         u_BxTxHxK, extract = value_extractor(self, x, num_heads=h, head_dim=k,
-                                             init_std=c.init_std, dtype=c.dtype)
+                                             init_std=c.init_std, dtype=c.dtype,
+                                             param_dtype=c.param_dtype)
         raw = inverse_bandwidth_parameters(*c.bandwidth_init)
         p0_H, p1_H, pa_H = (per_head_param(self, name, nn.initializers.constant(value), h,
-                                           jnp.float32)
+                                           c.param_dtype)
                             for name, value in zip(("beta0", "beta1", "alpha"), raw, strict=True))
         beta = bandwidth_parameters(p0_H, p1_H, pa_H)
         if step is not None:
@@ -143,4 +146,4 @@ class ThreeTierMemory(nn.Module):
         y_BxTxGxK = jnp.concatenate(heads, axis=2)
         y_BxTxGxK = nn.Dropout(c.dropout_rate)(y_BxTxGxK, deterministic=deterministic)
         return HeadOutput(features=x_BxTxD.shape[-1], init_std=c.out_init_std, dtype=c.dtype,
-                          name="out")(y_BxTxGxK)
+                          param_dtype=c.param_dtype, name="out")(y_BxTxGxK)

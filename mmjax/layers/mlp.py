@@ -16,9 +16,9 @@ from mmjax.layers.common import Linear
 Array = jax.Array
 
 
-def _dense(features, std, names, use_bias, dtype, name):
+def _dense(features, std, names, use_bias, dtype, name, param_dtype=jnp.float32):
     return Linear(features=features, names=names, use_bias=use_bias, init_std=std, dtype=dtype,
-                  name=name)
+                  param_dtype=param_dtype, name=name)
 
 
 class MLP(nn.Module):
@@ -29,6 +29,7 @@ class MLP(nn.Module):
       dropout_rate: dropout after ``c_proj``.
       init_std, out_init_std: init std of ``c_fc`` and ``c_proj`` (GPT2: 0.02 and
         ``0.02 / sqrt(2 L)``).
+      dtype, param_dtype: compute and storage dtypes.
     """
 
     hidden_dim: int
@@ -37,15 +38,16 @@ class MLP(nn.Module):
     init_std: float = 0.02
     out_init_std: float = 0.02
     dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x_BxTxD: Array, *, deterministic: bool = True) -> Array:
         d = x_BxTxD.shape[-1]
         h_BxTxF = _dense(self.hidden_dim, self.init_std, ("embed", "mlp"), self.use_bias,
-                         self.dtype, "c_fc")(x_BxTxD)
+                         self.dtype, "c_fc", self.param_dtype)(x_BxTxD)
         h_BxTxF = nn.gelu(h_BxTxF, approximate=True)
         y_BxTxD = _dense(d, self.out_init_std, ("mlp", "embed"), self.use_bias, self.dtype,
-                         "c_proj")(h_BxTxF)
+                         "c_proj", self.param_dtype)(h_BxTxF)
         return nn.Dropout(self.dropout_rate)(y_BxTxD, deterministic=deterministic)
 
 
@@ -60,14 +62,15 @@ class SwiGLU(nn.Module):
     init_std: float = 0.02
     out_init_std: float = 0.02
     dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x_BxTxD: Array, *, deterministic: bool = True) -> Array:
         d = x_BxTxD.shape[-1]
         gate_BxTxF = _dense(self.hidden_dim, self.init_std, ("embed", "mlp"), False,
-                            self.dtype, "w_gate")(x_BxTxD)
+                            self.dtype, "w_gate", self.param_dtype)(x_BxTxD)
         up_BxTxF = _dense(self.hidden_dim, self.init_std, ("embed", "mlp"), False,
-                          self.dtype, "w_up")(x_BxTxD)
+                          self.dtype, "w_up", self.param_dtype)(x_BxTxD)
         y_BxTxD = _dense(d, self.out_init_std, ("mlp", "embed"), False, self.dtype,
-                         "w_down")(nn.silu(gate_BxTxF) * up_BxTxF)
+                         "w_down", self.param_dtype)(nn.silu(gate_BxTxF) * up_BxTxF)
         return nn.Dropout(self.dropout_rate)(y_BxTxD, deterministic=deterministic)

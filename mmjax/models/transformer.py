@@ -17,92 +17,110 @@ section 6.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.layers.attention import AttentionHeads, CausalSelfAttention
+from mmjax.layers.attention import CausalSelfAttention, ShortLongAttention
 from mmjax.layers.common import (
-    HeadOutput,
+    LanguageModel,
+    ModelConfig,
     TokenEmbedding,
     check_input_ids,
     layer_norm,
     normal_init,
-    per_head_dim,
     resolve_long_term_skip,
     rms_norm,
     run_blocks,
 )
 from mmjax.layers.mlp import MLP, SwiGLU
 from mmjax.models import register
-from mmjax.ops import tier_masks, validate_skip_schedule
+from mmjax.ops import validate_skip_schedule
 
 Array = jax.Array
 
 # Parts of a block as mmjax.flops names them in its tables.
 FLOPS_LABELS = {"mixer": "attention", "ffn": "MLP"}
 
+# The init std of the transformers when the config leaves ``init_std`` out (None).
+INIT_STD = 0.02
+
+
+def _init_stds(config: ModelConfig) -> tuple[float, float]:
+    """``(init_std, out_init_std)``: ``init_std`` (default 0.02) and the output projections'
+    ``init_std / sqrt(2 L)`` (GPT2's and LLaMA's residual scaling)."""
+    std = config.std(INIT_STD)
+    return std, std / math.sqrt(2 * config.num_layers)
+
 
 # ----------------------------------------------------------------------------- GPT2
 
 
 class GPT2Block(nn.Module):
-    num_heads: int
+    """``x += attention(LN(x)); x += MLP(LN(x))``, dropout ``config.dropout_rate`` on the
+    attention heads' outputs and after both output projections."""
+
+    config: ModelConfig
     mlp_dim: int
-    dropout_rate: float
     use_bias: bool
+    init_std: float
     out_init_std: float
-    dtype: Any
-    impl: str
 
     @nn.compact
     def __call__(self, x_BxTxD: Array, deterministic: bool, long_term_skip=None,
                  step=None) -> Array:
         del long_term_skip  # one block signature for every model
-        norm = lambda name: layer_norm(name, use_bias=self.use_bias, dtype=self.dtype)
+        c = self.config
+        dtype, param_dtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+        norm = lambda name: layer_norm(name, use_bias=self.use_bias, dtype=dtype,
+                                       param_dtype=param_dtype)
         attn = CausalSelfAttention(
-            num_heads=self.num_heads, attention_dropout=self.dropout_rate,
-            residual_dropout=self.dropout_rate, use_bias=self.use_bias,
-            out_init_std=self.out_init_std, dtype=self.dtype, impl=self.impl, name="mixer")
+            num_heads=c.num_heads, attention_dropout=c.dropout_rate,
+            residual_dropout=c.dropout_rate, use_bias=self.use_bias, init_std=self.init_std,
+            out_init_std=self.out_init_std, dtype=dtype, param_dtype=param_dtype, impl=c.impl,
+            name="mixer")
         x_BxTxD = x_BxTxD + attn(norm("norm_1")(x_BxTxD), deterministic=deterministic,
                                  step=step)
-        mlp = MLP(hidden_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
-                  use_bias=self.use_bias, out_init_std=self.out_init_std, dtype=self.dtype,
+        mlp = MLP(hidden_dim=self.mlp_dim, dropout_rate=c.dropout_rate,
+                  use_bias=self.use_bias, init_std=self.init_std,
+                  out_init_std=self.out_init_std, dtype=dtype, param_dtype=param_dtype,
                   name="ffn")
         return x_BxTxD + mlp(norm("norm_2")(x_BxTxD), deterministic=deterministic)
 
 
 @register("gpt2")
-class GPT2(nn.Module):
-    """GPT2 baseline (the Library's ``GPT``); defaults are GPT2-small."""
+class GPT2(LanguageModel):
+    """GPT2 baseline (the Library's ``GPT``); defaults are GPT2-small.
+
+    ``config`` (:class:`mmjax.layers.common.ModelConfig`): the shared settings (``init_std``
+    ``None``: 0.02, also of the position table; ``dropout_rate`` also on the embeddings).
+
+    Attributes:
+      context_length: rows of the learned position table ``wpe``, the longest input.
+      mlp_dim: width of the MLP's hidden layer; ``None``: ``4 * embed_dim``.
+      use_bias: biases in projections and LayerNorms.
+    """
 
     flops_labels = FLOPS_LABELS
+    config_defaults = dict(vocab_size=50304, num_layers=12, num_heads=12, embed_dim=768)
 
-    vocab_size: int = 50304
     context_length: int = 1024
-    num_layers: int = 12
-    num_heads: int = 12
-    embed_dim: int = 768
-    mlp_ratio: int = 4
-    dropout_rate: float = 0.0
+    mlp_dim: int | None = None
     use_bias: bool = False
-    dtype: Any = "float32"
-    impl: str = "auto"
-    remat: str = "none"
-    scan_layers: bool = False
 
     @nn.compact
     def __call__(self, input_ids: Array, deterministic: bool = True,
                  return_head: bool = False, step=None):
         check_input_ids(input_ids, self.context_length)
-        per_head_dim(self.embed_dim, self.num_heads)
-        dtype = jnp.dtype(self.dtype)
-        embed = TokenEmbedding(vocab_size=self.vocab_size, embed_dim=self.embed_dim,
-                               tie_embeddings=True, dtype=dtype, name="embedding")
-        wpe = self.param("wpe", normal_init(0.02, (None, "embed")),
-                         (self.context_length, self.embed_dim))
+        c = self.config
+        dtype, param_dtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+        std, out_std = _init_stds(c)
+        embed = TokenEmbedding(vocab_size=c.vocab_size, embed_dim=c.embed_dim,
+                               tie_embeddings=True, init_std=std, dtype=dtype,
+                               param_dtype=param_dtype, name="embedding")
+        wpe = self.param("wpe", normal_init(std, (None, "embed")),
+                         (self.context_length, c.embed_dim), param_dtype)
         t = input_ids.shape[1]
         if step is None:
             pos_embed = wpe[:t][None]
@@ -110,115 +128,77 @@ class GPT2(nn.Module):
             pos_embed = jnp.take(wpe, step.query_positions(t), axis=0, mode="clip")
             pos_embed = pos_embed if pos_embed.ndim == 3 else pos_embed[None]
         x_BxTxD = embed(input_ids) + jnp.asarray(pos_embed, dtype)
-        x_BxTxD = nn.Dropout(self.dropout_rate)(x_BxTxD, deterministic=deterministic)
-        out_std = 0.02 / math.sqrt(2 * self.num_layers)
+        x_BxTxD = nn.Dropout(c.dropout_rate)(x_BxTxD, deterministic=deterministic)
         x_BxTxD = run_blocks(
-            GPT2Block, x_BxTxD, num_layers=self.num_layers, deterministic=deterministic,
-            step=step, scan=self.scan_layers, remat=self.remat, num_heads=self.num_heads,
-            mlp_dim=self.mlp_ratio * self.embed_dim, dropout_rate=self.dropout_rate,
-            use_bias=self.use_bias, out_init_std=out_std, dtype=dtype, impl=self.impl)
-        x_BxTxD = layer_norm("final_norm", use_bias=self.use_bias, dtype=dtype)(x_BxTxD)
+            GPT2Block, x_BxTxD, config=c, deterministic=deterministic, step=step,
+            mlp_dim=self.mlp_dim or 4 * c.embed_dim, use_bias=self.use_bias, init_std=std,
+            out_init_std=out_std)
+        x_BxTxD = layer_norm("final_norm", use_bias=self.use_bias, dtype=dtype,
+                             param_dtype=param_dtype)(x_BxTxD)
         return embed.output(x_BxTxD, return_head=return_head)
 
 
 # ----------------------------------------------------------------------------- LLaMA
 
 
-class ShortLongAttention(nn.Module):
-    """Separate short-term (window) and long-term (skip) attention heads fused by ``W_o``.
-
-    Query ``t``'s short-term heads see tokens ``t - window + 1 .. t``; its long-term heads see
-    ``0 .. t - long_term_skip``. Outputs: ``[B, T, D]``.
-    """
-
-    num_heads: int
-    head_dim: int
-    short_term_window: int
-    rope_theta: float | None
-    dropout_rate: float = 0.0
-    init_std: float = 0.02
-    out_init_std: float = 0.02
-    dtype: Any = jnp.float32
-    impl: str = "auto"
-
-    @nn.compact
-    def __call__(self, x_BxTxD: Array, *, deterministic: bool, long_term_skip,
-                 step=None) -> Array:
-        short_mask, long_mask = tier_masks(self.short_term_window, long_term_skip)
-
-        def heads(mask, name):
-            return AttentionHeads(num_heads=self.num_heads, head_dim=self.head_dim,
-                                  window=mask.window, rope_theta=self.rope_theta,
-                                  init_std=self.init_std, dtype=self.dtype, impl=self.impl,
-                                  name=name)
-
-        short_BxTxHxK = heads(short_mask, "short_term")(x_BxTxD, step=step)
-        long_BxTxHxK = heads(long_mask, "long_term")(x_BxTxD, skip=long_mask.skip, step=step)
-        y_BxTxGxK = jnp.concatenate([short_BxTxHxK, long_BxTxHxK], axis=2)
-        y_BxTxGxK = nn.Dropout(self.dropout_rate)(y_BxTxGxK, deterministic=deterministic)
-        return HeadOutput(features=x_BxTxD.shape[-1], init_std=self.out_init_std,
-                          dtype=self.dtype, name="out")(y_BxTxGxK)
-
-
 class LlamaBlock(nn.Module):
-    num_heads: int
+    """``x += attention(RMSNorm(x)); x += SwiGLU(RMSNorm(x))``; with ``short_term_window``
+    the attention is :class:`mmjax.layers.attention.ShortLongAttention` (the ablation)."""
+
+    config: ModelConfig
     mlp_dim: int
     rope_theta: float
     norm_eps: float
-    dropout_rate: float
     init_std: float
     out_init_std: float
-    dtype: Any
-    impl: str
     short_term_window: int | None = None  # set: the separate short/long ablation
 
     @nn.compact
     def __call__(self, x_BxTxD: Array, deterministic: bool, long_term_skip=None,
                  step=None) -> Array:
-        d = x_BxTxD.shape[-1]
-        norm = lambda name: rms_norm(name, eps=self.norm_eps, dtype=self.dtype)
+        c = self.config
+        dtype, param_dtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+        norm = lambda name: rms_norm(name, eps=self.norm_eps, dtype=dtype,
+                                     param_dtype=param_dtype)
         h_BxTxD = norm("norm_1")(x_BxTxD)
         if self.short_term_window is None:
             mixer = CausalSelfAttention(
-                num_heads=self.num_heads, rope_theta=self.rope_theta,
-                attention_dropout=self.dropout_rate, init_std=self.init_std,
-                out_init_std=self.out_init_std, dtype=self.dtype, impl=self.impl, name="mixer")
+                num_heads=c.num_heads, rope_theta=self.rope_theta,
+                attention_dropout=c.dropout_rate, init_std=self.init_std,
+                out_init_std=self.out_init_std, dtype=dtype, param_dtype=param_dtype,
+                impl=c.impl, name="mixer")
             h_BxTxD = mixer(h_BxTxD, deterministic=deterministic, step=step)
         else:
             mixer = ShortLongAttention(
-                num_heads=self.num_heads, head_dim=per_head_dim(d, self.num_heads),
+                num_heads=c.num_heads, head_dim=c.head_dim,
                 short_term_window=self.short_term_window, rope_theta=self.rope_theta,
-                dropout_rate=self.dropout_rate, init_std=self.init_std,
-                out_init_std=self.out_init_std, dtype=self.dtype, impl=self.impl, name="mixer")
+                dropout_rate=c.dropout_rate, init_std=self.init_std,
+                out_init_std=self.out_init_std, dtype=dtype, param_dtype=param_dtype,
+                impl=c.impl, name="mixer")
             h_BxTxD = mixer(h_BxTxD, deterministic=deterministic, long_term_skip=long_term_skip,
                             step=step)
         x_BxTxD = x_BxTxD + h_BxTxD
-        ffn = SwiGLU(hidden_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
-                     init_std=self.init_std, out_init_std=self.out_init_std, dtype=self.dtype,
-                     name="ffn")
+        ffn = SwiGLU(hidden_dim=self.mlp_dim, dropout_rate=c.dropout_rate,
+                     init_std=self.init_std, out_init_std=self.out_init_std, dtype=dtype,
+                     param_dtype=param_dtype, name="ffn")
         return x_BxTxD + ffn(norm("norm_2")(x_BxTxD), deterministic=deterministic)
 
 
 @register("llama")
-class Llama(nn.Module):
-    """LLaMA-style transformer; defaults are the paper's large baseline (LLaMA-3-8B-like)."""
+class Llama(LanguageModel):
+    """LLaMA-style transformer; defaults are the paper's large baseline (LLaMA-3-8B-like).
+
+    ``config`` (:class:`mmjax.layers.common.ModelConfig`): the shared settings (``init_std``
+    ``None``: 0.02; ``dropout_rate`` on the attention heads' outputs and after the SwiGLU).
+    """
 
     flops_labels = FLOPS_LABELS
+    config_defaults = dict(vocab_size=128256, num_layers=32, num_heads=32, embed_dim=4096)
 
-    vocab_size: int = 128256
-    num_layers: int = 32
-    num_heads: int = 32
-    embed_dim: int = 4096
     mlp_dim: int = 14336
     rope_theta: float = 500000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
-    dropout_rate: float = 0.0
-    init_std: float = 0.02
-    dtype: Any = "float32"
-    impl: str = "auto"
-    remat: str = "none"
-    scan_layers: bool = False
 
     def _block_kwargs(self) -> dict:
         return {}
@@ -234,21 +214,20 @@ class Llama(nn.Module):
     def __call__(self, input_ids: Array, deterministic: bool = True,
                  long_term_skip=None, return_head: bool = False, step=None):
         check_input_ids(input_ids)
-        per_head_dim(self.embed_dim, self.num_heads)
-        dtype = jnp.dtype(self.dtype)
-        embed = TokenEmbedding(vocab_size=self.vocab_size, embed_dim=self.embed_dim,
-                               tie_embeddings=self.tie_embeddings, init_std=self.init_std,
-                               dtype=dtype, name="embedding")
+        c = self.config
+        dtype, param_dtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+        std, out_std = _init_stds(c)
+        embed = TokenEmbedding(vocab_size=c.vocab_size, embed_dim=c.embed_dim,
+                               tie_embeddings=self.tie_embeddings, init_std=std,
+                               dtype=dtype, param_dtype=param_dtype, name="embedding")
         x_BxTxD = embed(input_ids)
         skip = self._long_term_skip(long_term_skip, deterministic)
-        out_std = self.init_std / math.sqrt(2 * self.num_layers)
         x_BxTxD = run_blocks(
-            LlamaBlock, x_BxTxD, num_layers=self.num_layers, deterministic=deterministic,
-            long_term_skip=skip, step=step, scan=self.scan_layers, remat=self.remat,
-            num_heads=self.num_heads, mlp_dim=self.mlp_dim, rope_theta=self.rope_theta,
-            norm_eps=self.norm_eps, dropout_rate=self.dropout_rate, init_std=self.init_std,
-            out_init_std=out_std, dtype=dtype, impl=self.impl, **self._block_kwargs())
-        x_BxTxD = rms_norm("final_norm", eps=self.norm_eps, dtype=dtype)(x_BxTxD)
+            LlamaBlock, x_BxTxD, config=c, deterministic=deterministic, long_term_skip=skip,
+            step=step, mlp_dim=self.mlp_dim, rope_theta=self.rope_theta,
+            norm_eps=self.norm_eps, init_std=std, out_init_std=out_std, **self._block_kwargs())
+        x_BxTxD = rms_norm("final_norm", eps=self.norm_eps, dtype=dtype,
+                           param_dtype=param_dtype)(x_BxTxD)
         return embed.output(x_BxTxD, return_head=return_head)
 
 
