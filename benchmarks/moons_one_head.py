@@ -31,6 +31,7 @@ from mmjax.moons import (
     sample_batch,
 )
 from mmjax.moons.evaluate import rollout_errors
+from mmjax.moons.train import load_trained_params
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 FIXTURE = REPO / "tests" / "fixtures" / "moons_official_mlx"
@@ -48,9 +49,8 @@ def candidates(workdir):
             official[p + "k"], official[p + "v"], official[p + "z"]))
     if workdir is not None:
         for run in sorted(pathlib.Path(workdir).glob("heads1_seed*")):
-            if (run / "params.npz").exists():
-                saved = np.load(run / "params.npz")
-                nets[f"mmjax {run.name}"] = (0, {k: jnp.asarray(saved[k]) for k in saved.files})
+            if (run / "summary.json").exists():  # trained and evaluated: its last checkpoint
+                nets[f"mmjax {run.name}"] = (0, load_trained_params(run))
     for scale in (1.0, 1.5, 2.0, 3.0):
         params = dict(identity_params())
         params["W_k"] = scale * params["W_k"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import sys
 
 import matplotlib
 
@@ -24,6 +25,7 @@ import numpy as np  # noqa: E402
 from mmjax.config import load  # noqa: E402
 from mmjax.moons.experiment import run_experiment  # noqa: E402
 from mmjax.moons.plots import plot_error_curves  # noqa: E402
+from mmjax.train.loop import EXIT_PREEMPTED  # noqa: E402
 
 
 def run_or_load(heads, seed, args):
@@ -34,6 +36,8 @@ def run_or_load(heads, seed, args):
     config = load(f"configs/moons.py:heads={heads},steps={args.steps},seed={seed}")
     config.eval.context_stride = args.context_stride
     result = run_experiment(config, out, progress=not args.quiet)
+    if result["preempted"]:  # SIGTERM: the run is saved; the same command resumes the study
+        sys.exit(EXIT_PREEMPTED)
     return result["curve"], result["summary"]
 
 

@@ -6,9 +6,14 @@ the evaluation at every context length 86-253 s)::
     python -m mmjax.moons --config configs/moons.py:heads=3 --workdir /tmp/moons3
     python -m mmjax.moons --config configs/moons.py:heads=1 --workdir /tmp/moons1
 
-Presets (the arg after ``:``, comma-separated ``key=value``): ``heads=1`` or ``heads=3``
-(default 3), ``steps=N`` (training steps), ``seed=N``. Any field can also be overridden with
-``--config.train.steps=50`` etc. (the optimiser's arguments are in ``config.optimizer``).
+The net is trained by mmjax's trainer (``config.task = "moons"``): Orbax checkpoints in
+``WORKDIR/checkpoints`` every 50 steps, so the same command resumes an interrupted run.
+
+Presets (the arg after ``:``, comma-separated): ``heads=1`` or ``heads=3`` (default 3),
+``steps=N`` (training steps, default 500), ``seed=N`` (``train.seed``, default 100), and
+``tiny`` (a CPU smoke run: sequences of 60, batch 8, 20 steps, the error at 5 contexts of 4
+sequences). Any field can also be overridden with ``--config.train.num_steps=50`` etc. (the
+optimiser's arguments are in ``config.optimizer``; its schedule follows ``train.num_steps``).
 
 Expected result (validation periods [1, 2, 3] = 44.4, 88.9, 133.3 steps, lcm 266.7 steps;
 error = mean absolute error of 25 autoregressive predictions, aligned):
@@ -28,13 +33,22 @@ Reproduce over 5 seeds: ``python benchmarks/moons_seeds.py --seeds 5 --workdir D
 
 from __future__ import annotations
 
+from mmjax.config import parse_presets
 from mmjax.moons.config import default_config
-from mmjax.train.config_lib import parse_presets
 
-PRESET_VALUES = ("heads", "steps", "seed")
+PRESETS = ("tiny",)
+VALUES = ("heads", "steps", "seed")
 
 
 def get_config(arg: str | None = None):
-    preset = parse_presets(arg, values=PRESET_VALUES)
-    return default_config(num_heads=preset.get("heads", 3), steps=preset.get("steps", 500),
-                          seed=preset.get("seed", 100))
+    presets = parse_presets(arg, PRESETS, VALUES)
+    tiny = "tiny" in presets
+    config = default_config(num_heads=presets.get("heads", 3),
+                            steps=presets.get("steps", 20 if tiny else 500),
+                            seed=presets.get("seed", 100))
+    if tiny:
+        config.data.update(context_length=60, batch_size=8)
+        config.train.log_every = 5
+        config.checkpoint.save_every = 10
+        config.eval.update(num_sequences=4, max_context=30, context_stride=7)
+    return config

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 
@@ -70,3 +72,35 @@ def test_sample_batch_errors():
         data.sample_batch(rng, [[1.0]], 2, 10, grid_size=20)
     with pytest.raises(ValueError, match="batch_size"):
         data.sample_batch(rng, [[1.0]], 0, 10)
+
+
+def test_moons_batches_draw_what_sample_batch_draws_and_keep_their_state():
+    periods = data.TRAIN_PERIODS
+    batches = data.MoonsBatches(periods, batch_size=3, length=20, seed=7, skip_sequences=1)
+    rng = np.random.default_rng(7)
+    data.sample_batch(rng, periods, 1, 20)  # the dropped sequence
+    x, y = data.sample_batch(rng, periods, 3, 20)
+    first = next(batches)
+    assert first.shape == (3, 21, 6) and first.dtype == np.float32
+    np.testing.assert_array_equal(first[:, :-1], x)
+    np.testing.assert_array_equal(first[:, 1:], y)
+    state = json.loads(json.dumps(batches.get_state()))  # JSON, as checkpoints keep it
+    second = next(batches)
+    again = data.MoonsBatches(periods, batch_size=3, length=20, seed=7, skip_sequences=1)
+    again.set_state(state)
+    np.testing.assert_array_equal(next(again), second)
+    other = data.MoonsBatches(periods, batch_size=4, length=20, seed=7, skip_sequences=1)
+    with pytest.raises(ValueError, match="other data settings"):
+        other.set_state(state)
+
+
+def test_moons_batches_on_a_sharding():
+    import jax
+
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("data",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    plain = next(data.MoonsBatches([[1.0, 2.0, 3.0]], batch_size=4, length=8, seed=0))
+    laid_out = next(data.MoonsBatches([[1.0, 2.0, 3.0]], batch_size=4, length=8, seed=0,
+                                      sharding=sharding))
+    assert laid_out.sharding == sharding
+    np.testing.assert_array_equal(np.asarray(laid_out), plain)

@@ -4,14 +4,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmjax.moons import data
-from mmjax.moons.evaluate import is_disentangled, rollout_errors, row_dominance
-from mmjax.moons.model import (
+from mmjax.models.moons import (
     MoonsMemory,
     complex_matmul,
     complex_weights,
     identity_params,
 )
+from mmjax.moons import data
+from mmjax.moons.evaluate import is_disentangled, rollout_errors, row_dominance
 
 
 def _params(heads, seed=0):

@@ -1,9 +1,11 @@
 """The three-moons memory against the official MLX code (``fixtures/moons_official_mlx.*``,
 made by ``fixtures/make_moons_official_mlx.py``)."""
 
+import functools
 import json
 import pathlib
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -22,8 +24,10 @@ from mmjax.moons import (
     to_official_real,
 )
 from mmjax.moons.evaluate import rollout_errors
-from mmjax.moons.train import make_train_step
+from mmjax.moons.train import moons_loss
 from mmjax.train.optimizer import make_optimizer
+from mmjax.train.state import create_train_state
+from mmjax.train.step import train_step
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 
@@ -54,23 +58,29 @@ def test_forward_matches_official(official, prefix, heads, impl):
 
 @pytest.mark.parametrize("heads", [1, 3])
 def test_three_training_steps_match_official(official, heads):
-    """Same weights, same batch, the recipe of configs/moons.py: the official MLX AdamW (no bias
-    correction; its eps acts as 2e-8 on the complex parameters)."""
+    """Same weights, same batch, the recipe of configs/moons.py through the trainer's step
+    (the three-moons task's loss): the official MLX AdamW (no bias correction; its eps acts as
+    2e-8 on the complex parameters)."""
     config = default_config(num_heads=heads)
     model = MoonsMemory(num_heads=heads)
-    optimizer = make_optimizer(**config.optimizer, total_steps=config.train.steps)
-    step = make_train_step(model, optimizer, config.train.clip)
-    params = official_params(official, f"init_h{heads}/")
-    opt_state = optimizer.init(params)
+    optimizer = make_optimizer(**config.optimizer)
+    step = jax.jit(functools.partial(
+        train_step, model=model, optimizer=optimizer,
+        batch_loss=functools.partial(moons_loss, clip=config.train.clip)))
+    state = create_train_state(official_params(official, f"init_h{heads}/"), optimizer,
+                               jax.random.key(0))
+    # the official (x, y) pairs as one [batch, time + 1, 2 M] batch: y is x shifted by one
+    x, y = official["train_x"], official["train_y"]
+    np.testing.assert_array_equal(x[:, 1:], y[:, :-1])
+    obs = np.concatenate([x, y[:, -1:]], axis=1)
     losses = []
     for _ in range(3):
-        params, opt_state, loss = step(params, opt_state, official["train_x"],
-                                       official["train_y"])
-        losses.append(float(loss))
+        state, metrics = step(state, obs)
+        losses.append(float(metrics["loss"]))
     np.testing.assert_allclose(losses, official[f"init_h{heads}/losses"], rtol=1e-5)
     expected = official_params(official, f"init_h{heads}/after3/")
     for name in expected:
-        np.testing.assert_allclose(params[name], expected[name], atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(state.params[name], expected[name], atol=1e-5, err_msg=name)
 
 
 def test_official_weight_conversion(official):

@@ -11,13 +11,19 @@ triples from ``{0.5, 1, ..., 3.5}``, the nine with the smallest least common mul
 out for validation. The lists below are written out (the official code picks them with an
 unstable sort, see ``docs/official_code.md``). ``DT = 6 / (800 / 3)``: 800 observations are
 three periods of the largest lcm (6.0), so a period ``p`` lasts ``p / DT`` steps.
+
+:class:`MoonsBatches` is the trainer's data source: batches ``[batch, length + 1, 2 M]`` from
+one ``np.random.Generator``, whose state goes into checkpoints.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Sequence
 
+import jax
 import numpy as np
 
 VALIDATION_PERIODS = ((1.0, 2.0, 3.0),)
@@ -86,8 +92,24 @@ def sample_batch(
 
     Returns:
       ``(x_BxTxD, y_BxTxD)`` float32 with ``T = length``, ``D = 2 M``; ``y[:, t] = x[:, t+1]``
-      of the same trajectory.
+      of the same trajectory (:func:`sample_sequences`, split).
     """
+    data_BxT1xD = sample_sequences(rng, period_sets, batch_size, length, dt=dt,
+                                   grid_size=grid_size)
+    return data_BxT1xD[:, :-1], data_BxT1xD[:, 1:]
+
+
+def sample_sequences(
+    rng: np.random.Generator,
+    period_sets: Sequence[Sequence[float]],
+    batch_size: int,
+    length: int,
+    *,
+    dt: float = DT,
+    grid_size: int = GRID_SIZE,
+) -> np.ndarray:
+    """``length + 1`` observations of ``batch_size`` trajectories, as in :func:`sample_batch`
+    (the same draws from ``rng``): float32 ``[batch, length + 1, 2 M]``."""
     if not period_sets:
         raise ValueError("period_sets must hold at least one set of periods, got none")
     num_moons = {len(p) for p in period_sets}
@@ -103,10 +125,63 @@ def sample_batch(
     which_B = rng.integers(0, len(period_sets), size=batch_size)
     start_B = rng.integers(0, max_start, size=batch_size)
     times_BxT = dt * (start_B[:, None] + np.arange(length + 1)[None, :])
-    data_BxTxD = np.stack(
+    return np.stack(
         [moon_positions(times_BxT[b], period_sets[which_B[b]]) for b in range(batch_size)]
     )
-    return data_BxTxD[:, :-1], data_BxTxD[:, 1:]
+
+
+class MoonsBatches:
+    """The trainer's batches of one split: float32 ``[batch, length + 1, 2 M]`` observations
+    (:func:`sample_sequences`: inputs and shifted targets in one array) from one
+    ``np.random.default_rng(seed)``, laid out as ``sharding`` (every process draws the whole
+    batch and hands over its devices' part).
+
+    ``skip_sequences``: sequences drawn and dropped before the first batch. The state
+    (:meth:`get_state`, JSON) is the generator's; :meth:`set_state` refuses the state of a
+    stream with other settings.
+    """
+
+    def __init__(self, period_sets: Sequence[Sequence[float]], *, batch_size: int,
+                 length: int, seed: int, dt: float = DT, grid_size: int = GRID_SIZE,
+                 sharding=None, skip_sequences: int = 0):
+        self.period_sets = [list(map(float, p)) for p in period_sets]
+        self.batch_size, self.length = int(batch_size), int(length)
+        self.dt, self.grid_size, self.sharding = float(dt), int(grid_size), sharding
+        self.rng = np.random.default_rng(seed)
+        settings = dict(periods=self.period_sets, batch_size=self.batch_size,
+                        length=self.length, dt=self.dt, grid_size=self.grid_size, seed=seed,
+                        skip_sequences=skip_sequences)
+        self.identity = hashlib.sha256(
+            json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+        if skip_sequences:
+            self._sample(skip_sequences)
+
+    def _sample(self, batch_size: int) -> np.ndarray:
+        return sample_sequences(self.rng, self.period_sets, batch_size, self.length,
+                                dt=self.dt, grid_size=self.grid_size)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        data_BxT1xD = self._sample(self.batch_size)
+        if self.sharding is None:
+            return data_BxT1xD
+        return jax.make_array_from_callback(data_BxT1xD.shape, self.sharding,
+                                            lambda index: data_BxT1xD[index])
+
+    def get_state(self) -> dict:
+        return {"rng": json.dumps(self.rng.bit_generator.state), "identity": self.identity}
+
+    def set_state(self, state: dict) -> None:
+        if state.get("identity") != self.identity:
+            raise ValueError("the three-moons data state was saved by a run with other data "
+                             "settings (periods, batch size, length or seed); use its config "
+                             "or a new --workdir")
+        self.rng.bit_generator.state = json.loads(state["rng"])
+
+    def close(self) -> None:
+        """Nothing to stop (no reader threads); the trainer closes every iterator."""
 
 
 def _check_periods(periods):

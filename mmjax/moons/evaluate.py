@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmjax.models.moons import MATRIX_NAMES, MoonsMemory, complex_weights
 from mmjax.moons.data import period_lcm, periods_in_steps, sample_batch
-from mmjax.moons.model import MATRIX_NAMES, MoonsMemory, complex_weights
 
 Array = jax.Array
 

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from mmjax.moons.model import MATRIX_NAMES, complex_weights
+from mmjax.models.moons import MATRIX_NAMES, complex_weights
 
 
 def plot_error_curves(curves: Mapping[str, dict], path=None, *, title: str | None = None):

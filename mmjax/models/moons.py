@@ -17,6 +17,10 @@ writes one key and completes one value, then runs one retrieval query over the b
 
 Logical axis names of the parameters: ``("complex", "moons_out", "moons_in")`` where
 ``complex`` indexes (real, imaginary) and the other two the matrix rows and columns.
+
+Not a language model: registered as ``"moons_memory"`` so that ``build_model`` makes it from a
+config like the others, and trained by ``mmjax.train``'s Trainer on the three-moons task
+(``mmjax.moons.train``).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mmjax.models import register
 from mmjax.ops import MaskSpec, retrieve
 
 Array = jax.Array
@@ -93,6 +98,7 @@ class MoonsCache(NamedTuple):
 # ----------------------------------------------------------------------------- Flax module
 
 
+@register("moons_memory")
 class MoonsMemory(nn.Module):
     """One memory unit with complex key, value and output projections.
 
@@ -176,7 +182,7 @@ class MoonsMemory(nn.Module):
         v_BxTxHxK = split_heads(complex_matmul(self.W_v, x_next_BxTxD), self.num_heads)
         k_BxTxHxK = jnp.where((pos_T < length)[None, :, None, None], k_BxTxHxK, 0.0)
         v_BxTxHxK = jnp.where((pos_T < length - 1)[None, :, None, None], v_BxTxHxK, 0.0)
-        cache = MoonsCache(k_BxTxHxK, v_BxTxHxK, length)
+        cache = MoonsCache(keys_BxTxHxK=k_BxTxHxK, values_BxTxHxK=v_BxTxHxK, length=length)
         k_last_BxHxK = jax.lax.dynamic_index_in_dim(k_BxTxHxK, length - 1, axis=1,
                                                      keepdims=False)
         return cache, self._predict_at(cache, k_last_BxHxK, length - 1)
@@ -192,7 +198,7 @@ class MoonsMemory(nn.Module):
         k_BxHxK = split_heads(complex_matmul(self.W_k, x_new_BxD), self.num_heads)
         values = jax.lax.dynamic_update_index_in_dim(cache.values_BxTxHxK, v_BxHxK, t - 1, 1)
         keys = jax.lax.dynamic_update_index_in_dim(cache.keys_BxTxHxK, k_BxHxK, t, 1)
-        cache = MoonsCache(keys, values, t + 1)
+        cache = MoonsCache(keys_BxTxHxK=keys, values_BxTxHxK=values, length=t + 1)
         return cache, self._predict_at(cache, k_BxHxK, t)
 
     def rollout(self, x_BxTxD: Array, length, steps: int) -> Array:
