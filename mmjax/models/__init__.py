@@ -4,7 +4,9 @@ Every language model here is a Flax linen module called as
 ``model.apply({"params": params}, input_ids, deterministic=True) -> logits [B, T, N]``;
 training passes ``deterministic=False`` and the rng streams it needs (``"dropout"``, ...).
 ``build_model(config.model)`` instantiates the class registered under ``config.model.name``
-with the other keys of that config as its fields.
+with the other keys of that config as its fields. One registered model is not a language
+model: ``"moons_memory"`` (:mod:`mmjax.models.moons`, the three-moons toy), called on
+observations ``[B, T, 2 M]``; the trainer trains it through its own task (``config.task``).
 """
 
 from __future__ import annotations
