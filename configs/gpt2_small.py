@@ -30,7 +30,7 @@ def get_config(arg=None):
     presets = parse_presets(arg, PRESETS, VALUES)
     config = lm_config(
         dict(name="gpt2", vocab_size=50304, context_length=512, num_layers=12, num_heads=12,
-             embed_dim=768, mlp_ratio=4, dropout_rate=0.05, use_bias=False, dtype="bfloat16",
+             embed_dim=768, mlp_dim=3072, dropout_rate=0.05, use_bias=False, dtype="bfloat16",
              impl="auto", scan_layers=False, remat="none"),
         # the official Library baseline's training settings (same as the v1 Memory Mosaic)
         optimizer=dict(learning_rate=5e-3, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8,
@@ -40,7 +40,7 @@ def get_config(arg=None):
         train=dict(num_steps=80_000, log_every=100, seed=1337),
     )
     if "tiny" in presets:
-        make_tiny(config, context_length=64)
+        make_tiny(config, context_length=64, mlp_dim=256)
     if "tiny_text" in presets:
-        make_tiny_text(config, context_length=128, dropout_rate=0.0)
+        make_tiny_text(config, context_length=128, mlp_dim=256, dropout_rate=0.0)
     return config

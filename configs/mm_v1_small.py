@@ -1,8 +1,8 @@
 """v1 Memory Mosaic, GPT2-small-like (official Library defaults and training hyper-parameters).
 
 Model: 12 layers, width 768, 12 heads, persistent memory 2688 slots per head (one bank),
-context 512, no biases, tied embedding, ic/hd dropout 0.05 (the official ``StackAssoMem``
-defaults). Optimiser and schedule: the official ``Library/train_memory_mosaics.py`` defaults
+context 512, no biases, tied embedding, ``dropout_rate`` and ``pmem_attention_dropout``
+0.05 (the official ``StackAssoMem`` defaults ``hd_dropout`` and ``ic_dropout``). Optimiser and schedule: the official ``Library/train_memory_mosaics.py`` defaults
 (AdamW lr 5e-3, weight decay 0.1 on matrices, betas (0.9, 0.95), eps 1e-8, clip 1.0, linear
 warm-up 2000 steps, cosine to 1e-4 at step 80k, global batch 512 sequences of 512 tokens).
 
@@ -55,8 +55,8 @@ def get_config(arg: str | None = None):
         return default_config()
     config = lm_config(
         dict(name="memory_mosaic", vocab_size=50304, num_layers=12, num_heads=12, embed_dim=768,
-             pmem_size=2688, pmem_count=1, use_bias=False, ic_dropout=0.05, hd_dropout=0.05,
-             context_length=512, dtype="bfloat16", param_dtype="float32", impl="auto",
+             pmem_size=2688, pmem_count=1, use_bias=False, pmem_attention_dropout=0.05,
+             dropout_rate=0.05, dtype="bfloat16", param_dtype="float32", impl="auto",
              scan_layers=False, remat="none"),
         optimizer=dict(learning_rate=5e-3, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8,
                        grad_clip=1.0, warmup_steps=2000, total_steps=80_000, min_lr=1e-4),
@@ -67,6 +67,5 @@ def get_config(arg: str | None = None):
         checkpoint=dict(save_every=1000),
     )
     if "tiny_text" in presets:
-        make_tiny_text(config, pmem_size=224, context_length=128, ic_dropout=0.0,
-                       hd_dropout=0.0)
+        make_tiny_text(config, pmem_size=224, pmem_attention_dropout=0.0, dropout_rate=0.0)
     return config

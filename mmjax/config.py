@@ -261,10 +261,9 @@ def pair_config(model: str, *, corpus: str, corpus_options: dict, vocab_size: in
     """
     if model not in PAIR_MODELS:
         raise ValueError(f"model must be one of {PAIR_MODELS}, got {model!r}")
-    sizes = dict(vocab_size=vocab_size, num_layers=2, num_heads=4, embed_dim=width,
-                 context_length=context)
+    sizes = dict(vocab_size=vocab_size, num_layers=2, num_heads=4, embed_dim=width)
     layers = sizes["num_layers"]
-    model_config = (dict(name="gpt2", **sizes) if model == "gpt2" else
+    model_config = (dict(name="gpt2", context_length=context, **sizes) if model == "gpt2" else
                     dict(name="memory_mosaic", pmem_size=int(3.5 * width) + context // (2 * layers),
                          **sizes))
     return lm_config(
@@ -341,8 +340,8 @@ def default_config(arg: str | None = None) -> ml_collections.ConfigDict:
             embed_dim=64,
             pmem_size=224,  # 3.5 x embed: the GPT2-MLP parameter budget
             pmem_count=1,
-            ic_dropout=0.0,
-            hd_dropout=0.0,
+            pmem_attention_dropout=0.0,
+            dropout_rate=0.0,
         ),
         data=dict(
             corpus="pfa",
