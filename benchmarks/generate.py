@@ -47,8 +47,7 @@ def model_config(name: str, args, max_context: int) -> dict:
     sizes = dict(vocab_size=args.vocab, num_layers=args.layers, num_heads=args.heads,
                  embed_dim=args.width)
     if name == "v1":
-        return dict(name="memory_mosaic", pmem_size=args.pmem, context_length=max_context,
-                    **sizes)
+        return dict(name="memory_mosaic", pmem_size=args.pmem, **sizes)
     if name == "v2":
         return dict(name="memory_mosaic_v2", mlp_dim=4 * args.width,
                     short_term_window=args.window, **sizes)

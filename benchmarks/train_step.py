@@ -101,10 +101,10 @@ def builtin_configs(args) -> list:
     common = dict(vocab_size=args.vocab, num_layers=args.layers, num_heads=args.heads,
                   embed_dim=args.width, use_bias=False, dtype=args.dtype,
                   impl="auto")
-    models = [dict(name="memory_mosaic", pmem_size=args.pmem, pmem_count=1, ic_dropout=0.0,
-                   hd_dropout=0.0, **common),
-              dict(name="gpt2", context_length=args.context, mlp_ratio=4, dropout_rate=0.0,
-                   **common)]
+    models = [dict(name="memory_mosaic", pmem_size=args.pmem, pmem_count=1,
+                   pmem_attention_dropout=0.0, dropout_rate=0.0, **common),
+              dict(name="gpt2", context_length=args.context, mlp_dim=4 * args.width,
+                   dropout_rate=0.0, **common)]
     return [lm_config(m, optimizer=dict(learning_rate=1e-3, weight_decay=0.1, b1=0.9,
                                         b2=0.95, eps=1e-8, grad_clip=1.0),
                       data=dict(corpus="pfa", context_length=args.context,

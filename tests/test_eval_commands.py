@@ -25,7 +25,7 @@ def _train(root, name, **model):
 @pytest.fixture(scope="module")
 def workdirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("positions")
-    return (_train(root, "memory_mosaic", pmem_size=16, context_length=32),
+    return (_train(root, "memory_mosaic", pmem_size=16),
             _train(root, "gpt2", context_length=48),
             _train(root, "memory_mosaic_v2", mlp_dim=32, short_term_window=8,
                    long_term_skip_range=(2, 4), inference_long_term_skip=3, scan_layers=True))

@@ -8,18 +8,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from mmjax.kernels import compile_check
 
 from mmjax.generate import Decoder, Sampling, beam_search, filter_logits, generate, sample
+from mmjax.kernels import compile_check
 from mmjax.layers.cache import DecodeStep
 from mmjax.models import build_model
 
 VOCAB = 64
 SMALL = dict(vocab_size=VOCAB, num_layers=2, num_heads=2, embed_dim=16)
 MODELS = {
-    "v1": dict(name="memory_mosaic", pmem_size=8, context_length=32, **SMALL),
-    "v1_scanned": dict(name="memory_mosaic", pmem_size=8, context_length=32, scan_layers=True,
-                       **SMALL),
+    "v1": dict(name="memory_mosaic", pmem_size=8, **SMALL),
+    "v1_scanned": dict(name="memory_mosaic", pmem_size=8, scan_layers=True, **SMALL),
     # window 5 and skip 3: the test lengths cross the ring buffer and the long-term edge
     "v2": dict(name="memory_mosaic_v2", mlp_dim=32, short_term_window=5,
                long_term_skip_range=(2, 4), inference_long_term_skip=3, **SMALL),

@@ -98,7 +98,7 @@ def _tiny(name):
     config = default_config()
     if name == "gpt2":
         config.model = dict(name="gpt2", vocab_size=64, num_layers=1, num_heads=2,
-                            embed_dim=16, context_length=24, mlp_ratio=2, dropout_rate=0.0)
+                            embed_dim=16, context_length=24, mlp_dim=32, dropout_rate=0.0)
     else:
         config.model.update(vocab_size=64, num_layers=1, num_heads=2, embed_dim=16,
                             pmem_size=8)

@@ -37,7 +37,7 @@ def text_config(store, num_steps=8, **model):
     """``mm_v1_small.py:tiny_text`` shrunk further, on the test store."""
     config = load_config("mm_v1_small.py:tiny_text")
     config.model.update(dict(vocab_size=store["vocab_size"], num_layers=1, embed_dim=32,
-                             pmem_size=64, context_length=CONTEXT) | model)
+                             pmem_size=64) | model)
     config.data.update(dict(path=store["path"], context_length=CONTEXT, batch_size=BATCH,
                             allow_vocab_padding=False))
     config.optimizer.update(dict(warmup_steps=2, total_steps=8))
@@ -255,7 +255,6 @@ def test_init_from_a_step_directory_at_a_longer_context(store, pretrained, tmp_p
     """The v2 paper's fine-tuning, in small: another run's parameters, twice the context."""
     config = text_config(store, num_steps=2)
     config.data.context_length = 2 * CONTEXT
-    config.model.context_length = 2 * CONTEXT
     config.train.init_from = str(pretrained["workdir"] / "checkpoints" / "2")
     config0 = config.copy_and_resolve_references()
     config0.train.num_steps = 0
