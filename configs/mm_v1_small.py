@@ -1,10 +1,11 @@
 """v1 Memory Mosaic, GPT2-small-like (official Library defaults and training hyper-parameters).
 
 Model: 12 layers, width 768, 12 heads, persistent memory 2688 slots per head (one bank),
-context 512, no biases, tied embedding, ``dropout_rate`` and ``pmem_attention_dropout``
-0.05 (the official ``StackAssoMem`` defaults ``hd_dropout`` and ``ic_dropout``). Optimiser and schedule: the official ``Library/train_memory_mosaics.py`` defaults
-(AdamW lr 5e-3, weight decay 0.1 on matrices, betas (0.9, 0.95), eps 1e-8, clip 1.0, linear
-warm-up 2000 steps, cosine to 1e-4 at step 80k, global batch 512 sequences of 512 tokens).
+context 512, no biases, tied embedding, ``dropout_rate`` and ``pmem_attention_dropout`` 0.05
+(the official ``StackAssoMem`` defaults ``hd_dropout`` and ``ic_dropout``). Optimiser and
+schedule: the official ``Library/train_memory_mosaics.py`` defaults (AdamW lr 5e-3, weight
+decay 0.1 on matrices, betas (0.9, 0.95), eps 1e-8, clip 1.0, linear warm-up 2000 steps,
+cosine to 1e-4 at step 80k, global batch 512 sequences of 512 tokens).
 
 Data: a token store from ``python -m mmjax.data.prepare`` (corpus ``"tokens"``), given by
 ``--config.data.path=DIR``; without it the run stops with a one-line error naming
