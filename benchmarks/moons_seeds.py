@@ -22,10 +22,10 @@ matplotlib.use("Agg")
 
 import numpy as np  # noqa: E402
 
+from mmjax.cli import EXIT_PREEMPTED  # noqa: E402
 from mmjax.config import load  # noqa: E402
 from mmjax.moons.experiment import run_experiment  # noqa: E402
 from mmjax.moons.plots import plot_error_curves  # noqa: E402
-from mmjax.train.loop import EXIT_PREEMPTED  # noqa: E402
 
 
 def run_or_load(heads, seed, args):

@@ -43,7 +43,7 @@ from collections.abc import Sequence
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
-EXIT_PREEMPTED = 3  # mmjax.train.loop.EXIT_PREEMPTED (not imported: no jax here)
+EXIT_PREEMPTED = 3  # mmjax.cli.EXIT_PREEMPTED (not imported: importing mmjax imports jax)
 DEVICE_ORDER_FLAGS = {"torus": ["--config.sharding.device_order=torus"], "linear": []}
 KILL_POLL_S = 0.1
 

@@ -453,7 +453,7 @@ def subprocess_reader(argv: list[str], on_line: Callable[[str], None] | None = N
     return proc.returncode, "".join(lines)
 
 
-EXIT_PREEMPTED = 3  # mmjax.train's status after SIGTERM made it save (mmjax.train.loop)
+EXIT_PREEMPTED = 3  # mmjax.train's status after SIGTERM made it save (mmjax.cli)
 FOLLOW_TRIES = 3  # follows of a READY slice's run that may end without its exit status
 _RESUMED = re.compile(r"resumed from .* at step ([0-9]+)")
 _EXITED = re.compile(r"mmjax\.train exited with status ([0-9]+)")

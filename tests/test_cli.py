@@ -24,6 +24,7 @@ BAD_FLAGS = {
     "mmjax.generate": ["--workdir", "x", "--prompt", "x", "--bogus"],
     "mmjax.eval": ["retrieval", "--workdir", "x", "--bogus"],
     "mmjax.kernels.compile_check": ["--bogus"],
+    "mmjax.moons": ["--workdir", "x", "--bogus"],
 }
 
 # Bad input that a command finds before doing any work, and a piece of its message. (aot and
@@ -39,6 +40,8 @@ BAD_INPUT = {
     "mmjax.generate": (["--workdir", "missing", "--prompt", "x"],
                        "--workdir missing: no such directory"),
     "mmjax.eval": (["retrieval", "--workdir", "missing"], "--workdir missing: no such directory"),
+    "mmjax.moons": (["--config", str(REPO / "configs" / "moons.py:tiny"), "--workdir",
+                     "a_file"], "a_file"),
 }
 
 
@@ -74,6 +77,7 @@ def test_a_bad_flag_value_is_one_line_and_exit_2():
 @pytest.mark.parametrize("module", sorted(BAD_INPUT))
 def test_bad_input_is_one_line_and_exit_1(module, tmp_path):
     args, message = BAD_INPUT[module]
+    (tmp_path / "a_file").write_text("not a directory")
     line = _one_error_line(_run(module, *args, cwd=tmp_path), cli.EXIT_ERROR)
     assert message in line
 
@@ -137,12 +141,6 @@ def test_one_line():
               "ValueError: unknown preset 'x'\n")
     assert cli.one_line(quoted) == ("flag --config=c.py:x: Error whilst parsing config file: "
                                     "ValueError: unknown preset 'x'")
-
-
-def test_the_trainer_preempted_status_is_the_cli_one():
-    from mmjax.train.loop import EXIT_PREEMPTED
-
-    assert EXIT_PREEMPTED == cli.EXIT_PREEMPTED == 3
 
 
 def _imports(path):

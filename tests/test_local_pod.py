@@ -18,8 +18,8 @@ import time
 import pytest
 from config_loading import TINY as TINY_FLAGS
 
+from mmjax.cli import EXIT_PREEMPTED
 from mmjax.train import __main__ as train_main
-from mmjax.train.loop import EXIT_PREEMPTED
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCRIPT = REPO_ROOT / "launch" / "local_pod.py"

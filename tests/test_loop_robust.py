@@ -22,10 +22,10 @@ import pytest
 from config_loading import TINY
 from test_train import small_config
 
+from mmjax.cli import EXIT_PREEMPTED
 from mmjax.config import validate_config, with_defaults
 from mmjax.train.checkpoint import Checkpointer, WorkdirLock, damage
 from mmjax.train.loop import (
-    EXIT_PREEMPTED,
     NonFiniteLossError,
     Reporter,
     Trainer,

@@ -38,6 +38,7 @@ import numpy as np
 from flax import linen as nn
 from tqdm.auto import tqdm
 
+from mmjax.cli import EXIT_PREEMPTED
 from mmjax.config import validate_config, with_defaults
 from mmjax.data import make_batches, synthetic
 from mmjax.data.pipeline import TextBatches
@@ -229,11 +230,6 @@ class Trainer:
         """Stop the iterators' reader threads and worker processes."""
         for it in (self.train_batches, self.val_batches):
             it.close()
-
-
-# Exit status of ``python -m mmjax.train`` when SIGTERM (preemption, ``launch stop``) stopped
-# the run after saving: not 0, so that a scheduler does not read it as a finished job.
-EXIT_PREEMPTED = 3
 
 
 class NonFiniteLossError(RuntimeError):
@@ -525,5 +521,5 @@ def _log(message: str) -> None:
         tqdm.write(message)
 
 
-__all__ = ["EXIT_PREEMPTED", "NonFiniteLossError", "Reporter", "Task", "Trainer",
+__all__ = ["NonFiniteLossError", "Reporter", "Task", "Trainer",
            "guarded_train_step", "lm_task", "train_and_evaluate"]
