@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from config_loading import load_config
 from kernel_cases import assert_close, inputs, value_and_grads
-from mmjax.kernels import compile_check
 
 from mmjax import aot
+from mmjax.kernels import compile_check
 from mmjax.ops import MaskSpec, RetrievalSharding, retrieve
 
 needs_libtpu = pytest.mark.skipif(

@@ -15,6 +15,7 @@ import sys
 import textwrap
 
 import pytest
+
 from mmjax.kernels import compile_check
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

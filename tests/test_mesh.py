@@ -6,10 +6,10 @@ import os
 import jax
 import numpy as np
 import pytest
-from mmjax.kernels import compile_check
 
 from mmjax.config import DEFAULTS, validate_config, with_defaults
 from mmjax.data.pipeline import rows_by_process
+from mmjax.kernels import compile_check
 from mmjax.train import sharding
 
 needs_libtpu = pytest.mark.skipif(
