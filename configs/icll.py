@@ -4,7 +4,7 @@
 The data is :mod:`mmjax.data.icll` (vocabulary 20: 18 letters, separator, padding; the
 separator and padding targets are not trained on). ``python -m mmjax.eval icll`` trains both
 models for several N and prints accuracy and total variation distance on held-out languages;
-this file is one of its runs (:func:`icll_config`)::
+this file is one of its runs (:func:`mmjax.config.icll_config`)::
 
     python -m mmjax.train --config configs/icll.py:mm,languages=1000 --workdir /tmp/icll_mm
     python -m mmjax.train --config configs/icll.py:gpt2,languages=1000
@@ -23,22 +23,10 @@ Expected (mmjax.flops, last line)::
   :gpt2  params=132672 flops_per_token=199168
 """
 
-from mmjax.config import PAIR_MODELS, one_of, pair_config, parse_presets
-from mmjax.data.icll import VOCAB_SIZE
+from mmjax.config import PAIR_MODELS, icll_config, one_of, parse_presets
 
 PRESETS = PAIR_MODELS
 VALUES = ("languages", "steps", "seed", "width", "context", "eval_languages")
-
-
-def icll_config(model: str = "mm", *, languages: int = 1000, steps: int = 600, seed: int = 0,
-                width: int = 64, context: int = 512, eval_languages: int = 256):
-    """One run: the equal-size pair of :func:`mmjax.config.pair_config` on the ``icll``
-    corpus, ``languages`` training languages and ``eval_languages`` held out."""
-    return pair_config(model, corpus="icll",
-                       corpus_options=dict(num_languages=languages,
-                                           eval_languages=eval_languages),
-                       vocab_size=VOCAB_SIZE, context=context, steps=steps, seed=seed,
-                       width=width)
 
 
 def get_config(arg: str | None = None):

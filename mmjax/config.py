@@ -278,6 +278,22 @@ def pair_config(model: str, *, corpus: str, corpus_options: dict, vocab_size: in
     )
 
 
+def icll_config(model: str = "mm", *, languages: int = 1000, steps: int = 600, seed: int = 0,
+                width: int = 64, context: int = 512,
+                eval_languages: int = 256) -> ml_collections.ConfigDict:
+    """One run of the in-context language learning study (``configs/icll.py``, ``python -m
+    mmjax.eval icll``): the pair of :func:`pair_config` on the ``icll`` corpus, ``languages``
+    training languages and ``eval_languages`` held out. In the package, so that the study
+    runs from a plain install."""
+    from mmjax.data.icll import VOCAB_SIZE
+
+    return pair_config(model, corpus="icll",
+                       corpus_options=dict(num_languages=languages,
+                                           eval_languages=eval_languages),
+                       vocab_size=VOCAB_SIZE, context=context, steps=steps, seed=seed,
+                       width=width)
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Check the loop's settings before anything is built; raises one ``ValueError`` listing
     every problem, one line each (``config`` with :data:`DEFAULTS` filled in)."""

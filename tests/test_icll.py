@@ -158,3 +158,15 @@ def test_the_two_models_have_the_same_number_of_parameters(width, context):
                             ).total_params for m in ("mm", "gpt2"))
     # the same up to the Memory Mosaic's per-head scalars: 7 per head and layer
     assert mm - gpt2 == 7 * 4 * 2, (mm, gpt2)
+
+
+def test_the_study_builds_its_runs_in_the_package_as_the_config_file_does():
+    """``python -m mmjax.eval icll`` needs no checkout: its runs come from
+    ``mmjax.config.icll_config``, which ``configs/icll.py`` presets name."""
+    from mmjax.config import icll_config, load
+
+    for model in ("mm", "gpt2"):
+        assert icll_config(model, languages=7, steps=9, seed=2, width=16, context=32,
+                           eval_languages=5).to_dict() == load(
+            f"configs/icll.py:{model},languages=7,steps=9,seed=2,width=16,context=32,"
+            "eval_languages=5").to_dict()

@@ -18,11 +18,8 @@ import warnings
 import jax
 import numpy as np
 
-from mmjax.config import PAIR_MODELS, load
+from mmjax.config import PAIR_MODELS, icll_config
 from mmjax.data.icll import NUM_LETTERS, SEPARATOR, VOCAB_SIZE, Example, ICLLCorpus
-
-# The runs' config file: configs/icll.py of a checkout (its presets name each run).
-CONFIG = "configs/icll.py"
 
 # The v1 paper's figure 9 (held-out accuracy at N = 100 / 1000 / 2500 training languages).
 PAPER_ACCURACY = {"memory_mosaic": {100: 0.925, 1000: 0.934, 2500: 0.941},
@@ -113,8 +110,7 @@ def run(*, languages=(100, 1000, 2500), seeds=(0,), steps: int = 600, models=PAI
         output: str | None = None, log=print) -> list[dict]:
     """Train each model on each N with each seed; score it on held-out languages.
 
-    Each run is :data:`CONFIG` with its presets (``:mm,languages=N,...``), read from the
-    working directory or the repository's ``configs/`` (a checkout).
+    Each run is :func:`mmjax.config.icll_config` (``configs/icll.py`` with its presets).
 
     Returns one row per (model, N, seed) and per (n-gram baseline, N, seed); with
     ``output`` writes ``icll.json`` there (rows with per-position curves).
@@ -132,8 +128,8 @@ def run(*, languages=(100, 1000, 2500), seeds=(0,), steps: int = 600, models=PAI
                 rows.append({"model": f"in-context {k}-gram", "languages": n, "seed": seed,
                              **mean_scores(probs, held_out)})
             for name in models:
-                config = load(f"{CONFIG}:{name},languages={n},steps={steps},seed={seed},"
-                              f"width={width},context={context},eval_languages={eval_languages}")
+                config = icll_config(name, languages=n, steps=steps, seed=seed, width=width,
+                                     context=context, eval_languages=eval_languages)
                 result = train_and_evaluate(config, None, progress=False)
                 model = build_model(config.model)
                 probs = model_probs(model, result["state"].params, held_out)
