@@ -25,3 +25,19 @@ from gcs_emulator import emulator_fixture, gcs_fixture  # noqa: E402
 
 emulator = pytest.fixture(scope="module")(emulator_fixture)
 gcs = pytest.fixture(gcs_fixture)
+
+SLOW_TESTS = pathlib.Path(__file__).with_name("slow_tests.txt")
+
+
+def slow_test_ids() -> set[str]:
+    """The ids listed in ``tests/slow_tests.txt`` (comments and blank lines skipped)."""
+    lines = SLOW_TESTS.read_text().splitlines()
+    return {line.strip() for line in lines if line.strip() and not line.startswith("#")}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark the tests listed in ``slow_tests.txt`` slow (``-m slow`` selects them)."""
+    slow = slow_test_ids()
+    for item in items:
+        if item.nodeid in slow:
+            item.add_marker(pytest.mark.slow)

@@ -110,3 +110,23 @@ def test_the_default_run_deselects_the_slow_tests_and_the_readme_says_how_to_run
     addopts = shlex.split(config["tool:pytest"]["addopts"])
     assert addopts[addopts.index("-m") + 1] == "not slow"
     assert SLOW_COMMAND in code_lines(README.read_text())
+
+
+def test_every_listed_slow_test_exists():
+    """``tests/slow_tests.txt`` names real tests (a renamed test would silently run by
+    default again, or a stale line would hide nothing)."""
+    import ast
+
+    from conftest import slow_test_ids
+
+    missing = []
+    for test_id in sorted(slow_test_ids()):
+        path, _, name = test_id.partition("::")
+        function = name.partition("[")[0]
+        source = REPO_ROOT / path
+        defined = source.exists() and any(
+            isinstance(node, ast.FunctionDef) and node.name == function
+            for node in ast.walk(ast.parse(source.read_text())))
+        if not defined:
+            missing.append(test_id)
+    assert not missing, missing

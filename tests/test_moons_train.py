@@ -266,7 +266,7 @@ def test_command_line_help():
     """The command imports (trainer included) and lists its flags; its exit status is the
     command-line convention's (``tests/test_cli.py``)."""
     proc = _moons_command("--help", timeout=120)
-    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "--config: configs/moons.py[:preset]" in proc.stdout
     assert "--workdir: output directory" in proc.stdout
 

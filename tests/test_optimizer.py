@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from mmjax.models.memory_mosaic import MemoryMosaic
+from mmjax.models import build_model
 from mmjax.train import decay_mask, learning_rate_schedule, make_optimizer
 from mmjax.train.optimizer import scale_by_adam_uncorrected
 
@@ -18,7 +18,7 @@ TINY = dict(vocab_size=17, num_layers=2, num_heads=2, embed_dim=16, pmem_size=6)
 
 
 def test_decay_mask_follows_rank_and_bias_names():
-    model = MemoryMosaic(**TINY, use_bias=True)
+    model = build_model(dict(name="memory_mosaic", **TINY, use_bias=True))
     boxed = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
     for params in (boxed, nn.unbox(boxed)):
         mask = nn.unbox(decay_mask(params))
@@ -103,9 +103,3 @@ def test_without_bias_correction_is_mlx_adam_on_the_schedule():
     np.testing.assert_allclose(uncorrected["w"] / first["w"], 0.1 / math.sqrt(0.001),
                                rtol=1e-3)
 
-
-def test_moons_and_language_models_share_the_factory():
-    import importlib
-
-    moons_train = importlib.import_module("mmjax.moons.train")
-    assert moons_train.make_optimizer is make_optimizer

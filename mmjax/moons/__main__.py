@@ -21,7 +21,8 @@ from mmjax.config import define_flag  # noqa: E402
 
 
 def _define_flags() -> None:
-    define_flag("config", None)
+    define_flag("config", None, "configs/moons.py[:preset]; override its keys with "
+                "--config.KEY=VALUE.")
     flags.DEFINE_string("workdir", None, "output directory (created if missing)")
     flags.mark_flags_as_required(["config", "workdir"])
 
