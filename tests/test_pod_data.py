@@ -10,10 +10,10 @@ import unittest.mock as mock
 import jax
 import numpy as np
 import pytest
-from mmjax.kernels import compile_check
 
 from mmjax.data import pipeline
 from mmjax.data.store import TokenStore, write_store
+from mmjax.kernels import compile_check
 from mmjax.train import sharding as sharding_lib
 
 pytestmark = pytest.mark.skipif(not compile_check.libtpu_available(),
