@@ -15,7 +15,8 @@ def test_ruff_check_is_clean():
     ruff = shutil.which("ruff") or shutil.which("ruff", path=str(REPO_ROOT / ".venv" / "bin"))
     if ruff is None:
         pytest.skip("ruff is not installed (pip install -e '.[test]')")
-    out = subprocess.run([ruff, "check", "--no-cache", str(REPO_ROOT)], capture_output=True, text=True)
+    out = subprocess.run([ruff, "check", "--no-cache", str(REPO_ROOT)], capture_output=True,
+                         text=True)
     assert out.returncode == 0, out.stdout + out.stderr
 
 
