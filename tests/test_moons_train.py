@@ -2,7 +2,6 @@
 experiment's files and its command line."""
 
 import importlib
-import importlib.util
 import json
 import pathlib
 import subprocess
@@ -14,6 +13,7 @@ import numpy as np
 import optax
 import pytest
 
+from mmjax.config import load
 from mmjax.models import build_model
 from mmjax.models.moons import MoonsMemory
 from mmjax.moons import data
@@ -28,14 +28,9 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 FIXTURE = REPO / "tests" / "fixtures" / "moons_trajectory.json"
 
 
-def _load_config_module():
-    spec = importlib.util.spec_from_file_location("moons_config", REPO / "configs" / "moons.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-get_config = _load_config_module().get_config
+def get_config(arg: str | None = None):
+    """``configs/moons.py[:arg]``, loaded as every command loads a config."""
+    return load("configs/moons.py" + (f":{arg}" if arg else ""))
 
 
 def tiny_config(heads=3, steps=2):
