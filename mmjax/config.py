@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import pathlib
+import sys
 import types
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -517,10 +518,15 @@ def define_flag(name: str = "config", default: str | None = DEFAULT,
     """The CLIs' ``--NAME=SPEC`` flag with its ``--NAME.a.b=v`` overrides: ml_collections'
     config-file flag, reading specs as :func:`load` does. ``default`` (a spec, or None for
     none) is read when the flag is defined if the command line gives no ``--NAME``; an unknown
-    key in an override then raises here (``AttributeError``/``KeyError``)."""
+    key in an override then raises here (``AttributeError``/``KeyError``). The flag is a key
+    flag of the calling command, so its ``--help`` lists it."""
     holder = config_flags.DEFINE_config_file(name, None, help_string, flag_values=flag_values,
                                              lock_config=True, sys_argv=sys_argv)
     flag_values[name].parser = _SpecParser()
+    caller = sys._getframe(1).f_globals.get("__name__", "")
+    # absl names a command's own module by its path (sys.argv[0]) when it runs as __main__
+    flag_values.register_key_flag_for_module(sys.argv[0] if caller == "__main__" else caller,
+                                             flag_values[name])
     if default is not None:
         flag_values.set_default(name, default)
     return holder

@@ -98,6 +98,8 @@ def test_help_exits_0(module):
     result = _run(module, "--help")
     assert result.returncode == cli.EXIT_OK, result.stderr[-2000:]
     assert "--" in result.stdout and not result.stderr.strip()
+    if module in ("mmjax.train", "mmjax.flops", "mmjax.aot", "mmjax.moons"):
+        assert "--config:" in result.stdout  # a key flag of the command, not of mmjax.config
 
 
 # ------------------------------------------------------------------------- in one process
