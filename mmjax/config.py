@@ -41,8 +41,11 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     # skip_nonfinite_steps: a step whose loss or gradient norm is NaN/inf leaves the parameters
     # and optimiser state unchanged (counted in the metrics) instead of stopping the run
     # loss_chunk: positions per chunk of the fused LM head + cross-entropy (0: dense logits)
+    # profile_steps: "START,COUNT" writes a jax.profiler trace of those steps into the workdir
+    # (mmjax.train.profile), from process 0 or, with profile_all_hosts, from every host
     "train": {"eval_every": 0, "eval_batches": 4, "grad_accum_steps": 1, "init_from": "",
-              "skip_nonfinite_steps": False, "loss_chunk": LOSS_CHUNK},
+              "skip_nonfinite_steps": False, "loss_chunk": LOSS_CHUNK, "profile_steps": "",
+              "profile_all_hosts": False},
     # mesh: (data, fsdp, tensor) of one slice; rules: None for the defaults; num_slices:
     # slices data-parallel over DCN; device_order: "auto", or "torus" to order a simulated
     # (CPU) pod's devices like a real slice's (mmjax.train.sharding.make_mesh)
@@ -295,6 +298,16 @@ def icll_config(model: str = "mm", *, languages: int = 1000, steps: int = 600, s
                        width=width)
 
 
+def _profile_steps_ok(value) -> bool:
+    from mmjax.train.profile import parse_profile_steps
+
+    try:
+        parse_profile_steps(value)
+    except ValueError:
+        return False
+    return True
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Check the loop's settings before anything is built; raises one ``ValueError`` listing
     every problem, one line each (``config`` with :data:`DEFAULTS` filled in)."""
@@ -319,6 +332,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     check("train", "seed", *non_negative)
     check("train", "grad_accum_steps", *positive)
     check("train", "loss_chunk", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0")
+    check("train", "profile_steps", _profile_steps_ok,
+          "'' or 'START,COUNT' with START >= 1 and COUNT >= 1")
     # the final evaluation always runs: eval_batches=0 would divide by zero after training
     check("train", "eval_batches", *positive)
     check("checkpoint", "save_every", *non_negative)

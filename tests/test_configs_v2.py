@@ -19,7 +19,8 @@ LAYOUT = {
                   "warmup_steps", "total_steps", "min_lr"},
     "data": {"context_length", "batch_size", "corpus", "path"},
     "train": {"num_steps", "log_every", "seed", "eval_every", "eval_batches", "init_from",
-              "grad_accum_steps", "skip_nonfinite_steps", "loss_chunk"},
+              "grad_accum_steps", "skip_nonfinite_steps", "loss_chunk", "profile_steps",
+              "profile_all_hosts"},
 }
 OPTIONAL = {"data": {"allow_vocab_padding"}}
 

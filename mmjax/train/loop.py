@@ -49,6 +49,7 @@ from mmjax.train.checkpoint import Checkpointer, WorkdirLock, keep_tokenizer, lo
 from mmjax.train.jitted import jit_train_step
 from mmjax.train.metrics import MetricWriter
 from mmjax.train.optimizer import make_optimizer
+from mmjax.train.profile import StepProfiler
 from mmjax.train.state import init_variables, state_layout
 from mmjax.train.step import eval_step, guarded_train_step, lm_batch_loss
 
@@ -430,9 +431,15 @@ def _run(trainer, state, checkpointer, workdir, *, progress, lock) -> dict:
                         config.data.batch_size * config.data.context_length,
                         checkpointer=checkpointer)
     preempted = False
+    profiler = StepProfiler(workdir, tcfg.get("profile_steps", ""),
+                            all_hosts=tcfg.get("profile_all_hosts", False))
     try:
         for step in bar:
+            profiler.before(step + 1)
             state, metrics = trainer.train_step(state, trainer.next_batch())
+            traced = profiler.after(step + 1, (state, metrics))
+            if traced:
+                _log(f"profile of steps {tcfg.profile_steps}: {traced}")
             reporter.record(step + 1, metrics)
             if lock is not None:
                 lock.heartbeat()
@@ -460,6 +467,8 @@ def _run(trainer, state, checkpointer, workdir, *, progress, lock) -> dict:
         writer.close()
         _log(str(e))
         raise
+    finally:
+        profiler.stop()  # a run that ended inside the traced steps
     history = reporter.history
     if preempted:  # a spot VM has ~30 s: wait for the forced save, evaluate nothing
         writer.close()
