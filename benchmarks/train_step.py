@@ -4,10 +4,14 @@ official PyTorch code, with model FLOPs utilisation against a measured matmul pe
     python benchmarks/train_step.py                        # the built-in pair below
     python benchmarks/train_step.py --official ~/MemoryMosaics   # + the official MM and GPT
     python benchmarks/train_step.py --config configs/mm_v1_small.py --batch 16 --context 512
+    python benchmarks/train_step.py --pair v2 --context 512       # MM v2 against LLaMA
 
 The built-in pair (the project's reference configuration): 4 layers, 4 heads, width 256,
 context 256, vocabulary 8192, batch 8, fp32, no dropout, no biases; the Memory Mosaic has 1024
-persistent-memory slots per head, the GPT2 a 4x MLP. ``--config FILE[:preset]`` (repeatable)
+persistent-memory slots per head, the GPT2 a 4x MLP. ``--pair v2``: a v2 Memory Mosaic and a
+LLaMA of the same sizes, SwiGLU ``--mlp`` 704, untied embeddings, short-term window
+``--window`` 64 (long-term skip drawn from U[window/4, window]); both unscanned, no remat.
+``--config FILE[:preset]`` (repeatable)
 measures those configs instead (``--batch``/``--context``/``--dtype`` still apply).
 
 What is timed, per system, in interleaved rounds (``--rounds`` x ``--steps`` steps, after
@@ -95,16 +99,25 @@ class Figures:
 
 
 def builtin_configs(args) -> list:
-    """The reference pair as mmjax configs: a v1 Memory Mosaic and an equal-width GPT2."""
+    """The reference pair as mmjax configs: ``--pair v1`` a v1 Memory Mosaic and an equal-width
+    GPT2; ``--pair v2`` a v2 Memory Mosaic and an equal-width LLaMA (SwiGLU ``--mlp``)."""
     from mmjax.config import lm_config
 
     common = dict(vocab_size=args.vocab, num_layers=args.layers, num_heads=args.heads,
-                  embed_dim=args.width, use_bias=False, dtype=args.dtype,
-                  impl="auto")
-    models = [dict(name="memory_mosaic", pmem_size=args.pmem, pmem_count=1,
-                   pmem_attention_dropout=0.0, dropout_rate=0.0, **common),
-              dict(name="gpt2", context_length=args.context, mlp_dim=4 * args.width,
-                   dropout_rate=0.0, **common)]
+                  embed_dim=args.width, dtype=args.dtype, impl="auto", dropout_rate=0.0,
+                  scan_layers=False, remat="none")
+    if args.pair == "v1":
+        common["use_bias"] = False
+        models = [dict(name="memory_mosaic", pmem_size=args.pmem, pmem_count=1,
+                       pmem_attention_dropout=0.0, **common),
+                  dict(name="gpt2", context_length=args.context, mlp_dim=4 * args.width,
+                       **common)]
+    else:
+        models = [dict(name="memory_mosaic_v2", mlp_dim=args.mlp, tie_embeddings=False,
+                       short_term_window=args.window,
+                       long_term_skip_range=(args.window // 4, args.window),
+                       inference_long_term_skip=args.window // 4, **common),
+                  dict(name="llama", mlp_dim=args.mlp, tie_embeddings=False, **common)]
     return [lm_config(m, optimizer=dict(learning_rate=1e-3, weight_decay=0.1, b1=0.9,
                                         b2=0.95, eps=1e-8, grad_clip=1.0),
                       data=dict(corpus="pfa", context_length=args.context,
@@ -334,8 +347,16 @@ def ratio_lines(figures: dict[str, Figures]) -> list[tuple[str, float]]:
              ("mmjax GPT2 / official GPT, forward", "mmjax gpt2", "official GPT", "forward"),
              ("mmjax MM / mmjax GPT2, train", "mmjax memory_mosaic", "mmjax gpt2", "train"),
              ("official MM / official GPT, train", "official MemoryMosaic", "official GPT",
-              "train")]
-    return [(label, figures[a].tokens_per_s(kind) / figures[b].tokens_per_s(kind))
+              "train"),
+             ("mmjax MM v2 / mmjax LLaMA, train", "mmjax memory_mosaic_v2", "mmjax llama",
+              "train"),
+             ("mmjax MM v2 / mmjax LLaMA, MFU", "mmjax memory_mosaic_v2", "mmjax llama",
+              "mfu")]
+
+    def value(f: Figures, kind: str) -> float:
+        return f.mfu() if kind == "mfu" else f.tokens_per_s(kind)
+
+    return [(label, value(figures[a], kind) / value(figures[b], kind))
             for label, a, b, kind in pairs if a in figures and b in figures]
 
 
@@ -358,11 +379,17 @@ def parse_args(argv=None):
     p.add_argument("--official", default=None,
                    help="a checkout of facebookresearch/MemoryMosaics: add its nanoMosaics "
                         "MemoryMosaic and GPT (needs torch: the 'compare' extra)")
+    p.add_argument("--pair", default="v1", choices=("v1", "v2"),
+                   help="the built-in pair: v1 (Memory Mosaic, GPT2) or v2 (Memory Mosaic v2, "
+                        "LLaMA)")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--pmem", type=int, default=1024)
+    p.add_argument("--mlp", type=int, default=704, help="SwiGLU width of the v2 pair")
+    p.add_argument("--window", type=int, default=64,
+                   help="v2's short-term window (its long-term skip: U[window/4, window])")
     p.add_argument("--context", type=int, default=256)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
@@ -377,7 +404,8 @@ def parse_args(argv=None):
                         "against the model's and the temporaries, instead of timing")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    for name in ("layers", "heads", "width", "vocab", "pmem", "context", "batch", "steps",
+    for name in ("layers", "heads", "width", "vocab", "pmem", "mlp", "window", "context",
+                 "batch", "steps",
                  "rounds", "warmup", "gemm_size", "threads"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

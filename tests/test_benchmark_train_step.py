@@ -157,3 +157,14 @@ def test_compile_for_a_tpu_slice_counts_no_hidden_flops(capsys):
         assert figures["chips"] == 4 and figures["device_kind"].startswith("TPU v5")
         assert 1.0 <= figures["ratio"] < 1.15, figures
     assert "XLA FLOPs/chip" in capsys.readouterr().out
+
+
+def test_v2_pair_is_measured_against_llama_with_an_mfu_ratio():
+    result = _bench().main([*TINY, "--pair", "v2", "--mlp", "48", "--window", "8"])
+    assert set(result["systems"]) == {"mmjax memory_mosaic_v2", "mmjax llama"}
+    v2, llama = result["systems"]["mmjax memory_mosaic_v2"], result["systems"]["mmjax llama"]
+    assert 0 < v2["mfu"] <= 1 and 0 < llama["mfu"] <= 1
+    assert math.isclose(result["ratios"]["mmjax MM v2 / mmjax LLaMA, MFU"],
+                        v2["mfu"] / llama["mfu"])
+    assert math.isclose(result["ratios"]["mmjax MM v2 / mmjax LLaMA, train"],
+                        v2["train_tokens_per_s"] / llama["train_tokens_per_s"])

@@ -84,3 +84,21 @@ def test_l2_normalize_exact_and_zero_safe():
 def test_l2_normalize_keeps_dtype(dtype):
     x = jnp.ones((2, 3, 4), dtype)
     assert l2_normalize(x).dtype == dtype
+
+
+def test_cpu_recurrence_is_a_sequential_scan_equal_to_the_log_depth_one():
+    a = jax.nn.sigmoid(jax.random.normal(jax.random.key(0), (2, 37, 3, 1)))
+    b = jax.random.normal(jax.random.key(1), (2, 37, 3, 4))
+    jaxpr = str(jax.make_jaxpr(linear_recurrence)(a, b))
+    assert "scan[" in jaxpr and "pad" not in jaxpr  # one step per token, no interleaving
+
+    def log_depth(a, b):
+        a = jnp.broadcast_to(a, b.shape)
+        return jax.lax.associative_scan(lambda x, y: (x[0] * y[0], y[0] * x[1] + y[1]),
+                                        (a, b), axis=1)[1]
+
+    np.testing.assert_allclose(linear_recurrence(a, b), log_depth(a, b), rtol=1e-5, atol=1e-6)
+    loss = lambda f: lambda a, b: jnp.sum(jnp.sin(f(a, b)))
+    for got, want in zip(jax.grad(loss(linear_recurrence), (0, 1))(a, b),
+                         jax.grad(loss(log_depth), (0, 1))(a, b), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)

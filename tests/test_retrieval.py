@@ -282,3 +282,32 @@ def test_mask_must_be_a_mask_spec():
     k = jnp.zeros((1, 3, 1, 2))
     with pytest.raises(TypeError, match="mask must be a MaskSpec"):
         retrieve(k, k, mask=(None, 0))
+
+
+def test_default_tiles_follow_platform_length_and_window():
+    from mmjax.ops.blocked import ALL_VISIBLE_BLOCK_Q, default_blocks
+
+    assert default_blocks(4096, 256, False, "tpu") == (256, 256)
+    assert default_blocks(4096, None, True, "cpu") == (ALL_VISIBLE_BLOCK_Q, 256)
+    assert default_blocks(512, 64, False, "cpu") == (32, 32)  # a narrow band: small tiles
+    assert default_blocks(512, 256, False, "cpu") == (64, 64)
+    assert default_blocks(64, 16, False, "cpu") == (64, 64)  # one tile of a short sequence
+    assert default_blocks(256, None, False, "cpu") == (256, 256)
+    assert default_blocks(512, None, False, "cpu") == (64, 64)
+    traced_window = jnp.int32(64)  # a traced window cannot size tiles: the causal rule
+    assert default_blocks(512, traced_window, False, "cpu") == (64, 64)
+
+
+@pytest.mark.parametrize("window", [40, None])
+def test_default_cpu_tiles_match_the_reference(window):
+    """retrieve's default tiles on CPU (32 or 64 here; 300 is a multiple of neither)
+    give the reference's values and gradients."""
+    mask = MaskSpec(window=window, skip=3)
+    q, k, v, beta = make_inputs(2, 2, 300, 300, 2, 8, 4)
+    loss = lambda impl: lambda k, v, beta: jnp.sum(jnp.sin(retrieve(
+        k, v, bandwidth=beta, mask=mask, impl=impl)))
+    np.testing.assert_allclose(loss("xla")(k, v, beta), loss("reference")(k, v, beta),
+                               rtol=1e-5)
+    for a, b in zip(jax.grad(loss("xla"), (0, 1, 2))(k, v, beta),
+                    jax.grad(loss("reference"), (0, 1, 2))(k, v, beta), strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)

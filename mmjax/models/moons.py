@@ -108,7 +108,7 @@ class MoonsMemory(nn.Module):
       bandwidth: the fixed ``beta`` of every head.
       impl: retrieval implementation for full sequences (see :func:`mmjax.ops.retrieve`).
       block_size: with ``impl="xla"``, the query and key tile size of the blocked retrieval
-        (``block_size`` of :func:`mmjax.ops.retrieve`); ``None`` keeps its default (256). With head
+        (``block_size`` of :func:`mmjax.ops.retrieve`); ``None`` keeps its default. With head
         dimensions of 2 to 6 reals, tiles of 64 make a training step about 4 times cheaper
         on CPU than tiles of 256.
       skip: hide the ``skip`` most recent pairs from every query (``MaskSpec(skip=...)``);

@@ -3,7 +3,8 @@
 Leaky averages (fixed per head for v1, gated per step for v2), the unit-norm keys built on
 them, the value extractor shared by both versions (peek one step ahead, normalise, scale), and
 ``l2_normalize``. All functions are O(T) in time and memory: recurrences run as
-``jax.lax.associative_scan`` (log-depth on accelerators), never as a ``T x T`` matrix.
+``jax.lax.associative_scan`` (log-depth on accelerators; one step per token on CPU, where
+that is faster), never as a ``T x T`` matrix.
 Layout ``[batch, time, heads, dim]``. The equations are listed in ``docs/architecture.md``.
 """
 
@@ -12,6 +13,8 @@ from __future__ import annotations
 import chex
 import jax
 import jax.numpy as jnp
+
+from mmjax.ops.masks import target_platform
 
 Array = jax.Array
 
@@ -42,12 +45,33 @@ def linear_recurrence(decay_BxTxHx1: Array, inputs_BxTxHxK: Array,
         chex.assert_shape(initial_BxHxK, (b.shape[0],) + b.shape[2:])
         b = b.at[:, 0].add(a[:, 0] * initial_BxHxK.astype(jnp.float32))
 
+    if target_platform() == "cpu":
+        return _sequential_recurrence(a, b)
+
     def combine(left, right):
         a_l, b_l = left
         a_r, b_r = right
         return a_l * a_r, a_r * b_l + b_r
 
     return jax.lax.associative_scan(combine, (a, b), axis=1)[1]
+
+
+def _sequential_recurrence(a_BxTxHxK: Array, b_BxTxHxK: Array) -> Array:
+    """``h_t = a_t h_{t-1} + b_t`` from ``h_{-1} = 0`` as one ``lax.scan`` step per token.
+
+    On CPU this is the fastest form: measured on the 2-core machine, forward + backward,
+    batch 8 x 4 heads, ms at T=64 (heads of 16) / T=512 (heads of 64): 0.5 / 14 against 1.5 /
+    47 for the log-depth ``associative_scan`` (which wins where the steps run in parallel)
+    and 1.4 / 27 for chunked matmuls; unrolling does not help.
+    """
+    def step(h_BxHxK, ab):
+        h_BxHxK = ab[0] * h_BxHxK + ab[1]
+        return h_BxHxK, h_BxHxK
+
+    time_major = lambda x: jnp.moveaxis(x, 1, 0)
+    _, h_TxBxHxK = jax.lax.scan(step, jnp.zeros_like(b_BxTxHxK[:, 0]),
+                                (time_major(a_BxTxHxK), time_major(b_BxTxHxK)))
+    return jnp.moveaxis(h_TxBxHxK, 0, 1)
 
 
 def leaky_average(x_BxTxHxK: Array, decay_H: Array,

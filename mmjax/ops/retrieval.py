@@ -126,9 +126,9 @@ def retrieve(
       queries: ``[batch, q_time, heads, dk]``; default: ``keys`` (Memory Mosaics).
       query_offset: absolute position of the first query (int, possibly traced).
       impl: ``"auto" | "reference" | "xla" | "pallas_tpu" | "pallas_gpu"``.
-      block_size: query and key tile size of the ``"xla"`` path (default 256, and 1024
-        queries when every query sees every key; clipped to the lengths); small heads on CPU
-        run faster with smaller tiles. The other paths ignore it.
+      block_size: query and key tile size of the ``"xla"`` path (default:
+        :func:`mmjax.ops.blocked.default_blocks`, by platform, length and window; clipped
+        to the lengths). The other paths ignore it.
       sharding: how the Pallas kernels split over the devices of the current mesh
         (:class:`RetrievalSharding`; Mosaic and Triton kernels cannot be partitioned by
         XLA, so under a mesh of several devices they run in a ``shard_map``). Default:
@@ -157,14 +157,12 @@ def retrieve(
         return retrieve_reference(queries, keys, values, beta, mask, offset)
     if impl == "xla":
         all_visible = blocked.all_visible(mask, query_offset, keys.shape[1])
-        if block_size is not None:
-            blocks = dict(block_q=block_size, block_k=block_size)
-        else:
-            tall = blocked.ALL_VISIBLE_BLOCK_Q if all_visible else blocked.DEFAULT_BLOCK_Q
-            blocks = dict(block_q=tall)
+        block_q, block_k = ((block_size, block_size) if block_size is not None else
+                            blocked.default_blocks(queries.shape[1], mask.window, all_visible,
+                                                   target_platform()))
         return blocked.retrieve_blocked(queries, keys, values, beta, mask, offset,
-                                        has_bandwidth=has_bandwidth,
-                                        all_visible=all_visible, **blocks)
+                                        block_q=block_q, block_k=block_k,
+                                        has_bandwidth=has_bandwidth, all_visible=all_visible)
     from mmjax import kernels  # Pallas kernels are imported only when asked for.
 
     kernel = functools.partial(kernels.retrieve_pallas, platform=impl.removeprefix("pallas_"))
