@@ -37,15 +37,16 @@ published bf16 peak is printed and used instead.
 Then the ratios the project tracks (targets in the README). ``--json`` adds one JSON line
 at the end.
 
-``--compile-for TOPOLOGY`` (e.g. ``v5e:2x2``; needs libtpu, no TPU) times nothing: it
+``--compile-for TOPOLOGY`` (e.g. ``v5p:2x2x1``; needs libtpu, no TPU) times nothing: it
 compiles each system's train step for that TPU slice with the real compiler
-(:func:`mmjax.aot.report`) and prints XLA's FLOPs per step against the model's matmul FLOPs,
-and the temporary memory per chip: a ratio well above 1 is hidden recomputation, and the
-temporaries should not grow from one change to the next. XLA counts neither Pallas kernels
-nor more than one trip of a loop, so this compiles with ``model.impl="reference"`` (dense
-retrieval: the model FLOPs then count every query against every key, masked or not),
-unscanned layers, no rematerialisation, and the fused loss in one chunk (its backward's
-recomputed logits are counted: they are part of the step's cost).
+(:func:`mmjax.aot.report`), Pallas kernels in place, and prints XLA's FLOPs per step and
+chip against the model's (the same count as MFU's: matmuls and visible retrieval pairs, x3),
+and the temporary memory per chip. XLA cannot see inside a Pallas call: each kernel states
+its FLOPs from its shapes and the tiles it computes
+(:func:`mmjax.kernels.common.kernel_cost`), and XLA adds them. A ratio above 1 is work the
+model count does not have: the loss backward's recomputed logits, the kernels' recomputed
+scores and partly masked tiles, hidden recomputation. XLA counts one trip of a loop, so the
+layers are unscanned, nothing is rematerialised and the fused loss runs in one chunk.
 """
 
 from __future__ import annotations
@@ -148,30 +149,20 @@ def train_flops_per_token(model_config, context: int) -> float:
     return 3.0 * forward
 
 
-def dense_retrieval_flops_per_token(model_config, context: int) -> float:
-    """Forward FLOPs per token of the dense reference retrieval: every query against all
-    ``context`` keys, ``4 context D`` per retrieval tier and layer."""
-    from mmjax import flops
-
-    tiers = len(flops.retrieval_tiers(model_config))
-    return 4.0 * context * model_config["embed_dim"] * tiers * model_config["num_layers"]
-
-
 def compiled_step_figures(config, topology: str) -> dict:
-    """The train step of ``config`` compiled for ``topology`` (dense retrieval, unscanned, no
-    remat): XLA's FLOPs and temporaries per chip against the model's matmul FLOPs."""
-    from mmjax import aot, flops
+    """The train step of ``config`` compiled for ``topology`` (the Pallas kernels, unscanned,
+    no remat): XLA's FLOPs and temporaries per chip against the model's FLOPs."""
+    from mmjax import aot
 
     config = config.copy_and_resolve_references()
-    config.model.update(impl="reference", scan_layers=False, remat="none")
+    config.model.update(impl="auto", scan_layers=False, remat="none")
     # one chunk of the fused loss: its scan then runs once, and XLA counts all of it
     config.train.loss_chunk = config.data.context_length
     r = aot.report(config, topology, (-1, 1, 1))
     d = config.data
     chips = int(np.prod(list(r.mesh.values())))
-    per_token = 3.0 * (flops.count(config.model).total_flops
-                       + dense_retrieval_flops_per_token(config.model, d.context_length))
-    model = per_token * d.batch_size * d.context_length / chips
+    model = (train_flops_per_token(config.model, d.context_length) * d.batch_size
+             * d.context_length / chips)
     return {"xla_flops": r.flops, "model_flops": model, "ratio": r.flops / model,
             "temp_bytes": r.temp_bytes, "total_bytes": r.total_bytes,
             "device_kind": r.device_kind, "chips": chips}
@@ -419,7 +410,7 @@ def parse_args(argv=None):
 
 
 def compile_for(configs, args) -> dict:
-    print(f"train step compiled for {args.compile_for} (dense retrieval, unscanned, no remat); "
+    print(f"train step compiled for {args.compile_for} (Pallas kernels, unscanned, no remat); "
           f"batch {args.batch} x context {args.context}, {args.dtype}")
     print(f"{'system':<24} {'XLA FLOPs/chip':>15} {'model FLOPs/chip':>17} {'ratio':>6} "
           f"{'temp MiB':>9} {'total MiB':>10}")

@@ -139,3 +139,32 @@ def test_random_cases_cover_the_ranges():
 def test_random_sweep(seed):
     case = random_case(seed)
     check(case.pop("platform"), case.pop("tq"), case.pop("tk"), case.pop("mask"), **case)
+
+
+@pytest.mark.parametrize("window, skip, offset", [(None, 0, 0), (None, 0, 1), (40, 0, 0),
+                                                  (None, 13, 0), (200, 5, 3), (7, 0, 30)])
+def test_kernel_cost_counts_the_tile_pairs_the_kernel_visits(window, skip, offset):
+    """The FLOPs a kernel states come from the same tile ranges the kernels walk."""
+    from mmjax.ops.masks import kv_tile_range
+
+    mask = MaskSpec(window=window, skip=skip)
+    tq, tk, bq, bk = 300, 330, 64, 32
+    want = 0
+    for q_start in range(0, tq, bq):
+        lo, hi = kv_tile_range(q_start, min(q_start + bq, tq), tk, bk, mask, offset)
+        want += max(int(hi) - int(lo) + 1, 0)
+    assert common.visible_tile_pairs(mask, offset, tq, tk, bq, bk) == want > 0
+    cost = common.kernel_cost("fwd", mask, offset, tq, tk, bq, bk, batch_heads=6, dk=16,
+                              dv=8, operand_bytes=1000)
+    assert cost.flops == 2 * 6 * bq * bk * want * (16 + 8)
+    assert cost.transcendentals == 6 * bq * bk * want and cost.bytes_accessed == 1000
+    counted = []
+
+    def traced(skip_scalar):  # a traced skip counts as 0: an upper bound
+        counted.append(common.visible_tile_pairs(MaskSpec(window=window, skip=skip_scalar),
+                                                 offset, tq, tk, bq, bk))
+        return skip_scalar
+
+    jax.jit(traced)(jnp.int32(skip))
+    assert counted[0] == common.visible_tile_pairs(MaskSpec(window=window), offset, tq, tk,
+                                                   bq, bk) >= want

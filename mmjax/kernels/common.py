@@ -216,6 +216,45 @@ def kv_steps_bound(window, block_rows: int, block_cols: int, num_col_tiles: int)
     return int(min(num_col_tiles, -(-span // block_cols) + 1))
 
 
+def visible_tile_pairs(mask: MaskSpec, query_offset, q_time: int, k_time: int,
+                       block_q: int, block_k: int) -> int:
+    """(query tile, key tile) pairs a kernel computes, counted at trace time.
+
+    Each query tile computes the run of key tiles from its first to its last visible key
+    (the range of :func:`mmjax.ops.masks.kv_tile_range`). Scalars traced at trace time
+    count as their loosest value (no window, skip 0, offset 0), so the count is then an
+    upper bound.
+    """
+    window, skip, offset = (concrete_int(x) for x in (mask.window, mask.skip, query_offset))
+    window = NO_WINDOW if window is None else window
+    skip, offset = skip or 0, offset or 0
+    first_q = np.arange(0, q_time, block_q)
+    last_q = np.minimum(first_q + block_q, q_time) - 1
+    lo = np.maximum(offset + first_q - window, 0)
+    hi = np.minimum(offset + last_q - 1 - skip, k_time - 1)
+    tiles = np.where(hi >= lo, hi // block_k - lo // block_k + 1, 0)
+    return int(tiles.sum())
+
+
+def kernel_cost(kind: str, mask: MaskSpec, query_offset, q_time: int, k_time: int,
+                block_q: int, block_k: int, batch_heads: int, dk: int, dv: int,
+                operand_bytes: int):
+    """``pl.CostEstimate`` of one kernel (``kind``: "fwd", "dkv" or "dq"), so that XLA's
+    cost analysis counts the FLOPs it cannot see inside a Pallas call.
+
+    Per computed tile pair (:func:`visible_tile_pairs`) of ``block_q x block_k`` scores:
+    the forward's ``q k^T`` and ``p v``; dkv's recomputed scores, ``dy v^T``, ``p^T dy`` and
+    ``ds^T q``; dq's recomputed scores, ``dy v^T`` and ``ds k``; one exponential per score.
+    """
+    from jax.experimental import pallas as pl
+
+    dims = {"fwd": dk + dv, "dkv": 2 * dk + 2 * dv, "dq": 2 * dk + dv}[kind]
+    scores = batch_heads * block_q * block_k * visible_tile_pairs(
+        mask, query_offset, q_time, k_time, block_q, block_k)
+    return pl.CostEstimate(flops=2 * scores * dims, transcendentals=scores,
+                           bytes_accessed=int(operand_bytes))
+
+
 def tile_visible(q_pos, k_pos, mask: MaskSpec, q_end, k_time):
     """Visibility of one tile: the mask, restricted to real (unpadded) queries and keys.
 

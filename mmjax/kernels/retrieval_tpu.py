@@ -49,6 +49,7 @@ class _Config:
     steps_dkv: int
     steps_dq: int
     interpret: Any
+    costs: tuple  # pl.CostEstimate of the forward, dkv and dq kernels
 
 
 def retrieve_tpu(
@@ -81,10 +82,27 @@ def retrieve_tpu(
         steps_fwd=bound(blocks.block_q, blocks.block_k, k_pad // blocks.block_k),
         steps_dkv=bound(blocks.block_k_dkv, blocks.block_q_dkv, q_pad // blocks.block_q_dkv),
         steps_dq=bound(blocks.block_q_dq, blocks.block_k_dq, k_pad // blocks.block_k_dq),
-        interpret=interpret)
+        interpret=interpret,
+        costs=_costs(q_BxQxHxK, k_BxTxHxK, v_BxTxHxV, mask, query_offset, blocks))
     scalars = common.mask_scalars(mask, query_offset)
     beta_QxH = jnp.asarray(beta_QxH, jnp.float32)
     return _retrieve(q_BxQxHxK, k_BxTxHxK, v_BxTxHxV, beta_QxH, scalars, cfg)
+
+
+def _costs(q, k, v, mask, query_offset, blocks: common.BlockSizes) -> tuple:
+    """The three kernels' cost estimates (:func:`mmjax.kernels.common.kernel_cost`)."""
+    b, tq, h, dk = q.shape
+    tk, dv = k.shape[1], v.shape[-1]
+    nbytes = lambda *xs: sum(x.size * x.dtype.itemsize for x in xs)
+    cost = functools.partial(common.kernel_cost, mask=mask, query_offset=query_offset,
+                             q_time=tq, k_time=tk, batch_heads=b * h, dk=dk, dv=dv)
+    fwd_bytes = nbytes(q, k, v) + b * tq * h * dv * v.dtype.itemsize
+    return (cost("fwd", block_q=blocks.block_q, block_k=blocks.block_k,
+                 operand_bytes=fwd_bytes),
+            cost("dkv", block_q=blocks.block_q_dkv, block_k=blocks.block_k_dkv,
+                 operand_bytes=2 * fwd_bytes + nbytes(k, v)),
+            cost("dq", block_q=blocks.block_q_dq, block_k=blocks.block_k_dq,
+                 operand_bytes=2 * fwd_bytes + nbytes(q)))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -222,6 +240,7 @@ def _retrieve_fwd(q, k, v, beta, scalars, cfg):
         compiler_params=_params(),
         interpret=cfg.interpret,
         name="mmjax_retrieve_fwd_tpu",
+        cost_estimate=cfg.costs[0],
     )(scalars, qp, kp, vp, beta_Hx1xQ)
     y = jnp.transpose(y_BxHxQxV, (0, 2, 1, 3))[:, :cfg.q_time]
     lse_BxHx1xQ = lse_BxHxQxL[:, :, None, :, 0]
@@ -338,6 +357,7 @@ def _retrieve_bwd(cfg, residuals, dy):
         compiler_params=_params(),
         interpret=cfg.interpret,
         name="mmjax_retrieve_dkv_tpu",
+        cost_estimate=cfg.costs[1],
     )(*operands)
 
     # dq, dbeta: rows are query tiles, the inner axis walks the visible key tiles.
@@ -359,6 +379,7 @@ def _retrieve_bwd(cfg, residuals, dy):
         compiler_params=_params(),
         interpret=cfg.interpret,
         name="mmjax_retrieve_dq_tpu",
+        cost_estimate=cfg.costs[2],
     )(*operands)
     back = lambda x, t: jnp.transpose(x, (0, 2, 1, 3))[:, :t]
     dbeta_QxH = jnp.sum(dbeta_BxHxQxL[:, :, :cfg.q_time, 0], axis=0).T

@@ -166,8 +166,9 @@ def retrieve(
     from mmjax import kernels  # Pallas kernels are imported only when asked for.
 
     kernel = functools.partial(kernels.retrieve_pallas, platform=impl.removeprefix("pallas_"))
+    # a Python-int offset stays static: the kernels count their FLOPs from it
     return _on_mesh(kernel, sharding or RetrievalSharding(), queries, keys, values, beta, mask,
-                    offset)
+                    query_offset)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,20 +218,22 @@ def _on_mesh(kernel, sharding: RetrievalSharding, q, k, v, beta_QxH, mask: MaskS
             offset = offset + jax.lax.axis_index(qtime) * local_q
         return kernel(q, k, v, beta, MaskSpec(window=window, skip=skip), offset)
 
-    # Python-int windows and skips stay static (they size the TPU grid); traced ones go in.
+    # Python-int windows, skips and offsets stay static (they size the TPU grid and count
+    # the kernels' FLOPs); traced ones go in.
     static = lambda x: x is None or isinstance(x, (int, np.integer))
     window, skip = mask.window, mask.skip
-    args, specs = [q, k, v, beta_QxH, offset], [q_spec, kv_spec, kv_spec, beta_spec, P()]
-    for value in (window, skip):
+    args, specs = [q, k, v, beta_QxH], [q_spec, kv_spec, kv_spec, beta_spec]
+    for value in (window, skip, offset):
         if not static(value):
             args.append(value)
             specs.append(P())
 
-    def body(q, k, v, beta, offset, *traced):
+    def body(q, k, v, beta, *traced):
         traced = list(traced)
         w = window if static(window) else traced.pop(0)
         s = skip if static(skip) else traced.pop(0)
-        return local(q, k, v, beta, w, s, offset)
+        o = offset if static(offset) else traced.pop(0)
+        return local(q, k, v, beta, w, s, o)
 
     return jax.shard_map(body, in_specs=tuple(specs), out_specs=q_spec,
                          check_vma=False)(*args)
