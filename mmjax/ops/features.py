@@ -40,7 +40,9 @@ def linear_recurrence(decay_BxTxHx1: Array, inputs_BxTxHxK: Array,
     """
     chex.assert_rank([decay_BxTxHx1, inputs_BxTxHxK], 4)
     b = inputs_BxTxHxK.astype(jnp.float32)
-    a = jnp.broadcast_to(decay_BxTxHx1.astype(jnp.float32), b.shape)
+    # the decay keeps its own last axis (1 for a per-head decay): never a [B, T, H, K] copy
+    a = jnp.broadcast_to(decay_BxTxHx1.astype(jnp.float32),
+                         b.shape[:-1] + decay_BxTxHx1.shape[-1:])
     if initial_BxHxK is not None:
         chex.assert_shape(initial_BxHxK, (b.shape[0],) + b.shape[2:])
         b = b.at[:, 0].add(a[:, 0] * initial_BxHxK.astype(jnp.float32))
