@@ -33,7 +33,10 @@ Figures: the median over rounds of tokens/s, step time, and MFU = (3 x forward F
 token from :mod:`mmjax.flops`, retrieval/attention terms included) x tokens/s / peak. The
 peak is measured here, a large matmul (``--gemm-size``) in the benchmark's dtype, for JAX
 and for torch, and the larger one is every system's peak; on a TPU or GPU the chip's
-published bf16 peak is printed and used instead.
+published bf16 peak is printed and used instead. With ``--official`` each system also gets
+an MFU against its own framework's measured matmul (JAX's for mmjax, torch's for the official
+code), and the ratios of those: a raw speed ratio flips with whichever framework's matmul is
+faster on the machine, the own-peak MFU ratio compares what each code makes of its framework.
 Then the ratios the project tracks (targets in the README). ``--json`` adds one JSON line
 at the end.
 
@@ -83,6 +86,7 @@ class Figures:
     tokens_per_step: int
     train_flops_per_token: float
     peak: float
+    own_peak: float  # the measured matmul peak of the system's own framework (JAX or torch)
     train_s: list[float] = dataclasses.field(default_factory=list)
     forward_s: list[float] = dataclasses.field(default_factory=list)
 
@@ -94,6 +98,11 @@ class Figures:
 
     def mfu(self) -> float:
         return self.train_flops_per_token * self.tokens_per_s("train") / self.peak
+
+    def own_mfu(self) -> float:
+        """MFU against the framework's own matmul: what the system makes of what its
+        framework can do on this machine, comparable across machines."""
+        return self.train_flops_per_token * self.tokens_per_s("train") / self.own_peak
 
 
 # ----------------------------------------------------------------------------- configs
@@ -209,7 +218,7 @@ def _timed(fn) -> float:
 class MmjaxSystem:
     """One mmjax config: the trainer's jitted train and eval steps on pre-made batches."""
 
-    def __init__(self, config, peak: float):
+    def __init__(self, config, peak: float, own_peak: float):
         from mmjax.train.loop import Trainer
         from mmjax.train.step import eval_step
 
@@ -222,7 +231,7 @@ class MmjaxSystem:
         m = config.model
         d = config.data
         self.figures = Figures(f"mmjax {m.name}", d.batch_size * d.context_length,
-                               train_flops_per_token(m, d.context_length), peak)
+                               train_flops_per_token(m, d.context_length), peak, own_peak)
         self.steps_done = 0
 
     def train(self, steps: int) -> float:
@@ -250,7 +259,8 @@ class MmjaxSystem:
 class OfficialSystem:
     """The official nanoMosaics model of the same sizes, run eagerly as its train.py does."""
 
-    def __init__(self, official_dir: str, model_config, data_config, peak: float):
+    def __init__(self, official_dir: str, model_config, data_config, peak: float,
+                 own_peak: float):
         import torch
 
         module_dir = os.path.join(official_dir, "nanoMosaics")
@@ -273,7 +283,7 @@ class OfficialSystem:
         # contiguous inputs and targets, as train.py's get_batch makes them
         self.batches = [(t[:, :-1].contiguous(), t[:, 1:].contiguous()) for t in tokens]
         self.figures = Figures(name, d.batch_size * d.context_length,
-                               train_flops_per_token(m, d.context_length), peak)
+                               train_flops_per_token(m, d.context_length), peak, own_peak)
         self.steps_done = 0
 
     @staticmethod
@@ -339,13 +349,19 @@ def ratio_lines(figures: dict[str, Figures]) -> list[tuple[str, float]]:
              ("mmjax MM / mmjax GPT2, train", "mmjax memory_mosaic", "mmjax gpt2", "train"),
              ("official MM / official GPT, train", "official MemoryMosaic", "official GPT",
               "train"),
+             ("mmjax MM / official MM, MFU (own peaks)", "mmjax memory_mosaic",
+              "official MemoryMosaic", "own_mfu"),
+             ("mmjax GPT2 / official GPT, MFU (own peaks)", "mmjax gpt2", "official GPT",
+              "own_mfu"),
              ("mmjax MM v2 / mmjax LLaMA, train", "mmjax memory_mosaic_v2", "mmjax llama",
               "train"),
              ("mmjax MM v2 / mmjax LLaMA, MFU", "mmjax memory_mosaic_v2", "mmjax llama",
               "mfu")]
 
     def value(f: Figures, kind: str) -> float:
-        return f.mfu() if kind == "mfu" else f.tokens_per_s(kind)
+        if kind in ("mfu", "own_mfu"):
+            return getattr(f, kind)()
+        return f.tokens_per_s(kind)
 
     return [(label, value(figures[a], kind) / value(figures[b], kind))
             for label, a, b, kind in pairs if a in figures and b in figures]
@@ -353,11 +369,11 @@ def ratio_lines(figures: dict[str, Figures]) -> list[tuple[str, float]]:
 
 def format_table(figures: list[Figures]) -> str:
     lines = [f"{'system':<24} {'train tok/s':>12} {'step ms':>9} {'fwd tok/s':>11} "
-             f"{'fwd ms':>8} {'MFU':>6}"]
+             f"{'fwd ms':>8} {'MFU':>6} {'own MFU':>8}"]
     for f in figures:
         lines.append(f"{f.name:<24} {f.tokens_per_s('train'):>12,.0f} "
                      f"{1e3 * f.median('train'):>9.1f} {f.tokens_per_s('forward'):>11,.0f} "
-                     f"{1e3 * f.median('forward'):>8.1f} {f.mfu():>6.1%}")
+                     f"{1e3 * f.median('forward'):>8.1f} {f.mfu():>6.1%} {f.own_mfu():>8.1%}")
     return "\n".join(lines)
 
 
@@ -452,9 +468,9 @@ def main(argv=None) -> dict:
     # best matmul measured here.
     peak = chip if chip is not None else max(gemm, torch_peak or 0.0)
     print(f"MFU below is against {peak / 1e9:,.1f} GFLOP/s")
-    systems = [MmjaxSystem(c, peak) for c in configs]
+    systems = [MmjaxSystem(c, peak, chip or gemm) for c in configs]
     if args.official:
-        systems += [OfficialSystem(args.official, c.model, c.data, peak)
+        systems += [OfficialSystem(args.official, c.model, c.data, peak, torch_peak)
                     for c in configs if c.model.name in ("memory_mosaic", "gpt2")]
     c = configs[0]
     print(f"batch {c.data.batch_size} x context {c.data.context_length}, {args.dtype}; "
@@ -470,7 +486,8 @@ def main(argv=None) -> dict:
               "published_peak": chip, "mfu_peak": peak,
               "systems": {name: {"train_tokens_per_s": f.tokens_per_s("train"),
                                  "forward_tokens_per_s": f.tokens_per_s("forward"),
-                                 "train_step_s": f.median("train"), "mfu": f.mfu()}
+                                 "train_step_s": f.median("train"), "mfu": f.mfu(),
+                                 "own_mfu": f.own_mfu()}
                           for name, f in figures.items()},
               "ratios": dict(ratios)}
     if args.json:

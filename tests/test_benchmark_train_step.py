@@ -140,7 +140,19 @@ def test_official_systems_run_next_to_mmjax(tmp_path, capsys):
     out = capsys.readouterr().out
     assert set(result["systems"]) == {"mmjax memory_mosaic", "mmjax gpt2",
                                       "official MemoryMosaic", "official GPT"}
-    assert len(result["ratios"]) == 6
+    assert len(result["ratios"]) == 8
+    systems = result["systems"]
+    for mmjax_name, official_name, label in (
+            ("mmjax memory_mosaic", "official MemoryMosaic", "mmjax MM / official MM"),
+            ("mmjax gpt2", "official GPT", "mmjax GPT2 / official GPT")):
+        # each MFU against its own framework's matmul: JAX's for mmjax, torch's for the rest
+        mine, theirs = systems[mmjax_name], systems[official_name]
+        assert math.isclose(mine["own_mfu"] * result["gemm_flops"],
+                            mine["mfu"] * result["mfu_peak"])
+        assert math.isclose(theirs["own_mfu"] * result["torch_gemm_flops"],
+                            theirs["mfu"] * result["mfu_peak"])
+        assert math.isclose(result["ratios"][f"{label}, MFU (own peaks)"],
+                            mine["own_mfu"] / theirs["own_mfu"])
     assert "a line the benchmark must swallow" not in out
     assert "torch" in out and "official GPT" in out
 
