@@ -10,6 +10,8 @@ Layout ``[batch, time, heads, dim]``. The equations are listed in ``docs/archite
 
 from __future__ import annotations
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -47,33 +49,61 @@ def linear_recurrence(decay_BxTxHx1: Array, inputs_BxTxHxK: Array,
         chex.assert_shape(initial_BxHxK, (b.shape[0],) + b.shape[2:])
         b = b.at[:, 0].add(a[:, 0] * initial_BxHxK.astype(jnp.float32))
 
-    if target_platform() == "cpu":
-        return _sequential_recurrence(a, b)
-
-    def combine(left, right):
-        a_l, b_l = left
-        a_r, b_r = right
-        return a_l * a_r, a_r * b_l + b_r
-
-    return jax.lax.associative_scan(combine, (a, b), axis=1)[1]
+    return _recurrence(a, b, target_platform() == "cpu")
 
 
-def _sequential_recurrence(a_BxTxHxK: Array, b_BxTxHxK: Array) -> Array:
-    """``h_t = a_t h_{t-1} + b_t`` from ``h_{-1} = 0`` as one ``lax.scan`` step per token.
+def _scan(a_BxTxHxA: Array, b_BxTxHxK: Array, sequential: bool, reverse: bool) -> Array:
+    """``h_t = a_t h_{t-1} + b_t`` from 0 (``reverse``: ``h_t = a_t h_{t+1} + b_t``).
 
-    On CPU this is the fastest form: measured on the 2-core machine, forward + backward,
-    batch 8 x 4 heads, ms at T=64 (heads of 16) / T=512 (heads of 64): 0.5 / 14 against 1.5 /
-    47 for the log-depth ``associative_scan`` (which wins where the steps run in parallel)
-    and 1.4 / 27 for chunked matmuls; unrolling does not help.
+    ``sequential``: one ``lax.scan`` step per token, the fastest form on CPU (measured on the
+    2-core machine, forward + backward, batch 8 x 4 heads, ms at T=64 with heads of 16 /
+    T=512 with heads of 64: 0.5 / 14, against 1.5 / 47 for the log-depth
+    ``associative_scan`` that wins where steps run in parallel, and 1.4 / 27 for chunked
+    matmuls; unrolling does not help).
     """
+    if not sequential:
+        combine = lambda left, right: (left[0] * right[0], right[0] * left[1] + right[1])
+        return jax.lax.associative_scan(combine, (a_BxTxHxA, b_BxTxHxK), axis=1,
+                                        reverse=reverse)[1]
+
     def step(h_BxHxK, ab):
         h_BxHxK = ab[0] * h_BxHxK + ab[1]
         return h_BxHxK, h_BxHxK
 
     time_major = lambda x: jnp.moveaxis(x, 1, 0)
     _, h_TxBxHxK = jax.lax.scan(step, jnp.zeros_like(b_BxTxHxK[:, 0]),
-                                (time_major(a_BxTxHxK), time_major(b_BxTxHxK)))
+                                (time_major(a_BxTxHxA), time_major(b_BxTxHxK)),
+                                reverse=reverse)
     return jnp.moveaxis(h_TxBxHxK, 0, 1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _recurrence(a_BxTxHxA: Array, b_BxTxHxK: Array, sequential: bool) -> Array:
+    return _scan(a_BxTxHxA, b_BxTxHxK, sequential, reverse=False)
+
+
+def _recurrence_fwd(a_BxTxHxA, b_BxTxHxK, sequential):
+    h_BxTxHxK = _scan(a_BxTxHxA, b_BxTxHxK, sequential, reverse=False)
+    return h_BxTxHxK, (a_BxTxHxA, h_BxTxHxK)
+
+
+def _recurrence_bwd(sequential, residuals, dh_BxTxHxK):
+    """The adjoint recurrence, backward in time: ``g_t = dh_t + a_{t+1} g_{t+1}``; then
+    ``db_t = g_t`` and ``da_t = g_t h_{t-1}``. Only the decays and the states are kept
+    from the forward, not the scan's intermediates."""
+    a_BxTxHxA, h_BxTxHxK = residuals
+    shift = lambda x, first: (jnp.concatenate([x[:, 1:], jnp.zeros_like(x[:, :1])], axis=1)
+                              if first else
+                              jnp.concatenate([jnp.zeros_like(x[:, :1]), x[:, :-1]], axis=1))
+    g_BxTxHxK = _scan(shift(a_BxTxHxA, True), dh_BxTxHxK.astype(jnp.float32), sequential,
+                      reverse=True)
+    da_BxTxHxK = g_BxTxHxK * shift(h_BxTxHxK, False)
+    if a_BxTxHxA.shape[-1] != da_BxTxHxK.shape[-1]:  # a per-head decay
+        da_BxTxHxK = jnp.sum(da_BxTxHxK, axis=-1, keepdims=True)
+    return da_BxTxHxK, g_BxTxHxK
+
+
+_recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
 
 
 def leaky_average(x_BxTxHxK: Array, decay_H: Array,
