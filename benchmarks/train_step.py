@@ -481,7 +481,7 @@ def main(argv=None) -> dict:
     print(format_table(list(figures.values())))
     ratios = ratio_lines(figures)
     for label, value in ratios:
-        print(f"{label:<38} {value:.2f}x")
+        print(f"{label:<44} {value:.2f}x")
     result = {"device": device.device_kind, "gemm_flops": gemm, "torch_gemm_flops": torch_peak,
               "published_peak": chip, "mfu_peak": peak,
               "systems": {name: {"train_tokens_per_s": f.tokens_per_s("train"),
