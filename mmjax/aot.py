@@ -11,9 +11,10 @@ DCN, ``--mesh`` describing one slice), lowers the train step the trainer jits
 donation, the Pallas TPU kernels) and compiles it with XLA:TPU and Mosaic. It prints, per
 chip: argument, output, temporary and total memory against the chip's HBM; the step's FLOPs
 from XLA's cost analysis against the ``6 N`` estimate (``N`` parameters, ``6 N`` per token
-for forward and backward; XLA does not count the FLOPs inside Pallas kernels, which is why a
-Memory Mosaic's retrieval is missing from its figure, and counts the body of a loop once, so
-with ``scan_layers`` its figure holds one layer); and the compile time. Exit status
+for forward and backward; XLA sees inside no Pallas kernel, so the retrieval kernels state
+their FLOPs from their shapes, ``mmjax.kernels.common.kernel_cost``, and XLA adds them; it
+counts the body of a loop once, so with ``scan_layers`` its figure holds one layer); and the
+compile time. Exit status
 (:mod:`mmjax.cli`): 0 when the step fits, 1 when it does not (or without libtpu), 2 for bad
 arguments (flags, or a config, topology or mesh it cannot compile for: one line).
 """
@@ -59,7 +60,7 @@ class Report:
     temp_bytes: int
     code_bytes: int
     hbm_bytes: int
-    flops: float  # per chip per step, XLA's count (Pallas kernels excluded)
+    flops: float  # per chip per step, XLA's count (Pallas kernels by their cost estimates)
     flops_6n: float  # per chip per step
     num_params: int
     compile_seconds: float
