@@ -158,16 +158,22 @@ def test_official_systems_run_next_to_mmjax(tmp_path, capsys):
 
 
 @needs_libtpu
-def test_compile_for_a_tpu_slice_counts_no_hidden_flops(capsys):
-    """The real TPU compiler's FLOPs for a small pair are the model's matmul FLOPs (within
-    15%: the norms, softmaxes and optimiser are the rest)."""
+def test_compile_for_a_tpu_slice_counts_the_kernels_flops(capsys):
+    """The real TPU compiler's FLOPs for a small pair, with the Pallas kernels' stated FLOPs.
+
+    Without the kernels' cost estimates XLA counts 0.72x the Memory Mosaic's model FLOPs and
+    1.02x GPT2's. With them the count is above the model's by known work: the backward
+    kernels recompute the scores (18 FLOPs per score and head dimension against the model's
+    12), a 64-token sequence fills half of a 128-row TPU tile, and the loss backward
+    recomputes the logits (measured: 1.61x and 1.39x)."""
     result = _bench().main(["--compile-for", "v5e:2x2", "--layers", "2", "--width", "128",
                             "--vocab", "1024", "--pmem", "256", "--context", "64",
                             "--batch", "8"])
     assert set(result) == {"mmjax memory_mosaic", "mmjax gpt2"}
     for figures in result.values():
         assert figures["chips"] == 4 and figures["device_kind"].startswith("TPU v5")
-        assert 1.0 <= figures["ratio"] < 1.15, figures
+    assert 1.0 <= result["mmjax memory_mosaic"]["ratio"] < 1.7
+    assert 1.2 <= result["mmjax gpt2"]["ratio"] < 1.5
     assert "XLA FLOPs/chip" in capsys.readouterr().out
 
 
