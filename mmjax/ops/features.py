@@ -93,18 +93,25 @@ def _recurrence_bwd(sequential, residuals, dh_BxTxHxK):
     ``db_t = g_t`` and ``da_t = g_t h_{t-1}``. Only the decays and the states are kept
     from the forward, not the scan's intermediates."""
     a_BxTxHx1, h_BxTxHxK = residuals
-    shift = lambda x, first: (jnp.concatenate([x[:, 1:], jnp.zeros_like(x[:, :1])], axis=1)
-                              if first else
-                              jnp.concatenate([jnp.zeros_like(x[:, :1]), x[:, :-1]], axis=1))
-    g_BxTxHxK = _scan(shift(a_BxTxHx1, True), dh_BxTxHxK.astype(jnp.float32), sequential,
+    g_BxTxHxK = _scan(_next_step(a_BxTxHx1), dh_BxTxHxK.astype(jnp.float32), sequential,
                       reverse=True)
-    da_BxTxHxK = g_BxTxHxK * shift(h_BxTxHxK, False)
+    da_BxTxHxK = g_BxTxHxK * _previous_step(h_BxTxHxK)
     if a_BxTxHx1.shape[-1] != da_BxTxHxK.shape[-1]:  # a per-head decay
         da_BxTxHxK = jnp.sum(da_BxTxHxK, axis=-1, keepdims=True)
     return da_BxTxHxK, g_BxTxHxK
 
 
 _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
+
+
+def _next_step(x: Array) -> Array:
+    """``x_{t+1}`` along the time axis of ``[B, T, ...]``, 0 after the last step."""
+    return jnp.concatenate([x[:, 1:], jnp.zeros_like(x[:, :1])], axis=1)
+
+
+def _previous_step(x: Array) -> Array:
+    """``x_{t-1}`` along the time axis of ``[B, T, ...]``, 0 before the first step."""
+    return jnp.concatenate([jnp.zeros_like(x[:, :1]), x[:, :-1]], axis=1)
 
 
 def leaky_average(x_BxTxHxK: Array, decay_H: Array,
@@ -161,7 +168,7 @@ def peek_ahead_values(u_BxTxHxV: Array, mix_H: Array) -> Array:
     """
     chex.assert_rank(u_BxTxHxV, 4)
     chex.assert_shape(mix_H, (u_BxTxHxV.shape[2],))
-    ahead = jnp.concatenate([u_BxTxHxV[:, 1:], jnp.zeros_like(u_BxTxHxV[:, :1])], axis=1)
+    ahead = _next_step(u_BxTxHxV)
     c_1x1xHx1 = mix_H[None, None, :, None]
     return (1.0 - c_1x1xHx1) * ahead + c_1x1xHx1 * u_BxTxHxV
 
