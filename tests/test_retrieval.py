@@ -294,7 +294,7 @@ def test_default_tiles_follow_platform_length_and_window():
     assert default_blocks(64, 16, False, "cpu") == (64, 64)  # one tile of a short sequence
     assert default_blocks(256, None, False, "cpu") == (256, 256)
     assert default_blocks(512, None, False, "cpu") == (64, 64)
-    traced_window = jnp.int32(64)  # a traced window cannot size tiles: the causal rule
+    traced_window = jnp.int32(64)  # an array (traced under jit) cannot size tiles: causal rule
     assert default_blocks(512, traced_window, False, "cpu") == (64, 64)
 
 
