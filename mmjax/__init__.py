@@ -14,6 +14,7 @@ one meaning:
     F  feed-forward hidden width     R  rotary frequencies (K / 2)
     N  vocabulary                    S  persistent-memory slots  P  persistent-memory banks
     I  number of query tiles         L  lanes of a TPU vector register (kernels)
+    A  pages of a paged memory       U  pairs in a page           W  pages a query keeps
     M  moons (complex numbers of a three-moons observation)
     E  evaluated context lengths     J  rollout steps (three moons)
     1  a broadcast axis              2  (real, imaginary) of a complex number

@@ -1,6 +1,7 @@
 """Pure JAX functions (no Flax): reusable in any JAX project.
 
-``retrieve`` is the one core operation; the feature extractors and the v2 bandwidth, tier
+``retrieve`` is the one core operation (``retrieve_paged`` its top-pages form for long
+memories); the feature extractors and the v2 bandwidth, tier
 and skip-schedule functions are the rest of the math of both papers; ``project`` is every
 weight matmul and ``lm_head_loss`` the language-model loss. Importing this package
 does not import Flax.
@@ -35,6 +36,7 @@ from mmjax.ops.memory_v2 import (
     tier_masks,
     validate_skip_schedule,
 )
+from mmjax.ops.paged import page_bounds, retrieve_from_pages, retrieve_paged
 from mmjax.ops.retrieval import RetrievalSharding, default_impl, retrieve
 
 __all__ = [
@@ -58,12 +60,15 @@ __all__ = [
     "leaky_keys",
     "linear_recurrence",
     "lm_head_loss",
+    "page_bounds",
     "peek_ahead_values",
     "project",
     "retrieval_weights",
     "retrieve",
     "retrieve_blocked",
     "retrieve_dense",
+    "retrieve_from_pages",
+    "retrieve_paged",
     "retrieve_reference",
     "scaled_unit_keys",
     "target_platform",

@@ -1,0 +1,180 @@
+"""Paged retrieval: a query scores pages of pairs first, then retrieves exactly from the best.
+
+The pairs at positions ``a U .. a U + U - 1`` form page ``a`` (``U`` pairs a page). Each page
+keeps the elementwise minimum and maximum of its keys (:func:`page_bounds`); for a query
+``q``, ``sum_k max(q_k lo_k, q_k hi_k)`` bounds ``<q, k_i>`` from above for every key of the
+page, and it is two matmuls (``q+ . hi + q- . lo``). A query ranks the pages it may see (the
+mask of :func:`mmjax.ops.retrieve`: window, skip, causality) by that bound, keeps the top
+``W``, and runs exact kernel regression over their pairs, masked as usual. When ``W`` covers
+every page the query sees, the result is :func:`mmjax.ops.retrieve`'s (up to summation
+order), values and gradients alike. The selection is per query: a chunk of queries gets
+what one query at a time gets, so prefill and decoding agree.
+
+Layout: pages fold batch and heads (row ``b * H + h``) like the decoding caches,
+``keys_NxAxUxK``; an unwritten slot holds zeros, which the bounds include (the bound only
+loosens). Why bounds and not a mean key: ``docs/architecture.md``, section 10.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from mmjax.ops.dense import fold_heads
+from mmjax.ops.masks import MaskSpec, check_scalar_range
+
+Array = jax.Array
+
+# Queries retrieved together by :func:`retrieve_paged`: the gathered pages of a chunk are
+# ``chunk x W x U`` pairs per row.
+QUERY_CHUNK = 64
+
+
+def page_bounds(keys_NxAxUxK: Array) -> tuple[Array, Array]:
+    """``(lo, hi)`` fp32 ``[N, A, K]``: elementwise min and max of each page's keys."""
+    k32 = keys_NxAxUxK.astype(jnp.float32)
+    return jnp.min(k32, axis=2), jnp.max(k32, axis=2)
+
+
+def to_pages(x_BxTxHxD: Array, page_size: int) -> Array:
+    """``[B, T, H, D] -> [B * H, A, U, D]``, the time axis padded with zeros to whole pages."""
+    x_NxTxD = fold_heads(x_BxTxHxD)
+    pad = (-x_NxTxD.shape[1]) % page_size
+    x_NxTxD = jnp.pad(x_NxTxD, ((0, 0), (0, pad), (0, 0)))
+    n, t, d = x_NxTxD.shape
+    return x_NxTxD.reshape(n, t // page_size, page_size, d)
+
+
+def check_paging(**settings) -> None:
+    """Raise a ``ValueError`` naming a setting that is not an integer >= 1
+    (``check_paging(page_size=64, top_pages=16)``)."""
+    for name, value in settings.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def retrieve_paged(
+    keys: Array,
+    values: Array,
+    *,
+    page_size: int,
+    top_pages: int,
+    bandwidth: Array | None = None,
+    mask: MaskSpec = MaskSpec(),
+    queries: Array | None = None,
+    query_offset=0,
+    query_chunk: int = QUERY_CHUNK,
+) -> Array:
+    """Masked kernel-regression retrieval over the top ``top_pages`` pages of each query.
+
+    Same arguments and result as :func:`mmjax.ops.retrieve` (``keys [B, T, H, K]``,
+    ``values [B, T, H, V]``, ``queries [B, Q, H, K]`` defaulting to the keys, ``bandwidth``
+    ``None``/``[H]``/``[Q, H]``), plus ``page_size`` (``U``) and ``top_pages`` (``W``).
+    Queries run ``query_chunk`` at a time (memory ``B H x chunk x W U`` pairs).
+    """
+    if queries is None:
+        queries = keys
+    check_paging(page_size=page_size, top_pages=top_pages, query_chunk=query_chunk)
+    for name, arr in (("keys", keys), ("values", values), ("queries", queries)):
+        if jnp.ndim(arr) != 4:
+            raise ValueError(f"{name} must have rank 4 [batch, time, heads, dim], got shape "
+                             f"{jnp.shape(arr)}")
+    check_scalar_range("query_offset", query_offset, minimum=0, allow_none=False)
+    b, tq, h, _ = queries.shape
+    tk = keys.shape[1]
+    key_pages = to_pages(keys, page_size)
+    bounds = page_bounds(key_pages)
+    beta = jnp.ones((h,), jnp.float32) if bandwidth is None else bandwidth
+    beta_QxH = jnp.broadcast_to(jnp.asarray(beta, jnp.float32), (tq, h))
+    q_pos_Q = jnp.asarray(query_offset, jnp.int32) + jnp.arange(tq, dtype=jnp.int32)
+    return retrieve_from_pages(queries, key_pages, to_pages(values, page_size), bounds,
+                               key_count=tk, query_positions=q_pos_Q, mask=mask,
+                               bandwidth=beta_QxH, top_pages=top_pages,
+                               query_chunk=query_chunk)
+
+
+def retrieve_from_pages(
+    q_BxQxHxK: Array,
+    keys_NxAxUxK: Array,
+    values_NxAxUxV: Array,
+    bounds: tuple[Array, Array],
+    *,
+    key_count,
+    query_positions: Array,
+    mask: MaskSpec,
+    bandwidth: Array,
+    top_pages: int,
+    query_chunk: int = QUERY_CHUNK,
+) -> Array:
+    """Paged retrieval from stored pages (the decoding caches' layout).
+
+    Args:
+      q_BxQxHxK: queries.
+      keys_NxAxUxK, values_NxAxUxV: pages; pair ``i`` sits at page ``i // U``, slot
+        ``i % U``; row ``b * H + h``.
+      bounds: ``(lo, hi)`` ``[N, A, K]`` of :func:`page_bounds` (kept incrementally when
+        decoding).
+      key_count: pairs stored (int or ``[B]``): positions from there on are hidden.
+      query_positions: int ``[Q]`` or ``[B, Q]``, absolute positions of the queries.
+      mask: a :class:`MaskSpec`.
+      bandwidth: ``[Q, H]`` or ``[B, Q, H]``.
+      top_pages: pages kept per query (clipped to the page count).
+    Returns:
+      ``[B, Q, H, V]`` in the dtype of the values; rows with no visible pair are 0.
+    """
+    b, tq, h, _ = q_BxQxHxK.shape
+    n, num_pages, page_size, _ = keys_NxAxUxK.shape
+    top = min(top_pages, num_pages)
+    rows = lambda x, tail: jnp.broadcast_to(jnp.asarray(x), (b,) + tail)
+    pos_BxQ = rows(jnp.asarray(query_positions, jnp.int32), (tq,))
+    count_B = rows(jnp.asarray(key_count, jnp.int32), ())
+    beta_BxQxH = rows(jnp.asarray(bandwidth, jnp.float32), (tq, h))
+    chunk = min(query_chunk, tq)
+    pad = (-tq) % chunk
+    pad_q = lambda x: jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
+    # chunk-major: [I, ...] with I = chunks
+    split = lambda x: jnp.moveaxis(pad_q(x).reshape((b, -1, chunk) + x.shape[2:]), 1, 0)
+    lo_NxAxK, hi_NxAxK = (jax.lax.stop_gradient(x) for x in bounds)
+
+    def one_chunk(args):
+        q_BxQxHxK, pos_BxQ, beta_BxQxH = args
+        q_NxQxK = fold_heads(q_BxQxHxK)
+        pos_NxQ = jnp.repeat(pos_BxQ, h, axis=0)
+        count_N = jnp.repeat(count_B, h)
+        # the page bound, and which pages hold a pair the query may see
+        q32 = jax.lax.stop_gradient(q_NxQxK.astype(jnp.float32))
+        bound_NxQxA = (jnp.einsum("nqk,nak->nqa", jnp.maximum(q32, 0.0), hi_NxAxK)
+                       + jnp.einsum("nqk,nak->nqa", jnp.minimum(q32, 0.0), lo_NxAxK))
+        first_NxQ = jnp.maximum(pos_NxQ - mask.window_scalar(), 0)
+        last_NxQ = jnp.minimum(pos_NxQ - 1 - mask.skip_scalar(), count_N[:, None] - 1)
+        start_A = jnp.arange(num_pages, dtype=jnp.int32) * page_size
+        seen_NxQxA = ((start_A <= last_NxQ[..., None])
+                      & (start_A + page_size - 1 >= first_NxQ[..., None])
+                      & (last_NxQ >= first_NxQ)[..., None])
+        _, page_NxQxW = jax.lax.top_k(jnp.where(seen_NxQxA, bound_NxQxA, -jnp.inf), top)
+        # exact retrieval over the chosen pages' pairs
+        take = jax.vmap(lambda pages_AxUxD, idx_QxW: pages_AxUxD[idx_QxW])
+        k_NxQxWxUxK, v_NxQxWxUxV = take(keys_NxAxUxK, page_NxQxW), take(values_NxAxUxV,
+                                                                        page_NxQxW)
+        s_NxQxWxU = jnp.einsum("nqk,nqwuk->nqwu", q_NxQxK, k_NxQxWxUxK,
+                               preferred_element_type=jnp.float32)
+        beta_NxQ = jnp.transpose(beta_BxQxH, (0, 2, 1)).reshape(n, -1)
+        s_NxQxWxU = s_NxQxWxU * beta_NxQ[..., None, None]
+        pair_NxQxWxU = (page_NxQxW[..., None] * page_size
+                        + jnp.arange(page_size, dtype=jnp.int32))
+        chosen_NxQxW = jnp.take_along_axis(seen_NxQxA, page_NxQxW, axis=-1)
+        visible = ((pair_NxQxWxU >= first_NxQ[..., None, None])
+                   & (pair_NxQxWxU <= last_NxQ[..., None, None]) & chosen_NxQxW[..., None])
+        s_NxQxWxU = jnp.where(visible, s_NxQxWxU, -jnp.inf)
+        m_NxQ = jnp.max(s_NxQxWxU, axis=(2, 3))
+        m_NxQ = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m_NxQ), m_NxQ, 0.0))
+        p_NxQxWxU = jnp.exp(s_NxQxWxU - m_NxQ[..., None, None])
+        total_NxQ = jnp.sum(p_NxQxWxU, axis=(2, 3))
+        p_NxQxWxU = p_NxQxWxU / jnp.where(total_NxQ > 0, total_NxQ, 1.0)[..., None, None]
+        y_NxQxV = jnp.einsum("nqwu,nqwuv->nqv", p_NxQxWxU.astype(values_NxAxUxV.dtype),
+                             v_NxQxWxUxV, preferred_element_type=jnp.float32)
+        return jnp.transpose(y_NxQxV.reshape(b, h, chunk, -1), (0, 2, 1, 3))
+
+    y_IxBxQxHxV = jax.lax.map(one_chunk, (split(q_BxQxHxK), split(pos_BxQ), split(beta_BxQxH)))
+    y_BxQxHxV = jnp.moveaxis(y_IxBxQxHxV, 0, 1).reshape((b, -1, h, values_NxAxUxV.shape[-1]))
+    return y_BxQxHxV[:, :tq].astype(values_NxAxUxV.dtype)

@@ -1,0 +1,160 @@
+"""mmjax.ops.paged: exact when the kept pages cover every visible page (values and
+gradients), the top pages by the key bound otherwise (against a numpy formula), a needle
+found with one page, chunking that changes nothing, bad input."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmjax.ops import MaskSpec, l2_normalize, retrieve
+from mmjax.ops.paged import page_bounds, retrieve_paged, to_pages
+
+MASKS = [MaskSpec(), MaskSpec(skip=5), MaskSpec(window=7), MaskSpec(window=9, skip=3)]
+
+
+def inputs(seed, b=2, t=50, h=3, k=8):
+    ks = jax.random.split(jax.random.key(seed), 4)
+    keys = l2_normalize(jax.random.normal(ks[0], (b, t, h, k)))
+    values = jax.random.normal(ks[1], (b, t, h, k))
+    queries = jax.random.normal(ks[2], (b, t, h, k))
+    beta = jax.random.uniform(ks[3], (t, h), minval=0.5, maxval=2.0)
+    return queries, keys, values, beta
+
+
+def numpy_paged(q, k, v, beta, mask, page_size, top):
+    """Each query: the bound of every page it may see, the ``top`` best pages, then the
+    softmax over their visible pairs, written out loop by loop."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    b, t, h, _ = q.shape
+    out = np.zeros(q.shape[:3] + v.shape[-1:])
+    for bi, hi, pos in itertools.product(range(b), range(h), range(t)):
+        first = 0 if mask.window is None else max(0, pos - mask.window)
+        last = min(pos - 1 - mask.skip, t - 1)
+        if last < first:
+            continue
+        pages = range(first // page_size, last // page_size + 1)
+        bound = {}
+        for a in pages:
+            rows = np.zeros((page_size, k.shape[-1]))  # unwritten slots hold zeros
+            stored = k[bi, a * page_size:(a + 1) * page_size, hi]
+            rows[:len(stored)] = stored
+            bound[a] = np.sum(np.maximum(q[bi, pos, hi] * rows.min(0),
+                                         q[bi, pos, hi] * rows.max(0)))
+        kept = sorted(pages, key=lambda a: -bound[a])[:top]
+        idx = np.array([i for a in kept for i in range(a * page_size, (a + 1) * page_size)
+                        if first <= i <= last])
+        s = beta[pos, hi] * (k[bi, idx, hi] @ q[bi, pos, hi])
+        w = np.exp(s - s.max())
+        out[bi, pos, hi] = (w / w.sum()) @ v[bi, idx, hi]
+    return out
+
+
+@pytest.mark.parametrize("mask,page_size", [(m, 7) for m in MASKS]
+                         + [(MaskSpec(), 1), (MaskSpec(skip=5), 64)])
+def test_all_pages_kept_equals_exact_retrieval_values_and_gradients(mask, page_size):
+    q, k, v, beta = inputs(0)
+    pages = -(-k.shape[1] // page_size)
+    exact = lambda *a: retrieve(a[1], a[2], queries=a[0], bandwidth=a[3], mask=mask,
+                                impl="reference")
+    paged = lambda *a: retrieve_paged(a[1], a[2], queries=a[0], bandwidth=a[3], mask=mask,
+                                      page_size=page_size, top_pages=pages, query_chunk=16)
+    np.testing.assert_allclose(paged(q, k, v, beta), exact(q, k, v, beta), atol=1e-5)
+    loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))
+    grads = jax.grad(loss(paged), argnums=(0, 1, 2, 3))(q, k, v, beta)
+    expected = jax.grad(loss(exact), argnums=(0, 1, 2, 3))(q, k, v, beta)
+    for got, want in zip(grads, expected, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mask,page_size,top", [(MaskSpec(), 4, 2), (MaskSpec(skip=5), 7, 1),
+                                                (MaskSpec(window=20, skip=2), 5, 2),
+                                                (MaskSpec(), 3, 5)])
+def test_kept_pages_are_the_best_by_the_key_bound(mask, page_size, top):
+    q, k, v, beta = inputs(1)
+    got = retrieve_paged(k, v, queries=q, bandwidth=beta, mask=mask, page_size=page_size,
+                         top_pages=top)
+    want = numpy_paged(q, k, v, np.asarray(beta), mask, page_size, top)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    # fewer pages than the query sees: not the exact result
+    exact = retrieve(k, v, queries=q, bandwidth=beta, mask=mask, impl="reference")
+    assert float(jnp.max(jnp.abs(got - exact))) > 1e-2
+
+
+def test_one_page_finds_a_needle_among_similar_keys():
+    """Filler keys near one direction; the needle's key is the query's direction."""
+    b, t, h, d = 1, 4096, 1, 16
+    rng = np.random.default_rng(0)
+    keys = np.zeros((b, t, h, d), np.float32)
+    keys[..., 0] = 1.0
+    keys[..., 2:] = 0.05 * rng.normal(size=(b, t, h, d - 2))
+    keys[0, 777, 0] = np.eye(d)[1]
+    values = rng.normal(size=(b, t, h, d)).astype(np.float32)
+    query = np.zeros((b, 1, h, d), np.float32)
+    query[..., 1] = 1.0
+    keys = l2_normalize(jnp.asarray(keys))
+    y = retrieve_paged(keys, jnp.asarray(values), queries=jnp.asarray(query),
+                       bandwidth=jnp.full((1, h), 30.0), query_offset=t, page_size=64,
+                       top_pages=1)
+    np.testing.assert_allclose(y[0, 0, 0], values[0, 777, 0], atol=1e-5)
+
+
+def test_chunks_of_queries_change_nothing():
+    """The pages are chosen per query: one query at a time (decoding) is a prefill chunk."""
+    q, k, v, beta = inputs(2, t=37)
+    run = lambda chunk: retrieve_paged(k, v, queries=q, bandwidth=beta, mask=MaskSpec(skip=2),
+                                       page_size=4, top_pages=2, query_chunk=chunk)
+    np.testing.assert_array_equal(run(1), run(7))
+    np.testing.assert_array_equal(run(1), run(64))
+
+
+def test_traced_skip_and_offset_under_jit():
+    q, k, v, beta = inputs(3, t=24)
+
+    @jax.jit
+    def run(skip):
+        return retrieve_paged(k, v, queries=q[:, :8], bandwidth=beta[:8], query_offset=16,
+                              mask=MaskSpec(skip=skip), page_size=4, top_pages=6)
+
+    exact = retrieve(k, v, queries=q[:, :8], bandwidth=beta[:8], query_offset=16,
+                     mask=MaskSpec(skip=3), impl="reference")
+    np.testing.assert_allclose(run(jnp.int32(3)), exact, atol=1e-5)
+
+
+def test_rows_that_see_nothing_are_zero_with_finite_gradients():
+    q, k, v, beta = inputs(4, t=12)
+    f = lambda k: retrieve_paged(k, v, queries=q, bandwidth=beta, mask=MaskSpec(skip=4),
+                                 page_size=4, top_pages=1)
+    y = f(k)
+    np.testing.assert_array_equal(y[:, :5], 0.0)
+    assert bool(jnp.all(jnp.isfinite(jax.grad(lambda k: jnp.sum(f(k)))(k))))
+
+
+def test_page_bounds_bound_every_score_of_their_page():
+    q, k, _, _ = inputs(5, t=40)
+    pages = to_pages(k, 8)  # [B * H, 5, 8, K]
+    lo, hi = page_bounds(pages)
+    q_n = np.asarray(q).transpose(0, 2, 1, 3).reshape(pages.shape[0], 40, -1)
+    bound = (np.einsum("nqk,nak->nqa", np.maximum(q_n, 0), hi)
+             + np.einsum("nqk,nak->nqa", np.minimum(q_n, 0), lo))
+    best = np.einsum("nqk,nauk->nqau", q_n, np.asarray(pages)).max(-1)
+    assert np.all(bound >= best - 1e-6)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(page_size=0, top_pages=1), "page_size must be an integer >= 1, got 0"),
+    (dict(page_size=4, top_pages=2.0), "top_pages must be an integer >= 1, got 2.0"),
+    (dict(page_size=4, top_pages=1, query_chunk=0), "query_chunk must be an integer >= 1"),
+])
+def test_bad_settings_raise_one_line_errors(kwargs, message):
+    _, k, v, _ = inputs(6, t=8)
+    with pytest.raises(ValueError, match=message):
+        retrieve_paged(k, v, **kwargs)
+
+
+def test_bad_rank_raises():
+    _, k, v, _ = inputs(6, t=8)
+    with pytest.raises(ValueError, match="keys must have rank 4"):
+        retrieve_paged(k[0], v, page_size=4, top_pages=1)
