@@ -23,6 +23,8 @@ Presets (comma-separated): ``small`` or ``large`` (the scale; default small), ``
 the paper's corpus is not public) and fine-tuning are those of every paper-scale config: see
 ``mmjax.config.paper_scale_config``. Token budget: 200B tokens at the small scale (47,684
 steps of 1024 x 4096 tokens), 1T at the large (238,419 steps).
+Paged long-term memory (``mmjax.ops.retrieve_paged``; ``docs/architecture.md``, section 10):
+``--config.model.long_term_memory=paged`` with ``long_term_page`` and ``long_term_top_pages``.
 Fine-tuning (the paper's 4k -> 32k context extension)::
 
   python -m mmjax.train --config configs/mmv2.py:large,finetune --config.data.path=STORE \
@@ -43,6 +45,10 @@ def get_config(arg=None):
         long_term="no_long_term" not in presets,
         long_term_skip_range=(64, 256),
         inference_long_term_skip=64,
+        # "paged": the long-term tier retrieves from each query's 16 best pages of 64 pairs
+        long_term_memory="exact",
+        long_term_page=64,
+        long_term_top_pages=16,
     ), paper_scale(presets), presets)
     if "tiny" in presets or "tiny_text" in presets:
         config.model.update(short_term_window=16, long_term_skip_range=(4, 16),

@@ -167,8 +167,16 @@ def retrieval_flops_per_token(model_config: Mapping[str, Any], context_length: i
     sequence of ``context_length`` tokens. Not part of :func:`count` (see the docstring)."""
     positions = np.arange(context_length)
     visible = 0
+    paged = model_config.get("long_term_memory", "exact") == "paged"
     for window, skip, offset in retrieval_tiers(model_config):
-        visible += int(np.sum(visible_count(positions + offset, window=window, skip=skip)))
+        count = np.asarray(visible_count(positions + offset, window=window, skip=skip))
+        if paged and window is None:
+            # a paged long-term tier: its page bounds (two products of K per page seen)
+            # and the pairs of the pages it keeps (mmjax.ops.retrieve_paged)
+            page, top = model_config["long_term_page"], model_config["long_term_top_pages"]
+            pages = -(-count // page)
+            count = np.minimum(count, top * page) + pages
+        visible += int(np.sum(count))
     per_token = 4 * model_config["embed_dim"] * visible / context_length
     return int(round(per_token * model_config["num_layers"]))
 

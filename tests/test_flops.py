@@ -103,6 +103,18 @@ def test_retrieval_flops_brute_force():
         flops.retrieval_flops_per_token({"name": "other"}, 20)
 
 
+def test_a_paged_long_term_tier_counts_its_page_bounds_and_kept_pairs():
+    """Per query: the pages it sees (one bound each) plus at most ``top x page`` pairs."""
+    mm = {"name": "memory_mosaic_v2", "embed_dim": 8, "num_layers": 2, "short_term_window": 5,
+          "inference_long_term_skip": 3, "long_term": True, "long_term_memory": "paged",
+          "long_term_page": 4, "long_term_top_pages": 2}
+    short = sum(min(q, 5) for q in range(40))
+    long = sum(min(max(q - 3, 0), 8) + -(-max(q - 3, 0) // 4) for q in range(40))
+    assert flops.retrieval_flops_per_token(mm, 40) == round(4 * 8 * 2 * (short + long) / 40)
+    exact = dict(mm, long_term_memory="exact")
+    assert flops.retrieval_flops_per_token(mm, 40) < flops.retrieval_flops_per_token(exact, 40)
+
+
 def _run_cli(spec):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     return subprocess.run([sys.executable, "-m", "mmjax.flops", "--config", str(CONFIGS / spec)],

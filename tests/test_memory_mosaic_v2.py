@@ -149,3 +149,51 @@ def test_remat_same_values_and_gradients():
     # the inference path passes a Python int skip through the rematerialised blocks
     np.testing.assert_allclose(remat.apply({"params": params}, ids),
                                model.apply({"params": params}, ids), rtol=1e-5, atol=1e-6)
+
+
+PAGED = {**CONFIG, "long_term_memory": "paged", "long_term_page": 4}
+
+
+def test_paged_long_term_memory_covering_every_page_is_the_exact_model():
+    """24 tokens are 6 pages of 4: keeping 6 is exact retrieval, in logits and gradients."""
+    model, params, ids = _init(length=24)
+    paged = build_model({**PAGED, "long_term_top_pages": 6})
+    np.testing.assert_allclose(paged.apply({"params": params}, ids),
+                               model.apply({"params": params}, ids), atol=1e-5)
+    loss = lambda m: lambda p: jnp.sum(jnp.sin(m.apply({"params": p}, ids)))
+    flat = lambda g: jax.tree.leaves(g)
+    for got, want in zip(flat(jax.grad(loss(paged))(params)), flat(jax.grad(loss(model))(params)),
+                         strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_paged_long_term_memory_with_fewer_pages_differs_only_where_pages_are_dropped():
+    model, params, ids = _init(length=24)
+    paged = build_model({**PAGED, "long_term_top_pages": 1})
+    got, want = paged.apply({"params": params}, ids), model.apply({"params": params}, ids)
+    diff = np.abs(np.asarray(got) - np.asarray(want)).max(axis=(0, 2))
+    # inference skip 2: position t sees pairs 0..t-3, one page of 4 until t = 6
+    assert diff[:7].max() < 1e-5 and diff[7:].max() > 1e-3
+    grads = jax.grad(lambda p: jnp.sum(paged.apply({"params": p}, ids, deterministic=False,
+                                                   rngs={"skip": jax.random.key(0)})))(params)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("long_term_memory", "fuzzy", "model.long_term_memory='fuzzy' must be one of"),
+    ("long_term_page", 0, "model.long_term_page=0 must be an integer >= 1"),
+    ("long_term_top_pages", 1.5, "model.long_term_top_pages=1.5 must be an integer >= 1"),
+])
+def test_bad_long_term_memory_settings_raise(key, value, message):
+    with pytest.raises(ValueError, match=message):
+        _init({**PAGED, key: value})
+
+
+def test_paged_long_term_memory_refuses_decoding_caches():
+    from mmjax.layers.cache import DecodeStep
+
+    model, params, ids = _init(PAGED)
+    step = DecodeStep(position=jnp.int32(0), lengths=jnp.full((2,), 4, jnp.int32),
+                      cache_length=16)
+    with pytest.raises(ValueError, match="runs without decoding caches"):
+        model.init(jax.random.key(0), ids[:, :4], step=step)

@@ -38,6 +38,7 @@ from mmjax.ops import (
     inverse_bandwidth_parameters,
     l2_normalize,
     retrieve,
+    retrieve_paged,
     tier_bandwidth,
     tier_masks,
 )
@@ -58,6 +59,9 @@ class MemoryConfig:
       dropout_rate: dropout on the concatenated head outputs before ``W_o``.
       init_std: std of ``W_k``, ``W_v``; out_init_std: std of ``W_o``.
       dtype, param_dtype: compute and storage dtypes.
+      long_term_memory: ``"exact"`` (every visible pair) or ``"paged"``: the long-term tier
+        retrieves from each query's ``long_term_top_pages`` best pages of
+        ``long_term_page`` pairs (:func:`mmjax.ops.retrieve_paged`).
     """
 
     num_heads: int
@@ -72,21 +76,50 @@ class MemoryConfig:
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     impl: str = "auto"
+    long_term_memory: str = "exact"
+    long_term_page: int = 64
+    long_term_top_pages: int = 16
+
+    def __post_init__(self):
+        check_long_term_memory(self.long_term_memory, self.long_term_page,
+                               self.long_term_top_pages)
+
+    @property
+    def paging(self) -> tuple[int, int] | None:
+        """``(page size, pages kept)`` of a paged long-term tier, else ``None``."""
+        if self.long_term_memory == "paged":
+            return self.long_term_page, self.long_term_top_pages
+        return None
+
+
+LONG_TERM_MEMORIES = ("exact", "paged")
+
+
+def check_long_term_memory(kind, page, top_pages) -> None:
+    """Raise one ``ValueError`` naming the ``model.`` key of a bad long-term memory setting."""
+    if kind not in LONG_TERM_MEMORIES:
+        raise ValueError(f"model.long_term_memory={kind!r} must be one of {LONG_TERM_MEMORIES}")
+    for key, value in (("long_term_page", page), ("long_term_top_pages", top_pages)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"model.{key}={value!r} must be an integer >= 1")
 
 
 class MemoryTier(nn.Module):
     """One associative-memory tier of ``H`` heads: ``[B, T, D] -> [B, T, H, K]`` head outputs.
 
     ``mask`` (a :class:`mmjax.ops.MaskSpec`, from :func:`mmjax.ops.tier_masks`) says which
-    pairs the tier sees; its skip may be a traced scalar. With ``step`` (a cached call,
-    :mod:`mmjax.layers.cache`) a windowed tier keeps its pairs in a ring buffer of ``window``
-    slots, the others in a linear buffer.
+    pairs the tier sees; its skip may be a traced scalar. ``paging``: ``(page size, pages
+    kept)`` to retrieve from each query's best pages (:func:`mmjax.ops.retrieve_paged`), or
+    ``None`` for every visible pair. With ``step`` (a cached call, :mod:`mmjax.layers.cache`)
+    a windowed tier keeps its pairs in a ring buffer of ``window`` slots, the others in a
+    linear buffer.
     """
 
     config: MemoryConfig
 
     @nn.compact
-    def __call__(self, x_BxTxD: Array, *, mask, step: DecodeStep | None = None) -> Array:
+    def __call__(self, x_BxTxD: Array, *, mask, step: DecodeStep | None = None,
+                 paging: tuple[int, int] | None = None) -> Array:
         c = self.config
         if c.gate_cap <= 0:
             raise ValueError(f"gate_cap must be > 0, got {c.gate_cap}")
@@ -116,12 +149,18 @@ class MemoryTier(nn.Module):
                             for name, value in zip(("beta0", "beta1", "alpha"), raw, strict=True))
         beta = bandwidth_parameters(p0_H, p1_H, pa_H)
         if step is not None:
+            if paging is not None:
+                raise ValueError("model.long_term_memory='paged' runs without decoding caches "
+                                 "for now: evaluate with a full forward pass")
             return memory_step(self, step, keys_BxTxHxK=k_BxTxHxK, u_BxTxHxV=u_BxTxHxK,
                                extract=extract, mask=mask,
                                bandwidth=lambda pos: tier_bandwidth(pos, mask, *beta),
                                ring=mask.window, impl=c.impl)
         beta_TxH = tier_bandwidth(jnp.arange(x.shape[1]), mask, *beta)
         sow_retrieval(self, k_BxTxHxK, k_BxTxHxK, bandwidth=beta_TxH, mask=mask)
+        if paging is not None:
+            return retrieve_paged(k_BxTxHxK, extract(u_BxTxHxK), bandwidth=beta_TxH, mask=mask,
+                                  page_size=paging[0], top_pages=paging[1])
         return retrieve(k_BxTxHxK, extract(u_BxTxHxK), bandwidth=beta_TxH, mask=mask,
                         impl=c.impl, sharding=retrieval_sharding())
 
@@ -142,7 +181,7 @@ class ThreeTierMemory(nn.Module):
         heads = [MemoryTier(config=c, name="short_term")(x_BxTxD, mask=short_mask, step=step)]
         if c.long_term:
             heads.append(MemoryTier(config=c, name="long_term")(x_BxTxD, mask=long_mask,
-                                                                step=step))
+                                                                step=step, paging=c.paging))
         y_BxTxGxK = jnp.concatenate(heads, axis=2)
         y_BxTxGxK = nn.Dropout(c.dropout_rate)(y_BxTxGxK, deterministic=deterministic)
         return HeadOutput(features=x_BxTxD.shape[-1], init_std=c.out_init_std, dtype=c.dtype,

@@ -83,6 +83,9 @@ class MemoryMosaicV2(LanguageModel):
     bandwidth_init: tuple = (1.0, 1.0, 0.25)
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
+    long_term_memory: str = "exact"
+    long_term_page: int = 64
+    long_term_top_pages: int = 16
 
     def memory_config(self) -> MemoryConfig:
         """The frozen settings of every block's memories."""
@@ -94,7 +97,9 @@ class MemoryMosaicV2(LanguageModel):
             gate_cap=self.gate_cap, bandwidth_init=tuple(self.bandwidth_init),
             dropout_rate=c.dropout_rate, init_std=std,
             out_init_std=std / math.sqrt(2 * c.num_layers),
-            dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype), impl=c.impl)
+            dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype), impl=c.impl,
+            long_term_memory=self.long_term_memory, long_term_page=self.long_term_page,
+            long_term_top_pages=self.long_term_top_pages)
 
     @nn.compact
     def __call__(self, input_ids: Array, deterministic: bool = True,
