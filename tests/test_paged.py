@@ -25,8 +25,8 @@ def inputs(seed, b=2, t=50, h=3, k=8):
 
 
 def numpy_paged(q, k, v, beta, mask, page_size, top):
-    """Each query: the bound of every page it may see, the ``top`` best pages, then the
-    softmax over their visible pairs, written out loop by loop."""
+    """Each query: the page of its newest visible pair, the ``top - 1`` best other pages by
+    their bound, then the softmax over their visible pairs, written out loop by loop."""
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
     b, t, h, _ = q.shape
     out = np.zeros(q.shape[:3] + v.shape[-1:])
@@ -35,15 +35,13 @@ def numpy_paged(q, k, v, beta, mask, page_size, top):
         last = min(pos - 1 - mask.skip, t - 1)
         if last < first:
             continue
-        pages = range(first // page_size, last // page_size + 1)
+        newest = last // page_size
         bound = {}
-        for a in pages:
-            rows = np.zeros((page_size, k.shape[-1]))  # unwritten slots hold zeros
-            stored = k[bi, a * page_size:(a + 1) * page_size, hi]
-            rows[:len(stored)] = stored
+        for a in range(first // page_size, newest):  # complete pages compete
+            rows = k[bi, a * page_size:(a + 1) * page_size, hi]
             bound[a] = np.sum(np.maximum(q[bi, pos, hi] * rows.min(0),
                                          q[bi, pos, hi] * rows.max(0)))
-        kept = sorted(pages, key=lambda a: -bound[a])[:top]
+        kept = [newest] + sorted(bound, key=lambda a: -bound[a])[:top - 1]
         idx = np.array([i for a in kept for i in range(a * page_size, (a + 1) * page_size)
                         if first <= i <= last])
         s = beta[pos, hi] * (k[bi, idx, hi] @ q[bi, pos, hi])
@@ -97,7 +95,7 @@ def test_one_page_finds_a_needle_among_similar_keys():
     keys = l2_normalize(jnp.asarray(keys))
     y = retrieve_paged(keys, jnp.asarray(values), queries=jnp.asarray(query),
                        bandwidth=jnp.full((1, h), 30.0), query_offset=t, page_size=64,
-                       top_pages=1)
+                       top_pages=2)  # the newest page, and the best other one
     np.testing.assert_allclose(y[0, 0, 0], values[0, 777, 0], atol=1e-5)
 
 

@@ -3,16 +3,18 @@
 The pairs at positions ``a U .. a U + U - 1`` form page ``a`` (``U`` pairs a page). Each page
 keeps the elementwise minimum and maximum of its keys (:func:`page_bounds`); for a query
 ``q``, ``sum_k max(q_k lo_k, q_k hi_k)`` bounds ``<q, k_i>`` from above for every key of the
-page, and it is two matmuls (``q+ . hi + q- . lo``). A query ranks the pages it may see (the
-mask of :func:`mmjax.ops.retrieve`: window, skip, causality) by that bound, keeps the top
-``W``, and runs exact kernel regression over their pairs, masked as usual. When ``W`` covers
+page, and it is two matmuls (``q+ . hi + q- . lo``). A query keeps the page of its newest
+visible pair, ranks the other pages it may see (the mask of :func:`mmjax.ops.retrieve`:
+window, skip, causality) by that bound, keeps the best ``W - 1``, and runs exact kernel
+regression over the pairs of its ``W`` pages, masked as usual. Only complete pages compete,
+so a page's bound never depends on pairs stored after the query. When ``W`` covers
 every page the query sees, the result is :func:`mmjax.ops.retrieve`'s (up to summation
 order), values and gradients alike. The selection is per query: a chunk of queries gets
 what one query at a time gets, so prefill and decoding agree.
 
 Layout: pages fold batch and heads (row ``b * H + h``) like the decoding caches,
-``keys_NxAxUxK``; an unwritten slot holds zeros, which the bounds include (the bound only
-loosens). Why bounds and not a mean key: ``docs/architecture.md``, section 10.
+``keys_NxAxUxK``; unwritten slots are never read (the mask hides them, and the page that
+holds them never competes). Why bounds and not a mean key: ``docs/architecture.md``, section 10.
 """
 
 from __future__ import annotations
@@ -151,7 +153,17 @@ def retrieve_from_pages(
         seen_NxQxA = ((start_A <= last_NxQ[..., None])
                       & (start_A + page_size - 1 >= first_NxQ[..., None])
                       & (last_NxQ >= first_NxQ)[..., None])
-        _, page_NxQxW = jax.lax.top_k(jnp.where(seen_NxQxA, bound_NxQxA, -jnp.inf), top)
+        # the page of the newest visible pair is always kept; the others compete
+        newest_NxQx1 = jnp.maximum(last_NxQ, 0)[..., None] // page_size
+        compete_NxQxA = seen_NxQxA & (jnp.arange(num_pages) != newest_NxQx1)
+        page_NxQxW, kept_NxQxW = newest_NxQx1, jnp.take_along_axis(seen_NxQxA, newest_NxQx1,
+                                                                    axis=-1)
+        if top > 1:
+            _, best_NxQxW = jax.lax.top_k(jnp.where(compete_NxQxA, bound_NxQxA, -jnp.inf),
+                                          top - 1)
+            page_NxQxW = jnp.concatenate([page_NxQxW, best_NxQxW], axis=-1)
+            kept_NxQxW = jnp.concatenate(
+                [kept_NxQxW, jnp.take_along_axis(compete_NxQxA, best_NxQxW, axis=-1)], axis=-1)
         # exact retrieval over the chosen pages' pairs
         take = jax.vmap(lambda pages_AxUxD, idx_QxW: pages_AxUxD[idx_QxW])
         k_NxQxWxUxK, v_NxQxWxUxV = take(keys_NxAxUxK, page_NxQxW), take(values_NxAxUxV,
@@ -162,9 +174,8 @@ def retrieve_from_pages(
         s_NxQxWxU = s_NxQxWxU * beta_NxQ[..., None, None]
         pair_NxQxWxU = (page_NxQxW[..., None] * page_size
                         + jnp.arange(page_size, dtype=jnp.int32))
-        chosen_NxQxW = jnp.take_along_axis(seen_NxQxA, page_NxQxW, axis=-1)
         visible = ((pair_NxQxWxU >= first_NxQ[..., None, None])
-                   & (pair_NxQxWxU <= last_NxQ[..., None, None]) & chosen_NxQxW[..., None])
+                   & (pair_NxQxWxU <= last_NxQ[..., None, None]) & kept_NxQxW[..., None])
         s_NxQxWxU = jnp.where(visible, s_NxQxWxU, -jnp.inf)
         m_NxQ = jnp.max(s_NxQxWxU, axis=(2, 3))
         m_NxQ = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m_NxQ), m_NxQ, 0.0))
