@@ -22,6 +22,11 @@ MODELS = {
     # window 5 and skip 3: the test lengths cross the ring buffer and the long-term edge
     "v2": dict(name="memory_mosaic_v2", mlp_dim=32, short_term_window=5,
                long_term_skip_range=(2, 4), inference_long_term_skip=3, **SMALL),
+    # pages of 3, 2 kept: the lengths cross the page edges and the selection drops pages
+    "v2_paged": dict(name="memory_mosaic_v2", mlp_dim=32, short_term_window=5,
+                     long_term_skip_range=(2, 4), inference_long_term_skip=3,
+                     long_term_memory="paged", long_term_page=3, long_term_top_pages=2,
+                     **SMALL),
     "v2_short_only": dict(name="memory_mosaic_v2", mlp_dim=32, short_term_window=4,
                           long_term=False, **SMALL),
     "gpt2": dict(name="gpt2", context_length=32, **SMALL),
@@ -90,7 +95,7 @@ def test_prefill_and_steps_equal_the_full_forward_at_every_position(name, chunks
     np.testing.assert_allclose(got, full, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["v1", "v2", "gpt2", "llama_short_long"])
+@pytest.mark.parametrize("name", ["v1", "v2", "v2_paged", "gpt2", "llama_short_long"])
 def test_padding_never_reaches_a_cache(name):
     """Right-padded rows of different lengths: each row's logits equal its own forward pass,
     through a prefill of the padded batch and per-row decoding steps."""
@@ -124,6 +129,40 @@ def test_ring_buffer_holds_only_the_window():
     ring = cache["block_0"]["mixer"]["short_term"]
     assert ring["keys"].shape == (2 * 2, 5 + 1, 8) and ring["positions"].shape == (2, 5)
     assert cache["block_0"]["mixer"]["long_term"]["keys"].shape == (2 * 2, 40 + 1, 8)
+
+
+def test_paged_caches_start_with_one_chunk_grow_as_rows_advance_and_equal_recomputation():
+    model, params = _model("v2_paged")
+    decoder = Decoder(model, params, batch_size=3, cache_length=100_000, prefill_chunk=4)
+    pages = decoder.init_cache()["block_0"]["mixer"]["long_term"]["key_pages"]
+    assert pages.shape == (3 * 2, 2 + 1, 3, 8)  # 4 tokens: 2 pages of 3, and the sink
+    greedy = Sampling(temperature=0)
+    got = generate(decoder, PROMPTS, max_new_tokens=12, sampling=greedy)
+    for prompt, continuation in zip(PROMPTS, got, strict=True):
+        assert continuation == _recompute_greedy(model, params, prompt, 12)
+
+
+def test_paged_buffers_grow_keeping_their_pages():
+    from mmjax.layers.cache import grow_pages, paged_capacity
+
+    model, params = _model("v2_paged")
+    cache = _empty_cache(model, params, 2, 9)  # 3 pages and the sink
+    tokens = jax.random.randint(jax.random.key(3), (2, 9), 0, VOCAB)
+    _, cache = _jitted(model)(params, tokens, cache,
+                              DecodeStep(jnp.int32(0), jnp.full((2,), 9, jnp.int32), 9))
+    assert paged_capacity(cache) == 9
+    grown = grow_pages(cache, 20)
+    assert paged_capacity(grown) == 21
+    for path, leaf in jax.tree_util.tree_leaves_with_path(cache):
+        new = dict(jax.tree_util.tree_leaves_with_path(grown))[path]
+        if path[-1].key in ("key_pages", "value_pages", "page_lo", "page_hi"):
+            axis = 1
+            np.testing.assert_array_equal(jax.lax.slice_in_dim(new, 0, 3, axis=axis),
+                                          jax.lax.slice_in_dim(leaf, 0, 3, axis=axis))
+            assert not jnp.any(jax.lax.slice_in_dim(new, 3, None, axis=axis))
+        else:
+            np.testing.assert_array_equal(new, leaf)
+    assert grow_pages(cache, 9) is cache
 
 
 def test_scanned_caches_keep_the_batch_first():

@@ -187,13 +187,3 @@ def test_paged_long_term_memory_with_fewer_pages_differs_only_where_pages_are_dr
 def test_bad_long_term_memory_settings_raise(key, value, message):
     with pytest.raises(ValueError, match=message):
         _init({**PAGED, key: value})
-
-
-def test_paged_long_term_memory_refuses_decoding_caches():
-    from mmjax.layers.cache import DecodeStep
-
-    model, params, ids = _init(PAGED)
-    step = DecodeStep(position=jnp.int32(0), lengths=jnp.full((2,), 4, jnp.int32),
-                      cache_length=16)
-    with pytest.raises(ValueError, match="runs without decoding caches"):
-        model.init(jax.random.key(0), ids[:, :4], step=step)

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax.generate.sampling import Sampling, sample
-from mmjax.layers.cache import DecodeStep
+from mmjax.layers.cache import DecodeStep, grow_pages, paged_capacity
 
 Array = jax.Array
 
@@ -90,11 +90,24 @@ class Decoder:
             donate_argnums=(0,))
 
     def init_cache(self):
-        """Zeroed caches for ``batch_size`` rows of ``cache_length`` tokens."""
+        """Zeroed caches for ``batch_size`` rows of ``cache_length`` tokens. Paged buffers (a
+        paged long-term memory) start with the pages of one prefill chunk and grow as the
+        rows advance (:func:`mmjax.layers.cache.grow_pages`)."""
         tokens = jnp.zeros((self.batch_size, 1), jnp.int32)
         shapes = jax.eval_shape(
             functools.partial(_cache_shapes, self.model, self.cache_length), self.params, tokens)
+        if paged_capacity(shapes) is not None:
+            first = min(self.cache_length, self.prefill_chunk)
+            shapes = jax.eval_shape(functools.partial(_cache_shapes, self.model, first),
+                                    self.params, tokens)
         return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+    def _room(self, cache, tokens: int):
+        """``cache`` with paged buffers for ``tokens`` tokens per row, doubling as needed."""
+        capacity = paged_capacity(cache)
+        if capacity is None or tokens <= capacity:
+            return cache
+        return grow_pages(cache, min(max(tokens, 2 * capacity), max(tokens, self.cache_length)))
 
     def prefill(self, cache, tokens_BxP: np.ndarray, lengths_B: np.ndarray):
         """Run right-padded prompts ``[B, P]`` of ``lengths_B`` real tokens through the cache.
@@ -109,6 +122,7 @@ class Decoder:
         padded[:, :p] = tokens_BxP
         logits_BxN = None
         for start in range(0, padded.shape[1], chunk):
+            cache = self._room(cache, start + chunk)
             out_BxN, has_B, cache = self._call(self.params, cache,
                                                padded[:, start:start + chunk],
                                                jnp.int32(start), lengths_B)
@@ -118,6 +132,8 @@ class Decoder:
 
     def step(self, cache, tokens_B, positions_B):
         """One token per row at ``positions_B``; returns ``(logits [B, N], cache)``."""
+        if paged_capacity(cache) is not None:
+            cache = self._room(cache, int(np.max(np.asarray(positions_B))) + 1)
         positions_B = jnp.asarray(positions_B, jnp.int32)
         logits_BxN, _, cache = self._call(self.params, cache,
                                           jnp.asarray(tokens_B, jnp.int32)[:, None],

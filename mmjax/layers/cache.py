@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.ops import MaskSpec, fold_heads, retrieve, retrieve_dense
+from mmjax.ops import MaskSpec, fold_heads, retrieve, retrieve_dense, retrieve_from_pages
 
 Array = jax.Array
 
@@ -105,7 +105,7 @@ def key_state(module: nn.Module, step: DecodeStep | None,
 def memory_step(module: nn.Module, step: DecodeStep, *, keys_BxTxHxK: Array,
                 u_BxTxHxV: Array, extract: Callable[[Array], Array], mask: MaskSpec,
                 bandwidth: Callable[[Array], Array | None], ring: int | None,
-                impl: str) -> Array:
+                impl: str, paging: tuple[int, int] | None = None) -> Array:
     """One cached call of a contextual memory (v1, or a v2 tier) after its keys.
 
     Completes the pending pair with the call's first token, stores the pairs that are
@@ -118,6 +118,8 @@ def memory_step(module: nn.Module, step: DecodeStep, *, keys_BxTxHxK: Array,
       u_BxTxHxV: value inputs ``W_v x_t`` of the call's tokens.
       extract: ``u -> values`` (:func:`mmjax.ops.extract_values` with the layer's parameters).
       mask, bandwidth, ring, impl: see :func:`retrieve_with_cache`.
+      paging: ``(page size, pages kept)``: the pairs live in pages and each query retrieves
+        from its best pages (:func:`retrieve_with_pages`).
     Returns:
       ``[B, T, H, V]`` retrieved values.
     """
@@ -128,8 +130,12 @@ def memory_step(module: nn.Module, step: DecodeStep, *, keys_BxTxHxK: Array,
     pairs_k = jnp.concatenate([pending_key.value[:, None], keys_BxTxHxK[:, :-1]], axis=1)
     inputs_u = jnp.concatenate([pending_input.value[:, None], u_BxTxHxV], axis=1)
     pairs_v = extract(inputs_u)[:, :-1]
-    y = retrieve_with_cache(module, step, pairs_k, pairs_v, keys_BxTxHxK, query_offset=0,
-                            mask=mask, bandwidth=bandwidth, ring=ring, impl=impl)
+    if paging is not None:
+        y = retrieve_with_pages(module, step, pairs_k, pairs_v, keys_BxTxHxK, mask=mask,
+                                bandwidth=bandwidth, paging=paging)
+    else:
+        y = retrieve_with_cache(module, step, pairs_k, pairs_v, keys_BxTxHxK, query_offset=0,
+                                mask=mask, bandwidth=bandwidth, ring=ring, impl=impl)
     pending_key.value = carry_last(pending_key.value, keys_BxTxHxK, step)
     pending_input.value = carry_last(pending_input.value, u_BxTxHxV, step)
     return y
@@ -232,3 +238,133 @@ def retrieve_with_cache(module: nn.Module, step: DecodeStep, pairs_k_BxTxHxK: Ar
                         query_offset=step.position + query_offset, impl=impl)
     return retrieve_dense(queries_BxTxHxK, [(keys.value, values.value, held_pos())],
                           query_positions=q_pos, mask=mask, bandwidth=bandwidth(q_pos))
+
+
+# The paged buffers of :func:`retrieve_with_pages`, by cache-variable name: the axis of their
+# pages, counted from the end (``[..., A, U, D]`` pages, ``[..., A, K]`` bounds).
+PAGE_AXES = {"key_pages": -3, "value_pages": -3, "page_lo": -2, "page_hi": -2}
+
+
+def retrieve_with_pages(module: nn.Module, step: DecodeStep, pairs_k_BxTxHxK: Array,
+                        pairs_v_BxTxHxV: Array, queries_BxTxHxK: Array, *, mask: MaskSpec,
+                        bandwidth: Callable[[Array], Array | None],
+                        paging: tuple[int, int]) -> Array:
+    """Store ``T`` new pairs of a memory in pages and retrieve for the call's queries from
+    each query's best pages (:func:`mmjax.ops.retrieve_from_pages`).
+
+    The pair at position ``i`` goes to page ``i // U``, slot ``i % U`` of ``key_pages`` /
+    ``value_pages`` ``[B * H, A + 1, U, D]``; the bounds of each page written to are
+    recomputed from its slots (``page_lo`` / ``page_hi`` ``[B * H, A + 1, K]``), so a
+    step's work is the page bounds plus the kept pages' pairs, not every pair. The last
+    page is a sink for the writes to skip, never seen. The buffers are created with the pages
+    of ``step.cache_length`` tokens; after that their size is theirs (:func:`grow_pages` adds
+    pages between calls). Same positions and arguments as :func:`retrieve_with_cache` with
+    ``query_offset=0``.
+    """
+    b, t, h, dk = pairs_k_BxTxHxK.shape
+    dv = pairs_v_BxTxHxV.shape[-1]
+    page, top = paging
+    var = lambda name, shape, dt: module.variable("cache", name, jnp.zeros, shape, dt)
+    pages = -(-step.cache_length // page) + 1
+    keys = var("key_pages", (b * h, pages, page, dk), pairs_k_BxTxHxK.dtype)
+    values = var("value_pages", (b * h, pages, page, dv), pairs_v_BxTxHxV.dtype)
+    lo = var("page_lo", (b * h, pages, dk), jnp.float32)
+    hi = var("page_hi", (b * h, pages, dk), jnp.float32)
+    sink = keys.value.shape[1] - 1
+    pair_pos_BxT = (step.rows(b) - 1)[:, None] + jnp.arange(t, dtype=jnp.int32)
+    last_pair_B = jnp.asarray(step.lengths, jnp.int32) - 2
+    valid_BxT = ((pair_pos_BxT >= 0) & (pair_pos_BxT <= last_pair_B[:, None])
+                 & (pair_pos_BxT < sink * page))
+    page_BxT = jnp.where(valid_BxT, pair_pos_BxT // page, sink)
+    slot_BxT = jnp.where(valid_BxT, pair_pos_BxT % page, 0)
+    keys.value = _write_pages(keys.value, pairs_k_BxTxHxK, page_BxT, slot_BxT)
+    values.value = _write_pages(values.value, pairs_v_BxTxHxV, page_BxT, slot_BxT)
+    lo.value, hi.value = _update_bounds(keys.value, lo.value, hi.value, page_BxT, h)
+    q_pos = step.query_positions(t)
+    return retrieve_from_pages(queries_BxTxHxK, keys.value, values.value, (lo.value, hi.value),
+                               key_count=jnp.minimum(last_pair_B + 1, sink * page),
+                               query_positions=q_pos, mask=mask, bandwidth=bandwidth(q_pos),
+                               top_pages=top)
+
+
+def _write_pages(pages_NxAxUxD: Array, new_BxTxHxD: Array, page_BxT: Array,
+                 slot_BxT: Array) -> Array:
+    """``pages[b * H + h, page[b, j], slot[b, j]] = new[b, j, h]`` (one in-place update per
+    row for a one-token call, as :func:`_write_slots`)."""
+    b, t, h, d = new_BxTxHxD.shape
+    new_BxTxHxD = new_BxTxHxD.astype(pages_NxAxUxD.dtype)
+    if t > 1:
+        rows_BxTxH = jnp.arange(b)[:, None, None] * h + jnp.arange(h)
+        shape = (b, t, h)
+        return pages_NxAxUxD.at[rows_BxTxH, jnp.broadcast_to(page_BxT[..., None], shape),
+                                jnp.broadcast_to(slot_BxT[..., None], shape)].set(
+            new_BxTxHxD, mode="promise_in_bounds")
+    for row in range(b):
+        pages_NxAxUxD = jax.lax.dynamic_update_slice(
+            pages_NxAxUxD, new_BxTxHxD[row, 0, :, None, None, :],
+            (row * h, page_BxT[row, 0], slot_BxT[row, 0], 0))
+    return pages_NxAxUxD
+
+
+def _update_bounds(keys_NxAxUxK: Array, lo_NxAxK: Array, hi_NxAxK: Array, page_BxT: Array,
+                   heads: int) -> tuple[Array, Array]:
+    """The bounds of the pages ``page_BxT`` written to, recomputed from their slots."""
+    b, t = page_BxT.shape
+    if t > 1:
+        rows_BxTxH = jnp.arange(b)[:, None, None] * heads + jnp.arange(heads)
+        at_BxTxH = jnp.broadcast_to(page_BxT[..., None], (b, t, heads))
+        pages_BxTxHxUxK = keys_NxAxUxK[rows_BxTxH, at_BxTxH].astype(jnp.float32)
+        update = lambda bound, reduce: bound.at[rows_BxTxH, at_BxTxH].set(
+            reduce(pages_BxTxHxUxK, axis=-2), mode="promise_in_bounds")
+        return update(lo_NxAxK, jnp.min), update(hi_NxAxK, jnp.max)
+    for row in range(b):
+        start = (row * heads, page_BxT[row, 0], 0, 0)
+        page_HxUxK = jax.lax.dynamic_slice(keys_NxAxUxK, start,
+                                           (heads, 1) + keys_NxAxUxK.shape[2:])[:, 0]
+        page_HxUxK = page_HxUxK.astype(jnp.float32)
+        for name, reduce in (("lo", jnp.min), ("hi", jnp.max)):
+            bound = lo_NxAxK if name == "lo" else hi_NxAxK
+            bound = jax.lax.dynamic_update_slice(bound, reduce(page_HxUxK, axis=1)[:, None],
+                                                 start[:3])
+            lo_NxAxK, hi_NxAxK = (bound, hi_NxAxK) if name == "lo" else (lo_NxAxK, bound)
+    return lo_NxAxK, hi_NxAxK
+
+
+def paged_capacity(cache) -> int | None:
+    """Tokens the paged buffers of ``cache`` hold (pages x page size, the sink left out), or
+    ``None`` when it has none."""
+    found = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(cache)
+             if _leaf_name(path) == "key_pages"]
+    if not found:
+        return None
+    return min((leaf.shape[-3] - 1) * leaf.shape[-2] for leaf in found)
+
+
+def grow_pages(cache, tokens: int):
+    """``cache`` with its paged buffers holding at least ``tokens`` tokens: pages added at the
+    end (the old sink page cleared), every other buffer as it was."""
+    capacity = paged_capacity(cache)
+    if capacity is None or tokens <= capacity:
+        return cache
+    page = next(leaf.shape[-2] for path, leaf in jax.tree_util.tree_leaves_with_path(cache)
+                if _leaf_name(path) == "key_pages")
+    new_pages = -(-tokens // page)
+
+    def pad(path, leaf):
+        axis = PAGE_AXES.get(_leaf_name(path))
+        if axis is None:
+            return leaf
+        axis = leaf.ndim + axis
+        old_pages = leaf.shape[axis] - 1
+        kept = jax.lax.slice_in_dim(leaf, 0, old_pages, axis=axis)
+        widths = [(0, 0)] * leaf.ndim
+        widths[axis] = (0, new_pages + 1 - old_pages)
+        return jnp.pad(kept, widths)
+
+    return jax.tree_util.tree_map_with_path(pad, cache)
+
+
+def _leaf_name(path) -> str | None:
+    last = path[-1] if path else None
+    return getattr(last, "key", None)
+

@@ -149,13 +149,10 @@ class MemoryTier(nn.Module):
                             for name, value in zip(("beta0", "beta1", "alpha"), raw, strict=True))
         beta = bandwidth_parameters(p0_H, p1_H, pa_H)
         if step is not None:
-            if paging is not None:
-                raise ValueError("model.long_term_memory='paged' runs without decoding caches "
-                                 "for now: evaluate with a full forward pass")
             return memory_step(self, step, keys_BxTxHxK=k_BxTxHxK, u_BxTxHxV=u_BxTxHxK,
                                extract=extract, mask=mask,
                                bandwidth=lambda pos: tier_bandwidth(pos, mask, *beta),
-                               ring=mask.window, impl=c.impl)
+                               ring=mask.window, impl=c.impl, paging=paging)
         beta_TxH = tier_bandwidth(jnp.arange(x.shape[1]), mask, *beta)
         sow_retrieval(self, k_BxTxHxK, k_BxTxHxK, bandwidth=beta_TxH, mask=mask)
         if paging is not None:
