@@ -82,6 +82,17 @@ PAPER_TOKENS_PER_STEP = 1024 * 4096
 
 # The two models of the equal-size pair (:func:`pair_config`): v1 Memory Mosaic and GPT2.
 PAIR_MODELS = ("mm", "gpt2")
+# The v2 models of the same size (:func:`pair_config`): MM v2, LLaMA and the short/long LLaMA.
+V2_PAIR_MODELS = ("v2", "llama", "llama_short_long")
+# Their own settings: SwiGLU widths that equalise the parameters (within 0.4% at width 64,
+# vocabulary 64: 127,376 / 127,296 / 127,808), and the v2 tiny preset's window and skips.
+_V2_PAIR = {
+    "v2": dict(name="memory_mosaic_v2", mlp_dim=176),
+    "llama": dict(name="llama", mlp_dim=224),
+    "llama_short_long": dict(name="llama_short_long", mlp_dim=140),
+}
+_V2_PAIR_TIERS = dict(short_term_window=16, long_term_skip_range=(4, 16),
+                      inference_long_term_skip=4)
 
 # The repository's root and its configs/ (present in a checkout, not in an installed wheel).
 REPOSITORY = pathlib.Path(__file__).resolve().parent.parent
@@ -262,14 +273,27 @@ def pair_config(model: str, *, corpus: str, corpus_options: dict, vocab_size: in
     more: the parameters of GPT2's position table, so that both models have the same number
     of parameters up to the Memory Mosaic's per-head scalars (7 per head and layer). AdamW
     3e-3 with ``min(50, steps / 2)`` warm-up steps and a cosine decay to 1e-4.
+
+    The v2 models (:data:`V2_PAIR_MODELS`, at width 64): ``"v2"`` (MM v2), ``"llama"`` and
+    ``"llama_short_long"`` (separate short- and long-term attention), untied, with SwiGLU
+    widths that equalise their parameters; window 16 and long-term skip ``U[4, 16]`` (4 at
+    inference), the v2 tiny preset's.
     """
-    if model not in PAIR_MODELS:
-        raise ValueError(f"model must be one of {PAIR_MODELS}, got {model!r}")
+    if model not in PAIR_MODELS + V2_PAIR_MODELS:
+        raise ValueError(f"model must be one of {PAIR_MODELS + V2_PAIR_MODELS}, got {model!r}")
+    if model in V2_PAIR_MODELS and width != 64:
+        raise ValueError(f"the v2 pair is sized at width 64, got width={width}")
     sizes = dict(vocab_size=vocab_size, num_layers=2, num_heads=4, embed_dim=width)
     layers = sizes["num_layers"]
-    model_config = (dict(name="gpt2", context_length=context, **sizes) if model == "gpt2" else
-                    dict(name="memory_mosaic", pmem_size=int(3.5 * width) + context // (2 * layers),
-                         **sizes))
+    if model in V2_PAIR_MODELS:
+        model_config = dict(_V2_PAIR[model], **sizes)
+        if model != "llama":
+            model_config.update(_V2_PAIR_TIERS)
+    elif model == "gpt2":
+        model_config = dict(name="gpt2", context_length=context, **sizes)
+    else:
+        model_config = dict(name="memory_mosaic",
+                            pmem_size=int(3.5 * width) + context // (2 * layers), **sizes)
     return lm_config(
         model_config,
         data=dict(corpus=corpus, context_length=context, batch_size=batch_size,

@@ -77,3 +77,16 @@ def test_needle_prompt_has_the_context_length_and_its_answer_is_stored(facts):
     assert stored[tuple(prompt[-3:-1])] == tuple(answer)
     with pytest.raises(ValueError, match="too short"):
         needle(rng, vocab_size=64, context=10, facts=2)
+
+
+def test_the_v2_recall_models_have_equal_parameters():
+    """``configs/recall.py:v2|llama|llama_short_long``: within 0.5% of each other."""
+    from config_loading import load_config
+
+    from mmjax import flops
+
+    params = {name: flops.count(dict(load_config(f"recall.py:{name}").model)).total_params
+              for name in ("v2", "llama", "llama_short_long")}
+    assert params == {"v2": 127376, "llama": 127296, "llama_short_long": 127808}
+    assert max(params.values()) / min(params.values()) < 1.005
+    assert load_config("recall.py:v2").model.inference_long_term_skip == 4
