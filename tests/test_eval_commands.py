@@ -151,3 +151,31 @@ def test_the_retrieval_command_scores_a_checkpoint(workdirs, tmp_path, capsys):
     assert code == 1 and "too short for 3 facts" in err
     code, _, err = _run(capsys, "retrieval", "--workdir", mm, "--qa", tmp_path / "x.jsonl")
     assert code == 1 and "no tokenizer" in err
+
+
+def test_the_retrieval_command_reads_a_v2_memory_in_pages(workdirs, tmp_path, capsys):
+    mm, _, v2 = workdirs
+    runs = {}
+    for name, flags in (("exact", []), ("all", ["--memory", "paged", "--page", 4,
+                                                "--top_pages", 100]),
+                        ("two", ["--memory", "paged", "--page", 4, "--top_pages", 2])):
+        code, out, _ = _run(capsys, "retrieval", "--workdir", v2, "--contexts", "40,72",
+                            "--tasks", 4, "--output", tmp_path / name, *flags)
+        assert code == 0, out
+        runs[name] = json.loads((tmp_path / name / "retrieval.json").read_text())
+    assert {r["memory"] for r in runs["two"]} == {"paged 4 x 2"}
+    assert [r["accuracy"] for r in runs["all"]] == [r["accuracy"] for r in runs["exact"]]
+    # keeping every page reads the memory exactly: the same continuations, token for token
+    from mmjax.eval import needles
+    from mmjax.generate.workdir import load_workdir
+
+    prompts = [t.prompt for t in needles.needle_tasks(0, vocab_size=64, context=72, facts=2,
+                                                      num_tasks=4)]
+    paged = dict(long_term_memory="paged", long_term_page=4, long_term_top_pages=100)
+    assert (needles.continue_greedily(load_workdir(v2, model_overrides=paged), prompts, 6)
+            == needles.continue_greedily(load_workdir(v2), prompts, 6))
+    code, _, err = _run(capsys, "retrieval", "--workdir", mm, "--memory", "paged")
+    assert code == 1 and "has no setting long_term_memory" in err
+    with pytest.raises(SystemExit) as info:
+        main(["retrieval", "--workdir", str(v2), "--top_pages", "2"])
+    assert info.value.code == 2

@@ -28,6 +28,9 @@
 
       python -m mmjax.eval retrieval --workdir /tmp/mm --contexts 256,1024 --facts 1,4
 
+  A v2 Memory Mosaic reads its long-term memory from each query's best pages with
+  ``--memory paged --top_pages K`` (``--page U``), up to contexts of 1M tokens on a CPU.
+
 * ``icl_classify``: k-shot classification from a JSONL of ``{text, label}`` (``--data``; or
   ``--synthetic N`` examples of a built-in topic dataset), with the semantic and with
   anonymized labels, accuracy against the number of shots::
@@ -94,6 +97,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     r.add_argument("--tasks", type=int, default=20)
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--qa", default=None, help="a JSONL of {context, question, answers}")
+    r.add_argument("--memory", choices=("exact", "paged"), default=None,
+                   help="the v2 long-term memory (default: the run's own)")
+    r.add_argument("--top_pages", type=int, default=None,
+                   help="pages each query keeps with --memory paged (default: the run's)")
+    r.add_argument("--page", type=int, default=None,
+                   help="pairs per page with --memory paged (default: the run's)")
     r.add_argument("--output", default=None, help="directory for retrieval.json")
     c = sub.add_parser("icl_classify", help="in-context classification")
     c.add_argument("--workdir", required=True)
@@ -112,6 +121,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.name == "retrieval":
         if args.tasks < 1 or min(args.contexts) < 1 or min(args.facts) < 1:
             p.error("--tasks, --contexts and --facts must be >= 1")
+        for name in ("top_pages", "page"):
+            value = getattr(args, name)
+            if value is not None and (args.memory != "paged" or value < 1):
+                p.error(f"--{name} needs --memory paged and a value >= 1, got {value}")
         return args
     if args.name == "icll":
         args.models = [m for m in args.models.split(",") if m]
@@ -212,12 +225,16 @@ def _retrieval(args) -> int:
     if args.qa is not None:
         rows = [needles.qa_accuracy(args.workdir, args.qa)]
     else:
+        memory = {key: value for key, value in (
+            ("long_term_memory", args.memory), ("long_term_top_pages", args.top_pages),
+            ("long_term_page", args.page)) if value is not None}
         rows = needles.needle_accuracy(args.workdir, contexts=args.contexts,
-                                       facts=args.facts, num_tasks=args.tasks, seed=args.seed)
-    print("| task | context | accuracy |\n|---|---|---|", flush=True)
+                                       facts=args.facts, num_tasks=args.tasks, seed=args.seed,
+                                       memory=memory)
+    print("| task | context | memory | accuracy |\n|---|---|---|---|", flush=True)
     for row in rows:
-        print(f"| {row['task']} | {row.get('context', '')} | {row['accuracy']:.3f} |",
-              flush=True)
+        print(f"| {row['task']} | {row.get('context', '')} | {row.get('memory', '')} | "
+              f"{row['accuracy']:.3f} |", flush=True)
     if args.output is not None:
         out = pathlib.Path(args.output)
         out.mkdir(parents=True, exist_ok=True)

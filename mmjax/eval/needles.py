@@ -88,10 +88,16 @@ def continue_greedily(trained: Trained, prompts, max_new_tokens: int,
 
 
 def needle_accuracy(workdir, *, contexts, facts=(1,), num_tasks: int = 20, seed: int = 0,
-                    value_length: int = 2) -> list[dict]:
-    """Exact-match accuracy of a checkpoint on the synthetic tasks at each context length."""
-    trained = load_workdir(workdir)
+                    value_length: int = 2, memory: dict | None = None) -> list[dict]:
+    """Exact-match accuracy of a checkpoint on the synthetic tasks at each context length.
+
+    ``memory``: model settings that change how the long-term memory is read, not what was
+    learned (``long_term_memory``, ``long_term_page``, ``long_term_top_pages`` of a v2
+    Memory Mosaic: :func:`mmjax.ops.retrieve_paged`).
+    """
+    trained = load_workdir(workdir, model_overrides=memory)
     vocab = trained.model.vocab_size
+    described = describe_memory(trained.model)
     for context in contexts:
         check_context(trained, context + value_length, str(workdir))
     rows = []
@@ -101,8 +107,17 @@ def needle_accuracy(workdir, *, contexts, facts=(1,), num_tasks: int = 20, seed:
                                  num_tasks=num_tasks, value_length=value_length)
             got = continue_greedily(trained, [t.prompt for t in tasks], value_length)
             rows.append({"task": "needle" if n == 1 else f"{n} facts", "facts": n,
-                         "context": context, "accuracy": exact_match(got, tasks)})
+                         "context": context, "memory": described,
+                         "accuracy": exact_match(got, tasks)})
     return rows
+
+
+def describe_memory(model) -> str:
+    """``"exact"``, or ``"paged U x W"`` for a paged long-term memory (``U`` pairs a page,
+    ``W`` pages kept)."""
+    if getattr(model, "long_term_memory", "exact") != "paged":
+        return "exact"
+    return f"paged {model.long_term_page} x {model.long_term_top_pages}"
 
 
 def _normalise(text: str) -> str:

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.data.tokenizer import Tokenizer
-from mmjax.models import build_model
+from mmjax.models import build_model, model_class
 from mmjax.train.checkpoint import TOKENIZER_FILE, find_step_dir, load_params
 
 
@@ -49,7 +49,8 @@ class Trained:
 
 
 def load_workdir(workdir: str | pathlib.Path, *, step: int | None = None,
-                 tokenizer: str | pathlib.Path | None = None) -> Trained:
+                 tokenizer: str | pathlib.Path | None = None,
+                 model_overrides: dict | None = None) -> Trained:
     """The model, parameters and tokenizer of a training workdir.
 
     Args:
@@ -58,6 +59,9 @@ def load_workdir(workdir: str | pathlib.Path, *, step: int | None = None,
       tokenizer: a sentencepiece model file; default the workdir's ``tokenizer.model`` (the
         training loop copies the token store's tokenizer there), else ``None`` (a model
         trained on a synthetic corpus has no text).
+      model_overrides: model-config keys that change how the trained parameters run, not
+        which there are (e.g. ``{"long_term_memory": "paged"}``); a key the model does not
+        have is a one-line error.
     Raises one-line errors for a missing workdir, checkpoint, saved config or tokenizer.
     """
     workdir = pathlib.Path(workdir)
@@ -79,6 +83,14 @@ def load_workdir(workdir: str | pathlib.Path, *, step: int | None = None,
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise RuntimeError(f"checkpoint {step_dir} has no readable config ({config_file}: "
                            f"{e})") from None
+    if model_overrides:
+        fields = {f.name for f in dataclasses.fields(model_class(model_config.get("name")))}
+        unknown = sorted(set(model_overrides) - fields)
+        if unknown:
+            raise ValueError(f"--workdir {workdir}: model {model_config.get('name')!r} has no "
+                             f"setting {', '.join(unknown)} (a paged long-term memory needs a "
+                             f"v2 Memory Mosaic)")
+        model_config.update(model_overrides)
     model = build_model(model_config)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
