@@ -142,6 +142,18 @@ def test_paged_caches_start_with_one_chunk_grow_as_rows_advance_and_equal_recomp
         assert continuation == _recompute_greedy(model, params, prompt, 12)
 
 
+@pytest.mark.parametrize("name", ["v1", "v2_paged"])
+def test_a_prompt_prefilled_in_two_parts_equals_one_prefill(name):
+    model, params = _model(name)
+    decoder = Decoder(model, params, batch_size=2, cache_length=64, prefill_chunk=4)
+    tokens = np.asarray(jax.random.randint(jax.random.key(4), (2, 21), 0, VOCAB))
+    lengths = np.array([21, 21])
+    whole, _ = decoder.prefill(decoder.init_cache(), tokens, lengths)
+    _, cache = decoder.prefill(decoder.init_cache(), tokens[:, :9], np.array([9, 9]))
+    parts, _ = decoder.prefill(cache, tokens[:, 9:], lengths, start=9)
+    np.testing.assert_allclose(parts, whole, atol=1e-5, rtol=0)
+
+
 def test_paged_buffers_grow_keeping_their_pages():
     from mmjax.layers.cache import grow_pages, paged_capacity
 

@@ -109,9 +109,12 @@ class Decoder:
             return cache
         return grow_pages(cache, min(max(tokens, 2 * capacity), max(tokens, self.cache_length)))
 
-    def prefill(self, cache, tokens_BxP: np.ndarray, lengths_B: np.ndarray):
+    def prefill(self, cache, tokens_BxP: np.ndarray, lengths_B: np.ndarray, start: int = 0):
         """Run right-padded prompts ``[B, P]`` of ``lengths_B`` real tokens through the cache.
 
+        ``start``: the position of the first token (the cache holds the ``start`` tokens
+        before it: a prompt continued, or fed in parts); ``lengths_B``: each row's length
+        from position 0 after this call.
         Returns ``(logits [B, N] at each prompt's last token, cache)``.
         """
         tokens_BxP = np.asarray(tokens_BxP, np.int32)
@@ -121,22 +124,25 @@ class Decoder:
         padded = np.zeros((tokens_BxP.shape[0], -(-p // chunk) * chunk), np.int32)
         padded[:, :p] = tokens_BxP
         logits_BxN = None
-        for start in range(0, padded.shape[1], chunk):
-            cache = self._room(cache, start + chunk)
+        cache = self._room(cache, start + padded.shape[1])  # once: growing recompiles
+        for offset in range(0, padded.shape[1], chunk):
             out_BxN, has_B, cache = self._call(self.params, cache,
-                                               padded[:, start:start + chunk],
-                                               jnp.int32(start), lengths_B)
+                                               padded[:, offset:offset + chunk],
+                                               np.int32(start + offset), lengths_B)
             logits_BxN = out_BxN if logits_BxN is None else jnp.where(has_B[:, None], out_BxN,
                                                                       logits_BxN)
         return logits_BxN, cache
 
     def step(self, cache, tokens_B, positions_B):
-        """One token per row at ``positions_B``; returns ``(logits [B, N], cache)``."""
+        """One token per row at ``positions_B``; returns ``(logits [B, N], cache)``.
+
+        Tokens and positions are host arrays (numpy work here costs microseconds; each jnp
+        operation outside the jitted call about a tenth of a millisecond on CPU)."""
+        positions_B = np.asarray(positions_B, np.int32)
         if paged_capacity(cache) is not None:
-            cache = self._room(cache, int(np.max(np.asarray(positions_B))) + 1)
-        positions_B = jnp.asarray(positions_B, jnp.int32)
+            cache = self._room(cache, int(positions_B.max()) + 1)
         logits_BxN, _, cache = self._call(self.params, cache,
-                                          jnp.asarray(tokens_B, jnp.int32)[:, None],
+                                          np.asarray(tokens_B, np.int32)[:, None],
                                           positions_B, positions_B + 1)
         return logits_BxN, cache
 

@@ -279,7 +279,8 @@ def retrieve_with_pages(module: nn.Module, step: DecodeStep, pairs_k_BxTxHxK: Ar
     slot_BxT = jnp.where(valid_BxT, pair_pos_BxT % page, 0)
     keys.value = _write_pages(keys.value, pairs_k_BxTxHxK, page_BxT, slot_BxT)
     values.value = _write_pages(values.value, pairs_v_BxTxHxV, page_BxT, slot_BxT)
-    lo.value, hi.value = _update_bounds(keys.value, lo.value, hi.value, page_BxT, h)
+    lo.value, hi.value = _update_bounds(keys.value, lo.value, hi.value, page_BxT, slot_BxT,
+                                        pairs_k_BxTxHxK, last_pair_B)
     q_pos = step.query_positions(t)
     return retrieve_from_pages(queries_BxTxHxK, keys.value, values.value, (lo.value, hi.value),
                                key_count=jnp.minimum(last_pair_B + 1, sink * page),
@@ -307,26 +308,37 @@ def _write_pages(pages_NxAxUxD: Array, new_BxTxHxD: Array, page_BxT: Array,
 
 
 def _update_bounds(keys_NxAxUxK: Array, lo_NxAxK: Array, hi_NxAxK: Array, page_BxT: Array,
-                   heads: int) -> tuple[Array, Array]:
-    """The bounds of the pages ``page_BxT`` written to, recomputed from their slots."""
-    b, t = page_BxT.shape
+                   slot_BxT: Array, new_BxTxHxK: Array,
+                   last_pair_B: Array) -> tuple[Array, Array]:
+    """The bounds of the pages written to, over their written slots.
+
+    A one-token call folds the new key into its page's running min and max (the page's first
+    slot starts them), reading nothing else; a longer call recomputes each page it wrote to
+    from its slots up to the row's last pair."""
+    b, t, heads, _ = new_BxTxHxK.shape
     if t > 1:
+        page_size = keys_NxAxUxK.shape[2]
         rows_BxTxH = jnp.arange(b)[:, None, None] * heads + jnp.arange(heads)
         at_BxTxH = jnp.broadcast_to(page_BxT[..., None], (b, t, heads))
         pages_BxTxHxUxK = keys_NxAxUxK[rows_BxTxH, at_BxTxH].astype(jnp.float32)
-        update = lambda bound, reduce: bound.at[rows_BxTxH, at_BxTxH].set(
-            reduce(pages_BxTxHxUxK, axis=-2), mode="promise_in_bounds")
-        return update(lo_NxAxK, jnp.min), update(hi_NxAxK, jnp.max)
+        slot_pos_BxTxU = page_BxT[..., None] * page_size + jnp.arange(page_size)
+        written_BxTx1xUx1 = (slot_pos_BxTxU <= last_pair_B[:, None, None])[:, :, None, :, None]
+        update = lambda bound, reduce, empty: bound.at[rows_BxTxH, at_BxTxH].set(
+            reduce(jnp.where(written_BxTx1xUx1, pages_BxTxHxUxK, empty), axis=-2),
+            mode="promise_in_bounds")
+        return update(lo_NxAxK, jnp.min, jnp.inf), update(hi_NxAxK, jnp.max, -jnp.inf)
+    new_BxHxK = new_BxTxHxK[:, 0].astype(keys_NxAxUxK.dtype).astype(jnp.float32)  # as stored
     for row in range(b):
-        start = (row * heads, page_BxT[row, 0], 0, 0)
-        page_HxUxK = jax.lax.dynamic_slice(keys_NxAxUxK, start,
-                                           (heads, 1) + keys_NxAxUxK.shape[2:])[:, 0]
-        page_HxUxK = page_HxUxK.astype(jnp.float32)
-        for name, reduce in (("lo", jnp.min), ("hi", jnp.max)):
-            bound = lo_NxAxK if name == "lo" else hi_NxAxK
-            bound = jax.lax.dynamic_update_slice(bound, reduce(page_HxUxK, axis=1)[:, None],
-                                                 start[:3])
-            lo_NxAxK, hi_NxAxK = (bound, hi_NxAxK) if name == "lo" else (lo_NxAxK, bound)
+        start = (row * heads, page_BxT[row, 0], 0)
+        first = slot_BxT[row, 0] == 0
+        for i, reduce in ((0, jnp.minimum), (1, jnp.maximum)):
+            bound_NxAxK = (lo_NxAxK, hi_NxAxK)[i]
+            old_Hx1xK = jax.lax.dynamic_slice(bound_NxAxK, start, (heads, 1, new_BxHxK.shape[-1]))
+            key_Hx1xK = new_BxHxK[row, :, None]
+            value = jnp.where(first, key_Hx1xK, reduce(old_Hx1xK, key_Hx1xK))
+            bound_NxAxK = jax.lax.dynamic_update_slice(bound_NxAxK, value, start)
+            lo_NxAxK, hi_NxAxK = ((bound_NxAxK, hi_NxAxK) if i == 0 else
+                                  (lo_NxAxK, bound_NxAxK))
     return lo_NxAxK, hi_NxAxK
 
 

@@ -186,6 +186,10 @@ def retrieve_from_pages(
                              v_NxQxWxUxV, preferred_element_type=jnp.float32)
         return jnp.transpose(y_NxQxV.reshape(b, h, chunk, -1), (0, 2, 1, 3))
 
-    y_IxBxQxHxV = jax.lax.map(one_chunk, (split(q_BxQxHxK), split(pos_BxQ), split(beta_BxQxH)))
+    chunks = (split(q_BxQxHxK), split(pos_BxQ), split(beta_BxQxH))
+    if tq <= chunk:  # one chunk (a decoding step): no loop around it
+        y_IxBxQxHxV = one_chunk(jax.tree.map(lambda x: x[0], chunks))[None]
+    else:
+        y_IxBxQxHxV = jax.lax.map(one_chunk, chunks)
     y_BxQxHxV = jnp.moveaxis(y_IxBxQxHxV, 0, 1).reshape((b, -1, h, values_NxAxUxV.shape[-1]))
     return y_BxQxHxV[:, :tq].astype(values_NxAxUxV.dtype)
