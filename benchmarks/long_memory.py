@@ -56,6 +56,8 @@ def parse_args(argv=None):
                    help="the longest context the exact memory is timed at")
     p.add_argument("--page", type=int, default=64)
     p.add_argument("--top_pages", type=int, default=16)
+    p.add_argument("--page_dtype", default="bfloat16", choices=("float32", "bfloat16"),
+                   help="storage of the paged caches' keys and values")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--prefill", type=int, default=1024,
                    help="tokens prefilled at each context for the prefill figure")
@@ -73,11 +75,11 @@ REFERENCE = dict(name="memory_mosaic_v2", vocab_size=8192, num_layers=4, num_hea
                  long_term_skip_range=(64, 256), inference_long_term_skip=64)
 
 
-def model_and_params(args, memory: str, workdir: str | None = None):
+def model_and_params(args, memory: str, workdir: str | None = None, page_dtype: str = "auto"):
     """The v2 model (``memory``: ``"exact"`` or ``"paged"``) and its weights: a trained run's
     (``workdir``), or :data:`REFERENCE` with random weights."""
     overrides = dict(long_term_memory=memory, long_term_page=args.page,
-                     long_term_top_pages=args.top_pages)
+                     long_term_top_pages=args.top_pages, long_term_page_dtype=page_dtype)
     if workdir is not None:
         from mmjax.generate.workdir import load_workdir
 
@@ -89,8 +91,14 @@ def model_and_params(args, memory: str, workdir: str | None = None):
 
 
 def _fill(cache, seed: int):
-    """Random unit keys and values in every long-term buffer, bounds to match."""
+    """Random unit keys and values in every long-term buffer, bounds to match. Paged buffers
+    of 16-bit floats hold their bits as ``uint16`` (:mod:`mmjax.layers.cache`)."""
     rng = np.random.default_rng(seed)
+    bits = jnp.dtype(jnp.uint16)
+    like = lambda x, leaf: (jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), bits)
+                            if leaf.dtype == bits else x.astype(leaf.dtype))
+    view = lambda leaf: (jax.lax.bitcast_convert_type(leaf, jnp.bfloat16)
+                         if leaf.dtype == bits else leaf)
 
     def fill(node):
         if not isinstance(node, dict):
@@ -98,12 +106,12 @@ def _fill(cache, seed: int):
         node = {k: fill(v) for k, v in node.items()}
         for keys, values in (("keys", "values"), ("key_pages", "value_pages")):
             if keys in node and "positions" not in node:  # not the short-term ring
-                k = rng.standard_normal(node[keys].shape).astype(np.float32)
-                node[keys] = l2_normalize(jnp.asarray(k)).astype(node[keys].dtype)
-                node[values] = jnp.asarray(
-                    rng.standard_normal(node[values].shape).astype(node[values].dtype))
+                k = jnp.asarray(rng.standard_normal(node[keys].shape, np.float32))
+                node[keys] = like(l2_normalize(k), node[keys])
+                v = jnp.asarray(rng.standard_normal(node[values].shape, np.float32))
+                node[values] = like(v, node[values])
         if "key_pages" in node:
-            node["page_lo"], node["page_hi"] = page_bounds(node["key_pages"])
+            node["page_lo"], node["page_hi"] = page_bounds(view(node["key_pages"]))
         return node
 
     return fill(jax.tree.map(lambda x: x, cache))
@@ -149,14 +157,28 @@ def prefill_tokens_per_s(model, params, context: int, length: int, chunk: int) -
     return length / (time.perf_counter() - start)
 
 
+def page_rounding(args, context: int) -> dict:
+    """What storing the pages in ``--page_dtype`` costs: one decoding step's logits on the
+    same cache content, stored in float32 and in ``--page_dtype``."""
+    logits = []
+    for dtype in ("float32", args.page_dtype):
+        model, params = model_and_params(args, "paged", page_dtype=dtype)
+        decoder, cache = filled_decoder(model, params, context, 2, 256)
+        out, _ = decoder.step(cache, np.zeros((1,), np.int32), np.array([context], np.int32))
+        logits.append(np.asarray(out, np.float64))
+    wide, narrow = logits
+    return {"max_abs": float(np.max(np.abs(wide - narrow))), "logit_std": float(wide.std()),
+            "same_argmax": bool(np.argmax(wide) == np.argmax(narrow))}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     print(f"device: {jax.devices()[0].platform} x {jax.device_count()}, jax {jax.__version__}")
-    paged = model_and_params(args, "paged")
+    paged = model_and_params(args, "paged", page_dtype=args.page_dtype)
     exact = model_and_params(args, "exact")
     print(f"timed model: v2, {REFERENCE['num_layers']} layers, width {REFERENCE['embed_dim']}, "
           f"{REFERENCE['num_heads']} heads, random weights; paged: pages of {args.page}, "
-          f"{args.top_pages} kept")
+          f"{args.top_pages} kept, {args.page_dtype}")
     results = {"contexts": args.contexts, "decode_ms": {"paged": {}, "exact": {}},
                "cache_mib": {"paged": {}, "exact": {}},
                "prefill_tokens_per_s": {"paged": {}, "exact": {}}}
@@ -179,6 +201,13 @@ def main(argv=None) -> int:
               f"{cell('cache_mib', 'exact', '.1f'):>8} "
               f"{cell('prefill_tokens_per_s', 'paged', ',.0f'):>9} "
               f"{cell('prefill_tokens_per_s', 'exact', ',.0f'):>9}", flush=True)
+    if args.page_dtype != "float32":
+        results["page_rounding"] = page_rounding(args, min(args.contexts))
+        print(f"{args.page_dtype} pages against float32 pages, one step at "
+              f"{min(args.contexts)}: max |logit difference| "
+              f"{results['page_rounding']['max_abs']:.2e} (logits' std "
+              f"{results['page_rounding']['logit_std']:.2f}), same top token: "
+              f"{results['page_rounding']['same_argmax']}", flush=True)
     paged_ms, exact_ms = results["decode_ms"]["paged"], results["decode_ms"]["exact"]
     first, last = min(paged_ms), max(paged_ms)
     print(f"paged decode at {last} / at {first}: {paged_ms[last] / paged_ms[first]:.2f}x "
@@ -190,7 +219,7 @@ def main(argv=None) -> int:
         from mmjax.eval.needles import needle_accuracy
 
         memory = dict(long_term_memory="paged", long_term_page=args.page,
-                      long_term_top_pages=args.top_pages)
+                      long_term_top_pages=args.top_pages, long_term_page_dtype=args.page_dtype)
         recall = {"paged": {}, "exact": {}}
         for context in args.contexts:
             rows = needle_accuracy(args.workdir, contexts=[context], facts=(16,),

@@ -49,6 +49,7 @@ def get_config(arg=None):
         long_term_memory="exact",
         long_term_page=64,
         long_term_top_pages=16,
+        long_term_page_dtype="auto",  # the decoding caches' pages: "bfloat16" halves fp32
     ), paper_scale(presets), presets)
     if "tiny" in presets or "tiny_text" in presets:
         config.model.update(short_term_window=16, long_term_skip_range=(4, 16),

@@ -154,6 +154,20 @@ def test_a_prompt_prefilled_in_two_parts_equals_one_prefill(name):
     np.testing.assert_allclose(parts, whole, atol=1e-5, rtol=0)
 
 
+def test_bfloat16_pages_halve_the_cache_and_stay_close():
+    model, params = _model("v2_paged")
+    narrow = build_model(dict(MODELS["v2_paged"], long_term_page_dtype="bfloat16"))
+    tokens = jax.random.randint(jax.random.key(5), (2, 23), 0, VOCAB)
+    full = _cached_logits(model, params, tokens, (7, 4), cache_length=26)
+    half = _cached_logits(narrow, params, tokens, (7, 4), cache_length=26)
+    pages = lambda m: _empty_cache(m, params, 2, 26)["block_0"]["mixer"]["long_term"]
+    assert pages(narrow)["key_pages"].dtype == jnp.uint16  # bfloat16 bits (see cache.py)
+    assert pages(narrow)["key_pages"].nbytes * 2 == pages(model)["key_pages"].nbytes
+    assert half.dtype == jnp.float32
+    np.testing.assert_allclose(half, full, atol=0.05)
+    assert float(jnp.max(jnp.abs(half - full))) > 0  # the pages were rounded
+
+
 def test_paged_buffers_grow_keeping_their_pages():
     from mmjax.layers.cache import grow_pages, paged_capacity
 

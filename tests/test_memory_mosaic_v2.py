@@ -183,6 +183,7 @@ def test_paged_long_term_memory_with_fewer_pages_differs_only_where_pages_are_dr
     ("long_term_memory", "fuzzy", "model.long_term_memory='fuzzy' must be one of"),
     ("long_term_page", 0, "model.long_term_page=0 must be an integer >= 1"),
     ("long_term_top_pages", 1.5, "model.long_term_top_pages=1.5 must be an integer >= 1"),
+    ("long_term_page_dtype", "int4", "model.long_term_page_dtype='int4' must be one of"),
 ])
 def test_bad_long_term_memory_settings_raise(key, value, message):
     with pytest.raises(ValueError, match=message):

@@ -62,6 +62,8 @@ class MemoryConfig:
       long_term_memory: ``"exact"`` (every visible pair) or ``"paged"``: the long-term tier
         retrieves from each query's ``long_term_top_pages`` best pages of
         ``long_term_page`` pairs (:func:`mmjax.ops.retrieve_paged`).
+      long_term_page_dtype: storage dtype of the paged decoding caches' keys and values
+        (``"auto"``: the compute dtype; ``"bfloat16"`` halves them from fp32).
     """
 
     num_heads: int
@@ -79,26 +81,32 @@ class MemoryConfig:
     long_term_memory: str = "exact"
     long_term_page: int = 64
     long_term_top_pages: int = 16
+    long_term_page_dtype: str = "auto"
 
     def __post_init__(self):
         check_long_term_memory(self.long_term_memory, self.long_term_page,
-                               self.long_term_top_pages)
+                               self.long_term_top_pages, self.long_term_page_dtype)
 
     @property
-    def paging(self) -> tuple[int, int] | None:
-        """``(page size, pages kept)`` of a paged long-term tier, else ``None``."""
-        if self.long_term_memory == "paged":
-            return self.long_term_page, self.long_term_top_pages
-        return None
+    def paging(self) -> tuple[int, int, Any] | None:
+        """``(page size, pages kept, page dtype)`` of a paged long-term tier, else ``None``."""
+        if self.long_term_memory != "paged":
+            return None
+        dtype = self.dtype if self.long_term_page_dtype == "auto" else self.long_term_page_dtype
+        return self.long_term_page, self.long_term_top_pages, jnp.dtype(dtype)
 
 
 LONG_TERM_MEMORIES = ("exact", "paged")
+PAGE_DTYPES = ("auto", "float32", "bfloat16")
 
 
-def check_long_term_memory(kind, page, top_pages) -> None:
+def check_long_term_memory(kind, page, top_pages, page_dtype="auto") -> None:
     """Raise one ``ValueError`` naming the ``model.`` key of a bad long-term memory setting."""
     if kind not in LONG_TERM_MEMORIES:
         raise ValueError(f"model.long_term_memory={kind!r} must be one of {LONG_TERM_MEMORIES}")
+    if page_dtype not in PAGE_DTYPES:
+        raise ValueError(f"model.long_term_page_dtype={page_dtype!r} must be one of "
+                         f"{PAGE_DTYPES}")
     for key, value in (("long_term_page", page), ("long_term_top_pages", top_pages)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"model.{key}={value!r} must be an integer >= 1")
@@ -109,17 +117,17 @@ class MemoryTier(nn.Module):
 
     ``mask`` (a :class:`mmjax.ops.MaskSpec`, from :func:`mmjax.ops.tier_masks`) says which
     pairs the tier sees; its skip may be a traced scalar. ``paging``: ``(page size, pages
-    kept)`` to retrieve from each query's best pages (:func:`mmjax.ops.retrieve_paged`), or
-    ``None`` for every visible pair. With ``step`` (a cached call, :mod:`mmjax.layers.cache`)
-    a windowed tier keeps its pairs in a ring buffer of ``window`` slots, the others in a
-    linear buffer.
+    kept, page dtype)`` to retrieve from each query's best pages
+    (:func:`mmjax.ops.retrieve_paged`), or ``None`` for every visible pair. With ``step`` (a
+    cached call, :mod:`mmjax.layers.cache`) a windowed tier keeps its pairs in a ring buffer
+    of ``window`` slots, the others in a linear buffer, or in pages when paged.
     """
 
     config: MemoryConfig
 
     @nn.compact
     def __call__(self, x_BxTxD: Array, *, mask, step: DecodeStep | None = None,
-                 paging: tuple[int, int] | None = None) -> Array:
+                 paging: tuple[int, int, Any] | None = None) -> Array:
         c = self.config
         if c.gate_cap <= 0:
             raise ValueError(f"gate_cap must be > 0, got {c.gate_cap}")
@@ -155,7 +163,7 @@ class MemoryTier(nn.Module):
                                ring=mask.window, impl=c.impl, paging=paging)
         beta_TxH = tier_bandwidth(jnp.arange(x.shape[1]), mask, *beta)
         sow_retrieval(self, k_BxTxHxK, k_BxTxHxK, bandwidth=beta_TxH, mask=mask)
-        if paging is not None:
+        if paging is not None:  # a full pass holds its pairs as computed: no page store
             return retrieve_paged(k_BxTxHxK, extract(u_BxTxHxK), bandwidth=beta_TxH, mask=mask,
                                   page_size=paging[0], top_pages=paging[1])
         return retrieve(k_BxTxHxK, extract(u_BxTxHxK), bandwidth=beta_TxH, mask=mask,

@@ -86,6 +86,7 @@ class MemoryMosaicV2(LanguageModel):
     long_term_memory: str = "exact"
     long_term_page: int = 64
     long_term_top_pages: int = 16
+    long_term_page_dtype: str = "auto"
 
     def memory_config(self) -> MemoryConfig:
         """The frozen settings of every block's memories."""
@@ -99,7 +100,8 @@ class MemoryMosaicV2(LanguageModel):
             out_init_std=std / math.sqrt(2 * c.num_layers),
             dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype), impl=c.impl,
             long_term_memory=self.long_term_memory, long_term_page=self.long_term_page,
-            long_term_top_pages=self.long_term_top_pages)
+            long_term_top_pages=self.long_term_top_pages,
+            long_term_page_dtype=self.long_term_page_dtype)
 
     @nn.compact
     def __call__(self, input_ids: Array, deterministic: bool = True,

@@ -122,7 +122,8 @@ def retrieve_from_pages(
       bandwidth: ``[Q, H]`` or ``[B, Q, H]``.
       top_pages: pages kept per query (clipped to the page count).
     Returns:
-      ``[B, Q, H, V]`` in the dtype of the values; rows with no visible pair are 0.
+      ``[B, Q, H, V]`` in the queries' dtype (the pages may be stored narrower); rows with
+      no visible pair are 0.
     """
     b, tq, h, _ = q_BxQxHxK.shape
     n, num_pages, page_size, _ = keys_NxAxUxK.shape
@@ -192,4 +193,4 @@ def retrieve_from_pages(
     else:
         y_IxBxQxHxV = jax.lax.map(one_chunk, chunks)
     y_BxQxHxV = jnp.moveaxis(y_IxBxQxHxV, 0, 1).reshape((b, -1, h, values_NxAxUxV.shape[-1]))
-    return y_BxQxHxV[:, :tq].astype(values_NxAxUxV.dtype)
+    return y_BxQxHxV[:, :tq].astype(q_BxQxHxK.dtype)
