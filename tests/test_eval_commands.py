@@ -159,8 +159,8 @@ def test_the_retrieval_command_reads_a_v2_memory_in_pages(workdirs, tmp_path, ca
     for name, flags in (("exact", []), ("all", ["--memory", "paged", "--page", 4,
                                                 "--top_pages", 100]),
                         ("two", ["--memory", "paged", "--page", 4, "--top_pages", 2])):
-        code, out, _ = _run(capsys, "retrieval", "--workdir", v2, "--contexts", "40,72",
-                            "--tasks", 4, "--output", tmp_path / name, *flags)
+        code, out, _ = _run(capsys, "retrieval", "--workdir", v2, "--contexts", "72",
+                            "--facts", "2", "--tasks", 2, "--output", tmp_path / name, *flags)
         assert code == 0, out
         runs[name] = json.loads((tmp_path / name / "retrieval.json").read_text())
     assert {r["memory"] for r in runs["two"]} == {"paged 4 x 2"}
@@ -170,7 +170,7 @@ def test_the_retrieval_command_reads_a_v2_memory_in_pages(workdirs, tmp_path, ca
     from mmjax.generate.workdir import load_workdir
 
     prompts = [t.prompt for t in needles.needle_tasks(0, vocab_size=64, context=72, facts=2,
-                                                      num_tasks=4)]
+                                                      num_tasks=2)]
     paged = dict(long_term_memory="paged", long_term_page=4, long_term_top_pages=100)
     assert (needles.continue_greedily(load_workdir(v2, model_overrides=paged), prompts, 6)
             == needles.continue_greedily(load_workdir(v2), prompts, 6))

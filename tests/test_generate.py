@@ -397,3 +397,42 @@ def test_prefill_and_steps_compile_for_a_tpu_chip_with_the_kernels():
                 assert "mmjax_retrieve_fwd_tpu" in prefill.as_text()
         temps[length] = step.memory_analysis().temp_size_in_bytes
     assert temps[2048] < 2 * temps[512] + (1 << 20), temps
+
+
+@pytest.mark.skipif(not compile_check.libtpu_available() and not os.environ.get("CI"),
+                    reason='libtpu not installed: pip install -e ".[tpu]"')
+def test_a_paged_decoding_step_at_a_million_tokens_compiles_for_one_v5e_chip():
+    """The real TPU compiler: a v2 of the reference width (2 layers, width 256, 4 heads of
+    64) with a paged long-term memory in bfloat16 pages holds 1M tokens on one v5e chip
+    (16 GiB), and the step's scratch memory does not grow with the cache (a page layout
+    the chip must not relayout: mmjax.layers.cache.page_rows)."""
+    from mmjax.generate.decoder import _apply_cached, _cache_shapes
+    from mmjax.layers.cache import grow_pages
+
+    one_chip = compile_check.topology_devices("v5e:2x2")[:1]
+    mesh = jax.sharding.Mesh(np.array(one_chip).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+    model = build_model(dict(name="memory_mosaic_v2", vocab_size=8192, num_layers=2,
+                             num_heads=4, embed_dim=256, mlp_dim=1024, short_term_window=256,
+                             inference_long_term_skip=64, long_term_memory="paged",
+                             long_term_page=64, long_term_top_pages=16,
+                             long_term_page_dtype="bfloat16"))
+    on_chip = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    place = lambda tree: jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=on_chip), tree)
+    i32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=on_chip)
+    params = flax.linen.meta.unbox(jax.eval_shape(model.init, jax.random.key(0),
+                                                  jnp.zeros((1, 1), jnp.int32))["params"])
+    figures = {}
+    for tokens in (1 << 18, 1 << 20):
+        call = jax.jit(functools.partial(_apply_cached, model, tokens), donate_argnums=(1,))
+        with jax.set_mesh(mesh):  # the caches a TPU holds: bfloat16 pages
+            cache = jax.eval_shape(lambda p, n=tokens: grow_pages(_cache_shapes(
+                model, 256, p, jnp.zeros((1, 1), jnp.int32)), n), params)
+            memory = call.lower(place(params), place(cache), i32((1, 1)), i32((1,)),
+                                i32((1,))).compile().memory_analysis()
+        figures[tokens] = (memory.argument_size_in_bytes, memory.temp_size_in_bytes)
+    arguments, temps = figures[1 << 20]
+    pages = 2 * 2 * 4 * (1 << 20) * 64 * 2  # layers x (keys, values) x heads x tokens x K x 2 B
+    assert pages <= arguments < pages * 1.1 + (64 << 20), figures
+    assert arguments + temps < 16 << 30, figures
+    assert temps < 16 << 20 and temps < 2 * figures[1 << 18][1] + (4 << 20), figures

@@ -12,6 +12,7 @@ layout: ``docs/architecture.md``, section 4.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -19,7 +20,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.ops import MaskSpec, fold_heads, retrieve, retrieve_dense, retrieve_from_pages
+from mmjax.ops import (
+    MaskSpec,
+    fold_heads,
+    retrieve,
+    retrieve_dense,
+    retrieve_from_pages,
+    target_platform,
+)
 
 Array = jax.Array
 
@@ -241,7 +249,7 @@ def retrieve_with_cache(module: nn.Module, step: DecodeStep, pairs_k_BxTxHxK: Ar
 
 
 # The paged buffers of :func:`retrieve_with_pages`, by cache-variable name: the axis of their
-# pages, counted from the end (``[..., A, U, D]`` pages, ``[..., A, K]`` bounds).
+# pages, counted from the end (``[..., A, R, L]`` pages, ``[..., A, K]`` bounds).
 PAGE_AXES = {"key_pages": -3, "value_pages": -3, "page_lo": -2, "page_hi": -2}
 
 
@@ -253,7 +261,8 @@ def retrieve_with_pages(module: nn.Module, step: DecodeStep, pairs_k_BxTxHxK: Ar
     each query's best pages (:func:`mmjax.ops.retrieve_from_pages`).
 
     The pair at position ``i`` goes to page ``i // U``, slot ``i % U`` of ``key_pages`` /
-    ``value_pages`` ``[B * H, A + 1, U, D]``; the bounds of each page written to are
+    ``value_pages`` ``[B * H, A + 1, *page_rows(U, D)]`` (a page's ``U x D`` values in rows of
+    128 lanes where they fit: :func:`page_rows`); the bounds of each page written to are
     recomputed from its slots (``page_lo`` / ``page_hi`` ``[B * H, A + 1, K]``), so a
     step's work is the page bounds plus the kept pages' pairs, not every pair; the pages
     hold the page dtype of ``paging`` (bfloat16 halves fp32's bytes). The last
@@ -268,8 +277,8 @@ def retrieve_with_pages(module: nn.Module, step: DecodeStep, pairs_k_BxTxHxK: Ar
     var = lambda name, shape, dt: module.variable("cache", name, jnp.zeros, shape, dt)
     pages = -(-step.cache_length // page) + 1
     stored = _stored_dtype(page_dtype)
-    keys = var("key_pages", (b * h, pages, page, dk), stored)
-    values = var("value_pages", (b * h, pages, page, dv), stored)
+    keys = var("key_pages", (b * h, pages) + page_rows(page, dk), stored)
+    values = var("value_pages", (b * h, pages) + page_rows(page, dv), stored)
     lo = var("page_lo", (b * h, pages, dk), jnp.float32)
     hi = var("page_hi", (b * h, pages, dk), jnp.float32)
     sink = keys.value.shape[1] - 1
@@ -279,30 +288,38 @@ def retrieve_with_pages(module: nn.Module, step: DecodeStep, pairs_k_BxTxHxK: Ar
                  & (pair_pos_BxT < sink * page))
     page_BxT = jnp.where(valid_BxT, pair_pos_BxT // page, sink)
     slot_BxT = jnp.where(valid_BxT, pair_pos_BxT % page, 0)
-    store = lambda x_BxTxHxD: _as_stored(x_BxTxHxD.astype(page_dtype))
-    keys.value = _write_pages(keys.value, store(pairs_k_BxTxHxK), page_BxT, slot_BxT)
-    values.value = _write_pages(values.value, store(pairs_v_BxTxHxV), page_BxT, slot_BxT)
+    store = lambda x_BxTxHxD, var: _as_stored(x_BxTxHxD.astype(page_dtype), var.value)
+    keys.value = _write_pages(keys.value, store(pairs_k_BxTxHxK, keys), page_BxT, slot_BxT)
+    values.value = _write_pages(values.value, store(pairs_v_BxTxHxV, values), page_BxT,
+                                slot_BxT)
     key_pages, value_pages = (_as_loaded(x.value, page_dtype) for x in (keys, values))
     lo.value, hi.value = _update_bounds(key_pages, lo.value, hi.value, page_BxT, slot_BxT,
-                                        pairs_k_BxTxHxK, last_pair_B)
+                                        pairs_k_BxTxHxK, last_pair_B, page)
     q_pos = step.query_positions(t)
     return retrieve_from_pages(queries_BxTxHxK, key_pages, value_pages, (lo.value, hi.value),
+                               page_size=page,
                                key_count=jnp.minimum(last_pair_B + 1, sink * page),
                                query_positions=q_pos, mask=mask, bandwidth=bandwidth(q_pos),
                                top_pages=top)
 
 
 def _stored_dtype(page_dtype):
-    """The dtype a page buffer holds: a 16-bit float's bits as ``uint16``. XLA:CPU copies a
-    whole bfloat16 buffer around an in-place update (measured on the 2-core machine: 2.7 ms
-    per update at 1025 pages of 64 x 64 against 0.06 ms for ``uint16`` or ``float32``); a
-    bitcast costs nothing on any backend."""
+    """The dtype a new page buffer holds: on CPU a 16-bit float's bits as ``uint16``, since
+    XLA:CPU copies a whole bfloat16 buffer around an in-place update (measured on the 2-core
+    machine: 2.7 ms per update at 1025 pages of 64 x 64, against 0.06 ms for ``uint16`` or
+    ``float32``); elsewhere the dtype itself (a TPU lays 16-bit integers and floats out
+    differently, so there the bitcast would copy the buffer)."""
     page_dtype = jnp.dtype(page_dtype)
-    return jnp.dtype(jnp.uint16) if page_dtype.itemsize == 2 else page_dtype
+    if page_dtype.itemsize == 2 and target_platform() == "cpu":
+        return jnp.dtype(jnp.uint16)
+    return page_dtype
 
 
-def _as_stored(x: Array) -> Array:
-    return jax.lax.bitcast_convert_type(x, _stored_dtype(x.dtype))
+def _as_stored(x: Array, buffer: Array) -> Array:
+    """``x`` (in the page dtype) as ``buffer`` holds it."""
+    if buffer.dtype == x.dtype:
+        return x
+    return jax.lax.bitcast_convert_type(x, buffer.dtype)
 
 
 def _as_loaded(buffer: Array, page_dtype) -> Array:
@@ -311,51 +328,69 @@ def _as_loaded(buffer: Array, page_dtype) -> Array:
     return jax.lax.bitcast_convert_type(buffer, jnp.dtype(page_dtype))
 
 
-def _write_pages(pages_NxAxUxD: Array, new_BxTxHxD: Array, page_BxT: Array,
+def page_rows(page_size: int, dim: int) -> tuple[int, int]:
+    """How a page of ``page_size`` vectors of ``dim`` lies in a cache: ``(rows, lanes)`` with
+    rows of 128 lanes where pairs fill them evenly, else one row per pair. A TPU keeps the
+    two minor axes of an array in tiles of 128 lanes: pages of ``U x K`` with ``K < 128``
+    made it lay the page axis minor instead, and then relayout the whole cache around every
+    update and gather (measured with the real compiler: 1 GiB of temporaries per layer at
+    1M tokens). On CPU the two forms are the same bytes."""
+    lanes = 128
+    if (page_size * dim) % lanes == 0 and (dim % lanes == 0 or lanes % dim == 0):
+        return page_size * dim // lanes, lanes
+    return page_size, dim
+
+
+def _write_pages(pages_NxAxRxL: Array, new_BxTxHxD: Array, page_BxT: Array,
                  slot_BxT: Array) -> Array:
-    """``pages[b * H + h, page[b, j], slot[b, j]] = new[b, j, h]`` (one in-place update per
-    row for a one-token call, as :func:`_write_slots`)."""
+    """Pair ``new[b, j, h]`` into slot ``slot[b, j]`` of page ``page[b, j]`` of row
+    ``b * H + h`` (:func:`page_rows` layout; one in-place update per row for a one-token
+    call, as :func:`_write_slots`)."""
     b, t, h, d = new_BxTxHxD.shape
-    if t > 1:
-        rows_BxTxH = jnp.arange(b)[:, None, None] * h + jnp.arange(h)
-        shape = (b, t, h)
-        return pages_NxAxUxD.at[rows_BxTxH, jnp.broadcast_to(page_BxT[..., None], shape),
-                                jnp.broadcast_to(slot_BxT[..., None], shape)].set(
+    lanes = pages_NxAxRxL.shape[-1]
+    if t > 1:  # element by element: a pair may start mid-row
+        offset_BxTxD = slot_BxT[..., None] * d + jnp.arange(d)
+        row_BxTx1xD, lane_BxTx1xD = (x[:, :, None] for x in jnp.divmod(offset_BxTxD, lanes))
+        n_BxTxHx1 = (jnp.arange(b)[:, None, None] * h + jnp.arange(h))[..., None]
+        page_BxTx1x1 = page_BxT[:, :, None, None]
+        return pages_NxAxRxL.at[n_BxTxHx1, page_BxTx1x1, row_BxTx1xD, lane_BxTx1xD].set(
             new_BxTxHxD, mode="promise_in_bounds")
+    rows, width = max(1, d // lanes), min(d, lanes)  # one pair: whole rows, or part of one
     for row in range(b):
-        pages_NxAxUxD = jax.lax.dynamic_update_slice(
-            pages_NxAxUxD, new_BxTxHxD[row, 0, :, None, None, :],
-            (row * h, page_BxT[row, 0], slot_BxT[row, 0], 0))
-    return pages_NxAxUxD
+        first_row, first_lane = jnp.divmod(slot_BxT[row, 0] * d, lanes)
+        pages_NxAxRxL = jax.lax.dynamic_update_slice(
+            pages_NxAxRxL, new_BxTxHxD[row, 0].reshape(h, 1, rows, width),
+            (row * h, page_BxT[row, 0], first_row, first_lane))
+    return pages_NxAxRxL
 
 
-def _update_bounds(keys_NxAxUxK: Array, lo_NxAxK: Array, hi_NxAxK: Array, page_BxT: Array,
-                   slot_BxT: Array, new_BxTxHxK: Array,
-                   last_pair_B: Array) -> tuple[Array, Array]:
+def _update_bounds(keys_NxAxRxL: Array, lo_NxAxK: Array, hi_NxAxK: Array, page_BxT: Array,
+                   slot_BxT: Array, new_BxTxHxK: Array, last_pair_B: Array,
+                   page_size: int) -> tuple[Array, Array]:
     """The bounds of the pages written to, over their written slots.
 
     A one-token call folds the new key into its page's running min and max (the page's first
     slot starts them), reading nothing else; a longer call recomputes each page it wrote to
     from its slots up to the row's last pair."""
-    b, t, heads, _ = new_BxTxHxK.shape
+    b, t, heads, dk = new_BxTxHxK.shape
     if t > 1:
-        page_size = keys_NxAxUxK.shape[2]
         rows_BxTxH = jnp.arange(b)[:, None, None] * heads + jnp.arange(heads)
         at_BxTxH = jnp.broadcast_to(page_BxT[..., None], (b, t, heads))
-        pages_BxTxHxUxK = keys_NxAxUxK[rows_BxTxH, at_BxTxH].astype(jnp.float32)
+        pages_BxTxHxUxK = keys_NxAxRxL[rows_BxTxH, at_BxTxH].reshape(
+            (b, t, heads, page_size, dk)).astype(jnp.float32)
         slot_pos_BxTxU = page_BxT[..., None] * page_size + jnp.arange(page_size)
         written_BxTx1xUx1 = (slot_pos_BxTxU <= last_pair_B[:, None, None])[:, :, None, :, None]
         update = lambda bound, reduce, empty: bound.at[rows_BxTxH, at_BxTxH].set(
             reduce(jnp.where(written_BxTx1xUx1, pages_BxTxHxUxK, empty), axis=-2),
             mode="promise_in_bounds")
         return update(lo_NxAxK, jnp.min, jnp.inf), update(hi_NxAxK, jnp.max, -jnp.inf)
-    new_BxHxK = new_BxTxHxK[:, 0].astype(keys_NxAxUxK.dtype).astype(jnp.float32)  # as stored
+    new_BxHxK = new_BxTxHxK[:, 0].astype(keys_NxAxRxL.dtype).astype(jnp.float32)  # as stored
     for row in range(b):
         start = (row * heads, page_BxT[row, 0], 0)
         first = slot_BxT[row, 0] == 0
         for i, reduce in ((0, jnp.minimum), (1, jnp.maximum)):
             bound_NxAxK = (lo_NxAxK, hi_NxAxK)[i]
-            old_Hx1xK = jax.lax.dynamic_slice(bound_NxAxK, start, (heads, 1, new_BxHxK.shape[-1]))
+            old_Hx1xK = jax.lax.dynamic_slice(bound_NxAxK, start, (heads, 1, dk))
             key_Hx1xK = new_BxHxK[row, :, None]
             value = jnp.where(first, key_Hx1xK, reduce(old_Hx1xK, key_Hx1xK))
             bound_NxAxK = jax.lax.dynamic_update_slice(bound_NxAxK, value, start)
@@ -367,11 +402,18 @@ def _update_bounds(keys_NxAxUxK: Array, lo_NxAxK: Array, hi_NxAxK: Array, page_B
 def paged_capacity(cache) -> int | None:
     """Tokens the paged buffers of ``cache`` hold (pages x page size, the sink left out), or
     ``None`` when it has none."""
-    found = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(cache)
-             if _leaf_name(path) == "key_pages"]
-    if not found:
-        return None
-    return min((leaf.shape[-3] - 1) * leaf.shape[-2] for leaf in found)
+    sizes = [(pages.shape[-3] - 1) * page for pages, page in _paged_buffers(cache)]
+    return min(sizes) if sizes else None
+
+
+def _paged_buffers(cache):
+    """``(key_pages, page size)`` of each paged memory in ``cache`` (the page size from the
+    page's values and the bounds' key width)."""
+    leaves = jax.tree_util.tree_leaves_with_path(cache)
+    widths = {path[:-1]: leaf.shape[-1] for path, leaf in leaves
+              if _leaf_name(path) == "page_lo"}
+    return [(leaf, math.prod(leaf.shape[-2:]) // widths[path[:-1]]) for path, leaf in leaves
+            if _leaf_name(path) == "key_pages"]
 
 
 def grow_pages(cache, tokens: int):
@@ -380,9 +422,7 @@ def grow_pages(cache, tokens: int):
     capacity = paged_capacity(cache)
     if capacity is None or tokens <= capacity:
         return cache
-    page = next(leaf.shape[-2] for path, leaf in jax.tree_util.tree_leaves_with_path(cache)
-                if _leaf_name(path) == "key_pages")
-    new_pages = -(-tokens // page)
+    new_pages = -(-tokens // _paged_buffers(cache)[0][1])
 
     def pad(path, leaf):
         axis = PAGE_AXES.get(_leaf_name(path))

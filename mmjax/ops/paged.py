@@ -19,6 +19,8 @@ holds them never competes). Why bounds and not a mean key: ``docs/architecture.m
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -101,6 +103,7 @@ def retrieve_from_pages(
     values_NxAxUxV: Array,
     bounds: tuple[Array, Array],
     *,
+    page_size: int | None = None,
     key_count,
     query_positions: Array,
     mask: MaskSpec,
@@ -113,7 +116,9 @@ def retrieve_from_pages(
     Args:
       q_BxQxHxK: queries.
       keys_NxAxUxK, values_NxAxUxV: pages; pair ``i`` sits at page ``i // U``, slot
-        ``i % U``; row ``b * H + h``.
+        ``i % U``; row ``b * H + h``. A page's trailing axes may hold its ``U x D`` values in
+        another row-major shape (e.g. rows of 128 lanes), given ``page_size``.
+      page_size: ``U`` (default: axis 2 of the pages).
       bounds: ``(lo, hi)`` ``[N, A, K]`` of :func:`page_bounds` (kept incrementally when
         decoding).
       key_count: pairs stored (int or ``[B]``): positions from there on are hidden.
@@ -125,8 +130,10 @@ def retrieve_from_pages(
       ``[B, Q, H, V]`` in the queries' dtype (the pages may be stored narrower); rows with
       no visible pair are 0.
     """
-    b, tq, h, _ = q_BxQxHxK.shape
-    n, num_pages, page_size, _ = keys_NxAxUxK.shape
+    b, tq, h, dk = q_BxQxHxK.shape
+    n, num_pages = keys_NxAxUxK.shape[:2]
+    page_size = keys_NxAxUxK.shape[2] if page_size is None else page_size
+    dv = math.prod(values_NxAxUxV.shape[2:]) // page_size
     top = min(top_pages, num_pages)
     rows = lambda x, tail: jnp.broadcast_to(jnp.asarray(x), (b,) + tail)
     pos_BxQ = rows(jnp.asarray(query_positions, jnp.int32), (tq,))
@@ -166,9 +173,12 @@ def retrieve_from_pages(
             kept_NxQxW = jnp.concatenate(
                 [kept_NxQxW, jnp.take_along_axis(compete_NxQxA, best_NxQxW, axis=-1)], axis=-1)
         # exact retrieval over the chosen pages' pairs
-        take = jax.vmap(lambda pages_AxUxD, idx_QxW: pages_AxUxD[idx_QxW])
-        k_NxQxWxUxK, v_NxQxWxUxV = take(keys_NxAxUxK, page_NxQxW), take(values_NxAxUxV,
-                                                                        page_NxQxW)
+        # one gather of whole pages along the folded (row, page) axis: it keeps the pages'
+        # layout (a per-row gather made XLA:TPU relayout the whole cache every step)
+        flat_NxQxW = jnp.arange(n)[:, None, None] * num_pages + page_NxQxW
+        take = lambda pages, d: pages.reshape((n * num_pages,) + pages.shape[2:])[
+            flat_NxQxW].reshape(flat_NxQxW.shape + (page_size, d))
+        k_NxQxWxUxK, v_NxQxWxUxV = take(keys_NxAxUxK, dk), take(values_NxAxUxV, dv)
         s_NxQxWxU = jnp.einsum("nqk,nqwuk->nqwu", q_NxQxK, k_NxQxWxUxK,
                                preferred_element_type=jnp.float32)
         beta_NxQ = jnp.transpose(beta_BxQxH, (0, 2, 1)).reshape(n, -1)
@@ -192,5 +202,5 @@ def retrieve_from_pages(
         y_IxBxQxHxV = one_chunk(jax.tree.map(lambda x: x[0], chunks))[None]
     else:
         y_IxBxQxHxV = jax.lax.map(one_chunk, chunks)
-    y_BxQxHxV = jnp.moveaxis(y_IxBxQxHxV, 0, 1).reshape((b, -1, h, values_NxAxUxV.shape[-1]))
+    y_BxQxHxV = jnp.moveaxis(y_IxBxQxHxV, 0, 1).reshape((b, -1, h, dv))
     return y_BxQxHxV[:, :tq].astype(q_BxQxHxK.dtype)
