@@ -106,12 +106,18 @@ def _fill(cache, seed: int):
         node = {k: fill(v) for k, v in node.items()}
         for keys, values in (("keys", "values"), ("key_pages", "value_pages")):
             if keys in node and "positions" not in node:  # not the short-term ring
-                k = jnp.asarray(rng.standard_normal(node[keys].shape, np.float32))
-                node[keys] = like(l2_normalize(k), node[keys])
+                shape = node[keys].shape
+                if keys == "key_pages":  # [..., R, L] rows of a page: [..., U, K] pairs
+                    width = node["page_lo"].shape[-1]
+                    shape = shape[:-2] + (shape[-2] * shape[-1] // width, width)
+                k = jnp.asarray(rng.standard_normal(shape, np.float32))
+                node[keys] = like(l2_normalize(k), node[keys]).reshape(node[keys].shape)
                 v = jnp.asarray(rng.standard_normal(node[values].shape, np.float32))
                 node[values] = like(v, node[values])
         if "key_pages" in node:
-            node["page_lo"], node["page_hi"] = page_bounds(view(node["key_pages"]))
+            lo = node["page_lo"]
+            pages = view(node["key_pages"]).reshape(lo.shape[:-1] + (-1, lo.shape[-1]))
+            node["page_lo"], node["page_hi"] = page_bounds(pages)
         return node
 
     return fill(jax.tree.map(lambda x: x, cache))
