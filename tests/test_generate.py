@@ -366,6 +366,18 @@ def test_bad_sampling_settings(kwargs, message):
 # ----------------------------------------------------------------------------- TPU
 
 
+def _abstract_replicated(mesh, model):
+    """``(place, i32, params)``: abstract arrays replicated over ``mesh`` (``place(tree)``,
+    ``i32(shape)``) and the model's abstract parameters, for compiling without a TPU."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    place = lambda tree: jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), tree)
+    i32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=replicated)
+    params = flax.linen.meta.unbox(jax.eval_shape(model.init, jax.random.key(0),
+                                                  jnp.zeros((1, 1), jnp.int32))["params"])
+    return place, i32, params
+
+
 @pytest.mark.skipif(not compile_check.libtpu_available() and not os.environ.get("CI"),
                     reason='libtpu not installed: pip install -e ".[tpu]"')
 def test_prefill_and_steps_compile_for_a_tpu_chip_with_the_kernels():
@@ -377,12 +389,7 @@ def test_prefill_and_steps_compile_for_a_tpu_chip_with_the_kernels():
     mesh = aot.topology_mesh("v5e:2x2", (4, 1, 1))
     model = build_model(dict(name="memory_mosaic_v2", vocab_size=256, num_layers=1,
                              num_heads=2, embed_dim=256, mlp_dim=512, short_term_window=128))
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    place = lambda tree: jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), tree)
-    i32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=replicated)
-    params = flax.linen.meta.unbox(jax.eval_shape(model.init, jax.random.key(0),
-                                                  jnp.zeros((1, 1), jnp.int32))["params"])
+    place, i32, params = _abstract_replicated(mesh, model)
     temps = {}
     for length in (512, 2048):
         cache = jax.eval_shape(functools.partial(_cache_shapes, model, length), params,
@@ -416,12 +423,7 @@ def test_a_paged_decoding_step_at_a_million_tokens_compiles_for_one_v5e_chip():
                              inference_long_term_skip=64, long_term_memory="paged",
                              long_term_page=64, long_term_top_pages=16,
                              long_term_page_dtype="bfloat16"))
-    on_chip = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    place = lambda tree: jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=on_chip), tree)
-    i32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=on_chip)
-    params = flax.linen.meta.unbox(jax.eval_shape(model.init, jax.random.key(0),
-                                                  jnp.zeros((1, 1), jnp.int32))["params"])
+    place, i32, params = _abstract_replicated(mesh, model)
     figures = {}
     for tokens in (1 << 18, 1 << 20):
         call = jax.jit(functools.partial(_apply_cached, model, tokens), donate_argnums=(1,))

@@ -12,6 +12,7 @@ layout: ``docs/architecture.md``, section 4.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -292,12 +293,12 @@ def retrieve_with_pages(module: nn.Module, step: DecodeStep, pairs_k_BxTxHxK: Ar
     keys.value = _write_pages(keys.value, store(pairs_k_BxTxHxK, keys), page_BxT, slot_BxT)
     values.value = _write_pages(values.value, store(pairs_v_BxTxHxV, values), page_BxT,
                                 slot_BxT)
-    key_pages, value_pages = (_as_loaded(x.value, page_dtype) for x in (keys, values))
-    lo.value, hi.value = _update_bounds(key_pages, lo.value, hi.value, page_BxT, slot_BxT,
-                                        pairs_k_BxTxHxK, last_pair_B, page)
+    load = functools.partial(_as_loaded, page_dtype=page_dtype)  # after gathering: a view
+    lo.value, hi.value = _update_bounds(keys.value, lo.value, hi.value, page_BxT, slot_BxT,
+                                        pairs_k_BxTxHxK, last_pair_B, page, page_dtype)
     q_pos = step.query_positions(t)
-    return retrieve_from_pages(queries_BxTxHxK, key_pages, value_pages, (lo.value, hi.value),
-                               page_size=page,
+    return retrieve_from_pages(queries_BxTxHxK, keys.value, values.value, (lo.value, hi.value),
+                               page_size=page, load=load,
                                key_count=jnp.minimum(last_pair_B + 1, sink * page),
                                query_positions=q_pos, mask=mask, bandwidth=bandwidth(q_pos),
                                top_pages=top)
@@ -344,17 +345,21 @@ def page_rows(page_size: int, dim: int) -> tuple[int, int]:
 def _write_pages(pages_NxAxRxL: Array, new_BxTxHxD: Array, page_BxT: Array,
                  slot_BxT: Array) -> Array:
     """Pair ``new[b, j, h]`` into slot ``slot[b, j]`` of page ``page[b, j]`` of row
-    ``b * H + h`` (:func:`page_rows` layout; one in-place update per row for a one-token
-    call, as :func:`_write_slots`)."""
+    ``b * H + h`` (:func:`page_rows` layout), in place: a one-token call updates one pair per
+    row (as :func:`_write_slots`); a longer call rewrites, per row, the block of consecutive
+    pages its pairs fall in (:func:`_page_block`), never the whole buffer."""
     b, t, h, d = new_BxTxHxD.shape
     lanes = pages_NxAxRxL.shape[-1]
-    if t > 1:  # element by element: a pair may start mid-row
-        offset_BxTxD = slot_BxT[..., None] * d + jnp.arange(d)
-        row_BxTx1xD, lane_BxTx1xD = (x[:, :, None] for x in jnp.divmod(offset_BxTxD, lanes))
-        n_BxTxHx1 = (jnp.arange(b)[:, None, None] * h + jnp.arange(h))[..., None]
-        page_BxTx1x1 = page_BxT[:, :, None, None]
-        return pages_NxAxRxL.at[n_BxTxHx1, page_BxTx1x1, row_BxTx1xD, lane_BxTx1xD].set(
-            new_BxTxHxD, mode="promise_in_bounds")
+    if t > 1:
+        for row in range(b):
+            first, block_HxJxUxD, local_T = _page_block(pages_NxAxRxL, row, h, page_BxT[row],
+                                                        d)
+            block_HxJxUxD = block_HxJxUxD.at[:, local_T, slot_BxT[row]].set(
+                jnp.swapaxes(new_BxTxHxD[row], 0, 1), mode="drop")
+            pages_NxAxRxL = jax.lax.dynamic_update_slice(
+                pages_NxAxRxL, block_HxJxUxD.reshape((h, -1) + pages_NxAxRxL.shape[2:]),
+                (row * h, first, 0, 0))
+        return pages_NxAxRxL
     rows, width = max(1, d // lanes), min(d, lanes)  # one pair: whole rows, or part of one
     for row in range(b):
         first_row, first_lane = jnp.divmod(slot_BxT[row, 0] * d, lanes)
@@ -364,27 +369,49 @@ def _write_pages(pages_NxAxRxL: Array, new_BxTxHxD: Array, page_BxT: Array,
     return pages_NxAxRxL
 
 
+def _page_block(pages_NxAxRxL: Array, row: int, heads: int, page_T: Array, dim: int):
+    """The consecutive pages that a call's ``T`` pairs of batch row ``row`` fall in (the
+    sink page for the pairs to skip lies past them, so those land out of the block):
+    ``(first page, block [H, J, U, D], index in the block of each pair's page [T])``; pairs
+    outside the block get index ``J``."""
+    t = page_T.shape[0]
+    num_pages, r, lanes = pages_NxAxRxL.shape[1:]
+    page_size = r * lanes // dim
+    span = min(-(-t // page_size) + 1, num_pages)
+    first = jnp.clip(jnp.min(page_T), 0, num_pages - span)
+    block = jax.lax.dynamic_slice(pages_NxAxRxL, (row * heads, first, 0, 0),
+                                  (heads, span, r, lanes))
+    local_T = page_T - first
+    local_T = jnp.where((local_T >= 0) & (local_T < span), local_T, span)
+    return first, block.reshape(heads, span, page_size, dim), local_T
+
+
 def _update_bounds(keys_NxAxRxL: Array, lo_NxAxK: Array, hi_NxAxK: Array, page_BxT: Array,
                    slot_BxT: Array, new_BxTxHxK: Array, last_pair_B: Array,
-                   page_size: int) -> tuple[Array, Array]:
+                   page_size: int, page_dtype) -> tuple[Array, Array]:
     """The bounds of the pages written to, over their written slots.
 
     A one-token call folds the new key into its page's running min and max (the page's first
-    slot starts them), reading nothing else; a longer call recomputes each page it wrote to
-    from its slots up to the row's last pair."""
+    slot starts them), reading nothing else; a longer call recomputes, per row, the block of
+    pages it wrote to (:func:`_page_block`) from its slots up to the row's last pair."""
     b, t, heads, dk = new_BxTxHxK.shape
     if t > 1:
-        rows_BxTxH = jnp.arange(b)[:, None, None] * heads + jnp.arange(heads)
-        at_BxTxH = jnp.broadcast_to(page_BxT[..., None], (b, t, heads))
-        pages_BxTxHxUxK = keys_NxAxRxL[rows_BxTxH, at_BxTxH].reshape(
-            (b, t, heads, page_size, dk)).astype(jnp.float32)
-        slot_pos_BxTxU = page_BxT[..., None] * page_size + jnp.arange(page_size)
-        written_BxTx1xUx1 = (slot_pos_BxTxU <= last_pair_B[:, None, None])[:, :, None, :, None]
-        update = lambda bound, reduce, empty: bound.at[rows_BxTxH, at_BxTxH].set(
-            reduce(jnp.where(written_BxTx1xUx1, pages_BxTxHxUxK, empty), axis=-2),
-            mode="promise_in_bounds")
-        return update(lo_NxAxK, jnp.min, jnp.inf), update(hi_NxAxK, jnp.max, -jnp.inf)
-    new_BxHxK = new_BxTxHxK[:, 0].astype(keys_NxAxRxL.dtype).astype(jnp.float32)  # as stored
+        for row in range(b):
+            first, block_HxJxUxK, _ = _page_block(keys_NxAxRxL, row, heads, page_BxT[row], dk)
+            block_HxJxUxK = _as_loaded(block_HxJxUxK, page_dtype)
+            span = block_HxJxUxK.shape[1]
+            slot_pos_JxU = (first + jnp.arange(span))[:, None] * page_size + jnp.arange(
+                page_size)
+            written_1xJxUx1 = (slot_pos_JxU <= last_pair_B[row])[None, :, :, None]
+            block_HxJxUxK = block_HxJxUxK.astype(jnp.float32)
+            for i, (reduce, empty) in enumerate(((jnp.min, jnp.inf), (jnp.max, -jnp.inf))):
+                bound_HxJxK = reduce(jnp.where(written_1xJxUx1, block_HxJxUxK, empty), axis=2)
+                bound_NxAxK = jax.lax.dynamic_update_slice((lo_NxAxK, hi_NxAxK)[i],
+                                                           bound_HxJxK, (row * heads, first, 0))
+                lo_NxAxK, hi_NxAxK = ((bound_NxAxK, hi_NxAxK) if i == 0 else
+                                      (lo_NxAxK, bound_NxAxK))
+        return lo_NxAxK, hi_NxAxK
+    new_BxHxK = new_BxTxHxK[:, 0].astype(page_dtype).astype(jnp.float32)  # as stored
     for row in range(b):
         start = (row * heads, page_BxT[row, 0], 0)
         first = slot_BxT[row, 0] == 0

@@ -104,6 +104,7 @@ def retrieve_from_pages(
     bounds: tuple[Array, Array],
     *,
     page_size: int | None = None,
+    load=None,
     key_count,
     query_positions: Array,
     mask: MaskSpec,
@@ -119,6 +120,8 @@ def retrieve_from_pages(
         ``i % U``; row ``b * H + h``. A page's trailing axes may hold its ``U x D`` values in
         another row-major shape (e.g. rows of 128 lanes), given ``page_size``.
       page_size: ``U`` (default: axis 2 of the pages).
+      load: applied to the gathered pages before use (the caches keep 16-bit pages as
+        their bits: a bitcast of the whole store would be a copy of it; default none).
       bounds: ``(lo, hi)`` ``[N, A, K]`` of :func:`page_bounds` (kept incrementally when
         decoding).
       key_count: pairs stored (int or ``[B]``): positions from there on are hidden.
@@ -176,8 +179,9 @@ def retrieve_from_pages(
         # one gather of whole pages along the folded (row, page) axis: it keeps the pages'
         # layout (a per-row gather made XLA:TPU relayout the whole cache every step)
         flat_NxQxW = jnp.arange(n)[:, None, None] * num_pages + page_NxQxW
-        take = lambda pages, d: pages.reshape((n * num_pages,) + pages.shape[2:])[
-            flat_NxQxW].reshape(flat_NxQxW.shape + (page_size, d))
+        take = lambda pages, d: (load or (lambda x: x))(
+            pages.reshape((n * num_pages,) + pages.shape[2:])[flat_NxQxW]).reshape(
+            flat_NxQxW.shape + (page_size, d))
         k_NxQxWxUxK, v_NxQxWxUxV = take(keys_NxAxUxK, dk), take(values_NxAxUxV, dv)
         s_NxQxWxU = jnp.einsum("nqk,nqwuk->nqwu", q_NxQxK, k_NxQxWxUxK,
                                preferred_element_type=jnp.float32)
@@ -193,7 +197,7 @@ def retrieve_from_pages(
         p_NxQxWxU = jnp.exp(s_NxQxWxU - m_NxQ[..., None, None])
         total_NxQ = jnp.sum(p_NxQxWxU, axis=(2, 3))
         p_NxQxWxU = p_NxQxWxU / jnp.where(total_NxQ > 0, total_NxQ, 1.0)[..., None, None]
-        y_NxQxV = jnp.einsum("nqwu,nqwuv->nqv", p_NxQxWxU.astype(values_NxAxUxV.dtype),
+        y_NxQxV = jnp.einsum("nqwu,nqwuv->nqv", p_NxQxWxU.astype(v_NxQxWxUxV.dtype),
                              v_NxQxWxUxV, preferred_element_type=jnp.float32)
         return jnp.transpose(y_NxQxV.reshape(b, h, chunk, -1), (0, 2, 1, 3))
 
