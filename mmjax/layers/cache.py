@@ -435,12 +435,18 @@ def paged_capacity(cache) -> int | None:
 
 def _paged_buffers(cache):
     """``(key_pages, page size)`` of each paged memory in ``cache`` (the page size from the
-    page's values and the bounds' key width)."""
-    leaves = jax.tree_util.tree_leaves_with_path(cache)
-    widths = {path[:-1]: leaf.shape[-1] for path, leaf in leaves
-              if _leaf_name(path) == "page_lo"}
-    return [(leaf, math.prod(leaf.shape[-2:]) // widths[path[:-1]]) for path, leaf in leaves
-            if _leaf_name(path) == "key_pages"]
+    page's values and the bounds' key width). A plain walk of the nested dicts: this runs
+    before every decoding step, where ``jax.tree_util`` paths cost a tenth of a millisecond."""
+    found, stack = [], [cache]
+    while stack:
+        node = stack.pop()
+        if not hasattr(node, "items"):
+            continue
+        if "key_pages" in node:
+            pages = node["key_pages"]
+            found.append((pages, math.prod(pages.shape[-2:]) // node["page_lo"].shape[-1]))
+        stack.extend(v for k, v in node.items() if k not in PAGE_AXES)
+    return found
 
 
 def grow_pages(cache, tokens: int):
