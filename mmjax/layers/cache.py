@@ -263,11 +263,11 @@ def retrieve_with_pages(module: nn.Module, step: DecodeStep, pairs_k_BxTxHxK: Ar
 
     The pair at position ``i`` goes to page ``i // U``, slot ``i % U`` of ``key_pages`` /
     ``value_pages`` ``[B * H, A + 1, *page_rows(U, D)]`` (a page's ``U x D`` values in rows of
-    128 lanes where they fit: :func:`page_rows`); the bounds of each page written to are
-    recomputed from its slots (``page_lo`` / ``page_hi`` ``[B * H, A + 1, K]``), so a
-    step's work is the page bounds plus the kept pages' pairs, not every pair; the pages
-    hold the page dtype of ``paging`` (bfloat16 halves fp32's bytes). The last
-    page is a sink for the writes to skip, never seen. The buffers are created with the pages
+    128 lanes where they fit: :func:`page_rows`); the bounds of the pages written to follow
+    (``page_lo`` / ``page_hi`` ``[B * H, A + 1, K]``, :func:`_update_bounds`), so a step's
+    work is the page bounds plus the kept pages' pairs, not every pair; the pages hold the
+    page dtype of ``paging`` (bfloat16 halves fp32's bytes). The last page is a sink for the
+    writes to skip, never seen. The buffers are created with the pages
     of ``step.cache_length`` tokens; after that their size is theirs (:func:`grow_pages` adds
     pages between calls). Same positions and arguments as :func:`retrieve_with_cache` with
     ``query_offset=0``.
@@ -289,7 +289,7 @@ def retrieve_with_pages(module: nn.Module, step: DecodeStep, pairs_k_BxTxHxK: Ar
                  & (pair_pos_BxT < sink * page))
     page_BxT = jnp.where(valid_BxT, pair_pos_BxT // page, sink)
     slot_BxT = jnp.where(valid_BxT, pair_pos_BxT % page, 0)
-    store = lambda x_BxTxHxD, var: _as_stored(x_BxTxHxD.astype(page_dtype), var.value)
+    store = lambda x_BxTxHxD, buffer: _as_stored(x_BxTxHxD.astype(page_dtype), buffer.value)
     keys.value = _write_pages(keys.value, store(pairs_k_BxTxHxK, keys), page_BxT, slot_BxT)
     values.value = _write_pages(values.value, store(pairs_v_BxTxHxV, values), page_BxT,
                                 slot_BxT)
