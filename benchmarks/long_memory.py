@@ -7,8 +7,9 @@ memory of a v2 Memory Mosaic, side by side in one run.
 
 The timed model is a v2 Memory Mosaic of the project's reference sizes (4 layers, width 256,
 4 heads of 64, vocabulary 8192, SwiGLU 1024, window 256, inference skip 64) with random
-weights; the recall is that of a trained ``configs/recall.py:v2`` run (``--workdir``). For
-each context ``L``:
+weights (``--layers``, ``--width``, ``--heads``, ``--vocab``, ``--window`` change it; SwiGLU
+4 x width); the recall is that of a trained ``configs/recall.py:v2`` run (``--workdir``).
+For each context ``L``:
 
 * **decode**: ms per token of :class:`mmjax.generate.Decoder` steps at position ``L`` (batch
   1, the step jitted once, the cache donated), median over ``--steps`` steps after a warm-up
@@ -65,7 +66,18 @@ def parse_args(argv=None):
     p.add_argument("--workdir", default=None, help="a trained configs/recall.py:v2 run")
     p.add_argument("--recall_tasks", type=int, default=8)
     p.add_argument("--json", action="store_true")
-    return p.parse_args(argv)
+    for name in ("layers", "width", "heads", "vocab", "window"):  # the timed model's sizes
+        p.add_argument(f"--{name}", type=int, default=None)
+    args = p.parse_args(argv)
+    sizes = dict(layers="num_layers", width="embed_dim", heads="num_heads",
+                 vocab="vocab_size", window="short_term_window")
+    args.model = dict(REFERENCE, **{key: getattr(args, name) for name, key in sizes.items()
+                                     if getattr(args, name) is not None})
+    args.model["mlp_dim"] = 4 * args.model["embed_dim"]
+    args.model["inference_long_term_skip"] = min(64, args.model["short_term_window"])
+    if min(args.contexts) < 1 or args.steps < 1 or args.prefill < 1:
+        p.error("--contexts, --steps and --prefill must be >= 1")
+    return args
 
 
 # The timed model: the project's reference sizes (benchmarks/train_step.py, generate.py) as a
@@ -85,7 +97,7 @@ def model_and_params(args, memory: str, workdir: str | None = None, page_dtype: 
 
         trained = load_workdir(workdir, model_overrides=overrides)
         return trained.model, trained.params
-    model = build_model(dict(REFERENCE, **overrides))
+    model = build_model(dict(args.model, **overrides))
     params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
     return model, params
 
@@ -182,8 +194,9 @@ def main(argv=None) -> int:
     print(f"device: {jax.devices()[0].platform} x {jax.device_count()}, jax {jax.__version__}")
     paged = model_and_params(args, "paged", page_dtype=args.page_dtype)
     exact = model_and_params(args, "exact")
-    print(f"timed model: v2, {REFERENCE['num_layers']} layers, width {REFERENCE['embed_dim']}, "
-          f"{REFERENCE['num_heads']} heads, random weights; paged: pages of {args.page}, "
+    size = args.model
+    print(f"timed model: v2, {size['num_layers']} layers, width {size['embed_dim']}, "
+          f"{size['num_heads']} heads, random weights; paged: pages of {args.page}, "
           f"{args.top_pages} kept, {args.page_dtype}")
     results = {"contexts": args.contexts, "decode_ms": {"paged": {}, "exact": {}},
                "cache_mib": {"paged": {}, "exact": {}},
@@ -240,8 +253,9 @@ def main(argv=None) -> int:
         results["recall_16_facts"] = recall
     if args.json:
         print(json.dumps(results))
-    return 0
+    return results
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
+    sys.exit(0)
