@@ -1,20 +1,12 @@
 """benchmarks/generate.py runs end to end on tiny models and prints its table (no timing
 assertions: the figures are for the README, measured side by side in one run)."""
 
-import importlib.util
-import pathlib
-
 import pytest
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from benchmark_loading import load_benchmark
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_generate",
-                                                  REPO / "benchmarks" / "generate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("generate")
 
 
 TINY = ["--layers", "1", "--heads", "2", "--width", "16", "--vocab", "32", "--pmem", "8",

@@ -1,20 +1,12 @@
 """benchmarks/long_memory.py runs end to end on a tiny model (no timing assertions: the
 figures are for docs/results.md, measured side by side in one run)."""
 
-import importlib.util
-import pathlib
-
 import pytest
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from benchmark_loading import load_benchmark
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_long_memory",
-                                                  REPO / "benchmarks" / "long_memory.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("long_memory")
 
 
 TINY = ["--layers", "1", "--width", "32", "--heads", "2", "--vocab", "32", "--window", "8",
