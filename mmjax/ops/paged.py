@@ -24,7 +24,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from mmjax.ops.dense import fold_heads
+from mmjax.ops.dense import _softmax_parts, fold_heads
 from mmjax.ops.masks import MaskSpec, check_scalar_range
 
 Array = jax.Array
@@ -192,11 +192,8 @@ def retrieve_from_pages(
         visible = ((pair_NxQxWxU >= first_NxQ[..., None, None])
                    & (pair_NxQxWxU <= last_NxQ[..., None, None]) & kept_NxQxW[..., None])
         s_NxQxWxU = jnp.where(visible, s_NxQxWxU, -jnp.inf)
-        m_NxQ = jnp.max(s_NxQxWxU, axis=(2, 3))
-        m_NxQ = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m_NxQ), m_NxQ, 0.0))
-        p_NxQxWxU = jnp.exp(s_NxQxWxU - m_NxQ[..., None, None])
-        total_NxQ = jnp.sum(p_NxQxWxU, axis=(2, 3))
-        p_NxQxWxU = p_NxQxWxU / jnp.where(total_NxQ > 0, total_NxQ, 1.0)[..., None, None]
+        p_NxQxWxU = _softmax_parts([s_NxQxWxU.reshape(n, -1, top * page_size)])[0].reshape(
+            s_NxQxWxU.shape)
         y_NxQxV = jnp.einsum("nqwu,nqwuv->nqv", p_NxQxWxU.astype(v_NxQxWxUxV.dtype),
                              v_NxQxWxUxV, preferred_element_type=jnp.float32)
         return jnp.transpose(y_NxQxV.reshape(b, h, chunk, -1), (0, 2, 1, 3))
