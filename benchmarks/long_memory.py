@@ -21,6 +21,8 @@ For each context ``L``:
 * **prefill**: tokens/s of ``Decoder.prefill`` of ``--prefill`` random tokens at position
   ``L`` (on the same random cache, chunks of ``--prefill_chunk``, after one chunk that
   compiles): what a long prompt's prefill costs when it reaches ``L``.
+* **narrow pages**: one decoding step's logits with the pages in bfloat16 and in int8 (a
+  scale per page) against float32 pages of the same content, and each cache's MiB.
 * **recall** (``--workdir``): exact match of the 16-fact needle tasks
   (``python -m mmjax.eval retrieval``) with the paged memory at each context, and with the
   exact memory at the smallest.
@@ -46,7 +48,7 @@ from mmjax.generate import Decoder
 from mmjax.layers.cache import grow_pages
 from mmjax.models import build_model
 from mmjax.ops import l2_normalize
-from mmjax.ops.paged import page_bounds
+from mmjax.ops.paged import page_bounds, quantize_pages
 
 
 def parse_args(argv=None):
@@ -57,7 +59,7 @@ def parse_args(argv=None):
                    help="the longest context the exact memory is timed at")
     p.add_argument("--page", type=int, default=64)
     p.add_argument("--top_pages", type=int, default=16)
-    p.add_argument("--page_dtype", default="bfloat16", choices=("float32", "bfloat16"),
+    p.add_argument("--page_dtype", default="bfloat16", choices=("float32", "bfloat16", "int8"),
                    help="storage of the paged caches' keys and values")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--prefill", type=int, default=1024,
@@ -103,33 +105,39 @@ def model_and_params(args, memory: str, workdir: str | None = None, page_dtype: 
 
 
 def _fill(cache, seed: int):
-    """Random unit keys and values in every long-term buffer, bounds to match. Paged buffers
-    of 16-bit floats hold their bits as ``uint16`` (:mod:`mmjax.layers.cache`)."""
+    """Random unit keys and values in every long-term buffer, bounds (and int8 pages' scales)
+    to match. Paged buffers of 16-bit floats hold their bits as ``uint16``
+    (:mod:`mmjax.layers.cache`)."""
     rng = np.random.default_rng(seed)
     bits = jnp.dtype(jnp.uint16)
     like = lambda x, leaf: (jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), bits)
                             if leaf.dtype == bits else x.astype(leaf.dtype))
-    view = lambda leaf: (jax.lax.bitcast_convert_type(leaf, jnp.bfloat16)
-                         if leaf.dtype == bits else leaf)
 
     def fill(node):
         if not isinstance(node, dict):
             return node
         node = {k: fill(v) for k, v in node.items()}
         for keys, values in (("keys", "values"), ("key_pages", "value_pages")):
-            if keys in node and "positions" not in node:  # not the short-term ring
-                shape = node[keys].shape
-                if keys == "key_pages":  # [..., R, L] rows of a page: [..., U, K] pairs
-                    width = node["page_lo"].shape[-1]
-                    shape = shape[:-2] + (shape[-2] * shape[-1] // width, width)
-                k = jnp.asarray(rng.standard_normal(shape, np.float32))
-                node[keys] = like(l2_normalize(k), node[keys]).reshape(node[keys].shape)
-                v = jnp.asarray(rng.standard_normal(node[values].shape, np.float32))
-                node[values] = like(v, node[values])
-        if "key_pages" in node:
-            lo = node["page_lo"]
-            pages = view(node["key_pages"]).reshape(lo.shape[:-1] + (-1, lo.shape[-1]))
-            node["page_lo"], node["page_hi"] = page_bounds(pages)
+            if keys not in node or "positions" in node:  # the short-term ring
+                continue
+            shape_k, shape_v = node[keys].shape, node[values].shape
+            if keys == "key_pages":  # [..., R, L] rows of a page: [..., U, D] pairs
+                width = node["page_lo"].shape[-1]
+                shape_k = shape_k[:-2] + (shape_k[-2] * shape_k[-1] // width, width)
+                shape_v = shape_v[:-2] + (shape_v[-2] * shape_v[-1] // width, width)
+            k = l2_normalize(jnp.asarray(rng.standard_normal(shape_k, np.float32)))
+            v = jnp.asarray(rng.standard_normal(shape_v, np.float32))
+            if "key_scale" in node:  # int8 pages
+                (k, node["key_scale"]), (v, node["value_scale"]) = (
+                    quantize_pages(k), quantize_pages(v))
+                stored_k = k.astype(jnp.float32) * node["key_scale"][..., None, None]
+            else:
+                k, v = like(k, node[keys]), like(v, node[values])
+                stored_k = (jax.lax.bitcast_convert_type(k, jnp.bfloat16)
+                            if k.dtype == bits else k)
+            node[keys], node[values] = k.reshape(node[keys].shape), v.reshape(node[values].shape)
+            if keys == "key_pages":
+                node["page_lo"], node["page_hi"] = page_bounds(stored_k)
         return node
 
     return fill(jax.tree.map(lambda x: x, cache))
@@ -175,18 +183,25 @@ def prefill_tokens_per_s(model, params, context: int, length: int, chunk: int) -
     return length / (time.perf_counter() - start)
 
 
+NARROW_PAGES = ("bfloat16", "int8")
+
+
 def page_rounding(args, context: int) -> dict:
-    """What storing the pages in ``--page_dtype`` costs: one decoding step's logits on the
-    same cache content, stored in float32 and in ``--page_dtype``."""
-    logits = []
-    for dtype in ("float32", args.page_dtype):
+    """What narrow pages cost: one decoding step's logits on the same cache content stored
+    in float32 and in each of :data:`NARROW_PAGES`, and each cache's MiB."""
+    logits, mib = {}, {}
+    for dtype in ("float32",) + NARROW_PAGES:
         model, params = model_and_params(args, "paged", page_dtype=dtype)
         decoder, cache = filled_decoder(model, params, context, 2, 256)
+        mib[dtype] = cache_bytes(cache) / 2**20
         out, _ = decoder.step(cache, np.zeros((1,), np.int32), np.array([context], np.int32))
-        logits.append(np.asarray(out, np.float64))
-    wide, narrow = logits
-    return {"max_abs": float(np.max(np.abs(wide - narrow))), "logit_std": float(wide.std()),
-            "same_argmax": bool(np.argmax(wide) == np.argmax(narrow))}
+        logits[dtype] = np.asarray(out, np.float64)
+    wide = logits["float32"]
+    return {dtype: {"max_abs": float(np.max(np.abs(wide - logits[dtype]))),
+                    "logit_std": float(wide.std()),
+                    "same_argmax": bool(np.argmax(wide) == np.argmax(logits[dtype])),
+                    "cache_mib": mib[dtype], "float32_cache_mib": mib["float32"]}
+            for dtype in NARROW_PAGES}
 
 
 def main(argv=None) -> int:
@@ -220,13 +235,12 @@ def main(argv=None) -> int:
               f"{cell('cache_mib', 'exact', '.1f'):>8} "
               f"{cell('prefill_tokens_per_s', 'paged', ',.0f'):>9} "
               f"{cell('prefill_tokens_per_s', 'exact', ',.0f'):>9}", flush=True)
-    if args.page_dtype != "float32":
-        results["page_rounding"] = page_rounding(args, min(args.contexts))
-        print(f"{args.page_dtype} pages against float32 pages, one step at "
-              f"{min(args.contexts)}: max |logit difference| "
-              f"{results['page_rounding']['max_abs']:.2e} (logits' std "
-              f"{results['page_rounding']['logit_std']:.2f}), same top token: "
-              f"{results['page_rounding']['same_argmax']}", flush=True)
+    results["page_rounding"] = page_rounding(args, min(args.contexts))
+    for dtype, cost in results["page_rounding"].items():
+        print(f"{dtype} pages against float32 pages, one step at {min(args.contexts)}: max "
+              f"|logit difference| {cost['max_abs']:.2e} (logits' std {cost['logit_std']:.2f}),"
+              f" same top token: {cost['same_argmax']}; cache {cost['cache_mib']:.1f} MiB "
+              f"(float32: {cost['float32_cache_mib']:.1f})", flush=True)
     paged_ms, exact_ms = results["decode_ms"]["paged"], results["decode_ms"]["exact"]
     first, last = min(paged_ms), max(paged_ms)
     print(f"paged decode at {last} / at {first}: {paged_ms[last] / paged_ms[first]:.2f}x "

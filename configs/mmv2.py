@@ -49,7 +49,8 @@ def get_config(arg=None):
         long_term_memory="exact",
         long_term_page=64,
         long_term_top_pages=16,
-        long_term_page_dtype="auto",  # the decoding caches' pages: "bfloat16" halves fp32
+        # the decoding caches' pages: "bfloat16" halves fp32, "int8" quarters it
+        long_term_page_dtype="auto",
     ), paper_scale(presets), presets)
     if "tiny" in presets or "tiny_text" in presets:
         config.model.update(short_term_window=16, long_term_skip_range=(4, 16),

@@ -168,10 +168,59 @@ def test_bfloat16_pages_halve_the_cache_and_stay_close():
     assert float(jnp.max(jnp.abs(half - full))) > 0  # the pages were rounded
 
 
-def test_paged_buffers_grow_keeping_their_pages():
-    from mmjax.layers.cache import grow_pages, paged_capacity
-
+def test_int8_pages_quarter_the_cache_and_stay_close():
     model, params = _model("v2_paged")
+    narrow = build_model(dict(MODELS["v2_paged"], long_term_page_dtype="int8"))
+    tokens = jax.random.randint(jax.random.key(5), (2, 23), 0, VOCAB)
+    full = _cached_logits(model, params, tokens, (7, 4), cache_length=26)
+    quarter = _cached_logits(narrow, params, tokens, (7, 4), cache_length=26)
+    pages = lambda m: _empty_cache(m, params, 2, 26)["block_0"]["mixer"]["long_term"]
+    assert pages(narrow)["key_pages"].dtype == jnp.int8
+    assert pages(narrow)["key_pages"].nbytes * 4 == pages(model)["key_pages"].nbytes
+    assert pages(narrow)["key_scale"].shape == pages(narrow)["key_pages"].shape[:2]
+    np.testing.assert_allclose(quarter, full, atol=0.05)
+    assert float(jnp.max(jnp.abs(quarter - full))) > 0  # the pages were rounded
+
+
+@pytest.mark.parametrize("one_at_a_time", [True, False])
+def test_int8_page_writes_keep_a_scale_per_page_and_exact_bounds(one_at_a_time):
+    """Pairs written one by one (a page's scale grows and its older pairs are rounded again)
+    or as one block: each page's scale is its largest value / 127, every stored value is
+    within half a scale of the pair written, and the bounds are those of the stored keys."""
+    from mmjax.layers.cache import _update_bounds, _write_quantized
+
+    b, h, t, d, page = 2, 2, 10, 3, 4
+    growing = jnp.arange(1, t + 1, dtype=jnp.float32)[None, :, None, None]
+    new = jax.random.normal(jax.random.key(6), (b, t, h, d)) * growing
+    pages = jnp.zeros((b * h, 4, page, d), jnp.int8)
+    scales = jnp.zeros((b * h, 4))
+    lo = hi = jnp.zeros((b * h, 4, d))
+    last = jnp.full((b,), t - 1)
+    calls = [(i, i + 1) for i in range(t)] if one_at_a_time else [(0, t)]
+    for start, stop in calls:
+        pos = jnp.broadcast_to(jnp.arange(start, stop), (b, stop - start))
+        pages, scales = _write_quantized(pages, scales, new[:, start:stop], pos // page,
+                                         pos % page)
+        lo, hi = _update_bounds(pages, lo, hi, pos // page, pos % page, new[:, start:stop],
+                                jnp.full((b,), stop - 1), page, jnp.int8, scales)
+    truth = np.zeros((b * h, 4 * page, d), np.float32)
+    truth[:, :t] = np.asarray(new).transpose(0, 2, 1, 3).reshape(b * h, t, d)
+    truth = truth.reshape(b * h, 4, page, d)
+    np.testing.assert_allclose(scales, np.abs(truth).max(axis=(2, 3)) / 127, rtol=1e-5)
+    stored = np.asarray(pages, np.float32) * np.asarray(scales)[..., None, None]
+    half = 0.5 * np.asarray(scales)[..., None, None] * (1 + 1e-4)
+    assert np.all(np.abs(stored - truth) <= (2 if one_at_a_time else 1) * half)
+    written = (np.arange(4 * page).reshape(4, page) <= np.asarray(last)[0])[None, :, :, None]
+    np.testing.assert_array_equal(lo[:, :3], np.where(written, stored, np.inf).min(2)[:, :3])
+    np.testing.assert_array_equal(hi[:, :3], np.where(written, stored, -np.inf).max(2)[:, :3])
+
+
+@pytest.mark.parametrize("page_dtype", ["auto", "int8"])
+def test_paged_buffers_grow_keeping_their_pages(page_dtype):
+    from mmjax.layers.cache import PAGE_AXES, grow_pages, paged_capacity
+
+    _, params = _model("v2_paged")
+    model = build_model(dict(MODELS["v2_paged"], long_term_page_dtype=page_dtype))
     cache = _empty_cache(model, params, 2, 9)  # 3 pages and the sink
     tokens = jax.random.randint(jax.random.key(3), (2, 9), 0, VOCAB)
     _, cache = _jitted(model)(params, tokens, cache,
@@ -181,7 +230,7 @@ def test_paged_buffers_grow_keeping_their_pages():
     assert paged_capacity(grown) == 21
     for path, leaf in jax.tree_util.tree_leaves_with_path(cache):
         new = dict(jax.tree_util.tree_leaves_with_path(grown))[path]
-        if path[-1].key in ("key_pages", "value_pages", "page_lo", "page_hi"):
+        if path[-1].key in PAGE_AXES:
             axis = 1
             np.testing.assert_array_equal(jax.lax.slice_in_dim(new, 0, 3, axis=axis),
                                           jax.lax.slice_in_dim(leaf, 0, 3, axis=axis))

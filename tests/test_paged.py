@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 
 from mmjax.ops import MaskSpec, l2_normalize, retrieve
-from mmjax.ops.paged import page_bounds, retrieve_paged, to_pages
+from mmjax.ops.paged import (
+    page_bounds,
+    quantize_pages,
+    retrieve_from_pages,
+    retrieve_paged,
+    to_pages,
+)
 
 MASKS = [MaskSpec(), MaskSpec(skip=5), MaskSpec(window=7), MaskSpec(window=9, skip=3)]
 
@@ -139,6 +145,35 @@ def test_page_bounds_bound_every_score_of_their_page():
              + np.einsum("nqk,nak->nqa", np.minimum(q_n, 0), lo))
     best = np.einsum("nqk,nauk->nqau", q_n, np.asarray(pages)).max(-1)
     assert np.all(bound >= best - 1e-6)
+
+
+def test_int8_pages_round_each_value_within_half_its_page_scale():
+    _, _, v, _ = inputs(7, t=40)
+    pages = to_pages(v * jnp.arange(1, 41)[None, :, None, None], 8)  # pages of growing size
+    q, scale = quantize_pages(pages)
+    assert q.dtype == jnp.int8 and scale.shape == pages.shape[:2]
+    np.testing.assert_allclose(scale, np.abs(np.asarray(pages)).max(axis=(2, 3)) / 127,
+                               rtol=1e-6)
+    error = np.abs(np.asarray(q, np.float32) * np.asarray(scale)[..., None, None] - pages)
+    assert np.all(error <= 0.5 * np.asarray(scale)[..., None, None] * (1 + 1e-5))
+    assert int(jnp.max(jnp.abs(q.astype(jnp.int32)))) == 127
+    zero_q, zero_scale = quantize_pages(jnp.zeros((1, 2, 4, 3)))
+    assert not jnp.any(zero_q) and not jnp.any(zero_scale)
+
+
+def test_scaled_int8_pages_retrieve_what_their_rounded_values_retrieve():
+    """int8 pages with scales give the retrieval of the float pages they stand for: the
+    scales multiply the kept pages' scores and weights, and nothing is dequantized first."""
+    q, k, v, beta = inputs(8, t=32)
+    (kq, ks), (vq, vs) = quantize_pages(to_pages(k, 4)), quantize_pages(to_pages(v, 4))
+    rounded = lambda x, s: x.astype(jnp.float32) * s[..., None, None]
+    kr, vr = rounded(kq, ks), rounded(vq, vs)
+    args = dict(key_count=32, query_positions=jnp.arange(32), mask=MaskSpec(skip=2),
+                bandwidth=beta, top_pages=3)
+    want = retrieve_from_pages(q, kr, vr, page_bounds(kr), **args)
+    got = retrieve_from_pages(q, kq, vq, page_bounds(kr), scales=(ks, vs), **args)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 @pytest.mark.parametrize("kwargs,message", [

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from mmjax.ops import (
     MaskSpec,
     fold_heads,
+    quantize_pages,
     retrieve,
     retrieve_dense,
     retrieve_from_pages,
@@ -250,8 +251,10 @@ def retrieve_with_cache(module: nn.Module, step: DecodeStep, pairs_k_BxTxHxK: Ar
 
 
 # The paged buffers of :func:`retrieve_with_pages`, by cache-variable name: the axis of their
-# pages, counted from the end (``[..., A, R, L]`` pages, ``[..., A, K]`` bounds).
-PAGE_AXES = {"key_pages": -3, "value_pages": -3, "page_lo": -2, "page_hi": -2}
+# pages, counted from the end (``[..., A, R, L]`` pages, ``[..., A, K]`` bounds, ``[..., A]``
+# scales of int8 pages).
+PAGE_AXES = {"key_pages": -3, "value_pages": -3, "page_lo": -2, "page_hi": -2,
+             "key_scale": -1, "value_scale": -1}
 
 
 def retrieve_with_pages(module: nn.Module, step: DecodeStep, pairs_k_BxTxHxK: Array,
@@ -266,7 +269,9 @@ def retrieve_with_pages(module: nn.Module, step: DecodeStep, pairs_k_BxTxHxK: Ar
     128 lanes where they fit: :func:`page_rows`); the bounds of the pages written to follow
     (``page_lo`` / ``page_hi`` ``[B * H, A + 1, K]``, :func:`_update_bounds`), so a step's
     work is the page bounds plus the kept pages' pairs, not every pair; the pages hold the
-    page dtype of ``paging`` (bfloat16 halves fp32's bytes). The last page is a sink for the
+    page dtype of ``paging`` (bfloat16 halves fp32's bytes; int8 quarters them, with a scale
+    per page in ``key_scale`` / ``value_scale`` ``[B * H, A + 1]``: :func:`_write_quantized`).
+    The last page is a sink for the
     writes to skip, never seen. The buffers are created with the pages
     of ``step.cache_length`` tokens; after that their size is theirs (:func:`grow_pages` adds
     pages between calls). Same positions and arguments as :func:`retrieve_with_cache` with
@@ -289,16 +294,29 @@ def retrieve_with_pages(module: nn.Module, step: DecodeStep, pairs_k_BxTxHxK: Ar
                  & (pair_pos_BxT < sink * page))
     page_BxT = jnp.where(valid_BxT, pair_pos_BxT // page, sink)
     slot_BxT = jnp.where(valid_BxT, pair_pos_BxT % page, 0)
-    store = lambda x_BxTxHxD, buffer: _as_stored(x_BxTxHxD.astype(page_dtype), buffer.value)
-    keys.value = _write_pages(keys.value, store(pairs_k_BxTxHxK, keys), page_BxT, slot_BxT)
-    values.value = _write_pages(values.value, store(pairs_v_BxTxHxV, values), page_BxT,
-                                slot_BxT)
-    load = functools.partial(_as_loaded, page_dtype=page_dtype)  # after gathering: a view
+    if jnp.dtype(page_dtype) == jnp.int8:  # pages of int8 with a scale each
+        k_scale = var("key_scale", (b * h, pages), jnp.float32)
+        v_scale = var("value_scale", (b * h, pages), jnp.float32)
+        keys.value, k_scale.value = _write_quantized(keys.value, k_scale.value,
+                                                     pairs_k_BxTxHxK, page_BxT, slot_BxT)
+        values.value, v_scale.value = _write_quantized(values.value, v_scale.value,
+                                                       pairs_v_BxTxHxV, page_BxT, slot_BxT)
+        load, scales = None, (k_scale.value, v_scale.value)
+    else:
+        store = lambda x_BxTxHxD, buffer: _as_stored(x_BxTxHxD.astype(page_dtype),
+                                                     buffer.value)
+        keys.value = _write_pages(keys.value, store(pairs_k_BxTxHxK, keys), page_BxT,
+                                  slot_BxT)
+        values.value = _write_pages(values.value, store(pairs_v_BxTxHxV, values), page_BxT,
+                                    slot_BxT)
+        load = functools.partial(_as_loaded, page_dtype=page_dtype)  # after gathering: a view
+        scales = None
     lo.value, hi.value = _update_bounds(keys.value, lo.value, hi.value, page_BxT, slot_BxT,
-                                        pairs_k_BxTxHxK, last_pair_B, page, page_dtype)
+                                        pairs_k_BxTxHxK, last_pair_B, page, page_dtype,
+                                        scales and scales[0])
     q_pos = step.query_positions(t)
     return retrieve_from_pages(queries_BxTxHxK, keys.value, values.value, (lo.value, hi.value),
-                               page_size=page, load=load,
+                               page_size=page, load=load, scales=scales,
                                key_count=jnp.minimum(last_pair_B + 1, sink * page),
                                query_positions=q_pos, mask=mask, bandwidth=bandwidth(q_pos),
                                top_pages=top)
@@ -369,6 +387,29 @@ def _write_pages(pages_NxAxRxL: Array, new_BxTxHxD: Array, page_BxT: Array,
     return pages_NxAxRxL
 
 
+def _write_quantized(pages_NxAxRxL: Array, scales_NxA: Array, new_BxTxHxD: Array,
+                     page_BxT: Array, slot_BxT: Array) -> tuple[Array, Array]:
+    """:func:`_write_pages` for int8 pages with a scale each (:func:`mmjax.ops.quantize_pages`):
+    per row, the block of pages the call writes to is read back, the new pairs set in it,
+    and the block quantized again, so each page's scale is that of its largest value so far.
+    A page whose scale grows rounds its older pairs again to the new step (each time adding
+    at most half of it to their error); one whose scale stays keeps them exactly."""
+    b, t, h, d = new_BxTxHxD.shape
+    for row in range(b):
+        first, block_HxJxUxD, local_T = _page_block(pages_NxAxRxL, row, h, page_BxT[row], d)
+        span = block_HxJxUxD.shape[1]
+        scale_HxJ = jax.lax.dynamic_slice(scales_NxA, (row * h, first), (h, span))
+        block_HxJxUxD = (block_HxJxUxD.astype(jnp.float32) * scale_HxJ[..., None, None]).at[
+            :, local_T, slot_BxT[row]].set(
+            jnp.swapaxes(new_BxTxHxD[row], 0, 1).astype(jnp.float32), mode="drop")
+        block_HxJxUxD, scale_HxJ = quantize_pages(block_HxJxUxD)
+        pages_NxAxRxL = jax.lax.dynamic_update_slice(
+            pages_NxAxRxL, block_HxJxUxD.reshape((h, span) + pages_NxAxRxL.shape[2:]),
+            (row * h, first, 0, 0))
+        scales_NxA = jax.lax.dynamic_update_slice(scales_NxA, scale_HxJ, (row * h, first))
+    return pages_NxAxRxL, scales_NxA
+
+
 def _page_block(pages_NxAxRxL: Array, row: int, heads: int, page_T: Array, dim: int):
     """The consecutive pages that a call's ``T`` pairs of batch row ``row`` fall in (the
     sink page for the pairs to skip lies past them, so those land out of the block):
@@ -388,18 +429,24 @@ def _page_block(pages_NxAxRxL: Array, row: int, heads: int, page_T: Array, dim: 
 
 def _update_bounds(keys_NxAxRxL: Array, lo_NxAxK: Array, hi_NxAxK: Array, page_BxT: Array,
                    slot_BxT: Array, new_BxTxHxK: Array, last_pair_B: Array,
-                   page_size: int, page_dtype) -> tuple[Array, Array]:
+                   page_size: int, page_dtype, scales_NxA: Array | None = None
+                   ) -> tuple[Array, Array]:
     """The bounds of the pages written to, over their written slots.
 
     A one-token call folds the new key into its page's running min and max (the page's first
     slot starts them), reading nothing else; a longer call recomputes, per row, the block of
-    pages it wrote to (:func:`_page_block`) from its slots up to the row's last pair."""
+    pages it wrote to (:func:`_page_block`) from its slots up to the row's last pair, as do
+    int8 pages (``scales_NxA`` given: a write may have rescaled every pair of its page)."""
     b, t, heads, dk = new_BxTxHxK.shape
-    if t > 1:
+    if t > 1 or scales_NxA is not None:
         for row in range(b):
             first, block_HxJxUxK, _ = _page_block(keys_NxAxRxL, row, heads, page_BxT[row], dk)
-            block_HxJxUxK = _as_loaded(block_HxJxUxK, page_dtype)
             span = block_HxJxUxK.shape[1]
+            if scales_NxA is None:
+                block_HxJxUxK = _as_loaded(block_HxJxUxK, page_dtype)
+            else:
+                scale_HxJ = jax.lax.dynamic_slice(scales_NxA, (row * heads, first), (heads, span))
+                block_HxJxUxK = block_HxJxUxK.astype(jnp.float32) * scale_HxJ[..., None, None]
             slot_pos_JxU = (first + jnp.arange(span))[:, None] * page_size + jnp.arange(
                 page_size)
             written_1xJxUx1 = (slot_pos_JxU <= last_pair_B[row])[None, :, :, None]

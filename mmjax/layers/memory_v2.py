@@ -63,7 +63,8 @@ class MemoryConfig:
         retrieves from each query's ``long_term_top_pages`` best pages of
         ``long_term_page`` pairs (:func:`mmjax.ops.retrieve_paged`).
       long_term_page_dtype: storage dtype of the paged decoding caches' keys and values
-        (``"auto"``: the compute dtype; ``"bfloat16"`` halves them from fp32).
+        (``"auto"``: the compute dtype; ``"bfloat16"`` halves them from fp32, ``"int8"``
+        quarters them, with a scale per page).
     """
 
     num_heads: int
@@ -97,7 +98,7 @@ class MemoryConfig:
 
 
 LONG_TERM_MEMORIES = ("exact", "paged")
-PAGE_DTYPES = ("auto", "float32", "bfloat16")
+PAGE_DTYPES = ("auto", "float32", "bfloat16", "int8")
 
 
 def check_long_term_memory(kind, page, top_pages, page_dtype="auto") -> None:

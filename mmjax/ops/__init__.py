@@ -36,7 +36,7 @@ from mmjax.ops.memory_v2 import (
     tier_masks,
     validate_skip_schedule,
 )
-from mmjax.ops.paged import page_bounds, retrieve_from_pages, retrieve_paged
+from mmjax.ops.paged import page_bounds, quantize_pages, retrieve_from_pages, retrieve_paged
 from mmjax.ops.retrieval import RetrievalSharding, default_impl, retrieve
 
 __all__ = [
@@ -63,6 +63,7 @@ __all__ = [
     "page_bounds",
     "peek_ahead_values",
     "project",
+    "quantize_pages",
     "retrieval_weights",
     "retrieve",
     "retrieve_blocked",

@@ -40,6 +40,17 @@ def page_bounds(keys_NxAxUxK: Array) -> tuple[Array, Array]:
     return jnp.min(k32, axis=2), jnp.max(k32, axis=2)
 
 
+def quantize_pages(pages_NxAxUxD: Array) -> tuple[Array, Array]:
+    """int8 pages and their fp32 scales ``[N, A]``: each page's largest magnitude maps to 127
+    (``page ~ q * scale``; an all-zero page has scale 0), so a value is off by at most half
+    its page's scale."""
+    x32 = pages_NxAxUxD.astype(jnp.float32)
+    scale_NxA = jnp.max(jnp.abs(x32), axis=(2, 3)) / 127.0
+    safe = jnp.where(scale_NxA > 0, scale_NxA, 1.0)[..., None, None]
+    q = jnp.clip(jnp.round(x32 / safe), -127, 127).astype(jnp.int8)
+    return q, scale_NxA
+
+
 def to_pages(x_BxTxHxD: Array, page_size: int) -> Array:
     """``[B, T, H, D] -> [B * H, A, U, D]``, the time axis padded with zeros to whole pages."""
     x_NxTxD = fold_heads(x_BxTxHxD)
@@ -105,6 +116,7 @@ def retrieve_from_pages(
     *,
     page_size: int | None = None,
     load=None,
+    scales: tuple[Array, Array] | None = None,
     key_count,
     query_positions: Array,
     mask: MaskSpec,
@@ -122,6 +134,9 @@ def retrieve_from_pages(
       page_size: ``U`` (default: axis 2 of the pages).
       load: applied to the gathered pages before use (the caches keep 16-bit pages as
         their bits: a bitcast of the whole store would be a copy of it; default none).
+      scales: ``(key scales, value scales)`` ``[N, A]`` of int8 pages
+        (:func:`quantize_pages`): a kept page's scores and weights are scaled, its pairs are
+        never dequantized in memory.
       bounds: ``(lo, hi)`` ``[N, A, K]`` of :func:`page_bounds` (kept incrementally when
         decoding).
       key_count: pairs stored (int or ``[B]``): positions from there on are hidden.
@@ -154,27 +169,10 @@ def retrieve_from_pages(
         q_NxQxK = fold_heads(q_BxQxHxK)
         pos_NxQ = jnp.repeat(pos_BxQ, h, axis=0)
         count_N = jnp.repeat(count_B, h)
-        # the page bound, and which pages hold a pair the query may see
-        q32 = jax.lax.stop_gradient(q_NxQxK.astype(jnp.float32))
-        bound_NxQxA = (jnp.einsum("nqk,nak->nqa", jnp.maximum(q32, 0.0), hi_NxAxK)
-                       + jnp.einsum("nqk,nak->nqa", jnp.minimum(q32, 0.0), lo_NxAxK))
         first_NxQ = jnp.maximum(pos_NxQ - mask.window_scalar(), 0)
         last_NxQ = jnp.minimum(pos_NxQ - 1 - mask.skip_scalar(), count_N[:, None] - 1)
-        start_A = jnp.arange(num_pages, dtype=jnp.int32) * page_size
-        seen_NxQxA = ((start_A <= last_NxQ[..., None])
-                      & (start_A + page_size - 1 >= first_NxQ[..., None])
-                      & (last_NxQ >= first_NxQ)[..., None])
-        # the page of the newest visible pair is always kept; the others compete
-        newest_NxQx1 = jnp.maximum(last_NxQ, 0)[..., None] // page_size
-        compete_NxQxA = seen_NxQxA & (jnp.arange(num_pages) != newest_NxQx1)
-        page_NxQxW, kept_NxQxW = newest_NxQx1, jnp.take_along_axis(seen_NxQxA, newest_NxQx1,
-                                                                    axis=-1)
-        if top > 1:
-            _, best_NxQxW = jax.lax.top_k(jnp.where(compete_NxQxA, bound_NxQxA, -jnp.inf),
-                                          top - 1)
-            page_NxQxW = jnp.concatenate([page_NxQxW, best_NxQxW], axis=-1)
-            kept_NxQxW = jnp.concatenate(
-                [kept_NxQxW, jnp.take_along_axis(compete_NxQxA, best_NxQxW, axis=-1)], axis=-1)
+        page_NxQxW, kept_NxQxW = select_pages(q_NxQxK, lo_NxAxK, hi_NxAxK, first_NxQ,
+                                              last_NxQ, page_size=page_size, top=top)
         # exact retrieval over the chosen pages' pairs
         # one gather of whole pages along the folded (row, page) axis: it keeps the pages'
         # layout (a per-row gather made XLA:TPU relayout the whole cache every step)
@@ -187,6 +185,9 @@ def retrieve_from_pages(
                                preferred_element_type=jnp.float32)
         beta_NxQ = jnp.transpose(beta_BxQxH, (0, 2, 1)).reshape(n, -1)
         s_NxQxWxU = s_NxQxWxU * beta_NxQ[..., None, None]
+        if scales is not None:
+            k_scale_NxQxW, v_scale_NxQxW = (x.reshape(-1)[flat_NxQxW] for x in scales)
+            s_NxQxWxU = s_NxQxWxU * k_scale_NxQxW[..., None]
         pair_NxQxWxU = (page_NxQxW[..., None] * page_size
                         + jnp.arange(page_size, dtype=jnp.int32))
         visible = ((pair_NxQxWxU >= first_NxQ[..., None, None])
@@ -194,7 +195,11 @@ def retrieve_from_pages(
         s_NxQxWxU = jnp.where(visible, s_NxQxWxU, -jnp.inf)
         p_NxQxWxU = _softmax_parts([s_NxQxWxU.reshape(n, -1, top * page_size)])[0].reshape(
             s_NxQxWxU.shape)
-        y_NxQxV = jnp.einsum("nqwu,nqwuv->nqv", p_NxQxWxU.astype(v_NxQxWxUxV.dtype),
+        if scales is not None:
+            p_NxQxWxU = p_NxQxWxU * v_scale_NxQxW[..., None]
+        weight_dtype = (v_NxQxWxUxV.dtype if jnp.issubdtype(v_NxQxWxUxV.dtype, jnp.floating)
+                        else jnp.float32)
+        y_NxQxV = jnp.einsum("nqwu,nqwuv->nqv", p_NxQxWxU.astype(weight_dtype),
                              v_NxQxWxUxV, preferred_element_type=jnp.float32)
         return jnp.transpose(y_NxQxV.reshape(b, h, chunk, -1), (0, 2, 1, 3))
 
@@ -205,3 +210,32 @@ def retrieve_from_pages(
         y_IxBxQxHxV = jax.lax.map(one_chunk, chunks)
     y_BxQxHxV = jnp.moveaxis(y_IxBxQxHxV, 0, 1).reshape((b, -1, h, dv))
     return y_BxQxHxV[:, :tq].astype(q_BxQxHxK.dtype)
+
+
+def select_pages(q_NxQxK: Array, lo_NxAxK: Array, hi_NxAxK: Array, first_NxQ: Array,
+                 last_NxQ: Array, *, page_size: int, top: int) -> tuple[Array, Array]:
+    """Each query's ``top`` pages: the page of its newest visible pair, then the complete
+    pages it may see ranked by the bound ``q+ . hi + q- . lo``.
+
+    ``first``/``last``: the query's oldest and newest visible pair (``last < first``: none).
+    Returns ``(page_NxQxW, kept_NxQxW)``: page indices, and whether each is a page the query
+    may see (a query that sees fewer than ``top`` pages gets unseen ones, not kept).
+    """
+    num_pages = lo_NxAxK.shape[1]
+    q32 = jax.lax.stop_gradient(q_NxQxK.astype(jnp.float32))
+    bound_NxQxA = (jnp.einsum("nqk,nak->nqa", jnp.maximum(q32, 0.0), hi_NxAxK)
+                   + jnp.einsum("nqk,nak->nqa", jnp.minimum(q32, 0.0), lo_NxAxK))
+    start_A = jnp.arange(num_pages, dtype=jnp.int32) * page_size
+    seen_NxQxA = ((start_A <= last_NxQ[..., None])
+                  & (start_A + page_size - 1 >= first_NxQ[..., None])
+                  & (last_NxQ >= first_NxQ)[..., None])
+    newest_NxQx1 = jnp.maximum(last_NxQ, 0)[..., None] // page_size
+    compete_NxQxA = seen_NxQxA & (jnp.arange(num_pages) != newest_NxQx1)
+    page_NxQxW = newest_NxQx1
+    kept_NxQxW = jnp.take_along_axis(seen_NxQxA, newest_NxQx1, axis=-1)
+    if top > 1:
+        _, best_NxQxW = jax.lax.top_k(jnp.where(compete_NxQxA, bound_NxQxA, -jnp.inf), top - 1)
+        page_NxQxW = jnp.concatenate([page_NxQxW, best_NxQxW], axis=-1)
+        kept_NxQxW = jnp.concatenate(
+            [kept_NxQxW, jnp.take_along_axis(compete_NxQxA, best_NxQxW, axis=-1)], axis=-1)
+    return page_NxQxW, kept_NxQxW
