@@ -457,9 +457,11 @@ def test_prefill_and_steps_compile_for_a_tpu_chip_with_the_kernels():
 
 @pytest.mark.skipif(not compile_check.libtpu_available() and not os.environ.get("CI"),
                     reason='libtpu not installed: pip install -e ".[tpu]"')
-def test_a_paged_decoding_step_at_a_million_tokens_compiles_for_one_v5e_chip():
+@pytest.mark.parametrize("page_dtype,item_bytes", [("bfloat16", 2), ("int8", 1)])
+def test_a_paged_decoding_step_at_a_million_tokens_compiles_for_one_v5e_chip(page_dtype,
+                                                                            item_bytes):
     """The real TPU compiler: a v2 of the reference width (2 layers, width 256, 4 heads of
-    64) with a paged long-term memory in bfloat16 pages holds 1M tokens on one v5e chip
+    64) with a paged long-term memory in bfloat16 or int8 pages holds 1M tokens on one v5e chip
     (16 GiB), and the step's scratch memory does not grow with the cache (a page layout
     the chip must not relayout: mmjax.layers.cache.page_rows)."""
     from mmjax.generate.decoder import _apply_cached, _cache_shapes
@@ -471,19 +473,21 @@ def test_a_paged_decoding_step_at_a_million_tokens_compiles_for_one_v5e_chip():
                              num_heads=4, embed_dim=256, mlp_dim=1024, short_term_window=256,
                              inference_long_term_skip=64, long_term_memory="paged",
                              long_term_page=64, long_term_top_pages=16,
-                             long_term_page_dtype="bfloat16"))
+                             long_term_page_dtype=page_dtype))
     place, i32, params = _abstract_replicated(mesh, model)
     figures = {}
     for tokens in (1 << 18, 1 << 20):
         call = jax.jit(functools.partial(_apply_cached, model, tokens), donate_argnums=(1,))
-        with jax.set_mesh(mesh):  # the caches a TPU holds: bfloat16 pages
+        with jax.set_mesh(mesh):  # the caches a TPU holds: narrow pages
             cache = jax.eval_shape(lambda p, n=tokens: grow_pages(_cache_shapes(
                 model, 256, p, jnp.zeros((1, 1), jnp.int32)), n), params)
             memory = call.lower(place(params), place(cache), i32((1, 1)), i32((1,)),
                                 i32((1,))).compile().memory_analysis()
         figures[tokens] = (memory.argument_size_in_bytes, memory.temp_size_in_bytes)
     arguments, temps = figures[1 << 20]
-    pages = 2 * 2 * 4 * (1 << 20) * 64 * 2  # layers x (keys, values) x heads x tokens x K x 2 B
+    pages = 2 * 2 * 4 * (1 << 20) * 64 * item_bytes  # layers x (keys, values) x heads x tokens x K
     assert pages <= arguments < pages * 1.1 + (64 << 20), figures
     assert arguments + temps < 16 << 30, figures
     assert temps < 16 << 20 and temps < 2 * figures[1 << 18][1] + (4 << 20), figures
+    print(f"{page_dtype} pages, 1M tokens on one v5e: arguments {arguments / 2**30:.2f} GiB, "
+          f"temporaries {temps / 2**20:.1f} MiB (256k: {figures[1 << 18][1] / 2**20:.1f} MiB)")
