@@ -20,6 +20,7 @@ import dataclasses
 import numpy as np
 
 from mmjax.data.icll import ICLLCorpus
+from mmjax.data.multidoc import MultidocCorpus
 from mmjax.data.recall import RecallCorpus
 
 
@@ -77,7 +78,8 @@ class PFACorpus:
         return self.sample(rng, batch_size, length)
 
 
-_CORPORA = {"pfa": PFACorpus, "icll": ICLLCorpus, "recall": RecallCorpus}
+_CORPORA = {"pfa": PFACorpus, "icll": ICLLCorpus, "recall": RecallCorpus,
+            "multidoc": MultidocCorpus}
 
 
 def ignored_targets(name: str) -> tuple[int, ...]:
@@ -88,7 +90,7 @@ def ignored_targets(name: str) -> tuple[int, ...]:
 
 def make_corpus(name: str, **kwargs):
     """Build a synthetic corpus by name (``"pfa"``, ``"icll"``: :mod:`mmjax.data.icll`,
-    ``"recall"``: :mod:`mmjax.data.recall`);
+    ``"recall"``: :mod:`mmjax.data.recall`, ``"multidoc"``: :mod:`mmjax.data.multidoc`);
     unknown names and keys raise clearly."""
     if name not in _CORPORA:
         raise ValueError(f"unknown corpus {name!r}; known: {sorted(_CORPORA)}")
