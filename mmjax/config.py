@@ -93,6 +93,14 @@ _V2_PAIR = {
 }
 _V2_PAIR_TIERS = dict(short_term_window=16, long_term_skip_range=(4, 16),
                       inference_long_term_skip=4)
+# The v2 studies (mmjax.eval multidoc, ...) add v2 without its long-term tier and a v1
+# Memory Mosaic, sized to MM v2 at vocabulary 128 (135,568 parameters; these 135,656 and
+# 135,544; the v2 pair's 135,488 and 136,000).
+STUDY_MODELS = V2_PAIR_MODELS + ("v2_no_long_term", "v1")
+_V2_PAIR |= {
+    "v2_no_long_term": dict(name="memory_mosaic_v2", long_term=False, mlp_dim=243),
+    "v1": dict(name="memory_mosaic", pmem_size=336),
+}
 
 # The repository's root and its configs/ (present in a checkout, not in an installed wheel).
 REPOSITORY = pathlib.Path(__file__).resolve().parent.parent
@@ -277,17 +285,18 @@ def pair_config(model: str, *, corpus: str, corpus_options: dict, vocab_size: in
     The v2 models (:data:`V2_PAIR_MODELS`, at width 64): ``"v2"`` (MM v2), ``"llama"`` and
     ``"llama_short_long"`` (separate short- and long-term attention), untied, with SwiGLU
     widths that equalise their parameters; window 16 and long-term skip ``U[4, 16]`` (4 at
-    inference), the v2 tiny preset's.
+    inference), the v2 tiny preset's. The v2 studies add (:data:`STUDY_MODELS`)
+    ``"v2_no_long_term"`` and ``"v1"``, sized to MM v2.
     """
-    if model not in PAIR_MODELS + V2_PAIR_MODELS:
-        raise ValueError(f"model must be one of {PAIR_MODELS + V2_PAIR_MODELS}, got {model!r}")
-    if model in V2_PAIR_MODELS and width != 64:
+    if model not in PAIR_MODELS + STUDY_MODELS:
+        raise ValueError(f"model must be one of {PAIR_MODELS + STUDY_MODELS}, got {model!r}")
+    if model in STUDY_MODELS and width != 64:
         raise ValueError(f"the v2 pair is sized at width 64, got width={width}")
     sizes = dict(vocab_size=vocab_size, num_layers=2, num_heads=4, embed_dim=width)
     layers = sizes["num_layers"]
-    if model in V2_PAIR_MODELS:
+    if model in STUDY_MODELS:
         model_config = dict(_V2_PAIR[model], **sizes)
-        if model != "llama":
+        if model_config["name"] == "memory_mosaic_v2" or model == "llama_short_long":
             model_config.update(_V2_PAIR_TIERS)
     elif model == "gpt2":
         model_config = dict(name="gpt2", context_length=context, **sizes)

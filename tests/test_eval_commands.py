@@ -172,8 +172,9 @@ def test_the_retrieval_command_reads_a_v2_memory_in_pages(workdirs, tmp_path, ca
     prompts = [t.prompt for t in needles.needle_tasks(0, vocab_size=64, context=72, facts=2,
                                                       num_tasks=2)]
     paged = dict(long_term_memory="paged", long_term_page=4, long_term_top_pages=100)
-    assert (needles.continue_greedily(load_workdir(v2, model_overrides=paged), prompts, 6)
-            == needles.continue_greedily(load_workdir(v2), prompts, 6))
+    continued = lambda trained: needles.continue_greedily(trained.model, trained.params,
+                                                          prompts, 6)
+    assert continued(load_workdir(v2, model_overrides=paged)) == continued(load_workdir(v2))
     code, _, err = _run(capsys, "retrieval", "--workdir", mm, "--memory", "paged")
     assert code == 1 and "has no setting long_term_memory" in err
     with pytest.raises(SystemExit) as info:

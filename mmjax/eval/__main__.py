@@ -37,6 +37,13 @@
 
       python -m mmjax.eval icl_classify --workdir /tmp/run --data reviews.jsonl --shots 0,2,8
 
+* ``multidoc``: the v2 paper's new-knowledge storage. Trains MM v2, LLaMA, short/long LLaMA,
+  MM v2 without long-term memory and MM v1 (equal parameters) at context 512 on generated
+  documents of facts, and measures exact match on questions at 512 to 4096 tokens
+  (:mod:`mmjax.eval.multidoc`); mean and std over ``--seeds``, table, JSON and PNG::
+
+      python -m mmjax.eval multidoc --seeds 0,1,2 --output /tmp/multidoc
+
 The ``retrieval`` evaluation lives in :mod:`mmjax.eval.needles`, ``attention`` in
 :mod:`mmjax.eval.attention_maps`. Exit status (:mod:`mmjax.cli`): 0, 2 for bad flags, 1 with
 one line on stderr for other bad input (a workdir without a checkpoint, a context a model
@@ -104,6 +111,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     r.add_argument("--page", type=int, default=None,
                    help="pairs per page with --memory paged (default: the run's)")
     r.add_argument("--output", default=None, help="directory for retrieval.json")
+    m = sub.add_parser("multidoc", help="v2 study: multi-document QA past the training "
+                       "length, every study model trained side by side")
+    m.add_argument("--seeds", type=_ints, default=[0, 1, 2])
+    m.add_argument("--steps", type=int, default=800)
+    m.add_argument("--models", default=None, help="comma-separated (default: all five)")
+    m.add_argument("--contexts", type=_ints, default=[512, 1024, 2048, 4096])
+    m.add_argument("--tasks", type=int, default=32)
+    m.add_argument("--output", default=None, help="directory for multidoc.json and .png")
     c = sub.add_parser("icl_classify", help="in-context classification")
     c.add_argument("--workdir", required=True)
     source = c.add_mutually_exclusive_group(required=True)
@@ -117,6 +132,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.name == "icl_classify":
         if args.queries < 1 or (args.synthetic is not None and args.synthetic < 2):
             p.error("--queries must be >= 1 and --synthetic >= 2")
+        return args
+    if args.name == "multidoc":
+        from mmjax.config import STUDY_MODELS
+
+        args.models = (list(STUDY_MODELS) if args.models is None
+                       else [m for m in args.models.split(",") if m])
+        for m in args.models:
+            if m not in STUDY_MODELS:
+                p.error(f"--models: unknown model {m!r}; choose from {STUDY_MODELS}")
+        if args.steps < 1 or args.tasks < 1 or min(args.contexts) < 1:
+            p.error("--steps, --tasks and --contexts must be >= 1")
         return args
     if args.name == "retrieval":
         if args.tasks < 1 or min(args.contexts) < 1 or min(args.facts) < 1:
@@ -156,6 +182,13 @@ def main(argv=None) -> int:
                         models=args.models, width=args.width, context=args.context,
                         eval_languages=args.eval_languages, output=args.output)
         print(icll.format_table(rows), flush=True)
+        return 0
+    if args.name == "multidoc":
+        from mmjax.eval import multidoc, studies
+
+        rows = multidoc.run(seeds=args.seeds, steps=args.steps, models=args.models,
+                            contexts=args.contexts, num_tasks=args.tasks, output=args.output)
+        print(studies.format_table(rows, "exact match at", multidoc.PAPER), flush=True)
         return 0
     from mmjax.eval import positions
 

@@ -28,7 +28,7 @@ from mmjax.data.recall import markers, needle
 from mmjax.eval.positions import check_context, read_jsonl
 from mmjax.generate.decoder import Decoder, generate
 from mmjax.generate.sampling import Sampling
-from mmjax.generate.workdir import Trained, load_workdir
+from mmjax.generate.workdir import load_workdir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,11 +74,11 @@ def exact_match(continuations, tasks) -> float:
     return float(np.mean(hits))
 
 
-def continue_greedily(trained: Trained, prompts, max_new_tokens: int,
+def continue_greedily(model, params, prompts, max_new_tokens: int,
                       batch_size: int = 4) -> list[list[int]]:
     """Greedy continuations of ``prompts`` with the model's caches, ``batch_size`` at a time."""
     longest = max(len(p) for p in prompts)
-    decoder = Decoder(trained.model, trained.params, batch_size=batch_size,
+    decoder = Decoder(model, params, batch_size=batch_size,
                       cache_length=longest + max_new_tokens)
     out = []
     for i in range(0, len(prompts), batch_size):
@@ -105,7 +105,8 @@ def needle_accuracy(workdir, *, contexts, facts=(1,), num_tasks: int = 20, seed:
         for context in contexts:
             tasks = needle_tasks(seed, vocab_size=vocab, context=context, facts=n,
                                  num_tasks=num_tasks, value_length=value_length)
-            got = continue_greedily(trained, [t.prompt for t in tasks], value_length)
+            got = continue_greedily(trained.model, trained.params, [t.prompt for t in tasks],
+                                   value_length)
             rows.append({"task": "needle" if n == 1 else f"{n} facts", "facts": n,
                          "context": context, "memory": described,
                          "accuracy": exact_match(got, tasks)})
@@ -159,7 +160,7 @@ def qa_accuracy(workdir, qa_file, *, max_new_tokens: int = 16) -> dict:
                tok.encode([f"{t['context']}\n{t['question']}\n" for t in tasks])]
     for prompt in prompts:
         check_context(trained, len(prompt) + max_new_tokens, str(workdir))
-    got = continue_greedily(trained, prompts, max_new_tokens)
+    got = continue_greedily(trained.model, trained.params, prompts, max_new_tokens)
     hits = [qa_match(tok.decode([ids])[0], t["answers"])
             for ids, t in zip(got, tasks, strict=True)]
     return {"task": "qa", "questions": len(tasks), "accuracy": float(np.mean(hits))}

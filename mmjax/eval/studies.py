@@ -1,0 +1,115 @@
+"""What the v2 paper's studies share: training the models of a study side by side, and
+reporting a measurement over seeds (mean and standard deviation) as a table, JSON and a
+plot.
+
+A study (``python -m mmjax.eval multidoc``, ...) trains each model of
+:data:`mmjax.config.STUDY_MODELS` (MM v2, LLaMA, short/long LLaMA, MM v2 without long-term
+memory, MM v1, equal in parameters) from its :func:`mmjax.config.pair_config` on a
+generated corpus, for each seed, and measures each trained model at a series of settings
+(``x``: a context length, a number of shots, ...). A row is ``{"model", "seed", "x",
+"value", "params", "train_seconds"}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import time
+
+import jax
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedModel:
+    """A model trained by :func:`train`."""
+
+    name: str
+    model: object
+    params: dict
+    num_params: int
+    eval_loss: float
+    seconds: float
+
+
+def train(name: str, config) -> TrainedModel:
+    """Train ``config`` in memory (no workdir) and return the model with its weights."""
+    from mmjax.models import build_model
+    from mmjax.train.loop import train_and_evaluate
+
+    start = time.perf_counter()
+    result = train_and_evaluate(config, None, progress=False)
+    params = result["state"].params
+    return TrainedModel(name=name, model=build_model(config.model), params=params,
+                        num_params=int(sum(x.size for x in jax.tree.leaves(params))),
+                        eval_loss=float(result["eval_loss"]),
+                        seconds=time.perf_counter() - start)
+
+
+def check_equal_size(trained: list[TrainedModel], tolerance: float = 0.02) -> None:
+    """Raise when a study's models differ in parameters by more than ``tolerance``."""
+    counts = {t.name: t.num_params for t in trained}
+    if max(counts.values()) > (1 + tolerance) * min(counts.values()):
+        raise ValueError(f"the models' parameters differ by more than {tolerance:.0%}: "
+                         f"{counts}")
+
+
+def summary(rows: list[dict]) -> dict:
+    """``{model: {x: (mean, std, seeds)}}`` of the rows' values over seeds."""
+    out: dict = {}
+    for row in rows:
+        out.setdefault(row["model"], {}).setdefault(row["x"], []).append(row["value"])
+    return {model: {x: (float(np.mean(v)), float(np.std(v)), len(v))
+                    for x, v in sorted(by_x.items())}
+            for model, by_x in out.items()}
+
+
+def format_table(rows: list[dict], x_label: str, paper: dict | None = None) -> str:
+    """A markdown table, one line per model: ``mean ± std`` at each ``x`` (over seeds), and
+    the paper's figure for that model where ``paper`` (``{model: {x: value}}``) has one."""
+    table = summary(rows)
+    xs = sorted({x for by_x in table.values() for x in by_x})
+    lines = [f"| model | {' | '.join(f'{x_label} {x}' for x in xs)} | seeds |",
+             "|---|" + "---|" * (len(xs) + 1)]
+    for model, by_x in table.items():
+        cells = [f"{by_x[x][0]:.3f} ± {by_x[x][1]:.3f}" if x in by_x else "-" for x in xs]
+        seeds = max(n for _, _, n in by_x.values())
+        lines.append(f"| {model} | {' | '.join(cells)} | {seeds} |")
+    for model, by_x in (paper or {}).items():
+        cells = [f"{by_x[x]:.3f}" if by_x.get(x) is not None else "-" for x in xs]
+        lines.append(f"| paper: {model} | {' | '.join(cells)} | |")
+    return "\n".join(lines)
+
+
+def write(rows: list[dict], output: str, name: str, *, x_label: str, y_label: str,
+          title: str, log_x: bool = True) -> pathlib.Path:
+    """``name.json`` (the rows and their summary) and ``name.png`` (mean ± std per model)
+    in ``output``; returns the PNG's path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = pathlib.Path(output)
+    path.mkdir(parents=True, exist_ok=True)
+    table = summary(rows)
+    (path / f"{name}.json").write_text(json.dumps(
+        {"title": title, "rows": rows,
+         "summary": {m: {str(x): v for x, v in by_x.items()} for m, by_x in table.items()}}))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for model, by_x in table.items():
+        xs = list(by_x)
+        ax.errorbar(xs, [by_x[x][0] for x in xs], yerr=[by_x[x][1] for x in xs], marker="o",
+                    capsize=3, label=model)
+    if log_x:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(y_label)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    png = path / f"{name}.png"
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png

@@ -1,0 +1,91 @@
+"""The v2 studies (mmjax.eval.studies, mmjax.eval.multidoc): equal model sizes, the
+reporting over seeds, and the multidoc command end to end on a few steps."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from mmjax.config import STUDY_MODELS
+from mmjax.eval import multidoc, studies
+from mmjax.eval.__main__ import main, parse_args
+from mmjax.models import build_model
+
+
+def _params(config) -> int:
+    model = build_model(config.model)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
+    return sum(x.size for x in jax.tree.leaves(shapes["params"]))
+
+
+def test_the_study_models_have_equal_parameters_within_one_percent():
+    counts = {name: _params(multidoc.study_config(name)) for name in STUDY_MODELS}
+    assert max(counts.values()) <= 1.01 * min(counts.values()), counts
+    names = {multidoc.study_config(name).model.name for name in STUDY_MODELS}
+    assert names == {"memory_mosaic_v2", "llama", "llama_short_long", "memory_mosaic"}
+    assert not multidoc.study_config("v2_no_long_term").model.long_term
+
+
+def test_unequal_models_are_refused():
+    small = studies.TrainedModel("a", None, {}, 100, 0.0, 0.0)
+    large = studies.TrainedModel("b", None, {}, 103, 0.0, 0.0)
+    studies.check_equal_size([small, studies.TrainedModel("c", None, {}, 101, 0.0, 0.0)])
+    with pytest.raises(ValueError, match="differ by more than 2%"):
+        studies.check_equal_size([small, large])
+
+
+def test_summary_and_table_give_mean_and_std_over_seeds():
+    rows = [{"model": "v2", "seed": s, "x": 512, "value": v} for s, v in ((0, 0.5), (1, 1.0))]
+    rows.append({"model": "llama", "seed": 0, "x": 1024, "value": 0.25})
+    assert studies.summary(rows) == {"v2": {512: (0.75, 0.25, 2)},
+                                     "llama": {1024: (0.25, 0.0, 1)}}
+    table = studies.format_table(rows, "context", {"transformer": {512: 0.4, 1024: None}})
+    assert "| v2 | 0.750 ± 0.250 | - | 2 |" in table
+    assert "| llama | - | 0.250 ± 0.000 | 1 |" in table
+    assert "| paper: transformer | 0.400 | - | |" in table
+
+
+def test_multidoc_questions_are_the_same_for_every_model_and_seeded():
+    assert multidoc.tasks(0, 64, 3) == multidoc.tasks(0, 64, 3)
+    assert multidoc.tasks(0, 64, 3) != multidoc.tasks(1, 64, 3)
+    assert all(len(prompt) == 64 for prompt, _ in multidoc.tasks(0, 64, 3))
+
+
+def test_multidoc_run_measures_every_model_at_every_context(monkeypatch, tmp_path):
+    """The study's wiring on untrained models (training itself: the command test below)."""
+    def untrained(name, config):
+        model = build_model(config.model)
+        params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+        assert config.train.num_steps == 3 and config.train.seed == 5
+        return studies.TrainedModel(name, model, params, _params(config), 0.0, 0.0)
+
+    monkeypatch.setattr(studies, "train", untrained)
+    rows = multidoc.run(seeds=(5,), steps=3, models=("llama",), contexts=(32, 48),
+                        num_tasks=2, output=str(tmp_path), log=lambda _: None)
+    assert [(r["model"], r["x"]) for r in rows] == [("llama", 32), ("llama", 48)]
+    assert all(r["seed"] == 5 and 0.0 <= r["value"] <= 1.0 for r in rows)
+    assert (tmp_path / "multidoc.png").exists() and (tmp_path / "multidoc.json").exists()
+
+
+def test_the_multidoc_command_trains_measures_and_writes(tmp_path, capsys):
+    out = tmp_path / "md"
+    assert main(["multidoc", "--seeds", "0", "--steps", "2", "--models", "v2,v1",
+                 "--contexts", "64,128", "--tasks", "2", "--output", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "| v2 |" in table and "| v1 |" in table and "paper: memory_mosaic_v2" in table
+    saved = json.loads((out / "multidoc.json").read_text())
+    assert {(r["model"], r["x"]) for r in saved["rows"]} == {
+        (m, c) for m in ("v2", "v1") for c in (64, 128)}
+    assert all(0.0 <= r["value"] <= 1.0 and r["params"] > 100_000 for r in saved["rows"])
+    assert (out / "multidoc.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["multidoc", "--models", "gpt2"], "unknown model 'gpt2'"),
+    (["multidoc", "--steps", "0"], "--steps, --tasks and --contexts must be >= 1"),
+])
+def test_bad_multidoc_flags_are_refused(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(argv)
+    assert message in capsys.readouterr().err
