@@ -315,6 +315,20 @@ def pair_config(model: str, *, corpus: str, corpus_options: dict, vocab_size: in
     )
 
 
+MULTIDOC_VOCAB = 128
+MULTIDOC_CONTEXT = 512
+
+
+def multidoc_config(model: str = "v2", *, steps: int = 800,
+                    seed: int = 0) -> ml_collections.ConfigDict:
+    """One run of the multi-document QA study (``configs/multidoc.py``, ``python -m mmjax.eval
+    multidoc``): a model of :data:`STUDY_MODELS` (:func:`pair_config`) on the ``multidoc``
+    corpus (:mod:`mmjax.data.multidoc`, vocabulary 128), context 512."""
+    return pair_config(model, corpus="multidoc", corpus_options={},
+                       vocab_size=MULTIDOC_VOCAB, context=MULTIDOC_CONTEXT, steps=steps,
+                       seed=seed)
+
+
 def icll_config(model: str = "mm", *, languages: int = 1000, steps: int = 600, seed: int = 0,
                 width: int = 64, context: int = 512,
                 eval_languages: int = 256) -> ml_collections.ConfigDict:

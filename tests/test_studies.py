@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from mmjax.config import STUDY_MODELS
+from mmjax.config import STUDY_MODELS, multidoc_config
 from mmjax.eval import multidoc, studies
 from mmjax.eval.__main__ import main, parse_args
 from mmjax.models import build_model
@@ -20,11 +20,11 @@ def _params(config) -> int:
 
 
 def test_the_study_models_have_equal_parameters_within_one_percent():
-    counts = {name: _params(multidoc.study_config(name)) for name in STUDY_MODELS}
+    counts = {name: _params(multidoc_config(name)) for name in STUDY_MODELS}
     assert max(counts.values()) <= 1.01 * min(counts.values()), counts
-    names = {multidoc.study_config(name).model.name for name in STUDY_MODELS}
+    names = {multidoc_config(name).model.name for name in STUDY_MODELS}
     assert names == {"memory_mosaic_v2", "llama", "llama_short_long", "memory_mosaic"}
-    assert not multidoc.study_config("v2_no_long_term").model.long_term
+    assert not multidoc_config("v2_no_long_term").model.long_term
 
 
 def test_unequal_models_are_refused():

@@ -1,7 +1,8 @@
 """New-knowledge storage past the training length (the v2 paper's multi-document question
 answering): ``python -m mmjax.eval multidoc``.
 
-Each model of :data:`mmjax.config.STUDY_MODELS` is trained at context 512 on the
+Each model of :data:`mmjax.config.STUDY_MODELS` is trained at context 512
+(:func:`mmjax.config.multidoc_config`, ``configs/multidoc.py``) on the
 ``multidoc`` corpus (:mod:`mmjax.data.multidoc`: documents of facts about entities, and
 questions about earlier documents of the row), then asked questions at the end of prompts
 of 512, 1k, 2k and 4k tokens (:func:`mmjax.data.multidoc.multidoc_task`, up to 8x the
@@ -14,26 +15,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from mmjax.config import STUDY_MODELS, pair_config
+from mmjax.config import MULTIDOC_CONTEXT, STUDY_MODELS, multidoc_config
 from mmjax.data.multidoc import Documents, multidoc_task
 from mmjax.eval import studies
 from mmjax.eval.needles import continue_greedily
 
-TRAIN_CONTEXT = 512
 CONTEXTS = (512, 1024, 2048, 4096)
-VOCAB_SIZE = 128
 # The v2 paper's multi-document QA (exact match at 4k / 8k / 16k / 32k / 64k tokens; the
 # transformer fails at 64k). Real documents and 1.5B-8B models: the shape of the curve is
 # what compares, not the numbers.
 PAPER = {"memory_mosaic_v2": {4096: 0.589, 8192: 0.555, 16384: 0.549, 32768: 0.534,
                               65536: 0.464},
          "transformer": {4096: 0.512, 8192: 0.488, 16384: 0.447, 32768: 0.411, 65536: None}}
-
-
-def study_config(model: str, *, steps: int = 800, seed: int = 0):
-    """The run of ``model`` in the study (``configs/multidoc.py``)."""
-    return pair_config(model, corpus="multidoc", corpus_options={}, vocab_size=VOCAB_SIZE,
-                       context=TRAIN_CONTEXT, steps=steps, seed=seed)
 
 
 def tasks(seed: int, context: int, num: int) -> list[tuple[list[int], tuple]]:
@@ -61,7 +54,7 @@ def run(*, seeds=(0,), steps: int = 800, models=STUDY_MODELS, contexts=CONTEXTS,
     for seed in seeds:
         trained = []
         for name in models:
-            model = studies.train(name, study_config(name, steps=steps, seed=seed))
+            model = studies.train(name, multidoc_config(name, steps=steps, seed=seed))
             trained.append(model)
             for context in contexts:
                 value = exact_match(model.model, model.params, tasks(seed, context, num_tasks))
@@ -73,5 +66,5 @@ def run(*, seeds=(0,), steps: int = 800, models=STUDY_MODELS, contexts=CONTEXTS,
     if output is not None:
         studies.write(rows, output, "multidoc", x_label="context (tokens)",
                       y_label="exact match",
-                      title=f"multi-document QA, trained at {TRAIN_CONTEXT} tokens")
+                      title=f"multi-document QA, trained at {MULTIDOC_CONTEXT} tokens")
     return rows
