@@ -315,8 +315,19 @@ def pair_config(model: str, *, corpus: str, corpus_options: dict, vocab_size: in
     )
 
 
-MULTIDOC_VOCAB = 128
-MULTIDOC_CONTEXT = 512
+# The v2 studies' corpora: vocabulary 128 (the size STUDY_MODELS are equal at), context 512.
+STUDY_VOCAB = 128
+STUDY_CONTEXT = 512
+
+
+def episodes_config(model: str = "v2", *, steps: int = 800,
+                    seed: int = 0) -> ml_collections.ConfigDict:
+    """One run of the in-context classification study (``configs/episodes.py``, ``python -m
+    mmjax.eval icl_anonymized``): a model of :data:`STUDY_MODELS` on the ``episodes`` corpus
+    (:mod:`mmjax.data.episodes`), context 512."""
+    return pair_config(model, corpus="episodes", corpus_options={},
+                       vocab_size=STUDY_VOCAB, context=STUDY_CONTEXT, steps=steps,
+                       seed=seed)
 
 
 def multidoc_config(model: str = "v2", *, steps: int = 800,
@@ -325,7 +336,7 @@ def multidoc_config(model: str = "v2", *, steps: int = 800,
     multidoc``): a model of :data:`STUDY_MODELS` (:func:`pair_config`) on the ``multidoc``
     corpus (:mod:`mmjax.data.multidoc`, vocabulary 128), context 512."""
     return pair_config(model, corpus="multidoc", corpus_options={},
-                       vocab_size=MULTIDOC_VOCAB, context=MULTIDOC_CONTEXT, steps=steps,
+                       vocab_size=STUDY_VOCAB, context=STUDY_CONTEXT, steps=steps,
                        seed=seed)
 
 

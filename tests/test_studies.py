@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import pytest
 
 from mmjax.config import STUDY_MODELS, multidoc_config
-from mmjax.eval import multidoc, studies
+from mmjax.eval import icl_anonymized, multidoc, studies
 from mmjax.eval.__main__ import main, parse_args
 from mmjax.models import build_model
 
@@ -84,8 +84,53 @@ def test_the_multidoc_command_trains_measures_and_writes(tmp_path, capsys):
 @pytest.mark.parametrize("argv,message", [
     (["multidoc", "--models", "gpt2"], "unknown model 'gpt2'"),
     (["multidoc", "--steps", "0"], "--steps, --tasks and --contexts must be >= 1"),
+    (["icl_anonymized", "--shots", "0"], "--steps, --tasks and --shots must be >= 1"),
+    (["icl_anonymized", "--models", "mm"], "unknown model 'mm'"),
 ])
 def test_bad_multidoc_flags_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit):
         parse_args(argv)
     assert message in capsys.readouterr().err
+
+
+def test_icl_tasks_are_held_out_episodes_of_equal_length():
+    from mmjax.data.episodes import Classes
+
+    tokens, answers, candidates = icl_anonymized.tasks(0, 4, 5, anonymised=True)
+    assert tokens.shape == (5, 4 * 8 + 7) and candidates.shape == (5, 4)
+    assert all(a in c for a, c in zip(answers, candidates, strict=True))
+    semantic = icl_anonymized.tasks(0, 4, 5, anonymised=False)[2]
+    held_out = {Classes().semantic_label(c) for c in Classes().held_out}
+    assert set(semantic.ravel()) <= held_out
+
+
+def test_icl_accuracy_reads_the_best_candidate_logit():
+    """A model whose logits favour one token: right exactly where that token is the answer."""
+    import numpy as np
+
+    class Favours:
+        def apply(self, variables, tokens):
+            logits = jnp.zeros(tokens.shape + (128,))
+            return logits.at[..., 100].set(1.0)
+
+    candidates = np.array([[100, 101], [101, 100], [102, 103]])
+    answers = np.array([100, 101, 102])
+    acc = icl_anonymized.accuracy(Favours(), {}, np.zeros((3, 5), np.int32), answers,
+                                  candidates, batch_size=2)
+    assert acc == pytest.approx(2 / 3)  # right, wrong, and a tie resolved to the first
+
+
+def test_icl_anonymized_run_measures_both_label_kinds_at_every_shot(monkeypatch, tmp_path):
+    def untrained(name, config):
+        model = build_model(config.model)
+        params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+        assert config.data.corpus == "episodes"
+        return studies.TrainedModel(name, model, params, _params(config), 0.0, 0.0)
+
+    monkeypatch.setattr(studies, "train", untrained)
+    rows = icl_anonymized.run(seeds=(0,), steps=2, models=("llama",), shots=(1, 2),
+                              num_tasks=4, output=str(tmp_path), log=lambda _: None)
+    assert [(r["model"], r["x"]) for r in rows] == [
+        ("llama, semantic", 1), ("llama, semantic", 2), ("llama, anonymised", 1),
+        ("llama, anonymised", 2)]
+    assert (tmp_path / "icl_anonymized.png").exists()

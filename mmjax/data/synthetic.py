@@ -19,6 +19,7 @@ import dataclasses
 
 import numpy as np
 
+from mmjax.data.episodes import EpisodesCorpus
 from mmjax.data.icll import ICLLCorpus
 from mmjax.data.multidoc import MultidocCorpus
 from mmjax.data.recall import RecallCorpus
@@ -79,7 +80,7 @@ class PFACorpus:
 
 
 _CORPORA = {"pfa": PFACorpus, "icll": ICLLCorpus, "recall": RecallCorpus,
-            "multidoc": MultidocCorpus}
+            "multidoc": MultidocCorpus, "episodes": EpisodesCorpus}
 
 
 def ignored_targets(name: str) -> tuple[int, ...]:
@@ -90,7 +91,8 @@ def ignored_targets(name: str) -> tuple[int, ...]:
 
 def make_corpus(name: str, **kwargs):
     """Build a synthetic corpus by name (``"pfa"``, ``"icll"``: :mod:`mmjax.data.icll`,
-    ``"recall"``: :mod:`mmjax.data.recall`, ``"multidoc"``: :mod:`mmjax.data.multidoc`);
+    ``"recall"``: :mod:`mmjax.data.recall`, ``"multidoc"``: :mod:`mmjax.data.multidoc`,
+    ``"episodes"``: :mod:`mmjax.data.episodes`);
     unknown names and keys raise clearly."""
     if name not in _CORPORA:
         raise ValueError(f"unknown corpus {name!r}; known: {sorted(_CORPORA)}")

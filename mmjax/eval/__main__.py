@@ -44,6 +44,12 @@
 
       python -m mmjax.eval multidoc --seeds 0,1,2 --output /tmp/multidoc
 
+* ``icl_anonymized``: the v2 paper's in-context learning. Pretrains the same five models on
+  few-shot episodes of generated classes and measures the accuracy on held-out classes at
+  1 to 64 shots, with semantic and with anonymised labels (:mod:`mmjax.eval.icl_anonymized`)::
+
+      python -m mmjax.eval icl_anonymized --seeds 0,1,2 --output /tmp/icl
+
 The ``retrieval`` evaluation lives in :mod:`mmjax.eval.needles`, ``attention`` in
 :mod:`mmjax.eval.attention_maps`. Exit status (:mod:`mmjax.cli`): 0, 2 for bad flags, 1 with
 one line on stderr for other bad input (a workdir without a checkpoint, a context a model
@@ -119,6 +125,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     m.add_argument("--contexts", type=_ints, default=[512, 1024, 2048, 4096])
     m.add_argument("--tasks", type=int, default=32)
     m.add_argument("--output", default=None, help="directory for multidoc.json and .png")
+    a = sub.add_parser("icl_anonymized", help="v2 study: in-context classification of "
+                       "held-out classes as shots grow, semantic and anonymised labels")
+    a.add_argument("--seeds", type=_ints, default=[0, 1, 2])
+    a.add_argument("--steps", type=int, default=800)
+    a.add_argument("--models", default=None, help="comma-separated (default: all five)")
+    a.add_argument("--shots", type=_ints, default=[1, 2, 4, 8, 16, 32, 64])
+    a.add_argument("--tasks", type=int, default=64)
+    a.add_argument("--output", default=None, help="directory for icl_anonymized.json, .png")
     c = sub.add_parser("icl_classify", help="in-context classification")
     c.add_argument("--workdir", required=True)
     source = c.add_mutually_exclusive_group(required=True)
@@ -133,7 +147,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         if args.queries < 1 or (args.synthetic is not None and args.synthetic < 2):
             p.error("--queries must be >= 1 and --synthetic >= 2")
         return args
-    if args.name == "multidoc":
+    if args.name in ("multidoc", "icl_anonymized"):
         from mmjax.config import STUDY_MODELS
 
         args.models = (list(STUDY_MODELS) if args.models is None
@@ -141,8 +155,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         for m in args.models:
             if m not in STUDY_MODELS:
                 p.error(f"--models: unknown model {m!r}; choose from {STUDY_MODELS}")
-        if args.steps < 1 or args.tasks < 1 or min(args.contexts) < 1:
-            p.error("--steps, --tasks and --contexts must be >= 1")
+        sizes = args.contexts if args.name == "multidoc" else args.shots
+        if args.steps < 1 or args.tasks < 1 or min(sizes) < 1:
+            p.error(f"--steps, --tasks and --{'contexts' if args.name == 'multidoc' else 'shots'}"
+                    " must be >= 1")
         return args
     if args.name == "retrieval":
         if args.tasks < 1 or min(args.contexts) < 1 or min(args.facts) < 1:
@@ -189,6 +205,13 @@ def main(argv=None) -> int:
         rows = multidoc.run(seeds=args.seeds, steps=args.steps, models=args.models,
                             contexts=args.contexts, num_tasks=args.tasks, output=args.output)
         print(studies.format_table(rows, "exact match at", multidoc.PAPER), flush=True)
+        return 0
+    if args.name == "icl_anonymized":
+        from mmjax.eval import icl_anonymized, studies
+
+        rows = icl_anonymized.run(seeds=args.seeds, steps=args.steps, models=args.models,
+                                  shots=args.shots, num_tasks=args.tasks, output=args.output)
+        print(studies.format_table(rows, "shots"), flush=True)
         return 0
     from mmjax.eval import positions
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mmjax.config import MULTIDOC_CONTEXT, STUDY_MODELS, multidoc_config
+from mmjax.config import STUDY_CONTEXT, STUDY_MODELS, multidoc_config
 from mmjax.data.multidoc import Documents, multidoc_task
 from mmjax.eval import studies
 from mmjax.eval.needles import continue_greedily
@@ -66,5 +66,5 @@ def run(*, seeds=(0,), steps: int = 800, models=STUDY_MODELS, contexts=CONTEXTS,
     if output is not None:
         studies.write(rows, output, "multidoc", x_label="context (tokens)",
                       y_label="exact match",
-                      title=f"multi-document QA, trained at {MULTIDOC_CONTEXT} tokens")
+                      title=f"multi-document QA, trained at {STUDY_CONTEXT} tokens")
     return rows
