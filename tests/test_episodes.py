@@ -93,3 +93,18 @@ def test_bad_corpus_settings_raise():
         EpisodesCorpus(ways=1)
     with pytest.raises(ValueError, match="anonymised must be in"):
         EpisodesCorpus(anonymised=-0.5)
+
+
+def test_the_new_domain_is_the_held_out_classes_with_zero_or_more_shots():
+    corpus = EpisodesCorpus(domain="new", anonymised=0.0, max_shots=2, seed=4)
+    assert list(corpus.class_ids) == list(CLASSES.held_out)
+    rows = corpus.batch(0, 4, 256).tolist()
+    answers = {row[i + 1] for row in rows for i, t in enumerate(row[:-1])
+               if t == CLASSES.label_marker}
+    assert answers == {CLASSES.semantic_label(c) for c in CLASSES.held_out}
+    sep, width = CLASSES.separator, CLASSES.input_length + 1
+    zero_shot = [i for row in rows for i in range(width, len(row) - 2)
+                 if row[i] == CLASSES.label_marker and row[i - width] == sep == row[i + 2]]
+    assert zero_shot  # episodes that are their query alone: SEP x LABEL y SEP
+    with pytest.raises(ValueError, match="domain must be one of"):
+        EpisodesCorpus(domain="old")

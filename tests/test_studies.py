@@ -3,12 +3,13 @@ reporting over seeds, and the multidoc command end to end on a few steps."""
 
 import json
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
 
 from mmjax.config import STUDY_MODELS, multidoc_config
-from mmjax.eval import icl_anonymized, multidoc, studies
+from mmjax.eval import finetune_speed, icl_anonymized, multidoc, studies
 from mmjax.eval.__main__ import main, parse_args
 from mmjax.models import build_model
 
@@ -134,3 +135,35 @@ def test_icl_anonymized_run_measures_both_label_kinds_at_every_shot(monkeypatch,
         ("llama, semantic", 1), ("llama, semantic", 2), ("llama, anonymised", 1),
         ("llama, anonymised", 2)]
     assert (tmp_path / "icl_anonymized.png").exists()
+
+
+def _untrained(name, config):
+    model = build_model(config.model)
+    params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    return studies.TrainedModel(name, model, params, _params(config), 0.0, 0.0)
+
+
+def test_finetuning_runs_on_the_new_domain_at_a_constant_rate():
+    config = finetune_speed.finetune_config("llama", steps=8, seed=1)
+    assert config.data.corpus_options["domain"] == "new"
+    assert config.optimizer.learning_rate == config.optimizer.min_lr
+    assert config.optimizer.warmup_steps == 0 and config.train.seed == 1
+
+
+def test_finetune_speed_run_measures_each_model_after_each_number_of_batches(monkeypatch,
+                                                                            tmp_path):
+    monkeypatch.setattr(studies, "train", _untrained)
+    rows = finetune_speed.run(seeds=(0,), pretrain_steps=2, batches=(0, 2), models=("llama",),
+                              num_tasks=8, output=str(tmp_path), log=lambda _: None)
+    assert [(r["model"], r["x"]) for r in rows] == [("llama", 0), ("llama", 2)]
+    assert all(0.0 <= r["value"] <= 1.0 for r in rows)
+    assert (tmp_path / "finetune_speed.png").exists()
+
+
+def test_finetuning_teaches_the_new_classes():
+    """Zero-shot accuracy on the held-out classes rises from chance as fine-tuning goes on."""
+    pretrained = _untrained("llama", finetune_speed.finetune_config("llama", steps=1))
+    config = finetune_speed.finetune_config("llama", steps=150)
+    config.optimizer.update(learning_rate=3e-3, min_lr=3e-3)
+    curve = finetune_speed.finetune_curve(pretrained, config, (0, 150), seed=0, num_tasks=128)
+    assert curve[0] < 0.4 and curve[150] > curve[0] + 0.15, curve  # from chance (0.25)

@@ -123,14 +123,20 @@ def episode(rng: np.random.Generator, classes: Classes, class_ids, shots: int, *
     return tokens, label_of[asked], [label_of[c] for c in class_ids]
 
 
+DOMAINS = ("pretrain", "new")
+
+
 @dataclasses.dataclass(frozen=True)
 class EpisodesCorpus:
     """Pretraining rows of episodes of the training classes, separated by ``SEP``, each with
     ``ways`` classes, 1 to ``max_shots`` shots and its query's answer; half of the episodes
-    with semantic labels, half anonymised (``anonymised`` their share).
+    with semantic labels, half anonymised (``anonymised`` their share). ``domain="new"``:
+    episodes of the held-out classes with 0 to ``max_shots`` shots instead (fine-tuning on
+    a new domain).
 
-    Attributes: those of :class:`Classes`, and ``ways``, ``max_shots``, ``anonymised``,
-    ``seed`` (base seed; batches are a pure function of ``(seed, split, step)``).
+    Attributes: those of :class:`Classes` (``class_seed`` its ``seed``), and ``ways``,
+    ``max_shots``, ``anonymised``, ``domain``, ``seed`` (base seed; batches are a pure
+    function of ``(seed, split, step)``).
     """
 
     vocab_size: int = 128
@@ -144,15 +150,25 @@ class EpisodesCorpus:
     ways: int = 4
     max_shots: int = 32
     anonymised: float = 0.5
+    domain: str = "pretrain"
     seed: int = 0
 
     def __post_init__(self):
-        classes = self.classes
-        if not 2 <= self.ways <= classes.train_classes or self.max_shots < 1:
-            raise ValueError(f"ways must be in [2, train_classes={classes.train_classes}] and "
-                             f"max_shots >= 1, got {self.ways}, {self.max_shots}")
+        if self.domain not in DOMAINS:
+            raise ValueError(f"domain must be one of {DOMAINS}, got {self.domain!r}")
+        count = len(self.class_ids)
+        if not 2 <= self.ways <= count or self.max_shots < 0:
+            raise ValueError(f"ways must be in [2, {count} classes of the domain] and "
+                             f"max_shots >= 0, got {self.ways}, {self.max_shots}")
         if not 0.0 <= self.anonymised <= 1.0:
             raise ValueError(f"anonymised must be in [0, 1], got {self.anonymised}")
+
+    @property
+    def class_ids(self) -> range:
+        """The domain's classes: the training classes, or the held-out ones (``"new"``: the
+        domain a pretrained model is fine-tuned on)."""
+        classes = self.classes
+        return classes.held_out if self.domain == "new" else range(classes.train_classes)
 
     @property
     def classes(self) -> Classes:
@@ -167,8 +183,9 @@ class EpisodesCorpus:
         classes = self.classes
         tokens: list[int] = []
         while len(tokens) < length:
-            ways = rng.choice(classes.train_classes, self.ways, replace=False)
-            shots = int(rng.integers(1, self.max_shots + 1))
+            ways = rng.choice(self.class_ids, self.ways, replace=False)
+            shots = int(rng.integers(0, self.max_shots + 1)) if self.domain == "new" else int(
+                rng.integers(1, self.max_shots + 1))
             ep, answer, _ = episode(rng, classes, ways, shots,
                                     anonymised=bool(rng.random() < self.anonymised))
             tokens += ep + [answer, classes.separator]

@@ -50,6 +50,13 @@
 
       python -m mmjax.eval icl_anonymized --seeds 0,1,2 --output /tmp/icl
 
+* ``finetune_speed``: the v2 paper's fine-tuning efficiency. Pretrains MM v2, LLaMA and MM
+  v2 without long-term memory as ``icl_anonymized`` does, fine-tunes each on the held-out
+  classes and measures zero-shot accuracy on them after 0 to 800 mini-batches
+  (:mod:`mmjax.eval.finetune_speed`)::
+
+      python -m mmjax.eval finetune_speed --seeds 0,1,2 --output /tmp/finetune
+
 The ``retrieval`` evaluation lives in :mod:`mmjax.eval.needles`, ``attention`` in
 :mod:`mmjax.eval.attention_maps`. Exit status (:mod:`mmjax.cli`): 0, 2 for bad flags, 1 with
 one line on stderr for other bad input (a workdir without a checkpoint, a context a model
@@ -133,6 +140,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.add_argument("--shots", type=_ints, default=[1, 2, 4, 8, 16, 32, 64])
     a.add_argument("--tasks", type=int, default=64)
     a.add_argument("--output", default=None, help="directory for icl_anonymized.json, .png")
+    f = sub.add_parser("finetune_speed", help="v2 study: zero-shot accuracy on new classes "
+                       "after 0 to 800 fine-tuning mini-batches")
+    f.add_argument("--seeds", type=_ints, default=[0, 1, 2])
+    f.add_argument("--steps", type=int, default=800, help="pretraining steps")
+    f.add_argument("--models", default="v2,llama,v2_no_long_term")
+    f.add_argument("--batches", type=_ints, default=[0, 1, 2, 8, 32, 800])
+    f.add_argument("--tasks", type=int, default=64)
+    f.add_argument("--output", default=None, help="directory for finetune_speed.json, .png")
     c = sub.add_parser("icl_classify", help="in-context classification")
     c.add_argument("--workdir", required=True)
     source = c.add_mutually_exclusive_group(required=True)
@@ -147,7 +162,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         if args.queries < 1 or (args.synthetic is not None and args.synthetic < 2):
             p.error("--queries must be >= 1 and --synthetic >= 2")
         return args
-    if args.name in ("multidoc", "icl_anonymized"):
+    if args.name in ("multidoc", "icl_anonymized", "finetune_speed"):
         from mmjax.config import STUDY_MODELS
 
         args.models = (list(STUDY_MODELS) if args.models is None
@@ -155,10 +170,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         for m in args.models:
             if m not in STUDY_MODELS:
                 p.error(f"--models: unknown model {m!r}; choose from {STUDY_MODELS}")
-        sizes = args.contexts if args.name == "multidoc" else args.shots
-        if args.steps < 1 or args.tasks < 1 or min(sizes) < 1:
-            p.error(f"--steps, --tasks and --{'contexts' if args.name == 'multidoc' else 'shots'}"
-                    " must be >= 1")
+        sizes = {"multidoc": "contexts", "icl_anonymized": "shots"}.get(args.name)
+        if args.steps < 1 or args.tasks < 1 or (sizes and min(getattr(args, sizes)) < 1):
+            p.error(f"--steps, --tasks and --{sizes or 'batches'} must be >= 1")
         return args
     if args.name == "retrieval":
         if args.tasks < 1 or min(args.contexts) < 1 or min(args.facts) < 1:
@@ -205,6 +219,14 @@ def main(argv=None) -> int:
         rows = multidoc.run(seeds=args.seeds, steps=args.steps, models=args.models,
                             contexts=args.contexts, num_tasks=args.tasks, output=args.output)
         print(studies.format_table(rows, "exact match at", multidoc.PAPER), flush=True)
+        return 0
+    if args.name == "finetune_speed":
+        from mmjax.eval import finetune_speed, studies
+
+        rows = finetune_speed.run(seeds=args.seeds, pretrain_steps=args.steps,
+                                  batches=args.batches, models=args.models,
+                                  num_tasks=args.tasks, output=args.output)
+        print(studies.format_table(rows, "batches"), flush=True)
         return 0
     if args.name == "icl_anonymized":
         from mmjax.eval import icl_anonymized, studies

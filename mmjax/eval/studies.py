@@ -83,9 +83,10 @@ def format_table(rows: list[dict], x_label: str, paper: dict | None = None) -> s
 
 
 def write(rows: list[dict], output: str, name: str, *, x_label: str, y_label: str,
-          title: str, log_x: bool = True) -> pathlib.Path:
+          title: str, x_scale: str = "log") -> pathlib.Path:
     """``name.json`` (the rows and their summary) and ``name.png`` (mean ± std per model)
-    in ``output``; returns the PNG's path."""
+    in ``output``; returns the PNG's path. ``x_scale``: ``"log"`` (base 2), ``"symlog"``
+    (when ``x`` starts at 0) or ``"linear"``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -102,8 +103,10 @@ def write(rows: list[dict], output: str, name: str, *, x_label: str, y_label: st
         xs = list(by_x)
         ax.errorbar(xs, [by_x[x][0] for x in xs], yerr=[by_x[x][1] for x in xs], marker="o",
                     capsize=3, label=model)
-    if log_x:
+    if x_scale == "log":
         ax.set_xscale("log", base=2)
+    elif x_scale == "symlog":
+        ax.set_xscale("symlog", base=2, linthresh=1)
     ax.set_xlabel(x_label)
     ax.set_ylabel(y_label)
     ax.set_title(title)
