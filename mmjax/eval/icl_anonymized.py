@@ -14,6 +14,8 @@ close the gap; what is and is not comparable: ``docs/results.md``.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import numpy as np
 
@@ -36,9 +38,15 @@ def tasks(seed: int, shots: int, num: int, *, anonymised: bool, classes: Classes
             np.asarray([r[2] for r in rows]))
 
 
+@functools.cache
+def _last_logits(model):
+    """The jitted logits of the last position (one per model: fine-tuning asks again)."""
+    return jax.jit(lambda p, x: model.apply({"params": p}, x)[:, -1])
+
+
 def accuracy(model, params, tokens, answers, candidates, batch_size: int = 16) -> float:
     """The fraction of episodes whose highest-logit candidate after the query is the answer."""
-    last = jax.jit(lambda p, x: model.apply({"params": p}, x)[:, -1])
+    last = _last_logits(model)
     right = []
     for i in range(0, len(tokens), batch_size):
         logits = np.asarray(last(params, tokens[i:i + batch_size]))
