@@ -320,24 +320,19 @@ STUDY_VOCAB = 128
 STUDY_CONTEXT = 512
 
 
-def episodes_config(model: str = "v2", *, steps: int = 800,
-                    seed: int = 0) -> ml_collections.ConfigDict:
-    """One run of the in-context classification study (``configs/episodes.py``, ``python -m
-    mmjax.eval icl_anonymized``): a model of :data:`STUDY_MODELS` on the ``episodes`` corpus
-    (:mod:`mmjax.data.episodes`), context 512."""
-    return pair_config(model, corpus="episodes", corpus_options={},
-                       vocab_size=STUDY_VOCAB, context=STUDY_CONTEXT, steps=steps,
-                       seed=seed)
+STUDY_CORPORA = ("multidoc", "episodes")
 
 
-def multidoc_config(model: str = "v2", *, steps: int = 800,
-                    seed: int = 0) -> ml_collections.ConfigDict:
-    """One run of the multi-document QA study (``configs/multidoc.py``, ``python -m mmjax.eval
-    multidoc``): a model of :data:`STUDY_MODELS` (:func:`pair_config`) on the ``multidoc``
-    corpus (:mod:`mmjax.data.multidoc`, vocabulary 128), context 512."""
-    return pair_config(model, corpus="multidoc", corpus_options={},
-                       vocab_size=STUDY_VOCAB, context=STUDY_CONTEXT, steps=steps,
-                       seed=seed)
+def study_config(model: str = "v2", *, corpus: str = "multidoc", steps: int = 800,
+                 seed: int = 0) -> ml_collections.ConfigDict:
+    """One run of a v2 study (``configs/studies.py``, ``python -m mmjax.eval multidoc``,
+    ``icl_anonymized``, ``finetune_speed``): a model of :data:`STUDY_MODELS`
+    (:func:`pair_config`) on the ``multidoc`` or ``episodes`` corpus
+    (:mod:`mmjax.data.multidoc`, :mod:`mmjax.data.episodes`), vocabulary 128, context 512."""
+    if corpus not in STUDY_CORPORA:
+        raise ValueError(f"corpus must be one of {STUDY_CORPORA}, got {corpus!r}")
+    return pair_config(model, corpus=corpus, corpus_options={}, vocab_size=STUDY_VOCAB,
+                       context=STUDY_CONTEXT, steps=steps, seed=seed)
 
 
 def icll_config(model: str = "mm", *, languages: int = 1000, steps: int = 600, seed: int = 0,

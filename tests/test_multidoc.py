@@ -77,7 +77,7 @@ def test_answers_come_only_from_the_context():
 
 def test_corpus_rows_answer_every_question_from_an_earlier_document_of_the_row():
     corpus = make_corpus("multidoc", seed=2)
-    lay = corpus.documents.layout
+    lay = corpus.layout
     batch = corpus.batch(0, 4, 512)
     assert batch.shape == (4, 512) and batch.dtype == np.int32
     np.testing.assert_array_equal(batch, corpus.batch(0, 4, 512))

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from mmjax.config import STUDY_MODELS, multidoc_config
+from mmjax.config import STUDY_MODELS, study_config
 from mmjax.eval import finetune_speed, icl_anonymized, multidoc, studies
 from mmjax.eval.__main__ import main, parse_args
 from mmjax.models import build_model
@@ -21,11 +21,18 @@ def _params(config) -> int:
 
 
 def test_the_study_models_have_equal_parameters_within_one_percent():
-    counts = {name: _params(multidoc_config(name)) for name in STUDY_MODELS}
+    counts = {name: _params(study_config(name)) for name in STUDY_MODELS}
     assert max(counts.values()) <= 1.01 * min(counts.values()), counts
-    names = {multidoc_config(name).model.name for name in STUDY_MODELS}
+    names = {study_config(name).model.name for name in STUDY_MODELS}
     assert names == {"memory_mosaic_v2", "llama", "llama_short_long", "memory_mosaic"}
-    assert not multidoc_config("v2_no_long_term").model.long_term
+    assert not study_config("v2_no_long_term").model.long_term
+
+
+def test_the_study_config_names_its_corpus():
+    assert study_config("llama", corpus="episodes").data.corpus == "episodes"
+    assert study_config().data.corpus == "multidoc" and study_config().model.vocab_size == 128
+    with pytest.raises(ValueError, match="corpus must be one of"):
+        study_config(corpus="recall")
 
 
 def test_unequal_models_are_refused():

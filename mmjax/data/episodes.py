@@ -27,6 +27,8 @@ import dataclasses
 
 import numpy as np
 
+from mmjax.data.rows import RowCorpus
+
 
 @dataclasses.dataclass(frozen=True)
 class Classes:
@@ -39,7 +41,8 @@ class Classes:
       typical: typical feature ids per class.
       input_length: feature ids per input.
       signal: probability that an input id is one of its class's typical ids.
-      seed: the seed of the classes themselves (the same world for every corpus seed).
+      class_seed: the seed of the classes themselves (the same world for every corpus
+        seed).
     """
 
     vocab_size: int = 128
@@ -49,7 +52,7 @@ class Classes:
     typical: int = 6
     input_length: int = 6
     signal: float = 0.7
-    seed: int = 1234
+    class_seed: int = 1234
 
     def __post_init__(self):
         if self.features < 2 * self.typical or self.labels < 2:
@@ -88,7 +91,7 @@ class Classes:
 
     def typical_ids(self, c: int) -> np.ndarray:
         """Class ``c``'s typical feature ids (fixed by ``seed``)."""
-        rng = np.random.default_rng([self.seed, c])
+        rng = np.random.default_rng([self.class_seed, c])
         return rng.choice(self.features, self.typical, replace=False)
 
     def semantic_label(self, c: int) -> int:
@@ -127,26 +130,18 @@ DOMAINS = ("pretrain", "new")
 
 
 @dataclasses.dataclass(frozen=True)
-class EpisodesCorpus:
+class EpisodesCorpus(Classes, RowCorpus):
     """Pretraining rows of episodes of the training classes, separated by ``SEP``, each with
     ``ways`` classes, 1 to ``max_shots`` shots and its query's answer; half of the episodes
     with semantic labels, half anonymised (``anonymised`` their share). ``domain="new"``:
     episodes of the held-out classes with 0 to ``max_shots`` shots instead (fine-tuning on
     a new domain).
 
-    Attributes: those of :class:`Classes` (``class_seed`` its ``seed``), and ``ways``,
-    ``max_shots``, ``anonymised``, ``domain``, ``seed`` (base seed; batches are a pure
-    function of ``(seed, split, step)``).
+    Attributes: those of :class:`Classes`, and ``ways``, ``max_shots``, ``anonymised``,
+    ``domain``, ``seed`` (base seed; batches are a pure function of ``(seed, split,
+    step)``).
     """
 
-    vocab_size: int = 128
-    labels: int = 32
-    train_classes: int = 24
-    held_out_classes: int = 8
-    typical: int = 6
-    input_length: int = 6
-    signal: float = 0.7
-    class_seed: int = 1234
     ways: int = 4
     max_shots: int = 32
     anonymised: float = 0.5
@@ -154,6 +149,7 @@ class EpisodesCorpus:
     seed: int = 0
 
     def __post_init__(self):
+        super().__post_init__()
         if self.domain not in DOMAINS:
             raise ValueError(f"domain must be one of {DOMAINS}, got {self.domain!r}")
         count = len(self.class_ids)
@@ -167,36 +163,16 @@ class EpisodesCorpus:
     def class_ids(self) -> range:
         """The domain's classes: the training classes, or the held-out ones (``"new"``: the
         domain a pretrained model is fine-tuned on)."""
-        classes = self.classes
-        return classes.held_out if self.domain == "new" else range(classes.train_classes)
-
-    @property
-    def classes(self) -> Classes:
-        return Classes(vocab_size=self.vocab_size, labels=self.labels,
-                       train_classes=self.train_classes,
-                       held_out_classes=self.held_out_classes, typical=self.typical,
-                       input_length=self.input_length, signal=self.signal,
-                       seed=self.class_seed)
+        return self.held_out if self.domain == "new" else range(self.train_classes)
 
     def row(self, rng: np.random.Generator, length: int) -> np.ndarray:
         """One row of ``length`` tokens."""
-        classes = self.classes
         tokens: list[int] = []
         while len(tokens) < length:
             ways = rng.choice(self.class_ids, self.ways, replace=False)
             shots = int(rng.integers(0, self.max_shots + 1)) if self.domain == "new" else int(
                 rng.integers(1, self.max_shots + 1))
-            ep, answer, _ = episode(rng, classes, ways, shots,
+            ep, answer, _ = episode(rng, self, ways, shots,
                                     anonymised=bool(rng.random() < self.anonymised))
-            tokens += ep + [answer, classes.separator]
+            tokens += ep + [answer, self.separator]
         return np.asarray(tokens[:length], np.int32)
-
-    def batch(self, step: int, batch_size: int, length: int, *, split: str = "train"):
-        """The batch of a given step: ``[batch_size, length]`` tokens, deterministic."""
-        split_id = {"train": 0, "eval": 1}.get(split)
-        if split_id is None:
-            raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
-        if batch_size < 1 or length < 1:
-            raise ValueError(f"batch_size and length must be >= 1, got {batch_size}, {length}")
-        rng = np.random.default_rng([self.seed, split_id, step])
-        return np.stack([self.row(rng, length) for _ in range(batch_size)])

@@ -28,6 +28,8 @@ import dataclasses
 
 import numpy as np
 
+from mmjax.data.rows import RowCorpus
+
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
@@ -165,7 +167,7 @@ def multidoc_task(rng: np.random.Generator, *, context: int,
 
 
 @dataclasses.dataclass(frozen=True)
-class MultidocCorpus:
+class MultidocCorpus(Documents, RowCorpus):
     """Rows of documents and questions about earlier documents of the row, each followed by
     its answer and ``END``: after each document, ``questions`` questions (about any complete
     document so far, uniformly) follow with probability ``ask``.
@@ -176,53 +178,28 @@ class MultidocCorpus:
       seed: base seed; batches are a pure function of ``(seed, split, step)``.
     """
 
-    vocab_size: int = 128
-    relations: int = 8
-    entity_ids: int = 16
-    entity_length: int = 2
-    value_length: int = 2
-    attributes: int = 3
-    reuse: float = 0.5
     ask: float = 0.5
     questions: int = 2
     seed: int = 0
 
     def __post_init__(self):
-        Documents(**self._document_settings())  # one-line errors for bad settings
+        super().__post_init__()
         if not 0.0 <= self.ask <= 1.0 or self.questions < 1:
             raise ValueError(f"ask must be in [0, 1] and questions >= 1, got {self.ask}, "
                              f"{self.questions}")
 
-    def _document_settings(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(Documents)}
-
-    @property
-    def documents(self) -> Documents:
-        return Documents(**self._document_settings())
-
     def row(self, rng: np.random.Generator, length: int) -> np.ndarray:
         """One row of ``length`` tokens."""
-        documents = self.documents
-        lay = documents.layout
+        lay = self.layout
         stated: dict = {}
         tokens: list[int] = []
         while len(tokens) < length:
-            doc, facts = documents.document(rng, stated)
+            doc, facts = self.document(rng, stated)
             _add(stated, facts)
             tokens += doc
             if rng.random() < self.ask:
                 pairs = [pair for facts in stated.values() for pair in facts.items()]
                 for i in rng.integers(len(pairs), size=self.questions):
                     (entity, relation), value = pairs[int(i)]
-                    tokens += documents.question(entity, relation) + [*value, lay.end]
+                    tokens += self.question(entity, relation) + [*value, lay.end]
         return np.asarray(tokens[:length], np.int32)
-
-    def batch(self, step: int, batch_size: int, length: int, *, split: str = "train"):
-        """The batch of a given step: ``[batch_size, length]`` tokens, deterministic."""
-        split_id = {"train": 0, "eval": 1}.get(split)
-        if split_id is None:
-            raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
-        if batch_size < 1 or length < 1:
-            raise ValueError(f"batch_size and length must be >= 1, got {batch_size}, {length}")
-        rng = np.random.default_rng([self.seed, split_id, step])
-        return np.stack([self.row(rng, length) for _ in range(batch_size)])

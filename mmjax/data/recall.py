@@ -20,6 +20,8 @@ import dataclasses
 
 import numpy as np
 
+from mmjax.data.rows import RowCorpus
+
 
 def markers(vocab_size: int) -> tuple[int, int, int]:
     """``(KEY, VAL, QUERY)``: the three highest ids."""
@@ -74,7 +76,7 @@ def needle(rng: np.random.Generator, *, vocab_size: int, context: int, facts: in
 
 
 @dataclasses.dataclass(frozen=True)
-class RecallCorpus:
+class RecallCorpus(RowCorpus):
     """Rows of facts, queries of earlier facts and filler, for the trainer.
 
     Each segment of a row is, with probabilities ``(fact, query, filler)`` = ``(0.35, 0.35,
@@ -122,13 +124,3 @@ class RecallCorpus:
                 run = int(rng.integers(1, self.max_filler + 1))
                 tokens += _ids(rng, self.vocab_size, run)
         return np.asarray(tokens[:length], np.int32)
-
-    def batch(self, step: int, batch_size: int, length: int, *, split: str = "train"):
-        """The batch of a given step: ``[batch_size, length]`` tokens, deterministic."""
-        split_id = {"train": 0, "eval": 1}.get(split)
-        if split_id is None:
-            raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
-        if batch_size < 1 or length < 1:
-            raise ValueError(f"batch_size and length must be >= 1, got {batch_size}, {length}")
-        rng = np.random.default_rng([self.seed, split_id, step])
-        return np.stack([self.row(rng, length) for _ in range(batch_size)])

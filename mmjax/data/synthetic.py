@@ -23,6 +23,7 @@ from mmjax.data.episodes import EpisodesCorpus
 from mmjax.data.icll import ICLLCorpus
 from mmjax.data.multidoc import MultidocCorpus
 from mmjax.data.recall import RecallCorpus
+from mmjax.data.rows import batch_rng
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,11 +73,7 @@ class PFACorpus:
 
     def batch(self, step: int, batch_size: int, length: int, *, split: str = "train"):
         """The batch of a given step: ``[batch_size, length]`` tokens, deterministic."""
-        split_id = {"train": 0, "eval": 1}.get(split)
-        if split_id is None:
-            raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
-        rng = np.random.default_rng([self.seed, split_id, step])
-        return self.sample(rng, batch_size, length)
+        return self.sample(batch_rng(self.seed, split, step), batch_size, length)
 
 
 _CORPORA = {"pfa": PFACorpus, "icll": ICLLCorpus, "recall": RecallCorpus,

@@ -124,30 +124,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     r.add_argument("--page", type=int, default=None,
                    help="pairs per page with --memory paged (default: the run's)")
     r.add_argument("--output", default=None, help="directory for retrieval.json")
-    m = sub.add_parser("multidoc", help="v2 study: multi-document QA past the training "
-                       "length, every study model trained side by side")
-    m.add_argument("--seeds", type=_ints, default=[0, 1, 2])
-    m.add_argument("--steps", type=int, default=800)
-    m.add_argument("--models", default=None, help="comma-separated (default: all five)")
-    m.add_argument("--contexts", type=_ints, default=[512, 1024, 2048, 4096])
-    m.add_argument("--tasks", type=int, default=32)
-    m.add_argument("--output", default=None, help="directory for multidoc.json and .png")
-    a = sub.add_parser("icl_anonymized", help="v2 study: in-context classification of "
-                       "held-out classes as shots grow, semantic and anonymised labels")
-    a.add_argument("--seeds", type=_ints, default=[0, 1, 2])
-    a.add_argument("--steps", type=int, default=800)
-    a.add_argument("--models", default=None, help="comma-separated (default: all five)")
-    a.add_argument("--shots", type=_ints, default=[1, 2, 4, 8, 16, 32, 64])
-    a.add_argument("--tasks", type=int, default=64)
-    a.add_argument("--output", default=None, help="directory for icl_anonymized.json, .png")
-    f = sub.add_parser("finetune_speed", help="v2 study: zero-shot accuracy on new classes "
-                       "after 0 to 800 fine-tuning mini-batches")
-    f.add_argument("--seeds", type=_ints, default=[0, 1, 2])
-    f.add_argument("--steps", type=int, default=800, help="pretraining steps")
-    f.add_argument("--models", default="v2,llama,v2_no_long_term")
-    f.add_argument("--batches", type=_ints, default=[0, 1, 2, 8, 32, 800])
-    f.add_argument("--tasks", type=int, default=64)
-    f.add_argument("--output", default=None, help="directory for finetune_speed.json, .png")
+    studies = (
+        ("multidoc", "v2 study: multi-document QA past the training length",
+         None, ("--contexts", [512, 1024, 2048, 4096]), 32),
+        ("icl_anonymized", "v2 study: in-context classification of held-out classes as "
+         "shots grow, semantic and anonymised labels", None,
+         ("--shots", [1, 2, 4, 8, 16, 32, 64]), 64),
+        ("finetune_speed", "v2 study: zero-shot accuracy on new classes after 0 to 800 "
+         "fine-tuning mini-batches", "v2,llama,v2_no_long_term",
+         ("--batches", [0, 1, 2, 8, 32, 800]), 64),
+    )
+    for name, text, models, (sizes, default_sizes), tasks in studies:
+        q = sub.add_parser(name, help=text)
+        q.add_argument("--seeds", type=_ints, default=[0, 1, 2])
+        q.add_argument("--steps", type=int, default=800, help="(pre)training steps")
+        q.add_argument("--models", default=models,
+                       help="comma-separated (default: " + (models or "all five") + ")")
+        q.add_argument(sizes, type=_ints, default=default_sizes)
+        q.add_argument("--tasks", type=int, default=tasks)
+        q.add_argument("--output", default=None, help=f"directory for {name}.json and .png")
     c = sub.add_parser("icl_classify", help="in-context classification")
     c.add_argument("--workdir", required=True)
     source = c.add_mutually_exclusive_group(required=True)

@@ -2,7 +2,7 @@
 efficiency): ``python -m mmjax.eval finetune_speed``.
 
 MM v2, LLaMA and MM v2 without long-term memory (equal in parameters) are pretrained on
-episodes of the training classes (:func:`mmjax.config.episodes_config`, as in
+episodes of the training classes (:func:`mmjax.config.study_config`, as in
 ``icl_anonymized``), then fine-tuned on episodes of the held-out classes with their
 semantic labels (:mod:`mmjax.data.episodes`, ``domain="new"``; AdamW at a constant 1e-3).
 After 0, 1, 2, 8, 32 and 800 fine-tuning mini-batches each model answers zero-shot queries
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import jax
 
-from mmjax.config import episodes_config
+from mmjax.config import study_config
 from mmjax.eval import icl_anonymized, studies
 
 BATCHES = (0, 1, 2, 8, 32, 800)
@@ -26,7 +26,7 @@ LEARNING_RATE = 1e-3
 
 def finetune_config(model: str, *, steps: int, seed: int = 0):
     """The fine-tuning run: the pretraining config on the new domain, a constant rate."""
-    config = episodes_config(model, steps=steps, seed=seed)
+    config = study_config(model, corpus="episodes", steps=steps, seed=seed)
     config.data.corpus_options = dict(domain="new", anonymised=0.0)
     config.optimizer.update(learning_rate=LEARNING_RATE, min_lr=LEARNING_RATE,
                             warmup_steps=0, total_steps=steps)
@@ -69,10 +69,9 @@ def run(*, seeds=(0,), pretrain_steps: int = 800, batches=BATCHES, models=MODELS
     ``output`` writes ``finetune_speed.json`` and ``.png`` there."""
     rows = []
     for seed in seeds:
-        trained = []
-        for name in models:
-            model = studies.train(name, episodes_config(name, steps=pretrain_steps, seed=seed))
-            trained.append(model)
+        for model in studies.trained_models(models, corpus="episodes",
+                                            steps=pretrain_steps, seed=seed):
+            name = model.name
             curve = finetune_curve(model, finetune_config(name, steps=max(max(batches), 1),
                                                           seed=seed),
                                    batches, seed=seed, num_tasks=num_tasks)
@@ -82,7 +81,6 @@ def run(*, seeds=(0,), pretrain_steps: int = 800, batches=BATCHES, models=MODELS
             log(f"seed {seed} {name} ({model.num_params:,} parameters): zero-shot accuracy "
                 + " ".join(f"{v:.2f}" for v in curve.values())
                 + f" after {list(curve)} fine-tuning batches")
-        studies.check_equal_size(trained)
     if output is not None:
         studies.write(rows, output, "finetune_speed", x_label="fine-tuning mini-batches",
                       y_label="zero-shot accuracy, new classes",

@@ -2,7 +2,7 @@
 paper's in-context learning): ``python -m mmjax.eval icl_anonymized``.
 
 Each model of :data:`mmjax.config.STUDY_MODELS` is pretrained at context 512 on episodes of
-the training classes (:mod:`mmjax.data.episodes`, :func:`mmjax.config.episodes_config`),
+the training classes (:mod:`mmjax.data.episodes`, :func:`mmjax.config.study_config`),
 then shown 1, 2, 4, ..., 64 shots of 4 held-out classes and a query. The prediction is the
 episode's candidate label with the highest logit after the query (no sampling); accuracy is
 the fraction right. With anonymised labels only the shots say which label is which class;
@@ -19,7 +19,7 @@ import functools
 import jax
 import numpy as np
 
-from mmjax.config import STUDY_CONTEXT, STUDY_MODELS, episodes_config
+from mmjax.config import STUDY_CONTEXT, STUDY_MODELS
 from mmjax.data.episodes import Classes, episode
 from mmjax.eval import studies
 
@@ -65,10 +65,9 @@ def run(*, seeds=(0,), steps: int = 800, models=STUDY_MODELS, shots=SHOTS,
     ``.png`` there."""
     rows = []
     for seed in seeds:
-        trained = []
-        for name in models:
-            model = studies.train(name, episodes_config(name, steps=steps, seed=seed))
-            trained.append(model)
+        for model in studies.trained_models(models, corpus="episodes", steps=steps,
+                                            seed=seed):
+            name = model.name
             for kind in KINDS:
                 for k in shots:
                     value = accuracy(model.model, model.params,
@@ -80,7 +79,6 @@ def run(*, seeds=(0,), steps: int = 800, models=STUDY_MODELS, shots=SHOTS,
                     f"{model.seconds:.0f} s), {kind} labels: accuracy "
                     + " ".join(f"{r['value']:.2f}" for r in rows[-len(shots):])
                     + f" at {list(shots)} shots")
-        studies.check_equal_size(trained)
     if output is not None:
         studies.write(rows, output, "icl_anonymized", x_label="shots", y_label="accuracy",
                       title=f"{WAYS}-way classification of held-out classes, trained at "

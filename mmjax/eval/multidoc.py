@@ -2,7 +2,7 @@
 answering): ``python -m mmjax.eval multidoc``.
 
 Each model of :data:`mmjax.config.STUDY_MODELS` is trained at context 512
-(:func:`mmjax.config.multidoc_config`, ``configs/multidoc.py``) on the
+(:func:`mmjax.config.study_config`, ``configs/studies.py``) on the
 ``multidoc`` corpus (:mod:`mmjax.data.multidoc`: documents of facts about entities, and
 questions about earlier documents of the row), then asked questions at the end of prompts
 of 512, 1k, 2k and 4k tokens (:func:`mmjax.data.multidoc.multidoc_task`, up to 8x the
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mmjax.config import STUDY_CONTEXT, STUDY_MODELS, multidoc_config
+from mmjax.config import STUDY_CONTEXT, STUDY_MODELS
 from mmjax.data.multidoc import Documents, multidoc_task
 from mmjax.eval import studies
 from mmjax.eval.needles import continue_greedily
@@ -52,17 +52,15 @@ def run(*, seeds=(0,), steps: int = 800, models=STUDY_MODELS, contexts=CONTEXTS,
     writes ``multidoc.json`` and ``multidoc.png`` there."""
     rows = []
     for seed in seeds:
-        trained = []
-        for name in models:
-            model = studies.train(name, multidoc_config(name, steps=steps, seed=seed))
-            trained.append(model)
+        for model in studies.trained_models(models, corpus="multidoc", steps=steps,
+                                            seed=seed):
+            name = model.name
             for context in contexts:
                 value = exact_match(model.model, model.params, tasks(seed, context, num_tasks))
                 rows.append({"model": name, "seed": seed, "x": context, "value": value,
                              "params": model.num_params, "train_seconds": model.seconds})
                 log(f"seed {seed} {name} ({model.num_params:,} parameters, trained in "
                     f"{model.seconds:.0f} s): exact match {value:.3f} at {context}")
-        studies.check_equal_size(trained)
     if output is not None:
         studies.write(rows, output, "multidoc", x_label="context (tokens)",
                       y_label="exact match",

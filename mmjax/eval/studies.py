@@ -47,6 +47,19 @@ def train(name: str, config) -> TrainedModel:
                         seconds=time.perf_counter() - start)
 
 
+def trained_models(names, *, corpus: str, steps: int, seed: int):
+    """Train each model of ``names`` on ``corpus`` (:func:`mmjax.config.study_config`) in
+    turn, yielding it as soon as it is trained; at the end, refuse models of unequal size."""
+    from mmjax.config import study_config
+
+    done = []
+    for name in names:
+        model = train(name, study_config(name, corpus=corpus, steps=steps, seed=seed))
+        done.append(model)
+        yield model
+    check_equal_size(done)
+
+
 def check_equal_size(trained: list[TrainedModel], tolerance: float = 0.02) -> None:
     """Raise when a study's models differ in parameters by more than ``tolerance``."""
     counts = {t.name: t.num_params for t in trained}
