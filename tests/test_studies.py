@@ -94,6 +94,7 @@ def test_the_multidoc_command_trains_measures_and_writes(tmp_path, capsys):
     (["multidoc", "--steps", "0"], "--steps, --tasks and --contexts must be >= 1"),
     (["icl_anonymized", "--shots", "0"], "--steps, --tasks and --shots must be >= 1"),
     (["icl_anonymized", "--models", "mm"], "unknown model 'mm'"),
+    (["finetune_speed", "--learning_rates", "0"], "expected positive numbers"),
 ])
 def test_bad_multidoc_flags_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -174,3 +175,21 @@ def test_finetuning_teaches_the_new_classes():
     config.optimizer.update(learning_rate=3e-3, min_lr=3e-3)
     curve = finetune_speed.finetune_curve(pretrained, config, (0, 150), seed=0, num_tasks=128)
     assert curve[0] < 0.4 and curve[150] > curve[0] + 0.15, curve  # from chance (0.25)
+
+
+def test_every_model_gets_the_same_rates_and_keeps_its_best(monkeypatch):
+    seen = []
+
+    def fake(name, config):
+        rate = config.optimizer.learning_rate
+        seen.append((name, rate))
+        best = 1e-3 if name == "llama" else 3e-3
+        return studies.TrainedModel(name, None, {}, 100, abs(rate - best), 0.0)
+
+    monkeypatch.setattr(studies, "train", fake)
+    got = list(studies.trained_models(("v2", "llama"), corpus="multidoc", steps=2, seed=0,
+                                      learning_rates=(1e-3, 3e-3)))
+    assert seen == [("v2", 1e-3), ("v2", 3e-3), ("llama", 1e-3), ("llama", 3e-3)]
+    assert [(m.name, m.learning_rate) for m in got] == [("v2", 3e-3), ("llama", 1e-3)]
+    assert parse_args(["multidoc", "--learning_rates", "1e-3,3e-3"]).learning_rates == [
+        1e-3, 3e-3]

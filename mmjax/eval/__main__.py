@@ -82,6 +82,17 @@ def _ints(text: str) -> list[int]:
     return values
 
 
+def _rates(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}") from None
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
+    return values
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = cli.ArgumentParser(prog="python -m mmjax.eval", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="name", required=True)
@@ -138,6 +149,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         q = sub.add_parser(name, help=text)
         q.add_argument("--seeds", type=_ints, default=[0, 1, 2])
         q.add_argument("--steps", type=int, default=800, help="(pre)training steps")
+        q.add_argument("--learning_rates", type=_rates, default=[3e-3],
+                       help="peak rates tried for every model (the lowest held-out loss "
+                       "is kept)")
         q.add_argument("--models", default=models,
                        help="comma-separated (default: " + (models or "all five") + ")")
         q.add_argument(sizes, type=_ints, default=default_sizes)
@@ -211,7 +225,8 @@ def main(argv=None) -> int:
     if args.name == "multidoc":
         from mmjax.eval import multidoc, studies
 
-        rows = multidoc.run(seeds=args.seeds, steps=args.steps, models=args.models,
+        rows = multidoc.run(seeds=args.seeds, steps=args.steps,
+                            learning_rates=args.learning_rates, models=args.models,
                             contexts=args.contexts, num_tasks=args.tasks, output=args.output)
         print(studies.format_table(rows, "exact match at", multidoc.PAPER), flush=True)
         return 0
@@ -219,6 +234,7 @@ def main(argv=None) -> int:
         from mmjax.eval import finetune_speed, studies
 
         rows = finetune_speed.run(seeds=args.seeds, pretrain_steps=args.steps,
+                                  learning_rates=args.learning_rates,
                                   batches=args.batches, models=args.models,
                                   num_tasks=args.tasks, output=args.output)
         print(studies.format_table(rows, "batches"), flush=True)
@@ -226,7 +242,8 @@ def main(argv=None) -> int:
     if args.name == "icl_anonymized":
         from mmjax.eval import icl_anonymized, studies
 
-        rows = icl_anonymized.run(seeds=args.seeds, steps=args.steps, models=args.models,
+        rows = icl_anonymized.run(seeds=args.seeds, steps=args.steps,
+                                  learning_rates=args.learning_rates, models=args.models,
                                   shots=args.shots, num_tasks=args.tasks, output=args.output)
         print(studies.format_table(rows, "shots"), flush=True)
         return 0

@@ -62,22 +62,23 @@ def finetune_curve(pretrained: studies.TrainedModel, config, batches, *, seed: i
         trainer.close()
 
 
-def run(*, seeds=(0,), pretrain_steps: int = 800, batches=BATCHES, models=MODELS,
-        num_tasks: int = 64, output: str | None = None, log=print) -> list[dict]:
+def run(*, seeds=(0,), pretrain_steps: int = 800, learning_rates=(3e-3,), batches=BATCHES,
+        models=MODELS, num_tasks: int = 64, output: str | None = None, log=print) -> list[dict]:
     """Pretrain each model with each seed, fine-tune it and measure the zero-shot accuracy on
     the new domain after each number of ``batches``. Rows: :mod:`mmjax.eval.studies`; with
     ``output`` writes ``finetune_speed.json`` and ``.png`` there."""
     rows = []
     for seed in seeds:
         for model in studies.trained_models(models, corpus="episodes",
-                                            steps=pretrain_steps, seed=seed):
+                                            steps=pretrain_steps, seed=seed,
+                                            learning_rates=learning_rates):
             name = model.name
             curve = finetune_curve(model, finetune_config(name, steps=max(max(batches), 1),
                                                           seed=seed),
                                    batches, seed=seed, num_tasks=num_tasks)
             for k, value in curve.items():
                 rows.append({"model": name, "seed": seed, "x": k, "value": value,
-                             "params": model.num_params, "train_seconds": model.seconds})
+                             **studies.describe(model)})
             log(f"seed {seed} {name} ({model.num_params:,} parameters): zero-shot accuracy "
                 + " ".join(f"{v:.2f}" for v in curve.values())
                 + f" after {list(curve)} fine-tuning batches")

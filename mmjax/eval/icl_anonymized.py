@@ -57,8 +57,9 @@ def accuracy(model, params, tokens, answers, candidates, batch_size: int = 16) -
     return float(np.mean(right))
 
 
-def run(*, seeds=(0,), steps: int = 800, models=STUDY_MODELS, shots=SHOTS,
-        num_tasks: int = 64, output: str | None = None, log=print) -> list[dict]:
+def run(*, seeds=(0,), steps: int = 800, learning_rates=(3e-3,), models=STUDY_MODELS,
+        shots=SHOTS, num_tasks: int = 64, output: str | None = None,
+        log=print) -> list[dict]:
     """Pretrain each model with each seed and measure its accuracy at each number of shots,
     with semantic and anonymised labels. Rows (:mod:`mmjax.eval.studies`) name the model and
     the label kind (``"v2, anonymised"``); with ``output`` writes ``icl_anonymized.json`` and
@@ -66,15 +67,14 @@ def run(*, seeds=(0,), steps: int = 800, models=STUDY_MODELS, shots=SHOTS,
     rows = []
     for seed in seeds:
         for model in studies.trained_models(models, corpus="episodes", steps=steps,
-                                            seed=seed):
+                                            seed=seed, learning_rates=learning_rates):
             name = model.name
             for kind in KINDS:
                 for k in shots:
                     value = accuracy(model.model, model.params,
                                      *tasks(seed, k, num_tasks, anonymised=kind == KINDS[1]))
                     rows.append({"model": f"{name}, {kind}", "seed": seed, "x": k,
-                                 "value": value, "params": model.num_params,
-                                 "train_seconds": model.seconds})
+                                 "value": value, **studies.describe(model)})
                 log(f"seed {seed} {name} ({model.num_params:,} parameters, trained in "
                     f"{model.seconds:.0f} s), {kind} labels: accuracy "
                     + " ".join(f"{r['value']:.2f}" for r in rows[-len(shots):])

@@ -44,8 +44,9 @@ def exact_match(model, params, questions) -> float:
                                                                         strict=True)]))
 
 
-def run(*, seeds=(0,), steps: int = 800, models=STUDY_MODELS, contexts=CONTEXTS,
-        num_tasks: int = 32, output: str | None = None, log=print) -> list[dict]:
+def run(*, seeds=(0,), steps: int = 800, learning_rates=(3e-3,), models=STUDY_MODELS,
+        contexts=CONTEXTS, num_tasks: int = 32, output: str | None = None,
+        log=print) -> list[dict]:
     """Train each model with each seed and measure its exact match at each context.
 
     Returns one row per (model, seed, context) (:mod:`mmjax.eval.studies`); with ``output``
@@ -53,12 +54,12 @@ def run(*, seeds=(0,), steps: int = 800, models=STUDY_MODELS, contexts=CONTEXTS,
     rows = []
     for seed in seeds:
         for model in studies.trained_models(models, corpus="multidoc", steps=steps,
-                                            seed=seed):
+                                            seed=seed, learning_rates=learning_rates):
             name = model.name
             for context in contexts:
                 value = exact_match(model.model, model.params, tasks(seed, context, num_tasks))
                 rows.append({"model": name, "seed": seed, "x": context, "value": value,
-                             "params": model.num_params, "train_seconds": model.seconds})
+                             **studies.describe(model)})
                 log(f"seed {seed} {name} ({model.num_params:,} parameters, trained in "
                     f"{model.seconds:.0f} s): exact match {value:.3f} at {context}")
     if output is not None:

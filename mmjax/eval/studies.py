@@ -7,7 +7,7 @@ A study (``python -m mmjax.eval multidoc``, ...) trains each model of
 memory, MM v1, equal in parameters) from its :func:`mmjax.config.pair_config` on a
 generated corpus, for each seed, and measures each trained model at a series of settings
 (``x``: a context length, a number of shots, ...). A row is ``{"model", "seed", "x",
-"value", "params", "train_seconds"}``.
+"value"}`` and :func:`describe` of the model.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ class TrainedModel:
     num_params: int
     eval_loss: float
     seconds: float
+    learning_rate: float | None = None
 
 
 def train(name: str, config) -> TrainedModel:
@@ -47,17 +48,33 @@ def train(name: str, config) -> TrainedModel:
                         seconds=time.perf_counter() - start)
 
 
-def trained_models(names, *, corpus: str, steps: int, seed: int):
+def trained_models(names, *, corpus: str, steps: int, seed: int,
+                   learning_rates=(3e-3,)):
     """Train each model of ``names`` on ``corpus`` (:func:`mmjax.config.study_config`) in
-    turn, yielding it as soon as it is trained; at the end, refuse models of unequal size."""
+    turn, yielding it as soon as it is trained; at the end, refuse models of unequal size.
+
+    ``learning_rates``: the tuning budget, the same for every model: each is trained at
+    each peak rate and the one with the lowest held-out loss is kept."""
     from mmjax.config import study_config
 
     done = []
     for name in names:
-        model = train(name, study_config(name, corpus=corpus, steps=steps, seed=seed))
+        tried = []
+        for rate in learning_rates:
+            config = study_config(name, corpus=corpus, steps=steps, seed=seed)
+            config.optimizer.learning_rate = rate
+            config.optimizer.min_lr = min(config.optimizer.min_lr, rate)
+            tried.append(dataclasses.replace(train(name, config), learning_rate=rate))
+        model = min(tried, key=lambda t: t.eval_loss)
         done.append(model)
         yield model
     check_equal_size(done)
+
+
+def describe(model: TrainedModel) -> dict:
+    """What a study's rows record of the model they measure."""
+    return {"params": model.num_params, "train_seconds": model.seconds,
+            "learning_rate": model.learning_rate, "eval_loss": model.eval_loss}
 
 
 def check_equal_size(trained: list[TrainedModel], tolerance: float = 0.02) -> None:
