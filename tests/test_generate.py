@@ -154,32 +154,22 @@ def test_a_prompt_prefilled_in_two_parts_equals_one_prefill(name):
     np.testing.assert_allclose(parts, whole, atol=1e-5, rtol=0)
 
 
-def test_bfloat16_pages_halve_the_cache_and_stay_close():
+def test_narrow_pages_shrink_the_cache_and_stay_close():
+    """bfloat16 pages (kept as their bits on CPU) halve fp32's, int8 pages with a scale per
+    page quarter them; both move the logits a little."""
     model, params = _model("v2_paged")
-    narrow = build_model(dict(MODELS["v2_paged"], long_term_page_dtype="bfloat16"))
     tokens = jax.random.randint(jax.random.key(5), (2, 23), 0, VOCAB)
     full = _cached_logits(model, params, tokens, (7, 4), cache_length=26)
-    half = _cached_logits(narrow, params, tokens, (7, 4), cache_length=26)
     pages = lambda m: _empty_cache(m, params, 2, 26)["block_0"]["mixer"]["long_term"]
-    assert pages(narrow)["key_pages"].dtype == jnp.uint16  # bfloat16 bits (see cache.py)
-    assert pages(narrow)["key_pages"].nbytes * 2 == pages(model)["key_pages"].nbytes
-    assert half.dtype == jnp.float32
-    np.testing.assert_allclose(half, full, atol=0.05)
-    assert float(jnp.max(jnp.abs(half - full))) > 0  # the pages were rounded
-
-
-def test_int8_pages_quarter_the_cache_and_stay_close():
-    model, params = _model("v2_paged")
-    narrow = build_model(dict(MODELS["v2_paged"], long_term_page_dtype="int8"))
-    tokens = jax.random.randint(jax.random.key(5), (2, 23), 0, VOCAB)
-    full = _cached_logits(model, params, tokens, (7, 4), cache_length=26)
-    quarter = _cached_logits(narrow, params, tokens, (7, 4), cache_length=26)
-    pages = lambda m: _empty_cache(m, params, 2, 26)["block_0"]["mixer"]["long_term"]
-    assert pages(narrow)["key_pages"].dtype == jnp.int8
-    assert pages(narrow)["key_pages"].nbytes * 4 == pages(model)["key_pages"].nbytes
+    for dtype, stored, shrink in (("bfloat16", jnp.uint16, 2), ("int8", jnp.int8, 4)):
+        narrow = build_model(dict(MODELS["v2_paged"], long_term_page_dtype=dtype))
+        got = _cached_logits(narrow, params, tokens, (7, 4), cache_length=26)
+        assert pages(narrow)["key_pages"].dtype == stored  # bfloat16 bits: see cache.py
+        assert pages(narrow)["key_pages"].nbytes * shrink == pages(model)["key_pages"].nbytes
+        assert got.dtype == jnp.float32
+        np.testing.assert_allclose(got, full, atol=0.05)
+        assert float(jnp.max(jnp.abs(got - full))) > 0  # the pages were rounded
     assert pages(narrow)["key_scale"].shape == pages(narrow)["key_pages"].shape[:2]
-    np.testing.assert_allclose(quarter, full, atol=0.05)
-    assert float(jnp.max(jnp.abs(quarter - full))) > 0  # the pages were rounded
 
 
 @pytest.mark.parametrize("one_at_a_time", [True, False])
