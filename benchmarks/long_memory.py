@@ -122,7 +122,7 @@ def _fill(cache, seed: int):
                 continue
             shape_k, shape_v = node[keys].shape, node[values].shape
             if keys == "key_pages":  # [..., R, L] rows of a page: [..., U, D] pairs
-                width = node["page_lo"].shape[-1]
+                width = node["page_bounds"].shape[-1] // 2
                 shape_k = shape_k[:-2] + (shape_k[-2] * shape_k[-1] // width, width)
                 shape_v = shape_v[:-2] + (shape_v[-2] * shape_v[-1] // width, width)
             k = l2_normalize(jnp.asarray(rng.standard_normal(shape_k, np.float32)))
@@ -137,7 +137,7 @@ def _fill(cache, seed: int):
                             if k.dtype == bits else k)
             node[keys], node[values] = k.reshape(node[keys].shape), v.reshape(node[values].shape)
             if keys == "key_pages":
-                node["page_lo"], node["page_hi"] = page_bounds(stored_k)
+                node["page_bounds"] = page_bounds(stored_k)
         return node
 
     return fill(jax.tree.map(lambda x: x, cache))

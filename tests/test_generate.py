@@ -184,14 +184,14 @@ def test_int8_page_writes_keep_a_scale_per_page_and_exact_bounds(one_at_a_time):
     new = jax.random.normal(jax.random.key(6), (b, t, h, d)) * growing
     pages = jnp.zeros((b * h, 4, page, d), jnp.int8)
     scales = jnp.zeros((b * h, 4))
-    lo = hi = jnp.zeros((b * h, 4, d))
+    bounds = jnp.zeros((b * h, 4, 2 * d))
     last = jnp.full((b,), t - 1)
     calls = [(i, i + 1) for i in range(t)] if one_at_a_time else [(0, t)]
     for start, stop in calls:
         pos = jnp.broadcast_to(jnp.arange(start, stop), (b, stop - start))
         pages, scales = _write_quantized(pages, scales, new[:, start:stop], pos // page,
                                          pos % page)
-        lo, hi = _update_bounds(pages, lo, hi, pos // page, pos % page, new[:, start:stop],
+        bounds = _update_bounds(pages, bounds, pos // page, pos % page, new[:, start:stop],
                                 jnp.full((b,), stop - 1), page, jnp.int8, scales)
     truth = np.zeros((b * h, 4 * page, d), np.float32)
     truth[:, :t] = np.asarray(new).transpose(0, 2, 1, 3).reshape(b * h, t, d)
@@ -201,6 +201,7 @@ def test_int8_page_writes_keep_a_scale_per_page_and_exact_bounds(one_at_a_time):
     half = 0.5 * np.asarray(scales)[..., None, None] * (1 + 1e-4)
     assert np.all(np.abs(stored - truth) <= (2 if one_at_a_time else 1) * half)
     written = (np.arange(4 * page).reshape(4, page) <= np.asarray(last)[0])[None, :, :, None]
+    hi, lo = np.split(np.asarray(bounds), 2, axis=-1)
     np.testing.assert_array_equal(lo[:, :3], np.where(written, stored, np.inf).min(2)[:, :3])
     np.testing.assert_array_equal(hi[:, :3], np.where(written, stored, -np.inf).max(2)[:, :3])
 

@@ -16,6 +16,7 @@ from mmjax.ops.paged import (
     retrieve_from_pages,
     retrieve_paged,
     to_pages,
+    top_indices,
 )
 
 MASKS = [MaskSpec(), MaskSpec(skip=5), MaskSpec(window=7), MaskSpec(window=9, skip=3)]
@@ -87,6 +88,22 @@ def test_kept_pages_are_the_best_by_the_key_bound(mask, page_size, top):
     assert float(jnp.max(jnp.abs(got - exact))) > 1e-2
 
 
+@pytest.mark.parametrize("size,k", [(1003, 15), (16385, 15), (64, 3), (40, 1)])
+def test_two_stage_top_indices_are_top_k_s(size, k):
+    """Top-k over the maxima of groups, then over those groups: the same indices in the same
+    order as one top-k, with masked (-inf) scores and rows of fewer than k finite ones."""
+    rng = np.random.default_rng(size)
+    scores = rng.normal(size=(2, 3, size)).astype(np.float32)
+    scores[rng.random(scores.shape) < 0.5] = -np.inf
+    scores[1, 2, :] = -np.inf
+    scores[1, 2, [5, size - 1]] = [1.0, 2.0]  # two finite scores, one of them in no group
+    got = np.asarray(top_indices(jnp.asarray(scores), k))
+    want = np.asarray(jax.lax.top_k(jnp.asarray(scores), k)[1])
+    finite = np.isfinite(np.take_along_axis(scores, want, -1))
+    np.testing.assert_array_equal(np.where(finite, got, -1), np.where(finite, want, -1))
+    assert all(len(set(row)) == k for row in got.reshape(-1, k))  # no page twice
+
+
 def test_one_page_finds_a_needle_among_similar_keys():
     """Filler keys near one direction; the needle's key is the query's direction."""
     b, t, h, d = 1, 4096, 1, 16
@@ -139,7 +156,7 @@ def test_rows_that_see_nothing_are_zero_with_finite_gradients():
 def test_page_bounds_bound_every_score_of_their_page():
     q, k, _, _ = inputs(5, t=40)
     pages = to_pages(k, 8)  # [B * H, 5, 8, K]
-    lo, hi = page_bounds(pages)
+    hi, lo = np.split(np.asarray(page_bounds(pages)), 2, axis=-1)
     q_n = np.asarray(q).transpose(0, 2, 1, 3).reshape(pages.shape[0], 40, -1)
     bound = (np.einsum("nqk,nak->nqa", np.maximum(q_n, 0), hi)
              + np.einsum("nqk,nak->nqa", np.minimum(q_n, 0), lo))

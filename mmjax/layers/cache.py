@@ -251,9 +251,9 @@ def retrieve_with_cache(module: nn.Module, step: DecodeStep, pairs_k_BxTxHxK: Ar
 
 
 # The paged buffers of :func:`retrieve_with_pages`, by cache-variable name: the axis of their
-# pages, counted from the end (``[..., A, R, L]`` pages, ``[..., A, K]`` bounds, ``[..., A]``
+# pages, counted from the end (``[..., A, R, L]`` pages, ``[..., A, 2K]`` bounds, ``[..., A]``
 # scales of int8 pages).
-PAGE_AXES = {"key_pages": -3, "value_pages": -3, "page_lo": -2, "page_hi": -2,
+PAGE_AXES = {"key_pages": -3, "value_pages": -3, "page_bounds": -2,
              "key_scale": -1, "value_scale": -1}
 
 
@@ -267,7 +267,7 @@ def retrieve_with_pages(module: nn.Module, step: DecodeStep, pairs_k_BxTxHxK: Ar
     The pair at position ``i`` goes to page ``i // U``, slot ``i % U`` of ``key_pages`` /
     ``value_pages`` ``[B * H, A + 1, *page_rows(U, D)]`` (a page's ``U x D`` values in rows of
     128 lanes where they fit: :func:`page_rows`); the bounds of the pages written to follow
-    (``page_lo`` / ``page_hi`` ``[B * H, A + 1, K]``, :func:`_update_bounds`), so a step's
+    (``page_bounds`` ``[B * H, A + 1, 2K]``, :func:`_update_bounds`), so a step's
     work is the page bounds plus the kept pages' pairs, not every pair; the pages hold the
     page dtype of ``paging`` (bfloat16 halves fp32's bytes; int8 quarters them, with a scale
     per page in ``key_scale`` / ``value_scale`` ``[B * H, A + 1]``: :func:`_write_quantized`).
@@ -285,8 +285,7 @@ def retrieve_with_pages(module: nn.Module, step: DecodeStep, pairs_k_BxTxHxK: Ar
     stored = _stored_dtype(page_dtype)
     keys = var("key_pages", (b * h, pages) + page_rows(page, dk), stored)
     values = var("value_pages", (b * h, pages) + page_rows(page, dv), stored)
-    lo = var("page_lo", (b * h, pages, dk), jnp.float32)
-    hi = var("page_hi", (b * h, pages, dk), jnp.float32)
+    bounds = var("page_bounds", (b * h, pages, 2 * dk), jnp.float32)
     sink = keys.value.shape[1] - 1
     pair_pos_BxT = (step.rows(b) - 1)[:, None] + jnp.arange(t, dtype=jnp.int32)
     last_pair_B = jnp.asarray(step.lengths, jnp.int32) - 2
@@ -311,11 +310,11 @@ def retrieve_with_pages(module: nn.Module, step: DecodeStep, pairs_k_BxTxHxK: Ar
                                     slot_BxT)
         load = functools.partial(_as_loaded, page_dtype=page_dtype)  # after gathering: a view
         scales = None
-    lo.value, hi.value = _update_bounds(keys.value, lo.value, hi.value, page_BxT, slot_BxT,
-                                        pairs_k_BxTxHxK, last_pair_B, page, page_dtype,
-                                        scales and scales[0])
+    bounds.value = _update_bounds(keys.value, bounds.value, page_BxT, slot_BxT,
+                                  pairs_k_BxTxHxK, last_pair_B, page, page_dtype,
+                                  scales and scales[0])
     q_pos = step.query_positions(t)
-    return retrieve_from_pages(queries_BxTxHxK, keys.value, values.value, (lo.value, hi.value),
+    return retrieve_from_pages(queries_BxTxHxK, keys.value, values.value, bounds.value,
                                page_size=page, load=load, scales=scales,
                                key_count=jnp.minimum(last_pair_B + 1, sink * page),
                                query_positions=q_pos, mask=mask, bandwidth=bandwidth(q_pos),
@@ -427,13 +426,13 @@ def _page_block(pages_NxAxRxL: Array, row: int, heads: int, page_T: Array, dim: 
     return first, block.reshape(heads, span, page_size, dim), local_T
 
 
-def _update_bounds(keys_NxAxRxL: Array, lo_NxAxK: Array, hi_NxAxK: Array, page_BxT: Array,
+def _update_bounds(keys_NxAxRxL: Array, bounds_NxAx2K: Array, page_BxT: Array,
                    slot_BxT: Array, new_BxTxHxK: Array, last_pair_B: Array,
-                   page_size: int, page_dtype, scales_NxA: Array | None = None
-                   ) -> tuple[Array, Array]:
-    """The bounds of the pages written to, over their written slots.
+                   page_size: int, page_dtype, scales_NxA: Array | None = None) -> Array:
+    """The bounds (:func:`mmjax.ops.page_bounds`: max, then min) of the pages written to,
+    over their written slots.
 
-    A one-token call folds the new key into its page's running min and max (the page's first
+    A one-token call folds the new key into its page's running max and min (the page's first
     slot starts them), reading nothing else; a longer call recomputes, per row, the block of
     pages it wrote to (:func:`_page_block`) from its slots up to the row's last pair, as do
     int8 pages (``scales_NxA`` given: a write may have rescaled every pair of its page)."""
@@ -451,26 +450,23 @@ def _update_bounds(keys_NxAxRxL: Array, lo_NxAxK: Array, hi_NxAxK: Array, page_B
                 page_size)
             written_1xJxUx1 = (slot_pos_JxU <= last_pair_B[row])[None, :, :, None]
             block_HxJxUxK = block_HxJxUxK.astype(jnp.float32)
-            for i, (reduce, empty) in enumerate(((jnp.min, jnp.inf), (jnp.max, -jnp.inf))):
-                bound_HxJxK = reduce(jnp.where(written_1xJxUx1, block_HxJxUxK, empty), axis=2)
-                bound_NxAxK = jax.lax.dynamic_update_slice((lo_NxAxK, hi_NxAxK)[i],
-                                                           bound_HxJxK, (row * heads, first, 0))
-                lo_NxAxK, hi_NxAxK = ((bound_NxAxK, hi_NxAxK) if i == 0 else
-                                      (lo_NxAxK, bound_NxAxK))
-        return lo_NxAxK, hi_NxAxK
+            bound_HxJx2K = jnp.concatenate(
+                [jnp.max(jnp.where(written_1xJxUx1, block_HxJxUxK, -jnp.inf), axis=2),
+                 jnp.min(jnp.where(written_1xJxUx1, block_HxJxUxK, jnp.inf), axis=2)], axis=-1)
+            bounds_NxAx2K = jax.lax.dynamic_update_slice(bounds_NxAx2K, bound_HxJx2K,
+                                                         (row * heads, first, 0))
+        return bounds_NxAx2K
     new_BxHxK = new_BxTxHxK[:, 0].astype(page_dtype).astype(jnp.float32)  # as stored
     for row in range(b):
         start = (row * heads, page_BxT[row, 0], 0)
-        first = slot_BxT[row, 0] == 0
-        for i, reduce in ((0, jnp.minimum), (1, jnp.maximum)):
-            bound_NxAxK = (lo_NxAxK, hi_NxAxK)[i]
-            old_Hx1xK = jax.lax.dynamic_slice(bound_NxAxK, start, (heads, 1, dk))
-            key_Hx1xK = new_BxHxK[row, :, None]
-            value = jnp.where(first, key_Hx1xK, reduce(old_Hx1xK, key_Hx1xK))
-            bound_NxAxK = jax.lax.dynamic_update_slice(bound_NxAxK, value, start)
-            lo_NxAxK, hi_NxAxK = ((bound_NxAxK, hi_NxAxK) if i == 0 else
-                                  (lo_NxAxK, bound_NxAxK))
-    return lo_NxAxK, hi_NxAxK
+        old_Hx1x2K = jax.lax.dynamic_slice(bounds_NxAx2K, start, (heads, 1, 2 * dk))
+        key_Hx1xK = new_BxHxK[row, :, None]
+        folded_Hx1x2K = jnp.concatenate([jnp.maximum(old_Hx1x2K[..., :dk], key_Hx1xK),
+                                         jnp.minimum(old_Hx1x2K[..., dk:], key_Hx1xK)], axis=-1)
+        value = jnp.where(slot_BxT[row, 0] == 0, jnp.concatenate([key_Hx1xK] * 2, axis=-1),
+                          folded_Hx1x2K)
+        bounds_NxAx2K = jax.lax.dynamic_update_slice(bounds_NxAx2K, value, start)
+    return bounds_NxAx2K
 
 
 def paged_capacity(cache) -> int | None:
@@ -491,7 +487,8 @@ def _paged_buffers(cache):
             continue
         if "key_pages" in node:
             pages = node["key_pages"]
-            found.append((pages, math.prod(pages.shape[-2:]) // node["page_lo"].shape[-1]))
+            key_dim = node["page_bounds"].shape[-1] // 2
+            found.append((pages, math.prod(pages.shape[-2:]) // key_dim))
         stack.extend(v for k, v in node.items() if k not in PAGE_AXES)
     return found
 
