@@ -454,7 +454,8 @@ def test_a_paged_decoding_step_at_a_million_tokens_compiles_for_one_v5e_chip(pag
     """The real TPU compiler: a v2 of the reference width (2 layers, width 256, 4 heads of
     64) with a paged long-term memory in bfloat16 or int8 pages holds 1M tokens on one v5e chip
     (16 GiB), and the step's scratch memory does not grow with the cache (a page layout
-    the chip must not relayout: mmjax.layers.cache.page_rows)."""
+    the chip must not relayout: mmjax.layers.cache.page_rows); its kept pages are read by
+    the Pallas kernel of mmjax.kernels.paged_tpu."""
     from mmjax.generate.decoder import _apply_cached, _cache_shapes
     from mmjax.layers.cache import grow_pages
 
@@ -472,13 +473,21 @@ def test_a_paged_decoding_step_at_a_million_tokens_compiles_for_one_v5e_chip(pag
         with jax.set_mesh(mesh):  # the caches a TPU holds: narrow pages
             cache = jax.eval_shape(lambda p, n=tokens: grow_pages(_cache_shapes(
                 model, 256, p, jnp.zeros((1, 1), jnp.int32)), n), params)
-            memory = call.lower(place(params), place(cache), i32((1, 1)), i32((1,)),
-                                i32((1,))).compile().memory_analysis()
+            compiled = call.lower(place(params), place(cache), i32((1, 1)), i32((1,)),
+                                  i32((1,))).compile()
+        memory = compiled.memory_analysis()
         figures[tokens] = (memory.argument_size_in_bytes, memory.temp_size_in_bytes)
+        # the kept pages are read in place by the Pallas kernel, one call per layer
+        assert compiled.as_text().count("tpu_custom_call") >= 2
+    with jax.set_mesh(mesh):  # a prefill chunk of 256 tokens at 1M
+        prefill = call.lower(place(params), place(cache), i32((1, 256)), i32(()),
+                             i32((1,))).compile().memory_analysis().temp_size_in_bytes
+    assert prefill < 64 << 20, prefill
     arguments, temps = figures[1 << 20]
     pages = 2 * 2 * 4 * (1 << 20) * 64 * item_bytes  # layers x (keys, values) x heads x tokens x K
     assert pages <= arguments < pages * 1.1 + (64 << 20), figures
     assert arguments + temps < 16 << 30, figures
     assert temps < 16 << 20 and temps < 2 * figures[1 << 18][1] + (4 << 20), figures
     print(f"{page_dtype} pages, 1M tokens on one v5e: arguments {arguments / 2**30:.2f} GiB, "
-          f"temporaries {temps / 2**20:.1f} MiB (256k: {figures[1 << 18][1] / 2**20:.1f} MiB)")
+          f"temporaries {temps / 2**20:.1f} MiB (256k: {figures[1 << 18][1] / 2**20:.1f} MiB); "
+          f"a prefill chunk of 256 tokens: {prefill / 2**20:.1f} MiB of temporaries")

@@ -204,7 +204,54 @@ def test_bad_settings_raise_one_line_errors(kwargs, message):
         retrieve_paged(k, v, **kwargs)
 
 
+def test_an_unknown_impl_raises():
+    keys = jnp.zeros((2, 3, 4, 8))
+    with pytest.raises(ValueError, match="impl must be 'xla', 'pallas_tpu' or 'auto', got 'cuda'"):
+        retrieve_from_pages(jnp.zeros((1, 1, 2, 8)), keys, keys, page_bounds(keys), key_count=8,
+                            query_positions=jnp.array([9]), mask=MaskSpec(),
+                            bandwidth=jnp.ones((1, 2)), top_pages=2, impl="cuda")
+
+
 def test_bad_rank_raises():
     _, k, v, _ = inputs(6, t=8)
     with pytest.raises(ValueError, match="keys must have rank 4"):
         retrieve_paged(k[0], v, page_size=4, top_pages=1)
+
+
+@pytest.mark.parametrize("page_dtype,lane_rows,mask,top", [
+    ("float32", False, MaskSpec(), 3),
+    ("bfloat16", True, MaskSpec(window=30, skip=5), 2),
+    ("int8", True, MaskSpec(skip=3), 8),
+])
+def test_the_tpu_kernel_reads_the_kept_pages_as_the_gathering_path_does(page_dtype, lane_rows,
+                                                                         mask, top):
+    """mmjax.kernels.paged_tpu in interpret mode against the XLA gather path: pages as
+    ``[U, K]`` or in rows of 128 lanes, 16-bit and int8 pages, pages not kept, queries
+    that see nothing (bfloat16 against the gathering path on the same values in fp32: that
+    path rounds its weights to the values' dtype, the kernel does not)."""
+    b, h, num_pages, page, d = 2, 2, 6, 16, 16
+    ks = jax.random.split(jax.random.key(9), 4)
+    keys = l2_normalize(jax.random.normal(ks[0], (b * h, num_pages, page, d)))
+    values = jax.random.normal(ks[1], (b * h, num_pages, page, d))
+    scales = None
+    if page_dtype == "int8":
+        (keys, k_scale), (values, v_scale) = quantize_pages(keys), quantize_pages(values)
+        scales = (k_scale, v_scale)
+        bounds = page_bounds(keys.astype(jnp.float32) * k_scale[..., None, None])
+    else:
+        keys, values = keys.astype(page_dtype), values.astype(page_dtype)
+        bounds = page_bounds(keys)
+    as_rows = lambda x: x.reshape(b * h, num_pages, page * d // 128, 128) if lane_rows else x
+    args = dict(page_size=page, scales=scales, key_count=jnp.array([88, 96]),
+                query_positions=jnp.array([[40, 41, 60, 90, 3], [20, 70, 71, 95, 2]]),
+                mask=mask, top_pages=top, query_chunk=4,
+                bandwidth=jax.random.uniform(ks[3], (b, 5, h), minval=0.5, maxval=3.0))
+    q = jax.random.normal(ks[2], (b, 5, h, d))
+    got = retrieve_from_pages(q, as_rows(keys), as_rows(values), bounds, impl="pallas_tpu",
+                              **args)
+    wide = (lambda x: x) if page_dtype == "int8" else (lambda x: x.astype(jnp.float32))
+    want = retrieve_from_pages(q, as_rows(wide(keys)), as_rows(wide(values)), bounds,
+                               impl="xla", **args)
+    np.testing.assert_allclose(got, want, atol=2e-6)
+    if mask.skip >= 2:  # position 2 sees nothing
+        np.testing.assert_array_equal(got[1, 4], 0.0)

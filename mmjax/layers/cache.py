@@ -271,7 +271,8 @@ def retrieve_with_pages(module: nn.Module, step: DecodeStep, pairs_k_BxTxHxK: Ar
     work is the page bounds plus the kept pages' pairs, not every pair; the pages hold the
     page dtype of ``paging`` (bfloat16 halves fp32's bytes; int8 quarters them, with a scale
     per page in ``key_scale`` / ``value_scale`` ``[B * H, A + 1]``: :func:`_write_quantized`).
-    The last page is a sink for the
+    Built for a TPU, the kept pages are read in place by a Pallas kernel
+    (:mod:`mmjax.kernels.paged_tpu`). The last page is a sink for the
     writes to skip, never seen. The buffers are created with the pages
     of ``step.cache_length`` tokens; after that their size is theirs (:func:`grow_pages` adds
     pages between calls). Same positions and arguments as :func:`retrieve_with_cache` with
@@ -318,7 +319,7 @@ def retrieve_with_pages(module: nn.Module, step: DecodeStep, pairs_k_BxTxHxK: Ar
                                page_size=page, load=load, scales=scales,
                                key_count=jnp.minimum(last_pair_B + 1, sink * page),
                                query_positions=q_pos, mask=mask, bandwidth=bandwidth(q_pos),
-                               top_pages=top)
+                               top_pages=top, impl="auto")
 
 
 def _stored_dtype(page_dtype):

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.ops.dense import _softmax_parts, fold_heads
-from mmjax.ops.masks import MaskSpec, check_scalar_range
+from mmjax.ops.masks import MaskSpec, check_scalar_range, target_platform
 
 Array = jax.Array
 
@@ -124,6 +124,7 @@ def retrieve_from_pages(
     bandwidth: Array,
     top_pages: int,
     query_chunk: int = QUERY_CHUNK,
+    impl: str = "xla",
 ) -> Array:
     """Paged retrieval from stored pages (the decoding caches' layout).
 
@@ -144,6 +145,10 @@ def retrieve_from_pages(
       mask: a :class:`MaskSpec`.
       bandwidth: ``[Q, H]`` or ``[B, Q, H]``.
       top_pages: pages kept per query (clipped to the page count).
+      impl: how the kept pages are read: ``"xla"`` gathers them (differentiable);
+        ``"pallas_tpu"`` reads them in place with :mod:`mmjax.kernels.paged_tpu` (forward
+        only; keys and values of one width); ``"auto"``: the kernel when the computation is
+        built for a TPU and it applies, else ``"xla"``.
     Returns:
       ``[B, Q, H, V]`` in the queries' dtype (the pages may be stored narrower); rows with
       no visible pair are 0.
@@ -157,6 +162,12 @@ def retrieve_from_pages(
     pos_BxQ = rows(jnp.asarray(query_positions, jnp.int32), (tq,))
     count_B = rows(jnp.asarray(key_count, jnp.int32), ())
     beta_BxQxH = rows(jnp.asarray(bandwidth, jnp.float32), (tq, h))
+    if impl == "auto":
+        impl = ("pallas_tpu" if target_platform() == "tpu"
+                and values_NxAxUxV.shape == keys_NxAxUxK.shape else "xla")
+    if impl not in ("xla", "pallas_tpu"):
+        raise ValueError(f"impl must be 'xla', 'pallas_tpu' or 'auto', got {impl!r}")
+    load = load or (lambda x: x)
     chunk = min(query_chunk, tq)
     pad = (-tq) % chunk
     pad_q = lambda x: jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
@@ -173,11 +184,22 @@ def retrieve_from_pages(
         last_NxQ = jnp.minimum(pos_NxQ - 1 - mask.skip_scalar(), count_N[:, None] - 1)
         page_NxQxW, kept_NxQxW = select_pages(q_NxQxK, bounds_NxAx2K, first_NxQ, last_NxQ,
                                               page_size=page_size, top=top)
+        beta_NxQ = jnp.transpose(beta_BxQxH, (0, 2, 1)).reshape(n, -1)
+        flat_NxQxW = jnp.arange(n)[:, None, None] * num_pages + page_NxQxW
+        kept_scales = (None if scales is None
+                       else tuple(x.reshape(-1)[flat_NxQxW] for x in scales))
+        if impl == "pallas_tpu":
+            from mmjax.kernels.paged_tpu import retrieve_pages_tpu
+
+            y_NxQxV = retrieve_pages_tpu(
+                q_NxQxK.astype(jnp.float32) * beta_NxQ[..., None], load(keys_NxAxUxK),
+                load(values_NxAxUxV), page_NxQxW, kept_NxQxW, first_NxQ, last_NxQ,
+                page_size=page_size, scales_NxQxW=kept_scales)
+            return jnp.transpose(y_NxQxV.reshape(b, h, chunk, -1), (0, 2, 1, 3))
         # exact retrieval over the chosen pages' pairs
         # one gather of whole pages along the folded (row, page) axis: it keeps the pages'
         # layout (a per-row gather made XLA:TPU relayout the whole cache every step)
-        flat_NxQxW = jnp.arange(n)[:, None, None] * num_pages + page_NxQxW
-        take = lambda pages, d: (load or (lambda x: x))(
+        take = lambda pages, d: load(
             pages.reshape((n * num_pages,) + pages.shape[2:])[flat_NxQxW]).reshape(
             flat_NxQxW.shape + (page_size, d))
         k_NxQxWxUxK, v_NxQxWxUxV = take(keys_NxAxUxK, dk), take(values_NxAxUxV, dv)
@@ -185,10 +207,9 @@ def retrieve_from_pages(
         # 0.3 of a decoding retrieval's 0.5 ms on XLA:CPU, about twice its time now
         s_NxQxWxU = jnp.einsum("nqwuk,nqk->nqwu", k_NxQxWxUxK, q_NxQxK,
                                preferred_element_type=jnp.float32)
-        beta_NxQ = jnp.transpose(beta_BxQxH, (0, 2, 1)).reshape(n, -1)
         s_NxQxWxU = s_NxQxWxU * beta_NxQ[..., None, None]
         if scales is not None:
-            k_scale_NxQxW, v_scale_NxQxW = (x.reshape(-1)[flat_NxQxW] for x in scales)
+            k_scale_NxQxW, v_scale_NxQxW = kept_scales
             s_NxQxWxU = s_NxQxWxU * k_scale_NxQxW[..., None]
         pair_NxQxWxU = (page_NxQxW[..., None] * page_size
                         + jnp.arange(page_size, dtype=jnp.int32))
