@@ -108,11 +108,9 @@ def _kernel(page_ref, kept_ref, first_ref, last_ref, k_scale_ref, v_scale_ref,
     s_RxG = jnp.dot(keys_RxL * q_1xL, lane_to_pair, preferred_element_type=f32)
     s_RxG = s_RxG * k_scale_ref[slot]
     rows = s_RxG.shape[0]
-    pos_RxG = (page_ref[slot] * page_size
-               + jax.lax.broadcasted_iota(jnp.int32, (rows, per_row), 0) * per_row
-               + jax.lax.broadcasted_iota(jnp.int32, (rows, per_row), 1))
-    query = i  # the first and last of query row i
-    visible = ((pos_RxG >= first_ref[query]) & (pos_RxG <= last_ref[query])
+    pos_RxG = (page_ref[slot] * page_size + iota((rows, per_row), 0) * per_row
+               + iota((rows, per_row), 1))
+    visible = ((pos_RxG >= first_ref[i]) & (pos_RxG <= last_ref[i])
                & (kept_ref[slot] != 0))
     s_RxG = jnp.where(visible, s_RxG, NEG)
     m_prev = m_ref[...]
