@@ -71,26 +71,24 @@ import sys
 from mmjax import cli
 
 
-def _ints(text: str) -> list[int]:
+def _listed(text: str, parse, kind: str, valid, requirement: str) -> list:
+    """``text`` as comma-separated values of ``parse``, each ``valid`` (argparse types)."""
     try:
-        values = [int(x) for x in text.split(",") if x]
+        values = [parse(x) for x in text.split(",") if x]
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 0:
-        raise argparse.ArgumentTypeError(f"expected non-negative integers, got {text!r}")
+            f"expected comma-separated {kind}, got {text!r}") from None
+    if not values or not all(valid(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected {requirement} {kind}, got {text!r}")
     return values
+
+
+def _ints(text: str) -> list[int]:
+    return _listed(text, int, "integers", lambda v: v >= 0, "non-negative")
 
 
 def _rates(text: str) -> list[float]:
-    try:
-        values = [float(x) for x in text.split(",") if x]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers, got {text!r}") from None
-    if not values or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
-    return values
+    return _listed(text, float, "numbers", lambda v: v > 0, "positive")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
