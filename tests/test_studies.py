@@ -193,3 +193,53 @@ def test_every_model_gets_the_same_rates_and_keeps_its_best(monkeypatch):
     assert [(m.name, m.learning_rate) for m in got] == [("v2", 3e-3), ("llama", 1e-3)]
     assert parse_args(["multidoc", "--learning_rates", "1e-3,3e-3"]).learning_rates == [
         1e-3, 3e-3]
+
+
+def _run(tmp_path, name, seed, rows_by_model):
+    rows = [{"model": m, "seed": seed, "x": x, "value": v}
+            for m, by_x in rows_by_model.items() for x, v in by_x.items()]
+    studies.write(rows, str(tmp_path / f"{name}{seed}"), name, x_label="shots",
+                  y_label="accuracy", title="t", x_scale="linear")
+    return tmp_path / f"{name}{seed}"
+
+
+def test_runs_of_one_seed_each_merge_into_one_table(tmp_path, capsys):
+    first = _run(tmp_path, "icl_anonymized", 0, {"v2": {1: 0.5, 2: 0.75}})
+    second = _run(tmp_path, "icl_anonymized", 1, {"v2": {1: 1.0, 2: 0.75}})
+    out = tmp_path / "merged"
+    assert main(["merge", str(first), str(second / "icl_anonymized.json"),
+                 "--output", str(out)]) == 0
+    assert "| v2 | 0.750 ± 0.250 | 0.750 ± 0.000 | 2 |" in capsys.readouterr().out
+    saved = json.loads((out / "icl_anonymized.json").read_text())
+    assert len(saved["rows"]) == 4 and saved["x_scale"] == "linear"
+    assert (out / "icl_anonymized.png").stat().st_size > 0
+
+
+def test_merge_refuses_overlapping_or_foreign_runs(tmp_path):
+    first = _run(tmp_path, "icl_anonymized", 0, {"v2": {1: 0.5}})
+    again = _run(tmp_path, "icl_anonymized", 0, {"v2": {1: 0.5}})
+    with pytest.raises(ValueError, match="model 'v2' seed 0 at 1 is already in"):
+        studies.merge([first, first / "icl_anonymized.json"], str(tmp_path / "m"))
+    other = _run(tmp_path, "multidoc", 1, {"v2": {512: 0.5}})
+    with pytest.raises(ValueError, match="a multidoc run, not icl_anonymized"):
+        studies.merge([again, other], str(tmp_path / "m"))
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ValueError, match="bad.json: not a study's JSON"):
+        studies.merge([tmp_path / "bad.json"], str(tmp_path / "m"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="expected one study JSON, found 0"):
+        studies.merge([tmp_path / "empty"], str(tmp_path / "m"))
+
+
+def test_a_stopped_study_keeps_the_models_it_measured(monkeypatch, tmp_path):
+    def train_or_stop(name, config):
+        if name == "v1":
+            raise KeyboardInterrupt  # the session ends while the second model trains
+        return _untrained(name, config)
+
+    monkeypatch.setattr(studies, "train", train_or_stop)
+    with pytest.raises(KeyboardInterrupt):
+        multidoc.run(seeds=(0,), steps=2, models=("llama", "v1"), contexts=(32,), num_tasks=2,
+                     output=str(tmp_path), log=lambda _: None)
+    saved = json.loads((tmp_path / "multidoc.json").read_text())
+    assert [(r["model"], r["x"]) for r in saved["rows"]] == [("llama", 32)]

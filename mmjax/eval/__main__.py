@@ -57,6 +57,11 @@
 
       python -m mmjax.eval finetune_speed --seeds 0,1,2 --output /tmp/finetune
 
+* ``merge``: one study's separate runs (a seed each, on several machines, or a run stopped
+  part-way: a study writes its JSON after every model) joined into one table, JSON and PNG::
+
+      python -m mmjax.eval merge /tmp/md0 /tmp/md1 /tmp/md2 --output /tmp/multidoc
+
 The ``retrieval`` evaluation lives in :mod:`mmjax.eval.needles`, ``attention`` in
 :mod:`mmjax.eval.attention_maps`. Exit status (:mod:`mmjax.cli`): 0, 2 for bad flags, 1 with
 one line on stderr for other bad input (a workdir without a checkpoint, a context a model
@@ -155,6 +160,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         q.add_argument(sizes, type=_ints, default=default_sizes)
         q.add_argument("--tasks", type=int, default=tasks)
         q.add_argument("--output", default=None, help=f"directory for {name}.json and .png")
+    m = sub.add_parser("merge", help="join separate runs of one study (e.g. a seed each)")
+    m.add_argument("runs", nargs="+", help="a study's JSON, or a run's --output directory")
+    m.add_argument("--output", required=True, help="directory for the joined JSON and PNG")
     c = sub.add_parser("icl_classify", help="in-context classification")
     c.add_argument("--workdir", required=True)
     source = c.add_mutually_exclusive_group(required=True)
@@ -165,6 +173,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--output", default=None, help="directory for icl_classify.json")
     args = p.parse_args(argv)
+    if args.name == "merge":
+        return args
     if args.name == "icl_classify":
         if args.queries < 1 or (args.synthetic is not None and args.synthetic < 2):
             p.error("--queries must be >= 1 and --synthetic >= 2")
@@ -220,31 +230,8 @@ def main(argv=None) -> int:
                         eval_languages=args.eval_languages, output=args.output)
         print(icll.format_table(rows), flush=True)
         return 0
-    if args.name == "multidoc":
-        from mmjax.eval import multidoc, studies
-
-        rows = multidoc.run(seeds=args.seeds, steps=args.steps,
-                            learning_rates=args.learning_rates, models=args.models,
-                            contexts=args.contexts, num_tasks=args.tasks, output=args.output)
-        print(studies.format_table(rows, "exact match at", multidoc.PAPER), flush=True)
-        return 0
-    if args.name == "finetune_speed":
-        from mmjax.eval import finetune_speed, studies
-
-        rows = finetune_speed.run(seeds=args.seeds, pretrain_steps=args.steps,
-                                  learning_rates=args.learning_rates,
-                                  batches=args.batches, models=args.models,
-                                  num_tasks=args.tasks, output=args.output)
-        print(studies.format_table(rows, "batches"), flush=True)
-        return 0
-    if args.name == "icl_anonymized":
-        from mmjax.eval import icl_anonymized, studies
-
-        rows = icl_anonymized.run(seeds=args.seeds, steps=args.steps,
-                                  learning_rates=args.learning_rates, models=args.models,
-                                  shots=args.shots, num_tasks=args.tasks, output=args.output)
-        print(studies.format_table(rows, "shots"), flush=True)
-        return 0
+    if args.name in ("multidoc", "finetune_speed", "icl_anonymized", "merge"):
+        return _study(args)
     from mmjax.eval import positions
 
     if args.name == "retrieval":
@@ -277,6 +264,27 @@ def main(argv=None) -> int:
         print(f"{label}: loss first quarter {sum(values[:quarter]) / quarter:.4f}, "
               f"last quarter {sum(values[-quarter:]) / quarter:.4f}", flush=True)
     print(f"wrote {args.output}/{args.name}.png and .json", flush=True)
+    return 0
+
+
+def _study(args) -> int:
+    """Run a v2 study, or merge the runs of one, and print its table."""
+    from mmjax.eval import finetune_speed, icl_anonymized, multidoc, studies
+
+    common = dict(seeds=args.seeds, learning_rates=args.learning_rates, models=args.models,
+                  num_tasks=args.tasks, output=args.output) if args.name != "merge" else {}
+    if args.name == "multidoc":
+        rows = multidoc.run(steps=args.steps, contexts=args.contexts, **common)
+    elif args.name == "finetune_speed":
+        rows = finetune_speed.run(pretrain_steps=args.steps, batches=args.batches, **common)
+    elif args.name == "icl_anonymized":
+        rows = icl_anonymized.run(steps=args.steps, shots=args.shots, **common)
+    else:
+        args.name, rows = studies.merge(args.runs, args.output)
+        print(f"wrote {args.output}/{args.name}.json and .png", flush=True)
+    label = {"multidoc": "exact match at", "finetune_speed": "batches"}.get(args.name, "shots")
+    paper = multidoc.PAPER if args.name == "multidoc" else None
+    print(studies.format_table(rows, label, paper), flush=True)
     return 0
 
 

@@ -66,7 +66,7 @@ def run(*, seeds=(0,), pretrain_steps: int = 800, learning_rates=(3e-3,), batche
         models=MODELS, num_tasks: int = 64, output: str | None = None, log=print) -> list[dict]:
     """Pretrain each model with each seed, fine-tune it and measure the zero-shot accuracy on
     the new domain after each number of ``batches``. Rows: :mod:`mmjax.eval.studies`; with
-    ``output`` writes ``finetune_speed.json`` and ``.png`` there."""
+    ``output`` writes ``finetune_speed.json`` and ``.png`` there after every model."""
     rows = []
     for seed in seeds:
         for model in studies.trained_models(models, corpus="episodes",
@@ -82,8 +82,8 @@ def run(*, seeds=(0,), pretrain_steps: int = 800, learning_rates=(3e-3,), batche
             log(f"seed {seed} {name} ({model.num_params:,} parameters): zero-shot accuracy "
                 + " ".join(f"{v:.2f}" for v in curve.values())
                 + f" after {list(curve)} fine-tuning batches")
-    if output is not None:
-        studies.write(rows, output, "finetune_speed", x_label="fine-tuning mini-batches",
-                      y_label="zero-shot accuracy, new classes",
-                      title="fine-tuning on held-out classes", x_scale="symlog")
+            if output is not None:  # after every model: a stopped run keeps what it measured
+                studies.write(rows, output, "finetune_speed", x_label="fine-tuning mini-batches",
+                              y_label="zero-shot accuracy, new classes",
+                              title="fine-tuning on held-out classes", x_scale="symlog")
     return rows

@@ -63,7 +63,7 @@ def run(*, seeds=(0,), steps: int = 800, learning_rates=(3e-3,), models=STUDY_MO
     """Pretrain each model with each seed and measure its accuracy at each number of shots,
     with semantic and anonymised labels. Rows (:mod:`mmjax.eval.studies`) name the model and
     the label kind (``"v2, anonymised"``); with ``output`` writes ``icl_anonymized.json`` and
-    ``.png`` there."""
+    ``.png`` there after every model."""
     rows = []
     for seed in seeds:
         for model in studies.trained_models(models, corpus="episodes", steps=steps,
@@ -79,8 +79,9 @@ def run(*, seeds=(0,), steps: int = 800, learning_rates=(3e-3,), models=STUDY_MO
                     f"{model.seconds:.0f} s), {kind} labels: accuracy "
                     + " ".join(f"{r['value']:.2f}" for r in rows[-len(shots):])
                     + f" at {list(shots)} shots")
-    if output is not None:
-        studies.write(rows, output, "icl_anonymized", x_label="shots", y_label="accuracy",
-                      title=f"{WAYS}-way classification of held-out classes, trained at "
-                            f"{STUDY_CONTEXT} tokens")
+            if output is not None:  # after every model: a stopped run keeps what it measured
+                studies.write(rows, output, "icl_anonymized", x_label="shots",
+                              y_label="accuracy",
+                              title=f"{WAYS}-way classification of held-out classes, "
+                                    f"trained at {STUDY_CONTEXT} tokens")
     return rows

@@ -50,7 +50,7 @@ def run(*, seeds=(0,), steps: int = 800, learning_rates=(3e-3,), models=STUDY_MO
     """Train each model with each seed and measure its exact match at each context.
 
     Returns one row per (model, seed, context) (:mod:`mmjax.eval.studies`); with ``output``
-    writes ``multidoc.json`` and ``multidoc.png`` there."""
+    writes ``multidoc.json`` and ``multidoc.png`` there after every model."""
     rows = []
     for seed in seeds:
         for model in studies.trained_models(models, corpus="multidoc", steps=steps,
@@ -62,8 +62,8 @@ def run(*, seeds=(0,), steps: int = 800, learning_rates=(3e-3,), models=STUDY_MO
                              **studies.describe(model)})
                 log(f"seed {seed} {name} ({model.num_params:,} parameters, trained in "
                     f"{model.seconds:.0f} s): exact match {value:.3f} at {context}")
-    if output is not None:
-        studies.write(rows, output, "multidoc", x_label="context (tokens)",
-                      y_label="exact match",
-                      title=f"multi-document QA, trained at {STUDY_CONTEXT} tokens")
+            if output is not None:  # after every model: a stopped run keeps what it measured
+                studies.write(rows, output, "multidoc", x_label="context (tokens)",
+                              y_label="exact match",
+                              title=f"multi-document QA, trained at {STUDY_CONTEXT} tokens")
     return rows

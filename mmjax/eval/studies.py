@@ -126,7 +126,8 @@ def write(rows: list[dict], output: str, name: str, *, x_label: str, y_label: st
     path.mkdir(parents=True, exist_ok=True)
     table = summary(rows)
     (path / f"{name}.json").write_text(json.dumps(
-        {"title": title, "rows": rows,
+        {"study": name, "title": title, "x_label": x_label, "y_label": y_label,
+         "x_scale": x_scale, "rows": rows,
          "summary": {m: {str(x): v for x, v in by_x.items()} for m, by_x in table.items()}}))
     fig, ax = plt.subplots(figsize=(7, 4))
     for model, by_x in table.items():
@@ -146,3 +147,41 @@ def write(rows: list[dict], output: str, name: str, *, x_label: str, y_label: st
     fig.savefig(png, dpi=110)
     plt.close(fig)
     return png
+
+
+def merge(inputs, output: str) -> tuple[str, list[dict]]:
+    """Join the rows of one study's runs (``NAME.json`` files, or directories holding one),
+    e.g. seeds run on separate machines, and :func:`write` them to ``output``. Returns the
+    study's name and the rows; refuses different studies and a (model, seed, x) measured
+    twice."""
+    runs, rows, seen = [], [], {}
+    for item in inputs:
+        path = pathlib.Path(item)
+        if path.is_dir():
+            found = sorted(path.glob("*.json"))
+            if len(found) != 1:
+                raise ValueError(f"{path}: expected one study JSON, found {len(found)}")
+            path = found[0]
+        try:
+            saved = json.loads(path.read_text())
+            study = {key: saved[key] for key in ("study", "title", "x_label", "y_label",
+                                                  "x_scale")}
+            measured = list(saved["rows"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: not a study's JSON ({type(e).__name__}: {e})") from None
+        if runs and study["study"] != runs[0]["study"]:
+            raise ValueError(f"{path}: a {study['study']} run, not {runs[0]['study']}")
+        runs.append(study)
+        for row in measured:
+            key = (row["model"], row["seed"], row["x"])
+            if key in seen:
+                raise ValueError(f"{path}: model {key[0]!r} seed {key[1]} at {key[2]} is "
+                                 f"already in {seen[key]}")
+            seen[key] = path
+        rows += measured
+    if not runs:
+        raise ValueError("nothing to merge: give one or more study JSON files or directories")
+    first = runs[0]
+    write(rows, output, first["study"], x_label=first["x_label"], y_label=first["y_label"],
+          title=first["title"], x_scale=first["x_scale"])
+    return first["study"], rows
