@@ -85,7 +85,7 @@ def test_default_blocks_bf16(generation):
     [(256, MaskSpec(), 0), (257, MaskSpec(), 0), (258, MaskSpec(), 0), (300, MaskSpec(), 0),
      (257, MaskSpec(window=16), 1)],
     ids=["256", "257", "258", "300", "257-window16-offset1"])
-def test_issue_cases_through_default_blocks(t, mask, offset):
+def test_past_failures_through_default_blocks(t, mask, offset):
     """The reported failures: v4 defaults (what ``impl="pallas_tpu"`` picks on CPU)."""
     check("tpu", t, t + offset, mask, offset=offset, blocks=BlockSizes.for_platform("tpu"),
           b=2, h=3)
