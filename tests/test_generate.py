@@ -158,7 +158,7 @@ def test_narrow_pages_shrink_the_cache_and_stay_close():
     """bfloat16 pages (kept as their bits on CPU) halve fp32's, int8 pages with a scale per
     page quarter them; both move the logits a little."""
     model, params = _model("v2_paged")
-    tokens = jax.random.randint(jax.random.key(5), (2, 23), 0, VOCAB)
+    tokens = jax.random.randint(jax.random.key(5), (2, 13), 0, VOCAB)
     full = _cached_logits(model, params, tokens, (7, 4), cache_length=26)
     pages = lambda m: _empty_cache(m, params, 2, 26)["block_0"]["mixer"]["long_term"]
     for dtype, stored, shrink in (("bfloat16", jnp.uint16, 2), ("int8", jnp.int8, 4)):
