@@ -153,6 +153,39 @@ def test_the_retrieval_command_scores_a_checkpoint(workdirs, tmp_path, capsys):
     assert code == 1 and "no tokenizer" in err
 
 
+def test_the_page_diagnosis_ranks_the_needle_s_page_as_the_choice_does(workdirs, tmp_path,
+                                                                        capsys):
+    """Every page kept: each head's kept pages hold all of its exact weight. Fewer kept:
+    the needle's page is kept exactly when it is the newest or ranks among the best."""
+    from mmjax.eval import needles
+
+    v2 = workdirs[2]
+    run = lambda top: needles.page_diagnosis(
+        v2, context=72, facts=2, num_tasks=2,
+        memory=dict(long_term_memory="paged", long_term_page=4, long_term_top_pages=top))
+    every = run(100)
+    assert len(every) == 2 * 2  # tasks x heads of the one (scanned) layer
+    assert {r["memory"] for r in every} == {"blocks/layer/mixer/long_term[0]"}
+    for r in every:
+        assert r["kept"] and r["kept_weight"] == pytest.approx(1.0, abs=1e-5)
+        assert 0.0 <= r["needle_weight"] <= r["max_weight"] <= 1.0
+        assert r["competing_pages"] == 67 // 4  # pairs 0..67 seen (skip 3), the newest page apart
+    for top in (2, 4):
+        rows = run(top)
+        assert [r["needle_weight"] for r in rows] == pytest.approx(
+            [r["needle_weight"] for r in every], abs=1e-6)
+        assert all(r["kept"] == (r["needle_page_rank"] < top - 1) for r in rows), rows
+        assert all(r["kept_weight"] <= 1.0 + 1e-6 for r in rows)
+    assert min(r["kept_weight"] for r in run(2)) < 0.999
+    code, out, _ = _run(capsys, "retrieval", "--workdir", v2, "--contexts", "72", "--facts",
+                        "2", "--tasks", "2", "--memory", "paged", "--page", "4", "--top_pages",
+                        "2", "--diagnose", "--output", tmp_path)
+    assert code == 0 and out.count("| 2 | 72 |") == 2  # the best head of each task
+    assert len(json.loads((tmp_path / "diagnosis.json").read_text())) == 4
+    with pytest.raises(SystemExit):
+        main(["retrieval", "--workdir", str(v2), "--diagnose"])
+
+
 def test_the_retrieval_command_reads_a_v2_memory_in_pages(workdirs, tmp_path, capsys):
     mm, _, v2 = workdirs
     runs = {}

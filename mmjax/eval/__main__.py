@@ -29,7 +29,9 @@
       python -m mmjax.eval retrieval --workdir /tmp/mm --contexts 256,1024 --facts 1,4
 
   A v2 Memory Mosaic reads its long-term memory from each query's best pages with
-  ``--memory paged --top_pages K`` (``--page U``), up to contexts of 1M tokens on a CPU.
+  ``--memory paged --top_pages K`` (``--page U``), up to contexts of 1M tokens on a CPU;
+  ``--diagnose`` says where each needle is lost: the exact weight of its pair, and the rank
+  of its page by the bound that chooses the pages (:func:`mmjax.eval.needles.page_diagnosis`).
 
 * ``icl_classify``: k-shot classification from a JSONL of ``{text, label}`` (``--data``; or
   ``--synthetic N`` examples of a built-in topic dataset), with the semantic and with
@@ -137,6 +139,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="pages each query keeps with --memory paged (default: the run's)")
     r.add_argument("--page", type=int, default=None,
                    help="pairs per page with --memory paged (default: the run's)")
+    r.add_argument("--diagnose", action="store_true",
+                   help="with --memory paged: where each needle's pair lies in the exact "
+                   "weights and the page choice, per task, layer and head (diagnosis.json)")
     r.add_argument("--output", default=None, help="directory for retrieval.json")
     studies = (
         ("multidoc", "v2 study: multi-document QA past the training length",
@@ -198,6 +203,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             value = getattr(args, name)
             if value is not None and (args.memory != "paged" or value < 1):
                 p.error(f"--{name} needs --memory paged and a value >= 1, got {value}")
+        if args.diagnose and (args.memory != "paged" or args.qa is not None):
+            p.error("--diagnose needs --memory paged and the needle tasks (no --qa)")
         return args
     if args.name == "icll":
         args.models = [m for m in args.models.split(",") if m]
@@ -318,12 +325,14 @@ def _retrieval(args) -> int:
 
     from mmjax.eval import needles
 
+    memory = {key: value for key, value in (
+        ("long_term_memory", args.memory), ("long_term_top_pages", args.top_pages),
+        ("long_term_page", args.page)) if value is not None}
+    if args.diagnose:
+        return _diagnose(args, memory)
     if args.qa is not None:
         rows = [needles.qa_accuracy(args.workdir, args.qa)]
     else:
-        memory = {key: value for key, value in (
-            ("long_term_memory", args.memory), ("long_term_top_pages", args.top_pages),
-            ("long_term_page", args.page)) if value is not None}
         rows = needles.needle_accuracy(args.workdir, contexts=args.contexts,
                                        facts=args.facts, num_tasks=args.tasks, seed=args.seed,
                                        memory=memory)
@@ -335,6 +344,38 @@ def _retrieval(args) -> int:
         out = pathlib.Path(args.output)
         out.mkdir(parents=True, exist_ok=True)
         (out / "retrieval.json").write_text(json.dumps(rows))
+    return 0
+
+
+def _diagnose(args, memory: dict) -> int:
+    """Print, per task and paged memory, the head that weighs the needle's pair most: that
+    weight, its page's rank by the bound and whether it was kept; write diagnosis.json."""
+    import json
+    import pathlib
+
+    from mmjax.eval import needles
+
+    rows = []
+    for n in args.facts:
+        for context in args.contexts:
+            found = needles.page_diagnosis(args.workdir, context=context, facts=n,
+                                           num_tasks=args.tasks, seed=args.seed, memory=memory)
+            rows += [dict(r, facts=n, context=context) for r in found]
+    print("| facts | context | task | memory | head | needle weight | page rank | kept | "
+          "kept weight |\n|---|---|---|---|---|---|---|---|---|", flush=True)
+    best = {}
+    for r in rows:
+        key = (r["facts"], r["context"], r["task"], r["memory"])
+        if key not in best or r["needle_weight"] > best[key]["needle_weight"]:
+            best[key] = r
+    for (n, context, task, memory_name), r in best.items():
+        print(f"| {n} | {context} | {task} | {memory_name} | {r['head']} | "
+              f"{r['needle_weight']:.3f} | {r['needle_page_rank']} of {r['competing_pages']} | "
+              f"{'yes' if r['kept'] else 'no'} | {r['kept_weight']:.3f} |", flush=True)
+    if args.output is not None:
+        out = pathlib.Path(args.output)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "diagnosis.json").write_text(json.dumps(rows))
     return 0
 
 

@@ -315,10 +315,16 @@ def retrieve_with_pages(module: nn.Module, step: DecodeStep, pairs_k_BxTxHxK: Ar
                                   pairs_k_BxTxHxK, last_pair_B, page, page_dtype,
                                   scales and scales[0])
     q_pos = step.query_positions(t)
+    # what a query read, for diagnosis (mmjax.eval.needles.page_diagnosis); a no-op unless
+    # the caller makes "intermediates" mutable
+    beta, key_count = bandwidth(q_pos), jnp.minimum(last_pair_B + 1, sink * page)
+    module.sow("intermediates", "paged_queries", {
+        "queries": queries_BxTxHxK, "bandwidth": beta, "key_count": key_count,
+        "positions": jnp.broadcast_to(q_pos, (b, t)), "window": mask.window_scalar(),
+        "skip": mask.skip_scalar()})
     return retrieve_from_pages(queries_BxTxHxK, keys.value, values.value, bounds.value,
-                               page_size=page, load=load, scales=scales,
-                               key_count=jnp.minimum(last_pair_B + 1, sink * page),
-                               query_positions=q_pos, mask=mask, bandwidth=bandwidth(q_pos),
+                               page_size=page, load=load, scales=scales, key_count=key_count,
+                               query_positions=q_pos, mask=mask, bandwidth=beta,
                                top_pages=top, impl="auto")
 
 
