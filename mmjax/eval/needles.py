@@ -190,7 +190,7 @@ def page_diagnosis(workdir, *, context: int, facts: int = 16, num_tasks: int = 4
     from flax.traverse_util import flatten_dict
 
     from mmjax.layers.cache import DecodeStep, grow_pages, page_rows, paged_capacity
-    from mmjax.ops.paged import select_pages
+    from mmjax.ops.paged import page_scores, select_pages
 
     trained = load_workdir(workdir, model_overrides=memory)
     model, params = trained.model, trained.params
@@ -250,8 +250,7 @@ def page_diagnosis(workdir, *, context: int, facts: int = 16, num_tasks: int = 4
             jnp.arange(n)[:, None], kept_page_NxW].max(kept_NxW)
         kept_mass_N = jnp.sum(jnp.where(jnp.repeat(on_kept_NxP, page, axis=1), weights_NxP, 0),
                               axis=-1)
-        signed_Nx2K = jnp.concatenate([jnp.maximum(q_NxK, 0), jnp.minimum(q_NxK, 0)], -1)
-        bound_NxA = jnp.einsum("nk,nak->na", signed_Nx2K, leaves["page_bounds"])
+        bound_NxA = page_scores(q_NxK[:, None], leaves["page_bounds"])[:, 0]
         start_A = jnp.arange(num_pages) * page
         newest_N = last_N // page
         compete_NxA = ((start_A <= last_N[:, None]) & (start_A + page - 1 >= first_N[:, None])

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from mmjax.ops import (
     MaskSpec,
     fold_heads,
+    page_bounds,
     quantize_pages,
     retrieve,
     retrieve_dense,
@@ -251,8 +252,8 @@ def retrieve_with_cache(module: nn.Module, step: DecodeStep, pairs_k_BxTxHxK: Ar
 
 
 # The paged buffers of :func:`retrieve_with_pages`, by cache-variable name: the axis of their
-# pages, counted from the end (``[..., A, R, L]`` pages, ``[..., A, 2K]`` bounds, ``[..., A]``
-# scales of int8 pages).
+# pages, counted from the end (``[..., A, R, L]`` pages, ``[..., A, 2K + 1]`` bounds,
+# ``[..., A]`` scales of int8 pages).
 PAGE_AXES = {"key_pages": -3, "value_pages": -3, "page_bounds": -2,
              "key_scale": -1, "value_scale": -1}
 
@@ -267,7 +268,7 @@ def retrieve_with_pages(module: nn.Module, step: DecodeStep, pairs_k_BxTxHxK: Ar
     The pair at position ``i`` goes to page ``i // U``, slot ``i % U`` of ``key_pages`` /
     ``value_pages`` ``[B * H, A + 1, *page_rows(U, D)]`` (a page's ``U x D`` values in rows of
     128 lanes where they fit: :func:`page_rows`); the bounds of the pages written to follow
-    (``page_bounds`` ``[B * H, A + 1, 2K]``, :func:`_update_bounds`), so a step's
+    (``page_bounds`` ``[B * H, A + 1, 2K + 1]``, :func:`_update_bounds`), so a step's
     work is the page bounds plus the kept pages' pairs, not every pair; the pages hold the
     page dtype of ``paging`` (bfloat16 halves fp32's bytes; int8 quarters them, with a scale
     per page in ``key_scale`` / ``value_scale`` ``[B * H, A + 1]``: :func:`_write_quantized`).
@@ -286,7 +287,7 @@ def retrieve_with_pages(module: nn.Module, step: DecodeStep, pairs_k_BxTxHxK: Ar
     stored = _stored_dtype(page_dtype)
     keys = var("key_pages", (b * h, pages) + page_rows(page, dk), stored)
     values = var("value_pages", (b * h, pages) + page_rows(page, dv), stored)
-    bounds = var("page_bounds", (b * h, pages, 2 * dk), jnp.float32)
+    bounds = var("page_bounds", (b * h, pages, 2 * dk + 1), jnp.float32)
     sink = keys.value.shape[1] - 1
     pair_pos_BxT = (step.rows(b) - 1)[:, None] + jnp.arange(t, dtype=jnp.int32)
     last_pair_B = jnp.asarray(step.lengths, jnp.int32) - 2
@@ -311,9 +312,8 @@ def retrieve_with_pages(module: nn.Module, step: DecodeStep, pairs_k_BxTxHxK: Ar
                                     slot_BxT)
         load = functools.partial(_as_loaded, page_dtype=page_dtype)  # after gathering: a view
         scales = None
-    bounds.value = _update_bounds(keys.value, bounds.value, page_BxT, slot_BxT,
-                                  pairs_k_BxTxHxK, last_pair_B, page, page_dtype,
-                                  scales and scales[0])
+    bounds.value = _update_bounds(keys.value, bounds.value, page_BxT, last_pair_B, page,
+                                  page_dtype, scales and scales[0])
     q_pos = step.query_positions(t)
     # what a query read, for diagnosis (mmjax.eval.needles.page_diagnosis); a no-op unless
     # the caller makes "intermediates" mutable
@@ -433,47 +433,29 @@ def _page_block(pages_NxAxRxL: Array, row: int, heads: int, page_T: Array, dim: 
     return first, block.reshape(heads, span, page_size, dim), local_T
 
 
-def _update_bounds(keys_NxAxRxL: Array, bounds_NxAx2K: Array, page_BxT: Array,
-                   slot_BxT: Array, new_BxTxHxK: Array, last_pair_B: Array,
-                   page_size: int, page_dtype, scales_NxA: Array | None = None) -> Array:
-    """The bounds (:func:`mmjax.ops.page_bounds`: max, then min) of the pages written to,
-    over their written slots.
-
-    A one-token call folds the new key into its page's running max and min (the page's first
-    slot starts them), reading nothing else; a longer call recomputes, per row, the block of
-    pages it wrote to (:func:`_page_block`) from its slots up to the row's last pair, as do
-    int8 pages (``scales_NxA`` given: a write may have rescaled every pair of its page)."""
-    b, t, heads, dk = new_BxTxHxK.shape
-    if t > 1 or scales_NxA is not None:
-        for row in range(b):
-            first, block_HxJxUxK, _ = _page_block(keys_NxAxRxL, row, heads, page_BxT[row], dk)
-            span = block_HxJxUxK.shape[1]
-            if scales_NxA is None:
-                block_HxJxUxK = _as_loaded(block_HxJxUxK, page_dtype)
-            else:
-                scale_HxJ = jax.lax.dynamic_slice(scales_NxA, (row * heads, first), (heads, span))
-                block_HxJxUxK = block_HxJxUxK.astype(jnp.float32) * scale_HxJ[..., None, None]
-            slot_pos_JxU = (first + jnp.arange(span))[:, None] * page_size + jnp.arange(
-                page_size)
-            written_1xJxUx1 = (slot_pos_JxU <= last_pair_B[row])[None, :, :, None]
-            block_HxJxUxK = block_HxJxUxK.astype(jnp.float32)
-            bound_HxJx2K = jnp.concatenate(
-                [jnp.max(jnp.where(written_1xJxUx1, block_HxJxUxK, -jnp.inf), axis=2),
-                 jnp.min(jnp.where(written_1xJxUx1, block_HxJxUxK, jnp.inf), axis=2)], axis=-1)
-            bounds_NxAx2K = jax.lax.dynamic_update_slice(bounds_NxAx2K, bound_HxJx2K,
-                                                         (row * heads, first, 0))
-        return bounds_NxAx2K
-    new_BxHxK = new_BxTxHxK[:, 0].astype(page_dtype).astype(jnp.float32)  # as stored
+def _update_bounds(keys_NxAxRxL: Array, bounds_NxAxZ: Array, page_BxT: Array,
+                   last_pair_B: Array, page_size: int, page_dtype,
+                   scales_NxA: Array | None = None) -> Array:
+    """The bounds (:func:`mmjax.ops.page_bounds`) of the pages written to, recomputed per
+    row from the block of pages the call wrote (:func:`_page_block`) over their slots up to
+    the row's last pair: a page written token by token gets the bounds of the same page
+    written at once (a running radius could not: the box's midpoint moves)."""
+    b = page_BxT.shape[0]
+    heads = keys_NxAxRxL.shape[0] // b
+    dk = (bounds_NxAxZ.shape[-1] - 1) // 2
     for row in range(b):
-        start = (row * heads, page_BxT[row, 0], 0)
-        old_Hx1x2K = jax.lax.dynamic_slice(bounds_NxAx2K, start, (heads, 1, 2 * dk))
-        key_Hx1xK = new_BxHxK[row, :, None]
-        folded_Hx1x2K = jnp.concatenate([jnp.maximum(old_Hx1x2K[..., :dk], key_Hx1xK),
-                                         jnp.minimum(old_Hx1x2K[..., dk:], key_Hx1xK)], axis=-1)
-        value = jnp.where(slot_BxT[row, 0] == 0, jnp.concatenate([key_Hx1xK] * 2, axis=-1),
-                          folded_Hx1x2K)
-        bounds_NxAx2K = jax.lax.dynamic_update_slice(bounds_NxAx2K, value, start)
-    return bounds_NxAx2K
+        first, block_HxJxUxK, _ = _page_block(keys_NxAxRxL, row, heads, page_BxT[row], dk)
+        span = block_HxJxUxK.shape[1]
+        if scales_NxA is None:
+            block_HxJxUxK = _as_loaded(block_HxJxUxK, page_dtype)
+        else:
+            scale_HxJ = jax.lax.dynamic_slice(scales_NxA, (row * heads, first), (heads, span))
+            block_HxJxUxK = block_HxJxUxK.astype(jnp.float32) * scale_HxJ[..., None, None]
+        slot_pos_JxU = (first + jnp.arange(span))[:, None] * page_size + jnp.arange(page_size)
+        bounds_NxAxZ = jax.lax.dynamic_update_slice(
+            bounds_NxAxZ, page_bounds(block_HxJxUxK, slot_pos_JxU <= last_pair_B[row]),
+            (row * heads, first, 0))
+    return bounds_NxAxZ
 
 
 def paged_capacity(cache) -> int | None:

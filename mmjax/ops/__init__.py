@@ -36,7 +36,13 @@ from mmjax.ops.memory_v2 import (
     tier_masks,
     validate_skip_schedule,
 )
-from mmjax.ops.paged import page_bounds, quantize_pages, retrieve_from_pages, retrieve_paged
+from mmjax.ops.paged import (
+    page_bounds,
+    page_scores,
+    quantize_pages,
+    retrieve_from_pages,
+    retrieve_paged,
+)
 from mmjax.ops.retrieval import RetrievalSharding, default_impl, retrieve
 
 __all__ = [
@@ -61,6 +67,7 @@ __all__ = [
     "linear_recurrence",
     "lm_head_loss",
     "page_bounds",
+    "page_scores",
     "peek_ahead_values",
     "project",
     "quantize_pages",

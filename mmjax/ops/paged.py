@@ -1,11 +1,13 @@
 """Paged retrieval: a query scores pages of pairs first, then retrieves exactly from the best.
 
 The pairs at positions ``a U .. a U + U - 1`` form page ``a`` (``U`` pairs a page). Each page
-keeps the elementwise maximum and minimum of its keys (:func:`page_bounds`); for a query
-``q``, ``sum_k max(q_k hi_k, q_k lo_k)`` bounds ``<q, k_i>`` from above for every key of the
-page, and it is one matmul (``[q+, q-] . [hi, lo]``). A query keeps the page of its newest
+keeps the elementwise maximum and minimum of its keys and the largest distance of a key from
+their midpoint (:func:`page_bounds`). For a query ``q`` two bounds on ``<q, k_i>`` follow
+for every key of the page, the box's ``sum_k max(q_k hi_k, q_k lo_k)`` and the ball's
+``<q, (hi + lo) / 2> + |q| radius``; the page's score is the smaller (:func:`page_scores`,
+one matmul). A query keeps the page of its newest
 visible pair, ranks the other pages it may see (the mask of :func:`mmjax.ops.retrieve`:
-window, skip, causality) by that bound, keeps the best ``W - 1`` (:func:`top_indices`), and
+window, skip, causality) by that score, keeps the best ``W - 1`` (:func:`top_indices`), and
 runs exact kernel regression over the pairs of its ``W`` pages, masked as usual. Only
 complete pages compete, so a page's bound never depends on pairs stored after the query.
 When ``W`` covers every page the query sees, the result is :func:`mmjax.ops.retrieve`'s
@@ -34,11 +36,40 @@ Array = jax.Array
 QUERY_CHUNK = 64
 
 
-def page_bounds(keys_NxAxUxK: Array) -> Array:
-    """fp32 ``[N, A, 2K]``: each page's elementwise maximum of its keys (``hi``), then their
-    minimum (``lo``), side by side so that scoring the pages is one matmul."""
+def page_bounds(keys_NxAxUxK: Array, written_AxU: Array | None = None) -> Array:
+    """fp32 ``[N, A, 2K + 1]``: each page's elementwise maximum of its keys (``hi``), their
+    minimum (``lo``) and the largest distance of a key from the box's midpoint
+    (``radius``), side by side so that scoring the pages is one matmul
+    (:func:`page_scores`). ``written_AxU``: the slots that hold keys (default: all); a page
+    without one gets ``hi = -inf``, ``lo = inf``.
+
+    Both bounds are needed: on the unit keys of a trained v2 at 256k tokens, the box alone
+    ranked a needle's page (whose pair took all of the exact weight) 584th of 4,095 and the
+    ball 9th; each is the tighter on some pages (``docs/results.md``)."""
     k32 = keys_NxAxUxK.astype(jnp.float32)
-    return jnp.concatenate([jnp.max(k32, axis=2), jnp.min(k32, axis=2)], axis=-1)
+    if written_AxU is None:
+        written_AxU = jnp.ones(k32.shape[1:3], bool)
+    written = written_AxU[None, :, :, None]
+    hi_NxAxK = jnp.max(jnp.where(written, k32, -jnp.inf), axis=2)
+    lo_NxAxK = jnp.min(jnp.where(written, k32, jnp.inf), axis=2)
+    any_NxAx1 = jnp.any(written_AxU, axis=-1)[None, :, None]
+    mid_NxAxK = jnp.where(any_NxAx1, (hi_NxAxK + lo_NxAxK) / 2, 0.0)
+    distance_NxAxU = jnp.sqrt(jnp.sum(jnp.square(k32 - mid_NxAxK[:, :, None]), axis=-1))
+    radius_NxA = jnp.max(jnp.where(written[..., 0], distance_NxAxU, 0.0), axis=2)
+    return jnp.concatenate([hi_NxAxK, lo_NxAxK, radius_NxA[..., None]], axis=-1)
+
+
+def page_scores(q_NxQxK: Array, bounds_NxAxZ: Array) -> Array:
+    """fp32 ``[N, Q, A]``: each page's upper bound on a query's score ``<q, k>`` over the
+    page's keys, the smaller of the box's and the ball's (:func:`page_bounds`); both come out
+    of one matmul of ``[q+, q-, 0]`` and ``[q / 2, q / 2, |q|]`` with ``[hi, lo, radius]``."""
+    q32 = jax.lax.stop_gradient(q_NxQxK.astype(jnp.float32))
+    norm_NxQx1 = jnp.sqrt(jnp.sum(jnp.square(q32), axis=-1, keepdims=True))
+    box = jnp.concatenate([jnp.maximum(q32, 0.0), jnp.minimum(q32, 0.0),
+                           jnp.zeros_like(norm_NxQx1)], axis=-1)
+    ball = jnp.concatenate([q32 / 2, q32 / 2, norm_NxQx1], axis=-1)
+    both_NxQx2xA = jnp.einsum("nqfb,nab->nqfa", jnp.stack([box, ball], axis=2), bounds_NxAxZ)
+    return jnp.min(both_NxQx2xA, axis=2)
 
 
 def quantize_pages(pages_NxAxUxD: Array) -> tuple[Array, Array]:
@@ -139,7 +170,8 @@ def retrieve_from_pages(
       scales: ``(key scales, value scales)`` ``[N, A]`` of int8 pages
         (:func:`quantize_pages`): a kept page's scores and weights are scaled, its pairs are
         never dequantized in memory.
-      bounds: ``[N, A, 2K]`` of :func:`page_bounds` (kept incrementally when decoding).
+      bounds: ``[N, A, 2K + 1]`` of :func:`page_bounds` (kept as pages are written when
+        decoding).
       key_count: pairs stored (int or ``[B]``): positions from there on are hidden.
       query_positions: int ``[Q]`` or ``[B, Q]``, absolute positions of the queries.
       mask: a :class:`MaskSpec`.
@@ -173,7 +205,7 @@ def retrieve_from_pages(
     pad_q = lambda x: jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
     # chunk-major: [I, ...] with I = chunks
     split = lambda x: jnp.moveaxis(pad_q(x).reshape((b, -1, chunk) + x.shape[2:]), 1, 0)
-    bounds_NxAx2K = jax.lax.stop_gradient(bounds)
+    bounds_NxAxZ = jax.lax.stop_gradient(bounds)
 
     def one_chunk(args):
         q_BxQxHxK, pos_BxQ, beta_BxQxH = args
@@ -182,7 +214,7 @@ def retrieve_from_pages(
         count_N = jnp.repeat(count_B, h)
         first_NxQ = jnp.maximum(pos_NxQ - mask.window_scalar(), 0)
         last_NxQ = jnp.minimum(pos_NxQ - 1 - mask.skip_scalar(), count_N[:, None] - 1)
-        page_NxQxW, kept_NxQxW = select_pages(q_NxQxK, bounds_NxAx2K, first_NxQ, last_NxQ,
+        page_NxQxW, kept_NxQxW = select_pages(q_NxQxK, bounds_NxAxZ, first_NxQ, last_NxQ,
                                               page_size=page_size, top=top)
         beta_NxQ = jnp.transpose(beta_BxQxH, (0, 2, 1)).reshape(n, -1)
         flat_NxQxW = jnp.arange(n)[:, None, None] * num_pages + page_NxQxW
@@ -235,19 +267,17 @@ def retrieve_from_pages(
     return y_BxQxHxV[:, :tq].astype(q_BxQxHxK.dtype)
 
 
-def select_pages(q_NxQxK: Array, bounds_NxAx2K: Array, first_NxQ: Array, last_NxQ: Array,
+def select_pages(q_NxQxK: Array, bounds_NxAxZ: Array, first_NxQ: Array, last_NxQ: Array,
                  *, page_size: int, top: int) -> tuple[Array, Array]:
     """Each query's ``top`` pages: the page of its newest visible pair, then the complete
-    pages it may see ranked by the bound ``[q+, q-] . [hi, lo]``.
+    pages it may see ranked by their bound (:func:`page_scores`).
 
     ``first``/``last``: the query's oldest and newest visible pair (``last < first``: none).
     Returns ``(page_NxQxW, kept_NxQxW)``: page indices, and whether each is a page the query
     may see (a query that sees fewer than ``top`` pages gets unseen ones, not kept).
     """
-    num_pages = bounds_NxAx2K.shape[1]
-    q32 = jax.lax.stop_gradient(q_NxQxK.astype(jnp.float32))
-    signed_NxQx2K = jnp.concatenate([jnp.maximum(q32, 0.0), jnp.minimum(q32, 0.0)], axis=-1)
-    bound_NxQxA = jnp.einsum("nqk,nak->nqa", signed_NxQx2K, bounds_NxAx2K)
+    num_pages = bounds_NxAxZ.shape[1]
+    bound_NxQxA = page_scores(q_NxQxK, bounds_NxAxZ)
     start_A = jnp.arange(num_pages, dtype=jnp.int32) * page_size
     seen_NxQxA = ((start_A <= last_NxQ[..., None])
                   & (start_A + page_size - 1 >= first_NxQ[..., None])
