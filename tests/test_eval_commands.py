@@ -170,13 +170,13 @@ def test_the_page_diagnosis_ranks_the_needle_s_page_as_the_choice_does(workdirs,
         assert r["kept"] and r["kept_weight"] == pytest.approx(1.0, abs=1e-5)
         assert 0.0 <= r["needle_weight"] <= r["max_weight"] <= 1.0
         assert r["competing_pages"] == 67 // 4  # pairs 0..67 seen (skip 3), the newest page apart
-    for top in (2, 4):
-        rows = run(top)
-        assert [r["needle_weight"] for r in rows] == pytest.approx(
-            [r["needle_weight"] for r in every], abs=1e-6)
-        assert all(r["kept"] == (r["needle_page_rank"] < top - 1) for r in rows), rows
-        assert all(r["kept_weight"] <= 1.0 + 1e-6 for r in rows)
-    assert min(r["kept_weight"] for r in run(2)) < 0.999
+    two = run(2)
+    assert [r["needle_weight"] for r in two] == pytest.approx(
+        [r["needle_weight"] for r in every], abs=1e-6)
+    assert all(r["kept"] == (r["needle_page_rank"] < 1) for r in two), two
+    assert {r["kept"] for r in two} == {True, False}  # both cases occur
+    assert all(r["kept_weight"] <= 1.0 + 1e-6 for r in two)
+    assert min(r["kept_weight"] for r in two) < 0.999
     code, out, _ = _run(capsys, "retrieval", "--workdir", v2, "--contexts", "72", "--facts",
                         "2", "--tasks", "2", "--memory", "paged", "--page", "4", "--top_pages",
                         "2", "--diagnose", "--output", tmp_path)
