@@ -122,7 +122,7 @@ def _fill(cache, seed: int):
                 continue
             shape_k, shape_v = node[keys].shape, node[values].shape
             if keys == "key_pages":  # [..., R, L] rows of a page: [..., U, D] pairs
-                width = node["page_bounds"].shape[-1] // 2
+                width = node["page_bounds"].shape[-1] - 1
                 shape_k = shape_k[:-2] + (shape_k[-2] * shape_k[-1] // width, width)
                 shape_v = shape_v[:-2] + (shape_v[-2] * shape_v[-1] // width, width)
             k = l2_normalize(jnp.asarray(rng.standard_normal(shape_k, np.float32)))

@@ -17,7 +17,7 @@ one meaning:
     A  pages of a paged memory       U  pairs in a page           W  pages a query keeps
     M  moons (complex numbers of a three-moons observation)
     E  evaluated context lengths     J  rollout steps (three moons)
-    Z  a page's bounds [hi, lo, radius] (2 K + 1)
+    Z  a page's ball [midpoint, radius] (K + 1)
     1  a broadcast axis              2  (real, imaginary) of a complex number
     T1  time + 1 (a token batch before it is split into inputs and targets)
 

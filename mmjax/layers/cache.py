@@ -252,7 +252,7 @@ def retrieve_with_cache(module: nn.Module, step: DecodeStep, pairs_k_BxTxHxK: Ar
 
 
 # The paged buffers of :func:`retrieve_with_pages`, by cache-variable name: the axis of their
-# pages, counted from the end (``[..., A, R, L]`` pages, ``[..., A, 2K + 1]`` bounds,
+# pages, counted from the end (``[..., A, R, L]`` pages, ``[..., A, K + 1]`` bounds,
 # ``[..., A]`` scales of int8 pages).
 PAGE_AXES = {"key_pages": -3, "value_pages": -3, "page_bounds": -2,
              "key_scale": -1, "value_scale": -1}
@@ -268,7 +268,7 @@ def retrieve_with_pages(module: nn.Module, step: DecodeStep, pairs_k_BxTxHxK: Ar
     The pair at position ``i`` goes to page ``i // U``, slot ``i % U`` of ``key_pages`` /
     ``value_pages`` ``[B * H, A + 1, *page_rows(U, D)]`` (a page's ``U x D`` values in rows of
     128 lanes where they fit: :func:`page_rows`); the bounds of the pages written to follow
-    (``page_bounds`` ``[B * H, A + 1, 2K + 1]``, :func:`_update_bounds`), so a step's
+    (``page_bounds`` ``[B * H, A + 1, K + 1]``, :func:`_update_bounds`), so a step's
     work is the page bounds plus the kept pages' pairs, not every pair; the pages hold the
     page dtype of ``paging`` (bfloat16 halves fp32's bytes; int8 quarters them, with a scale
     per page in ``key_scale`` / ``value_scale`` ``[B * H, A + 1]``: :func:`_write_quantized`).
@@ -287,7 +287,7 @@ def retrieve_with_pages(module: nn.Module, step: DecodeStep, pairs_k_BxTxHxK: Ar
     stored = _stored_dtype(page_dtype)
     keys = var("key_pages", (b * h, pages) + page_rows(page, dk), stored)
     values = var("value_pages", (b * h, pages) + page_rows(page, dv), stored)
-    bounds = var("page_bounds", (b * h, pages, 2 * dk + 1), jnp.float32)
+    bounds = var("page_bounds", (b * h, pages, dk + 1), jnp.float32)
     sink = keys.value.shape[1] - 1
     pair_pos_BxT = (step.rows(b) - 1)[:, None] + jnp.arange(t, dtype=jnp.int32)
     last_pair_B = jnp.asarray(step.lengths, jnp.int32) - 2
@@ -439,10 +439,10 @@ def _update_bounds(keys_NxAxRxL: Array, bounds_NxAxZ: Array, page_BxT: Array,
     """The bounds (:func:`mmjax.ops.page_bounds`) of the pages written to, recomputed per
     row from the block of pages the call wrote (:func:`_page_block`) over their slots up to
     the row's last pair: a page written token by token gets the bounds of the same page
-    written at once (a running radius could not: the box's midpoint moves)."""
+    written at once (a running radius could not follow the moving midpoint)."""
     b = page_BxT.shape[0]
     heads = keys_NxAxRxL.shape[0] // b
-    dk = (bounds_NxAxZ.shape[-1] - 1) // 2
+    dk = bounds_NxAxZ.shape[-1] - 1
     for row in range(b):
         first, block_HxJxUxK, _ = _page_block(keys_NxAxRxL, row, heads, page_BxT[row], dk)
         span = block_HxJxUxK.shape[1]
@@ -476,7 +476,7 @@ def _paged_buffers(cache):
             continue
         if "key_pages" in node:
             pages = node["key_pages"]
-            key_dim = node["page_bounds"].shape[-1] // 2
+            key_dim = node["page_bounds"].shape[-1] - 1
             found.append((pages, math.prod(pages.shape[-2:]) // key_dim))
         stack.extend(v for k, v in node.items() if k not in PAGE_AXES)
     return found

@@ -1,11 +1,10 @@
 """Paged retrieval: a query scores pages of pairs first, then retrieves exactly from the best.
 
 The pairs at positions ``a U .. a U + U - 1`` form page ``a`` (``U`` pairs a page). Each page
-keeps the elementwise maximum and minimum of its keys and the largest distance of a key from
-their midpoint (:func:`page_bounds`). For a query ``q`` two bounds on ``<q, k_i>`` follow
-for every key of the page, the box's ``sum_k max(q_k hi_k, q_k lo_k)`` and the ball's
-``<q, (hi + lo) / 2> + |q| radius``; the page's score is the smaller (:func:`page_scores`,
-one matmul). A query keeps the page of its newest
+keeps a ball around its keys: the midpoint ``m`` of their box and the largest distance of a
+key from it (:func:`page_bounds`). For a query ``q``, ``<q, m> + |q| radius`` bounds
+``<q, k_i>`` from above for every key of the page, and it is one matmul
+(:func:`page_scores`). A query keeps the page of its newest
 visible pair, ranks the other pages it may see (the mask of :func:`mmjax.ops.retrieve`:
 window, skip, causality) by that score, keeps the best ``W - 1`` (:func:`top_indices`), and
 runs exact kernel regression over the pairs of its ``W`` pages, masked as usual. Only
@@ -37,15 +36,17 @@ QUERY_CHUNK = 64
 
 
 def page_bounds(keys_NxAxUxK: Array, written_AxU: Array | None = None) -> Array:
-    """fp32 ``[N, A, 2K + 1]``: each page's elementwise maximum of its keys (``hi``), their
-    minimum (``lo``) and the largest distance of a key from the box's midpoint
+    """fp32 ``[N, A, K + 1]``: each page's ball, the midpoint ``m`` of its keys' box
+    (elementwise maximum and minimum) and the largest distance of a key from it
     (``radius``), side by side so that scoring the pages is one matmul
     (:func:`page_scores`). ``written_AxU``: the slots that hold keys (default: all); a page
-    without one gets ``hi = -inf``, ``lo = inf``.
+    without one gets ``m = 0`` and ``radius = -inf`` (no query prefers it).
 
-    Both bounds are needed: on the unit keys of a trained v2 at 256k tokens, the box alone
-    ranked a needle's page (whose pair took all of the exact weight) 584th of 4,095 and the
-    ball 9th; each is the tighter on some pages (``docs/results.md``)."""
+    Why the ball and not the box itself (``sum_k max(q_k hi_k, q_k lo_k)``, also an upper
+    bound): on the unit keys of a trained v2 at 256k tokens the box ranked a needle's page
+    (whose pair took all of the exact weight) 584th of 4,095 and the ball 9th; the smaller
+    of the two ranked every needle's page as the ball did, at twice the matmul
+    (``docs/architecture.md``, section 10)."""
     k32 = keys_NxAxUxK.astype(jnp.float32)
     if written_AxU is None:
         written_AxU = jnp.ones(k32.shape[1:3], bool)
@@ -55,21 +56,18 @@ def page_bounds(keys_NxAxUxK: Array, written_AxU: Array | None = None) -> Array:
     any_NxAx1 = jnp.any(written_AxU, axis=-1)[None, :, None]
     mid_NxAxK = jnp.where(any_NxAx1, (hi_NxAxK + lo_NxAxK) / 2, 0.0)
     distance_NxAxU = jnp.sqrt(jnp.sum(jnp.square(k32 - mid_NxAxK[:, :, None]), axis=-1))
-    radius_NxA = jnp.max(jnp.where(written[..., 0], distance_NxAxU, 0.0), axis=2)
-    return jnp.concatenate([hi_NxAxK, lo_NxAxK, radius_NxA[..., None]], axis=-1)
+    radius_NxA = jnp.max(jnp.where(written[..., 0], distance_NxAxU, -jnp.inf), axis=2)
+    return jnp.concatenate([mid_NxAxK, radius_NxA[..., None]], axis=-1)
 
 
 def page_scores(q_NxQxK: Array, bounds_NxAxZ: Array) -> Array:
     """fp32 ``[N, Q, A]``: each page's upper bound on a query's score ``<q, k>`` over the
-    page's keys, the smaller of the box's and the ball's (:func:`page_bounds`); both come out
-    of one matmul of ``[q+, q-, 0]`` and ``[q / 2, q / 2, |q|]`` with ``[hi, lo, radius]``."""
+    page's keys, ``<q, m> + |q| radius`` (:func:`page_bounds`): one matmul of
+    ``[q, |q|]`` with ``[m, radius]``."""
     q32 = jax.lax.stop_gradient(q_NxQxK.astype(jnp.float32))
     norm_NxQx1 = jnp.sqrt(jnp.sum(jnp.square(q32), axis=-1, keepdims=True))
-    box = jnp.concatenate([jnp.maximum(q32, 0.0), jnp.minimum(q32, 0.0),
-                           jnp.zeros_like(norm_NxQx1)], axis=-1)
-    ball = jnp.concatenate([q32 / 2, q32 / 2, norm_NxQx1], axis=-1)
-    both_NxQx2xA = jnp.einsum("nqfb,nab->nqfa", jnp.stack([box, ball], axis=2), bounds_NxAxZ)
-    return jnp.min(both_NxQx2xA, axis=2)
+    return jnp.einsum("nqz,naz->nqa", jnp.concatenate([q32, norm_NxQx1], axis=-1),
+                      bounds_NxAxZ)
 
 
 def quantize_pages(pages_NxAxUxD: Array) -> tuple[Array, Array]:
@@ -170,7 +168,7 @@ def retrieve_from_pages(
       scales: ``(key scales, value scales)`` ``[N, A]`` of int8 pages
         (:func:`quantize_pages`): a kept page's scores and weights are scaled, its pairs are
         never dequantized in memory.
-      bounds: ``[N, A, 2K + 1]`` of :func:`page_bounds` (kept as pages are written when
+      bounds: ``[N, A, K + 1]`` of :func:`page_bounds` (kept as pages are written when
         decoding).
       key_count: pairs stored (int or ``[B]``): positions from there on are hidden.
       query_positions: int ``[Q]`` or ``[B, Q]``, absolute positions of the queries.
