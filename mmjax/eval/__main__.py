@@ -274,6 +274,17 @@ def main(argv=None) -> int:
     return 0
 
 
+def _write_json(output: str | None, name: str, rows) -> None:
+    """``rows`` as ``output/name`` (the directory made), when an ``--output`` was given."""
+    if output is not None:
+        import json
+        import pathlib
+
+        out = pathlib.Path(output)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(json.dumps(rows))
+
+
 def _study(args) -> int:
     """Run a v2 study, or merge the runs of one, and print its table."""
     from mmjax.eval import finetune_speed, icl_anonymized, multidoc, studies
@@ -296,8 +307,6 @@ def _study(args) -> int:
 
 
 def _classify(args) -> int:
-    import json
-    import pathlib
 
     from mmjax.eval import classify
 
@@ -312,16 +321,11 @@ def _classify(args) -> int:
     for row in rows:
         kind = "anonymized" if row["anonymized"] else "semantic"
         print(f"| {row['shots']} | {kind} | {row['accuracy']:.3f} |", flush=True)
-    if args.output is not None:
-        out = pathlib.Path(args.output)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "icl_classify.json").write_text(json.dumps(rows))
+    _write_json(args.output, "icl_classify.json", rows)
     return 0
 
 
 def _retrieval(args) -> int:
-    import json
-    import pathlib
 
     from mmjax.eval import needles
 
@@ -340,18 +344,13 @@ def _retrieval(args) -> int:
     for row in rows:
         print(f"| {row['task']} | {row.get('context', '')} | {row.get('memory', '')} | "
               f"{row['accuracy']:.3f} |", flush=True)
-    if args.output is not None:
-        out = pathlib.Path(args.output)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "retrieval.json").write_text(json.dumps(rows))
+    _write_json(args.output, "retrieval.json", rows)
     return 0
 
 
 def _diagnose(args, memory: dict) -> int:
     """Print, per task and paged memory, the head that weighs the needle's pair most: that
     weight, its page's rank by the bound and whether it was kept; write diagnosis.json."""
-    import json
-    import pathlib
 
     from mmjax.eval import needles
 
@@ -372,10 +371,7 @@ def _diagnose(args, memory: dict) -> int:
         print(f"| {n} | {context} | {task} | {memory_name} | {r['head']} | "
               f"{r['needle_weight']:.3f} | {r['needle_page_rank']} of {r['competing_pages']} | "
               f"{'yes' if r['kept'] else 'no'} | {r['kept_weight']:.3f} |", flush=True)
-    if args.output is not None:
-        out = pathlib.Path(args.output)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "diagnosis.json").write_text(json.dumps(rows))
+    _write_json(args.output, "diagnosis.json", rows)
     return 0
 
 
