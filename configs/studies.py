@@ -17,7 +17,7 @@ models side by side for several seeds and measures them; this file is one of tho
 
 Presets: the corpus, ``multidoc`` or ``episodes``; the model, ``v2`` (default, MM v2),
 ``llama``, ``llama_short_long``, ``v2_no_long_term`` (MM v2 without its long-term tier) or
-``v1`` (MM v1); ``steps=S`` (default 800), ``seed=K`` (default 0). All: vocabulary 128, 2
+``v1`` (MM v1); ``steps=S`` (default 600), ``seed=K`` (default 0). All: vocabulary 128, 2
 layers, width 64, 4 heads, batch 16, AdamW 3e-3 with 50 warm-up steps and a cosine decay;
 sizes equal within 0.4% (:func:`mmjax.config.pair_config`).
 

@@ -108,3 +108,14 @@ def test_the_new_domain_is_the_held_out_classes_with_zero_or_more_shots():
     assert zero_shot  # episodes that are their query alone: SEP x LABEL y SEP
     with pytest.raises(ValueError, match="domain must be one of"):
         EpisodesCorpus(domain="old")
+
+
+def test_typical_ids_are_a_seeded_draw_per_class():
+    """Each class's typical ids come from its own generator of ``(class_seed, class)``:
+    fixed whatever else the corpus does, and distinct ids within a class."""
+    classes = Classes()
+    for c in (0, classes.train_classes, classes.train_classes + classes.held_out_classes - 1):
+        expected = np.random.default_rng([classes.class_seed, c]).choice(
+            classes.features, classes.typical, replace=False)
+        np.testing.assert_array_equal(classes.typical_ids(c), expected)
+        assert len(set(classes.typical_ids(c).tolist())) == classes.typical

@@ -28,6 +28,15 @@ def test_the_study_models_have_equal_parameters_within_one_percent():
     assert not study_config("v2_no_long_term").model.long_term
 
 
+def test_a_study_trains_600_steps_unless_told():
+    from mmjax.config import STUDY_STEPS
+    from mmjax.eval.__main__ import parse_args
+
+    assert STUDY_STEPS == 600 and study_config().train.num_steps == 600
+    assert parse_args(["icl_anonymized"]).steps == 600
+    assert parse_args(["multidoc", "--steps", "50"]).steps == 50
+
+
 def test_the_study_config_names_its_corpus():
     assert study_config("llama", corpus="episodes").data.corpus == "episodes"
     assert study_config().data.corpus == "multidoc" and study_config().model.vocab_size == 128
@@ -156,6 +165,8 @@ def test_finetuning_runs_on_the_new_domain_at_a_constant_rate():
     assert config.data.corpus_options["domain"] == "new"
     assert config.optimizer.learning_rate == config.optimizer.min_lr
     assert config.optimizer.warmup_steps == 0 and config.train.seed == 1
+    assert finetune_speed.FINETUNE_ROWS == 4  # rounded up to the devices of the test run
+    assert config.data.batch_size == max(4, jax.device_count())
 
 
 def test_finetune_speed_run_measures_each_model_after_each_number_of_batches(monkeypatch,

@@ -99,6 +99,8 @@ def _rates(text: str) -> list[float]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from mmjax.config import STUDY_STEPS
+
     p = cli.ArgumentParser(prog="python -m mmjax.eval", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="name", required=True)
     icll = sub.add_parser("icll", help="in-context language learning (v1 figure 9)")
@@ -156,7 +158,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name, text, models, (sizes, default_sizes), tasks in studies:
         q = sub.add_parser(name, help=text)
         q.add_argument("--seeds", type=_ints, default=[0, 1, 2])
-        q.add_argument("--steps", type=int, default=800, help="(pre)training steps")
+        q.add_argument("--steps", type=int, default=STUDY_STEPS, help="(pre)training steps")
         q.add_argument("--learning_rates", type=_rates, default=[3e-3],
                        help="peak rates tried for every model (the lowest held-out loss "
                        "is kept)")

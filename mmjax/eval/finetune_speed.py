@@ -4,7 +4,8 @@ efficiency): ``python -m mmjax.eval finetune_speed``.
 MM v2, LLaMA and MM v2 without long-term memory (equal in parameters) are pretrained on
 episodes of the training classes (:func:`mmjax.config.study_config`, as in
 ``icl_anonymized``), then fine-tuned on episodes of the held-out classes with their
-semantic labels (:mod:`mmjax.data.episodes`, ``domain="new"``; AdamW at a constant 1e-3).
+semantic labels (:mod:`mmjax.data.episodes`, ``domain="new"``; AdamW at a constant 1e-3,
+mini-batches of 4 x 512 tokens).
 After 0, 1, 2, 8, 32 and 800 fine-tuning mini-batches each model answers zero-shot queries
 of the new classes (the input alone, then ``LABEL``): only what fine-tuning put in the
 weights can answer them. The v2 paper: one mini-batch gives MM v2 +22%, two reach its best,
@@ -16,18 +17,24 @@ from __future__ import annotations
 
 import jax
 
-from mmjax.config import study_config
+from mmjax.config import STUDY_STEPS, study_config
 from mmjax.eval import icl_anonymized, studies
 
 BATCHES = (0, 1, 2, 8, 32, 800)
 MODELS = ("v2", "llama", "v2_no_long_term")
 LEARNING_RATE = 1e-3
+# Rows of 512 tokens per fine-tuning mini-batch: the claim counts mini-batches, and 800 of
+# 4 x 512 tokens (a quarter of pretraining's) keep the study within 30 minutes per seed.
+FINETUNE_ROWS = 4
 
 
 def finetune_config(model: str, *, steps: int, seed: int = 0):
-    """The fine-tuning run: the pretraining config on the new domain, a constant rate."""
+    """The fine-tuning run: the pretraining config on the new domain, a constant rate,
+    mini-batches of :data:`FINETUNE_ROWS` rows (rounded up to a multiple of the devices)."""
     config = study_config(model, corpus="episodes", steps=steps, seed=seed)
     config.data.corpus_options = dict(domain="new", anonymised=0.0)
+    devices = jax.device_count()
+    config.data.batch_size = -(-FINETUNE_ROWS // devices) * devices
     config.optimizer.update(learning_rate=LEARNING_RATE, min_lr=LEARNING_RATE,
                             warmup_steps=0, total_steps=steps)
     return config
@@ -62,7 +69,7 @@ def finetune_curve(pretrained: studies.TrainedModel, config, batches, *, seed: i
         trainer.close()
 
 
-def run(*, seeds=(0,), pretrain_steps: int = 800, learning_rates=(3e-3,), batches=BATCHES,
+def run(*, seeds=(0,), pretrain_steps: int = STUDY_STEPS, learning_rates=(3e-3,), batches=BATCHES,
         models=MODELS, num_tasks: int = 64, output: str | None = None, log=print) -> list[dict]:
     """Pretrain each model with each seed, fine-tune it and measure the zero-shot accuracy on
     the new domain after each number of ``batches``. Rows: :mod:`mmjax.eval.studies`; with

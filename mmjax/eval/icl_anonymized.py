@@ -19,7 +19,7 @@ import functools
 import jax
 import numpy as np
 
-from mmjax.config import STUDY_CONTEXT, STUDY_MODELS
+from mmjax.config import STUDY_CONTEXT, STUDY_MODELS, STUDY_STEPS
 from mmjax.data.episodes import Classes, episode
 from mmjax.eval import studies
 
@@ -57,7 +57,7 @@ def accuracy(model, params, tokens, answers, candidates, batch_size: int = 16) -
     return float(np.mean(right))
 
 
-def run(*, seeds=(0,), steps: int = 800, learning_rates=(3e-3,), models=STUDY_MODELS,
+def run(*, seeds=(0,), steps: int = STUDY_STEPS, learning_rates=(3e-3,), models=STUDY_MODELS,
         shots=SHOTS, num_tasks: int = 64, output: str | None = None,
         log=print) -> list[dict]:
     """Pretrain each model with each seed and measure its accuracy at each number of shots,

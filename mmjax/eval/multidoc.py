@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mmjax.config import STUDY_CONTEXT, STUDY_MODELS
+from mmjax.config import STUDY_CONTEXT, STUDY_MODELS, STUDY_STEPS
 from mmjax.data.multidoc import Documents, multidoc_task
 from mmjax.eval import studies
 from mmjax.eval.needles import continue_greedily
@@ -44,7 +44,7 @@ def exact_match(model, params, questions) -> float:
                                                                         strict=True)]))
 
 
-def run(*, seeds=(0,), steps: int = 800, learning_rates=(3e-3,), models=STUDY_MODELS,
+def run(*, seeds=(0,), steps: int = STUDY_STEPS, learning_rates=(3e-3,), models=STUDY_MODELS,
         contexts=CONTEXTS, num_tasks: int = 32, output: str | None = None,
         log=print) -> list[dict]:
     """Train each model with each seed and measure its exact match at each context.
