@@ -130,3 +130,23 @@ def test_every_listed_slow_test_exists():
         if not defined:
             missing.append(test_id)
     assert not missing, missing
+
+
+STUDIES = REPO_ROOT / "docs" / "studies"
+
+
+@pytest.mark.parametrize("study", sorted(p.name for p in STUDIES.glob("*") if p.is_dir()))
+def test_each_study_table_in_results_is_its_seeds_merged(study, tmp_path):
+    """``docs/studies/STUDY/seed*.json`` are the runs as their command wrote them; the joined
+    ``docs/studies/STUDY.json`` is their ``merge``, and docs/results.md quotes its table."""
+    from mmjax.eval import studies
+    from mmjax.eval.__main__ import study_table
+
+    runs = sorted((STUDIES / study).glob("seed*.json"))
+    name, rows = studies.merge(runs, str(tmp_path))
+    assert name == study
+    committed = json.loads((STUDIES / f"{study}.json").read_text())
+    assert committed["rows"] == json.loads((tmp_path / f"{study}.json").read_text())["rows"]
+    assert (STUDIES / f"{study}.png").exists()
+    table = study_table(study, rows)
+    assert table in RESULTS.read_text(), f"docs/results.md lacks the table of {study}:\n{table}"

@@ -144,6 +144,8 @@ def test_the_retrieval_command_scores_a_checkpoint(workdirs, tmp_path, capsys):
     rows = json.loads((tmp_path / "retrieval.json").read_text())
     assert [(r["facts"], r["context"]) for r in rows] == [(1, 24), (1, 40), (2, 24), (2, 40)]
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
+    assert all(len(r["answered"]) == 3 and r["accuracy"] == sum(r["answered"]) / 3
+               for r in rows)
     code, _, err = _run(capsys, "retrieval", "--workdir", gpt2, "--contexts", "64")
     assert code == 1 and "exceeds the 48 learned positions" in err
     code, _, err = _run(capsys, "retrieval", "--workdir", mm, "--contexts", "8", "--facts",

@@ -302,10 +302,16 @@ def _study(args) -> int:
     else:
         args.name, rows = studies.merge(args.runs, args.output)
         print(f"wrote {args.output}/{args.name}.json and .png", flush=True)
-    label = {"multidoc": "exact match at", "finetune_speed": "batches"}.get(args.name, "shots")
-    paper = multidoc.PAPER if args.name == "multidoc" else None
-    print(studies.format_table(rows, label, paper), flush=True)
+    print(study_table(args.name, rows), flush=True)
     return 0
+
+
+def study_table(name: str, rows: list[dict]) -> str:
+    """The markdown table a study command prints (and ``docs/results.md`` quotes)."""
+    from mmjax.eval import multidoc, studies
+
+    label = {"multidoc": "exact match at", "finetune_speed": "batches"}.get(name, "shots")
+    return studies.format_table(rows, label, multidoc.PAPER if name == "multidoc" else None)
 
 
 def _classify(args) -> int:

@@ -76,9 +76,13 @@ def copy_oracle(prompt, vocab_size: int, value_length: int) -> list[int]:
 
 def exact_match(continuations, tasks) -> float:
     """The fraction of tasks whose continuation starts with the answer."""
-    hits = [list(c[:len(t.answer)]) == list(t.answer)
+    return float(np.mean(answered(continuations, tasks)))
+
+
+def answered(continuations, tasks) -> list[bool]:
+    """Whether each task's continuation starts with its answer."""
+    return [list(c[:len(t.answer)]) == list(t.answer)
             for c, t in zip(continuations, tasks, strict=True)]
-    return float(np.mean(hits))
 
 
 def continue_greedily(model, params, prompts, max_new_tokens: int,
@@ -96,7 +100,9 @@ def continue_greedily(model, params, prompts, max_new_tokens: int,
 
 def needle_accuracy(workdir, *, contexts, facts=(1,), num_tasks: int = 20, seed: int = 0,
                     value_length: int = 2, memory: dict | None = None) -> list[dict]:
-    """Exact-match accuracy of a checkpoint on the synthetic tasks at each context length.
+    """Exact-match accuracy of a checkpoint on the synthetic tasks at each context length,
+    and which tasks were answered (``answered``, in task order: which needles a setting
+    loses).
 
     ``memory``: model settings that change how the long-term memory is read, not what was
     learned (``long_term_memory``, ``long_term_page``, ``long_term_top_pages`` of a v2
@@ -114,9 +120,10 @@ def needle_accuracy(workdir, *, contexts, facts=(1,), num_tasks: int = 20, seed:
                                  num_tasks=num_tasks, value_length=value_length)
             got = continue_greedily(trained.model, trained.params, [t.prompt for t in tasks],
                                    value_length)
+            hits = answered(got, tasks)
             rows.append({"task": "needle" if n == 1 else f"{n} facts", "facts": n,
                          "context": context, "memory": described,
-                         "accuracy": exact_match(got, tasks)})
+                         "accuracy": float(np.mean(hits)), "answered": hits})
     return rows
 
 
