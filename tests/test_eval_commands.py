@@ -162,28 +162,27 @@ def test_the_page_diagnosis_ranks_the_needle_s_page_as_the_choice_does(workdirs,
     from mmjax.eval import needles
 
     v2 = workdirs[2]
-    run = lambda top: needles.page_diagnosis(
+    every = needles.page_diagnosis(
         v2, context=72, facts=2, num_tasks=2,
-        memory=dict(long_term_memory="paged", long_term_page=4, long_term_top_pages=top))
-    every = run(100)
+        memory=dict(long_term_memory="paged", long_term_page=4, long_term_top_pages=100))
     assert len(every) == 2 * 2  # tasks x heads of the one (scanned) layer
     assert {r["memory"] for r in every} == {"blocks/layer/mixer/long_term[0]"}
     for r in every:
         assert r["kept"] and r["kept_weight"] == pytest.approx(1.0, abs=1e-5)
         assert 0.0 <= r["needle_weight"] <= r["max_weight"] <= 1.0
         assert r["competing_pages"] == 67 // 4  # pairs 0..67 seen (skip 3), the newest page apart
-    two = run(2)
+    code, out, _ = _run(capsys, "retrieval", "--workdir", v2, "--contexts", "72", "--facts",
+                        "2", "--tasks", "2", "--memory", "paged", "--page", "4", "--top_pages",
+                        "2", "--diagnose", "--output", tmp_path)
+    assert code == 0 and out.count("| 2 | 72 |") == 2  # the best head of each task
+    two = json.loads((tmp_path / "diagnosis.json").read_text())
+    assert len(two) == 4 and {(r["facts"], r["context"]) for r in two} == {(2, 72)}
     assert [r["needle_weight"] for r in two] == pytest.approx(
         [r["needle_weight"] for r in every], abs=1e-6)
     assert all(r["kept"] == (r["needle_page_rank"] < 1) for r in two), two
     assert {r["kept"] for r in two} == {True, False}  # both cases occur
     assert all(r["kept_weight"] <= 1.0 + 1e-6 for r in two)
     assert min(r["kept_weight"] for r in two) < 0.999
-    code, out, _ = _run(capsys, "retrieval", "--workdir", v2, "--contexts", "72", "--facts",
-                        "2", "--tasks", "2", "--memory", "paged", "--page", "4", "--top_pages",
-                        "2", "--diagnose", "--output", tmp_path)
-    assert code == 0 and out.count("| 2 | 72 |") == 2  # the best head of each task
-    assert len(json.loads((tmp_path / "diagnosis.json").read_text())) == 4
     with pytest.raises(SystemExit):
         main(["retrieval", "--workdir", str(v2), "--diagnose"])
 
